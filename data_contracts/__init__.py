@@ -1,0 +1,20 @@
+"""Schemas of every artifact that crosses a task boundary, validated on write and on read."""
+from data_contracts.schemas import (
+    CONTRACTS,
+    Contract,
+    ContractError,
+    EXAMPLES,
+    SELECTION,
+    TOKEN_FEATURES_IDS,
+    TRAJECTORIES_IDS,
+    JUDGMENTS,
+    EVAL_RESULTS,
+    validate_table,
+)
+from data_contracts.tensors import TensorContract, TOKEN_FEATURES, TRAJECTORIES, validate_tensors
+
+__all__ = [
+    "CONTRACTS", "Contract", "ContractError", "EXAMPLES", "SELECTION", "TOKEN_FEATURES_IDS",
+    "TRAJECTORIES_IDS", "JUDGMENTS", "EVAL_RESULTS", "validate_table", "TensorContract",
+    "TOKEN_FEATURES", "TRAJECTORIES", "validate_tensors",
+]

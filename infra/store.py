@@ -1,0 +1,198 @@
+"""Artifact store on fsspec: a local folder by default, `s3://bucket/prefix` through s3fs.
+
+Every artifact is a folder `<root>/<kind>/<key>/` whose files are written first and whose `_MANIFEST.json`
+is written last. Readers only trust folders with a manifest, so a crash never leaves a half-artifact that
+looks complete. Keys are content addresses (fingerprints of inputs + parameters + code), which makes a
+re-run with the same inputs find the artifact already committed.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import struct
+import time
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_contracts import Contract, ContractError, TensorContract, validate_table, validate_tensors
+from infra.settings import load_settings
+
+MANIFEST = "_MANIFEST.json"
+
+
+def storage_options_for(uri: str) -> dict:
+    if uri.startswith("s3://"):
+        return load_settings().s3.storage_options()
+    return {}
+
+
+def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and bare path for any URI (local path, file://, s3://, memory://)."""
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options_for(uri))
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    out = base.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem_for(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = filesystem_for(uri)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem_for(uri)
+    return fs.exists(path)
+
+
+# ---------------------------------------------------------------- typed file IO (validated on write and read)
+
+def table_to_bytes(table: pa.Table, contract: Contract, where: str) -> bytes:
+    table = validate_table(table, contract, where)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def write_table(uri: str, table: pa.Table, contract: Contract) -> None:
+    write_bytes(uri, table_to_bytes(table, contract, uri))
+
+
+def read_table(uri: str, contract: Contract) -> pa.Table:
+    try:
+        data = read_bytes(uri)
+    except FileNotFoundError as exc:
+        raise ContractError(f"{uri}: file not found") from exc
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except pa.ArrowInvalid as exc:
+        raise ContractError(f"{uri}: not a readable parquet file ({exc})") from exc
+    return validate_table(table, contract, uri)
+
+
+def tensors_to_bytes(tensors: dict[str, np.ndarray], contract: TensorContract, where: str,
+                     metadata: dict[str, str] | None = None) -> bytes:
+    from safetensors.numpy import save
+
+    validate_tensors(tensors, contract, where)
+    meta = {**(metadata or {}), **contract.metadata()}
+    return save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=meta)
+
+
+def write_tensors(uri: str, tensors: dict[str, np.ndarray], contract: TensorContract,
+                  metadata: dict[str, str] | None = None) -> None:
+    write_bytes(uri, tensors_to_bytes(tensors, contract, uri, metadata))
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
+
+
+def read_tensors(uri: str, contract: TensorContract) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    from safetensors.numpy import load
+
+    try:
+        data = read_bytes(uri)
+    except FileNotFoundError as exc:
+        raise ContractError(f"{uri}: file not found") from exc
+    try:
+        meta = safetensors_metadata(data)
+        tensors = load(data)
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise ContractError(f"{uri}: not a readable safetensors file ({exc})") from exc
+    validate_tensors(tensors, contract, uri, meta)
+    return tensors, meta
+
+
+# ---------------------------------------------------------------- committed artifacts
+
+@dataclass
+class ArtifactWriter:
+    """Collects files of one artifact; `commit()` writes the manifest last."""
+
+    uri: str
+    kind: str
+    key: str
+    meta: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
+
+    def path(self, name: str) -> str:
+        return join(self.uri, name)
+
+    def _record(self, name: str, data: bytes) -> str:
+        write_bytes(self.path(name), data)
+        self.files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        return self.path(name)
+
+    def write_bytes(self, name: str, data: bytes) -> str:
+        return self._record(name, data)
+
+    def write_json(self, name: str, obj) -> str:
+        return self._record(name, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def write_table(self, name: str, table: pa.Table, contract: Contract) -> str:
+        return self._record(name, table_to_bytes(table, contract, self.path(name)))
+
+    def write_tensors(self, name: str, tensors: dict[str, np.ndarray], contract: TensorContract,
+                      metadata: dict[str, str] | None = None) -> str:
+        return self._record(name, tensors_to_bytes(tensors, contract, self.path(name), metadata))
+
+    def commit(self) -> str:
+        manifest = {"kind": self.kind, "key": self.key, "created": time.time(), "files": self.files, "meta": self.meta}
+        write_bytes(self.path(MANIFEST), json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
+        return self.uri
+
+    def abort(self) -> None:
+        fs, path = filesystem_for(self.uri)
+        try:
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+        except (FileNotFoundError, OSError):
+            pass
+
+
+class ArtifactStore:
+    def __init__(self, root: str | None = None):
+        self.root = (root or load_settings().store_uri).rstrip("/")
+
+    def uri(self, kind: str, key: str) -> str:
+        return join(self.root, kind, key)
+
+    def committed(self, kind: str, key: str) -> str | None:
+        uri = self.uri(kind, key)
+        return uri if is_committed(uri) else None
+
+    def begin(self, kind: str, key: str) -> ArtifactWriter:
+        writer = ArtifactWriter(uri=self.uri(kind, key), kind=kind, key=key)
+        writer.abort()  # leftovers of a crashed attempt are never mixed into a new one
+        return writer
+
+
+def is_committed(uri: str) -> bool:
+    return exists(join(uri, MANIFEST))
+
+
+def read_manifest(uri: str) -> dict:
+    if not is_committed(uri):
+        raise ContractError(f"{uri}: no {MANIFEST}; the artifact was never committed (re-run the task that writes it)")
+    return json.loads(read_bytes(join(uri, MANIFEST)))

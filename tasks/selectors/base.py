@@ -1,0 +1,129 @@
+"""One interface for every selector (scikit-learn style): inputs, budget and seed in; a selection out.
+
+A selector declares which upstream artifacts it needs (`requires`); the `curate` flow produces exactly those
+and hands them over in `SelectorInputs`. Methods are looked up by name in `REGISTRY`, so the flow, the CLI
+and the compare loop treat them alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+# What a selector may require. The flow knows how to make each one.
+EXAMPLES = "examples"              # always available: the pool table (train split)
+TOKEN_FEATURES = "token_features"  # FisherSFT: pre-logit hidden states per loss token
+TRAJECTORIES = "trajectories"      # S2L: per-example loss at each proxy checkpoint
+SENTENCE_EMBEDDINGS = "sentence_embeddings"  # DensitySampling: one vector per example
+MODEL = "model"                    # Ask-LLM: a model spec to score with
+
+
+class BudgetError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A number of examples, or a number of loss tokens (what a user pays for); at least one is set."""
+
+    examples: int | None = None
+    tokens: int | None = None
+
+    def check(self, pool_size: int, pool_tokens: int | None = None) -> None:
+        if self.examples is None and self.tokens is None:
+            raise BudgetError("budget: set 'budget' (examples) or 'token_budget' (tokens)")
+        if self.examples is not None:
+            if self.examples <= 0:
+                raise BudgetError(f"budget: must be > 0 examples, got {self.examples}")
+            if self.examples > pool_size:
+                raise BudgetError(
+                    f"budget: {self.examples} examples is larger than the pool ({pool_size} train examples); "
+                    "lower the budget or add data")
+        if self.tokens is not None:
+            if self.tokens <= 0:
+                raise BudgetError(f"token_budget: must be > 0 tokens, got {self.tokens}")
+            if pool_tokens is not None and self.tokens > pool_tokens:
+                raise BudgetError(
+                    f"token_budget: {self.tokens} tokens is larger than the pool ({pool_tokens} loss tokens); "
+                    "lower the budget or add data")
+
+    def fits(self, n_picked: int, tokens_picked: int, next_tokens: int) -> bool:
+        """Whether one more example of `next_tokens` tokens still fits."""
+        if self.examples is not None and n_picked + 1 > self.examples:
+            return False
+        if self.tokens is not None and tokens_picked + next_tokens > self.tokens:
+            return False
+        return True
+
+
+@dataclass
+class SelectorInputs:
+    """Everything a selector may read. Arrays are aligned with the pool order (row i = pool index i)."""
+
+    pool: pa.Table                               # examples contract, train split only, pool order
+    token_counts: np.ndarray                     # loss tokens per example (int64, [N])
+    token_features: tuple[np.ndarray, np.ndarray] | None = None  # (features [T, d], offsets [N+1])
+    trajectories: tuple[np.ndarray, np.ndarray] | None = None    # (losses [N, T], steps [T])
+    sentence_embeddings: np.ndarray | None = None                # [N, d]
+    model_spec: str | None = None
+
+    @property
+    def size(self) -> int:
+        return self.pool.num_rows
+
+
+@dataclass
+class SelectionResult:
+    indices: list[int]                                    # pool positions, in pick order
+    gains: list[float] | None = None                      # marginal objective gain per pick
+    scores: list[float] | None = None                     # per-pick method score
+    clusters: list[int] | None = None                     # per-pick cluster
+    objective: float | None = None                        # final objective value, where the method has one
+    info: dict = field(default_factory=dict)              # JSON-able method summary (goes to the manifest)
+
+
+class Selector:
+    """Base class. Subclasses set `name`, `requires`, and implement `select`."""
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = (EXAMPLES,)
+
+    def __init__(self, **params):
+        self.params = params
+
+    def select(self, inputs: SelectorInputs, budget: Budget, seed: int) -> SelectionResult:
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[Selector]] = {}
+
+
+def register(cls: type[Selector]) -> type[Selector]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_selector(name: str, **params) -> Selector:
+    from tasks import selectors  # noqa: F401  (importing the package registers every selector)
+
+    if name not in REGISTRY:
+        raise KeyError(f"selector '{name}' is unknown; choose one of {sorted(REGISTRY)}")
+    return REGISTRY[name](**params)
+
+
+def fill_in_order(order: np.ndarray, token_counts: np.ndarray, budget: Budget) -> list[int]:
+    """Take candidates in `order` while they fit the budget (skipping ones too long for a token budget)."""
+    picked: list[int] = []
+    used = 0
+    for i in order:
+        i = int(i)
+        n = int(token_counts[i])
+        if budget.examples is not None and len(picked) >= budget.examples:
+            break
+        if budget.tokens is not None and used + n > budget.tokens:
+            continue
+        picked.append(i)
+        used += n
+    return picked

@@ -1,0 +1,80 @@
+"""One tokenization shared by every stage, so "loss tokens" mean the same thing everywhere.
+
+An example is `prompt ids + response ids + eos`; the loss is on the response ids and the eos. Plain text has
+an empty prompt, so every token is a loss token. Truncation cuts the response tail, never the prompt head.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    loss_mask: list[int]    # 1 where the token is a loss token (predicted from the tokens before it)
+
+    @property
+    def n_loss(self) -> int:
+        return int(sum(self.loss_mask))
+
+
+def encode_example(tokenizer, prompt: str, response: str, max_length: int | None = None) -> Encoded:
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if max_length is not None and len(p) + len(r) > max_length:
+        keep_prompt = min(len(p), max_length // 2)
+        p = p[len(p) - keep_prompt:]  # keep the end of the prompt: it leads into the response
+        r = r[: max_length - len(p)]
+    mask = [0] * len(p) + [1] * len(r)
+    mask[0] = 0  # the first token has nothing before it to be predicted from
+    return Encoded(p + r, mask)
+
+
+def loss_token_count(prompt_len: np.ndarray, response_len: np.ndarray) -> np.ndarray:
+    """Loss tokens of untruncated examples, matching `encode_example` (response + eos, minus an unpredictable first)."""
+    return response_len + 1 - (prompt_len == 0).astype(np.int64)
+
+
+def count_tokens(tokenizer, texts: list[str]) -> np.ndarray:
+    if not texts:
+        return np.zeros(0, dtype=np.int64)
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return np.array([len(x) for x in ids], dtype=np.int64)
+
+
+def length_grouped_batches(lengths: np.ndarray, batch_tokens: int, max_batch: int = 256) -> list[np.ndarray]:
+    """Indices grouped into batches of similar length so padding wastes little compute.
+
+    Sorted by length (stable, so the grouping is deterministic) and cut when the padded size
+    (batch size x longest length) would pass `batch_tokens`.
+    """
+    order = np.argsort(lengths, kind="stable")
+    batches, current, longest = [], [], 0
+    for i in order:
+        n = int(lengths[i])
+        if current and (max(longest, n) * (len(current) + 1) > batch_tokens or len(current) >= max_batch):
+            batches.append(np.array(current))
+            current, longest = [], 0
+        current.append(int(i))
+        longest = max(longest, n)
+    if current:
+        batches.append(np.array(current))
+    return batches
+
+
+def pad_batch(encoded: list[Encoded], pad_id: int):
+    """(input_ids, attention_mask, loss_mask) as torch tensors, right-padded."""
+    import torch
+
+    width = max(len(e.input_ids) for e in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(encoded), width), dtype=torch.long)
+    loss = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        attn[row, :n] = 1
+        loss[row, :n] = torch.tensor(e.loss_mask)
+    return ids, attn, loss
