@@ -30,6 +30,7 @@ def apply_environment_defaults() -> None:
     for key, value in _DEFAULTS.items():
         os.environ.setdefault(key, value)
     home = project_home()
+    home.mkdir(parents=True, exist_ok=True)
     # Cached task results must outlive a run and a fresh database: keep them beside the artifacts.
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(home / "prefect-results"))
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))

@@ -1,0 +1,28 @@
+"""What every task shares: a cross-run cache policy keyed on content, and retry settings.
+
+Prefect's default cache key includes the flow run id, so nothing would be reused across runs. Ours is
+inputs (URIs, fingerprints, small parameters; never the MLflow run id) + the task's source + the source of
+the module that holds the task's math, so a code change invalidates exactly what it could have changed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+
+from infra.hashing import code_fingerprint
+
+SHARED_CODE = ("tasks.tokenize", "data_contracts.schemas", "data_contracts.tensors", "infra.store")
+
+
+@dataclass
+class ModuleSource(CachePolicy):
+    """Key on the source of the module defining the task (its plain functions) and the shared modules."""
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+        return code_fingerprint(task_ctx.task.fn.__module__, *SHARED_CODE)
+
+
+CACHE = (INPUTS - "run_id") + TASK_SOURCE + ModuleSource()
+RETRIES = {"retries": 2, "retry_delay_seconds": 2}
+TASK_DEFAULTS = {"cache_policy": CACHE, "persist_result": True, **RETRIES}
