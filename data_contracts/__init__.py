@@ -1,4 +1,5 @@
 """Schemas of every artifact that crosses a task boundary, validated on write and on read."""
+from data_contracts.errors import UserError
 from data_contracts.schemas import (
     CONTRACTS,
     Contract,
@@ -8,13 +9,15 @@ from data_contracts.schemas import (
     TOKEN_FEATURES_IDS,
     TRAJECTORIES_IDS,
     JUDGMENTS,
+    GENERATIONS,
     EVAL_RESULTS,
     validate_table,
 )
 from data_contracts.tensors import TensorContract, TOKEN_FEATURES, TRAJECTORIES, validate_tensors
 
 __all__ = [
+    "UserError",
     "CONTRACTS", "Contract", "ContractError", "EXAMPLES", "SELECTION", "TOKEN_FEATURES_IDS",
-    "TRAJECTORIES_IDS", "JUDGMENTS", "EVAL_RESULTS", "validate_table", "TensorContract",
+    "TRAJECTORIES_IDS", "JUDGMENTS", "GENERATIONS", "EVAL_RESULTS", "validate_table", "TensorContract",
     "TOKEN_FEATURES", "TRAJECTORIES", "validate_tensors",
 ]

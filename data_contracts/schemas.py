@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from data_contracts.errors import UserError
 
-class ContractError(ValueError):
+
+class ContractError(UserError):
     """An artifact does not match its data contract."""
 
 
@@ -119,6 +121,18 @@ JUDGMENTS = Contract(
     non_null=("prompt_id", "method_a", "method_b", "order", "verdict", "winner"),
 )
 
+GENERATIONS = Contract(
+    name="generations",
+    version=1,
+    schema=pa.schema([
+        ("prompt_id", pa.string()),     # held-out example id
+        ("prompt", pa.string()),        # what the model saw (the prompt, or a passage's first words)
+        ("reference", pa.string()),     # the held-out response / rest of the passage
+        ("text", pa.string()),          # the model's continuation (new text only)
+    ]),
+    non_null=("prompt_id", "prompt", "reference", "text"),
+)
+
 EVAL_RESULTS = Contract(
     name="eval_results",
     version=1,
@@ -138,4 +152,5 @@ EVAL_RESULTS = Contract(
     non_null=("method", "budget"),
 )
 
-CONTRACTS = {c.name: c for c in (EXAMPLES, SELECTION, TOKEN_FEATURES_IDS, TRAJECTORIES_IDS, JUDGMENTS, EVAL_RESULTS)}
+CONTRACTS = {c.name: c for c in (EXAMPLES, SELECTION, TOKEN_FEATURES_IDS, TRAJECTORIES_IDS, JUDGMENTS, GENERATIONS,
+                                  EVAL_RESULTS)}

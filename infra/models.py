@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from data_contracts.errors import UserError
 from infra.settings import load_settings
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
@@ -26,7 +27,7 @@ TINY = "tiny-gpt2"
 TINY_DEFAULTS = {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab": 512, "n_positions": 512, "seed": 0}
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(UserError):
     pass
 
 

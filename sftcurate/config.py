@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from data_contracts.errors import UserError
 
 
 class Section(BaseModel):
@@ -37,6 +39,16 @@ class SelectionConfig(Section):
     seed: int = Field(0, description="seed of every random choice")
     params: dict[str, Any] = Field(default_factory=dict, description="selector-specific parameters")
 
+    @model_validator(mode="after")
+    def _positive_budget(self):
+        if self.budget is None and self.token_budget is None:
+            raise ValueError("set budget (examples) or token_budget (tokens)")
+        for name in ("budget", "token_budget"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        return self
+
 
 class ModelsConfig(Section):
     target: str = Field("tiny-gpt2", description="model to curate for and fine-tune: tiny-gpt2, "
@@ -60,6 +72,8 @@ class ProxyConfig(Section):
     batch_size: int = Field(16, gt=0)
     lora: bool = Field(False, description="fine-tune a pretrained proxy through LoRA instead of fully")
     batch_tokens: int = Field(8192, gt=0, description="padded tokens per batch when logging trajectories")
+    shard_size: int = Field(4096, gt=0, description="pool examples per trajectory shard (one task each)")
+    seed: int = Field(0, description="seed of proxy training (data order, dropout)")
 
 
 class CurateConfig(Section):
@@ -71,7 +85,7 @@ class CurateConfig(Section):
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     pass
 
 

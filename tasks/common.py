@@ -23,6 +23,28 @@ class ModuleSource(CachePolicy):
         return code_fingerprint(task_ctx.task.fn.__module__, *SHARED_CODE)
 
 
+def retry_unless_user_error(task, task_run, state) -> bool:
+    """Retry crashes and flaky IO, never bad input: a bad file fails the same way every time."""
+    from data_contracts.errors import UserError
+
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # the result itself may be unreadable; retrying is the safe choice
+        return True
+    return not isinstance(exc, UserError)
+
+
+def run_committed(task_fn, *args, **kwargs) -> str:
+    """Call a task that returns an artifact URI; if a cache hit points at an artifact that is gone (a wiped
+    store), run it again with the cache refreshed instead of handing a dangling URI downstream."""
+    from infra.store import is_committed
+
+    uri = task_fn(*args, **kwargs)
+    if isinstance(uri, str) and not is_committed(uri):
+        uri = task_fn.with_options(refresh_cache=True)(*args, **kwargs)
+    return uri
+
+
 CACHE = (INPUTS - "run_id") + TASK_SOURCE + ModuleSource()
-RETRIES = {"retries": 2, "retry_delay_seconds": 2}
+RETRIES = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": retry_unless_user_error}
 TASK_DEFAULTS = {"cache_policy": CACHE, "persist_result": True, **RETRIES}

@@ -32,9 +32,17 @@ def encode_example(tokenizer, prompt: str, response: str, max_length: int | None
     return Encoded(p + r, mask)
 
 
-def loss_token_count(prompt_len: np.ndarray, response_len: np.ndarray) -> np.ndarray:
-    """Loss tokens of untruncated examples, matching `encode_example` (response + eos, minus an unpredictable first)."""
-    return response_len + 1 - (prompt_len == 0).astype(np.int64)
+def loss_token_count(prompt_len: np.ndarray, response_len: np.ndarray, max_length: int | None = None) -> np.ndarray:
+    """Loss tokens per example exactly as `encode_example` makes them (response + eos, truncated, minus an
+    unpredictable first token), computed from token counts alone."""
+    p = np.asarray(prompt_len, dtype=np.int64)
+    r = np.asarray(response_len, dtype=np.int64) + 1
+    if max_length is not None:
+        over = p + r > max_length
+        keep_p = np.where(over, np.minimum(p, max_length // 2), p)
+        r = np.where(over, max_length - keep_p, r)
+        p = keep_p
+    return r - (p == 0).astype(np.int64)
 
 
 def count_tokens(tokenizer, texts: list[str]) -> np.ndarray:

@@ -12,6 +12,8 @@ from typing import Callable, ClassVar
 import numpy as np
 import pyarrow as pa
 
+from data_contracts.errors import UserError
+
 # What a selector may require. The flow knows how to make each one.
 EXAMPLES = "examples"              # always available: the pool table (train split)
 TOKEN_FEATURES = "token_features"  # FisherSFT: pre-logit hidden states per loss token
@@ -20,7 +22,7 @@ SENTENCE_EMBEDDINGS = "sentence_embeddings"  # DensitySampling: one vector per e
 MODEL = "model"                    # Ask-LLM: a model spec to score with
 
 
-class BudgetError(ValueError):
+class BudgetError(UserError):
     pass
 
 

@@ -1,0 +1,89 @@
+"""The `curate` flow: ingest -> produce what the selector needs -> select -> commit, tracked and summarised."""
+from __future__ import annotations
+
+import json
+
+import infra  # noqa: F401  (environment defaults first)
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from infra import progress, tracking
+from infra.models import model_fingerprint
+from infra.store import ArtifactStore, join, read_bytes
+from sftcurate.config import CurateConfig
+from tasks.common import run_committed
+from tasks.ingest import examples_meta, ingest_task, source_fingerprint
+from tasks.selection import PROVIDERS, load_selection, provider, select_task
+from tasks.selectors.base import MODEL, Budget, BudgetError, get_selector
+
+
+def select_pipeline(cfg: CurateConfig, run_id: str | None, timings: dict | None = None) -> tuple[str, str]:
+    """Ingest, produce the selector's inputs, select. Returns (examples_uri, selection_uri)."""
+    timings = {} if timings is None else timings
+    budget = Budget(cfg.selection.budget, cfg.selection.token_budget)
+    budget.check(pool_size=2**62)  # <= 0 budgets fail before anything is read or committed
+    selector = get_selector(cfg.selection.method, **cfg.selection.params)
+    store_root = ArtifactStore().root  # part of every cache key: a cached URI must live in this store
+    with progress.stage("ingest", timings):
+        examples_uri = run_committed(ingest_task, cfg.source.model_dump_json(), source_fingerprint(cfg.source),
+                                     cfg.models.target, cfg.models.max_length, store_root)
+    meta = examples_meta(examples_uri)
+    budget.check(meta["n_train"], meta["train_tokens"])
+    input_uris: dict[str, str] = {}
+    for requirement in selector.requires:
+        if requirement == MODEL:
+            input_uris[MODEL] = f"{cfg.models.target}"
+        elif requirement in PROVIDERS:
+            with progress.stage(requirement, timings):
+                input_uris[requirement] = provider(requirement).produce(examples_uri, cfg, run_id)
+    with progress.stage("select", timings):
+        selection_uri = run_committed(select_task, examples_uri, cfg.selection.method, cfg.selection.budget,
+                                      cfg.selection.token_budget, cfg.selection.seed,
+                                      json.dumps(cfg.selection.params, sort_keys=True),
+                                      json.dumps(input_uris, sort_keys=True), store_root)
+    return examples_uri, selection_uri
+
+
+def summary_markdown(summary: dict) -> str:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in summary.items() if k != "timings")
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in summary.get("timings", {}).items())
+    return f"# Curation `{summary['name']}`\n\n| field | value |\n|---|---|\n{rows}\n\nStage timings: {timings}\n"
+
+
+@flow(name="curate", log_prints=True)
+def curate(config: CurateConfig = CurateConfig()) -> dict:
+    """Select the most informative subset of a data set and commit it as a selection manifest."""
+    cfg = config if isinstance(config, CurateConfig) else CurateConfig.model_validate(config)
+    timings: dict[str, float] = {}
+    tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow": "curate", "method": cfg.selection.method}
+    with tracking.start_run(cfg.name, tags=tags, params=cfg.model_dump()) as run_id:
+        examples_uri, selection_uri = select_pipeline(cfg, run_id, timings)
+        table, meta = load_selection(selection_uri)
+        ex_meta = examples_meta(examples_uri)
+        summary = {
+            "name": cfg.name, "method": cfg.selection.method, "pool_size": meta["pool_size"],
+            "heldout_size": ex_meta["n_heldout"], "duplicates_removed": ex_meta["duplicates_removed"],
+            "budget": cfg.selection.budget, "token_budget": cfg.selection.token_budget,
+            "selected": meta["selected"], "pool_tokens": meta["pool_tokens"], "tokens_kept": meta["selected_tokens"],
+            "objective": meta.get("objective"), "target_model": cfg.models.target,
+            "target_fingerprint": model_fingerprint(cfg.models.target),
+            "examples_uri": examples_uri, "selection_uri": selection_uri, "mlflow_run_id": run_id,
+            "flow_run_id": str(flow_run.id or ""), "timings": timings,
+        }
+        metrics = {"pool_size": meta["pool_size"], "selected": meta["selected"], "pool_tokens": meta["pool_tokens"],
+                   "tokens_kept": meta["selected_tokens"], "duplicates_removed": ex_meta["duplicates_removed"],
+                   "kept_token_fraction": meta["selected_tokens"] / max(meta["pool_tokens"], 1),
+                   **{f"seconds_{k}": v for k, v in timings.items()}}
+        if meta.get("objective") is not None:
+            metrics["objective"] = meta["objective"]
+        tracking.log_metrics(run_id, metrics)
+        tracking.log_bytes(run_id, read_bytes(join(selection_uri, "selection.parquet")), "selection.parquet", "selection")
+        tracking.log_bytes(run_id, read_bytes(join(selection_uri, "_MANIFEST.json")), "selection_manifest.json", "selection")
+        tracking.log_bytes(run_id, json.dumps(summary, indent=2, default=str).encode(), "summary.json")
+        create_markdown_artifact(summary_markdown(summary), key="curation-summary",
+                                 description=f"sftcurate selection ({cfg.selection.method})")
+    return summary
+
+
+__all__ = ["curate", "select_pipeline", "BudgetError"]

@@ -1,0 +1,178 @@
+"""The `sftcurate` command line (typer)."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import infra  # noqa: F401  (environment defaults before Prefect/MLflow are imported)
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Pick the most informative subset of an SFT data set, fine-tune on it, prove the gain.")
+reproduce_app = typer.Typer(no_args_is_help=True, help="Reproduce experiments from the papers.")
+app.add_typer(reproduce_app, name="reproduce")
+console = Console(stderr=True)
+out = Console()
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from data_contracts.errors import UserError
+
+    return (UserError, KeyError, FileNotFoundError)
+
+
+class _QuietUserErrors(logging.Filter):
+    """Prefect logs a failed run's traceback; for a user's mistake the CLI's one line says it better."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None and record.levelno >= logging.ERROR:
+            return "UserError" not in record.getMessage() and not _mentions_user_error(record.getMessage())
+        return not isinstance(exc, user_errors())
+
+
+def _mentions_user_error(message: str) -> bool:
+    from data_contracts.errors import UserError
+
+    names = {cls.__name__ for cls in _subclasses(UserError)}
+    return any(f"{name}:" in message or f"{name}(" in message for name in names)
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def quiet_user_errors_in_logs() -> None:
+    import prefect.logging  # noqa: F401  (makes sure Prefect's handlers exist)
+
+    quiet = _QuietUserErrors()
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(quiet)
+
+
+def fail(exc: BaseException) -> None:
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def run_with_progress(fn, *args, **kwargs):
+    """Run a flow while showing its stages in the terminal."""
+    from infra import progress
+
+    status = console.status("starting Prefect", spinner="dots")
+    started: dict[str, float] = {}
+
+    def on_stage(name: str, event: str) -> None:
+        if event == "start":
+            started[name] = time.perf_counter()
+            status.update(f"[bold]{name}[/] ...")
+        elif event == "fail":
+            console.print(f"  [red]failed[/] {name}")
+        else:
+            console.print(f"  [green]done[/] {name} ({time.perf_counter() - started.get(name, 0):.1f}s)")
+
+    unsubscribe = progress.subscribe(on_stage)
+    quiet_user_errors_in_logs()
+    try:
+        with status:
+            return fn(*args, **kwargs)
+    finally:
+        unsubscribe()
+
+
+def print_summary(title: str, summary: dict) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        table.add_row(key, str(value))
+    out.print(table)
+
+
+@app.command()
+def run(config: Path = typer.Argument(..., help="run configuration (YAML)"),
+        set_: List[str] = typer.Option([], "--set", help="override a setting: section.key=value"),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="also write the summary as JSON here")):
+    """Run the `curate` flow: ingest -> select -> commit a selection manifest."""
+    from sftcurate.config import load_config
+
+    try:
+        cfg = load_config(config, set_)
+        from flows.curate import curate
+
+        summary = run_with_progress(curate, cfg)
+    except user_errors() as exc:
+        fail(exc)
+    print_summary(f"curation {cfg.name}", summary)
+    if json_out:
+        json_out.write_text(json.dumps(summary, indent=2, default=str))
+
+
+@app.command()
+def select(method: str = typer.Argument(..., help="selector name (uniform, fishersft, s2l, density, askllm)"),
+           budget: Optional[int] = typer.Option(None, help="number of examples to keep"),
+           token_budget: Optional[int] = typer.Option(None, help="number of loss tokens to keep"),
+           out_path: Path = typer.Option(..., "--out", help="selection manifest to write (.parquet)"),
+           features: Optional[str] = typer.Option(None, help="token-features safetensors file (fishersft)"),
+           trajectories: Optional[str] = typer.Option(None, help="trajectories safetensors file (s2l)"),
+           examples: Optional[str] = typer.Option(None, help="committed examples artifact URI (the pool)"),
+           model: Optional[str] = typer.Option(None, help="model spec (askllm)"),
+           lam: Optional[float] = typer.Option(None, help="fishersft: regulariser lambda (default 1.0)"),
+           algorithm: Optional[str] = typer.Option(None, help="fishersft: lazy, naive or stochastic"),
+           clusters: Optional[int] = typer.Option(None, help="s2l: number of K-means clusters (default 100)"),
+           seed: int = typer.Option(0, help="seed of every random choice"),
+           param: List[str] = typer.Option([], help="other selector parameter: key=value")):
+    """Run one selector on files and write its selection manifest (the same interface for every method)."""
+    from sftcurate.selectcli import select_from_files
+
+    params = {k: v for k, v in {"lam": lam, "algorithm": algorithm, "clusters": clusters}.items() if v is not None}
+    for item in param:
+        key, _, value = item.partition("=")
+        params[key] = json.loads(value) if value[:1] in "0123456789-[{tf" and value not in ("", "-") else value
+    try:
+        meta = select_from_files(method, budget, token_budget, seed, params, str(out_path), features=features,
+                                 trajectories=trajectories, examples=examples, model=model)
+    except user_errors() as exc:
+        fail(exc)
+    print_summary(f"selection {method}", meta)
+
+
+@app.command()
+def compare(config: Path = typer.Argument(..., help="comparison configuration (YAML)"),
+            set_: List[str] = typer.Option([], "--set", help="override a setting: section.key=value")):
+    """Run the `compare` flow: selectors x budgets, fine-tune, held-out loss, pairwise judge."""
+    try:
+        from flows.compare import compare as compare_flow, load_compare_config
+
+        cfg = load_compare_config(config, set_)
+        summary = run_with_progress(compare_flow, cfg)
+    except user_errors() as exc:
+        fail(exc)
+    print_summary("comparison", {k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
+    if "table_markdown" in summary:
+        out.print(summary["table_markdown"])
+
+
+@reproduce_app.command("synthetic")
+def reproduce_synthetic(out_dir: Path = typer.Option(..., "--out", help="folder for the table and plot"),
+                        runs: int = typer.Option(20, help="independent runs to average"),
+                        seed: int = typer.Option(0)):
+    """Section 5.1 of the FisherSFT paper: Uniform vs DensitySampling vs FisherSFT on synthetic data."""
+    from tasks.synthetic import run_synthetic
+
+    result = run_with_progress(run_synthetic, str(out_dir), runs=runs, seed=seed)
+    print_summary("FisherSFT synthetic reproduction", {k: v for k, v in result.items() if not isinstance(v, list)})
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

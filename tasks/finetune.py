@@ -1,0 +1,474 @@
+"""Target fine-tuning on a selection: LoRA (peft) by default, full fine-tuning as an option.
+
+Fair by construction: every selection of the same budget trains with exactly one `FinetuneConfig` (same
+steps, batch size, learning rate, schedule, seed); only the data differ. The loss is on response tokens only
+(`tasks.tokenize.encode_example`), batches are grouped by length so little compute goes to padding, and the
+batch schedule is a pure function of (selection, seed, step), so a run resumed from a checkpoint takes the
+same batches the uninterrupted run would have taken.
+
+Checkpoints (trainable weights + optimizer + scheduler + RNG + step) are committed artifacts of kind
+`finetune_ckpt` every `checkpoint_every` steps, with a `LATEST` pointer written after each commit; the final
+adapter (or full model) is the committed artifact of kind `finetuned`. Everything is written through
+`infra.store`, so an `s3://` store works the same as a local folder.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field
+
+from infra import tracking
+from infra.hashing import code_fingerprint, fingerprint
+from infra.store import ArtifactStore, filesystem_for, is_committed, join, read_bytes, read_manifest, write_bytes
+from tasks.common import TASK_DEFAULTS
+from tasks.tokenize import Encoded, encode_example
+
+KIND = "finetuned"
+CKPT_KIND = "finetune_ckpt"
+LATEST = "LATEST"
+TRAINABLE = "trainable.safetensors"
+STATE = "state.pt"
+
+# Architecture (config.model_type) -> LoRA target modules; anything else falls back to every linear layer.
+LORA_TARGETS = {
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+}
+
+
+class FinetuneConfig(BaseModel):
+    """The one training recipe every selection of a budget shares."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(100, gt=0, description="optimizer steps (fixed, not epochs: every selection gets the same)")
+    learning_rate: float = Field(5e-4, gt=0)
+    batch_size: int = Field(8, gt=0, description="examples per step")
+    max_length: int = Field(256, gt=8, description="max tokens per example (prompt + response)")
+    seed: int = Field(0, description="seeds the adapter init, the batch order and dropout")
+    full: bool = Field(False, description="full fine-tuning instead of LoRA")
+    lora_r: int = Field(8, gt=0)
+    lora_alpha: int = Field(16, gt=0)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(None, description="LoRA modules; default chosen per architecture")
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    batching: Literal["length_grouped", "random", "pad_to_max"] = Field(
+        "length_grouped", description="length_grouped: similar lengths share a batch (little padding); "
+        "random: pad to the batch's longest; pad_to_max: pad every batch to max_length (baseline)")
+    checkpoint_every: int = Field(50, gt=0, description="commit a resumable checkpoint every N steps")
+    dtype: Literal["float32", "bfloat16"] = Field("float32")
+
+
+def _logger():
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # outside a flow or task run
+        return logging.getLogger("sftcurate.finetune")
+
+
+# ---------------------------------------------------------------- data
+
+def training_rows(examples_uri: str, selection_uri: str) -> list[tuple[str, str]]:
+    """(prompt, response) of the selected examples, in pick order (joined on example id)."""
+    from tasks.ingest import load_pool
+    from tasks.selection import load_selection
+
+    pool = load_pool(examples_uri)
+    by_id = {i: k for k, i in enumerate(pool.column("id").to_pylist())}
+    table, _ = load_selection(selection_uri)
+    prompts, responses = pool.column("prompt").to_pylist(), pool.column("response").to_pylist()
+    rows = []
+    for eid in table.column("id").to_pylist():
+        if eid not in by_id:
+            raise ValueError(f"{selection_uri}: example id {eid} is not in the train split of {examples_uri}; "
+                             "the selection was made on another pool: re-run the selection")
+        k = by_id[eid]
+        rows.append((prompts[k], responses[k]))
+    if not rows:
+        raise ValueError(f"{selection_uri}: the selection is empty; raise the budget")
+    return rows
+
+
+def encode_rows(tokenizer, rows: list[tuple[str, str]], max_length: int) -> list[Encoded]:
+    return [encode_example(tokenizer, p, r, max_length) for p, r in rows]
+
+
+def batch_schedule(lengths: np.ndarray, batch_size: int, steps: int, seed: int,
+                   batching: str = "length_grouped", megabatch: int = 16) -> list[np.ndarray]:
+    """The batch (example indices) of every step: a pure function of its arguments.
+
+    Each epoch is a seeded permutation. With `length_grouped`, the permutation is cut into mega-batches of
+    `megabatch * batch_size`, each sorted by length and cut into batches, and the batch order is shuffled
+    again (the Hugging Face `group_by_length` recipe): batches hold similar lengths, the order stays random.
+    """
+    n = len(lengths)
+    bs = min(batch_size, n)
+    out: list[np.ndarray] = []
+    epoch = 0
+    while len(out) < steps:
+        rng = np.random.default_rng([seed, epoch])
+        perm = rng.permutation(n)
+        if batching == "length_grouped":
+            batches = []
+            chunk = megabatch * bs
+            for start in range(0, n, chunk):
+                mb = perm[start:start + chunk]
+                mb = mb[np.argsort(-lengths[mb], kind="stable")]
+                batches.extend(mb[i:i + bs] for i in range(0, len(mb), bs))
+            order = rng.permutation(len(batches))
+            batches = [batches[i] for i in order]
+        else:
+            batches = [perm[i:i + bs] for i in range(0, n, bs)]
+        out.extend(batches)
+        epoch += 1
+    return out[:steps]
+
+
+def collate(encoded: list[Encoded], pad_id: int, pad_to: int | None = None):
+    """(input_ids, attention_mask, labels) right-padded; labels are -100 except on loss tokens."""
+    import torch
+
+    width = pad_to or max(len(e.input_ids) for e in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(encoded), width), dtype=torch.long)
+    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+    for row, e in enumerate(encoded):
+        n = len(e.input_ids)
+        t = torch.tensor(e.input_ids, dtype=torch.long)
+        ids[row, :n] = t
+        attn[row, :n] = 1
+        mask = torch.tensor(e.loss_mask, dtype=torch.bool)
+        labels[row, :n] = torch.where(mask, t, torch.full_like(t, -100))
+    return ids, attn, labels
+
+
+def token_loss_sum(model, ids, attn, labels):
+    """(sum of token losses, number of loss tokens) of a batch: the token-weighted loss every stage uses."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    target = labels[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+    return loss, int((target != -100).sum())
+
+
+# ---------------------------------------------------------------- model
+
+def default_target_modules(model) -> list[str] | str:
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    return LORA_TARGETS.get(model_type, "all-linear")
+
+
+def prepare_model(model, cfg: FinetuneConfig):
+    """Attach LoRA (seeded) or unfreeze everything for full fine-tuning."""
+    import torch
+
+    if cfg.full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.target_modules or default_target_modules(model)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM", bias="none",
+                      fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return get_peft_model(model, lora)
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def lr_lambda(cfg: FinetuneConfig) -> Callable[[int], float]:
+    warmup = int(cfg.warmup_ratio * cfg.steps)
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (cfg.steps - step) / max(1, cfg.steps - warmup))
+    return f
+
+
+# ---------------------------------------------------------------- checkpoints
+
+@dataclass
+class Checkpoints:
+    """Committed, resumable checkpoints of one training run (`<store>/finetune_ckpt/<key>/step-NNNNNNN`)."""
+
+    store: ArtifactStore
+    key: str
+
+    @property
+    def root(self) -> str:
+        return self.store.uri(CKPT_KIND, self.key)
+
+    def save(self, step: int, model, optimizer, scheduler, extra: dict) -> str:
+        import torch
+        from safetensors.torch import save as save_tensors
+
+        writer = self.store.begin(CKPT_KIND, f"{self.key}/step-{step:07d}")
+        writer.write_bytes(TRAINABLE, save_tensors(trainable_state(model)))
+        buf = io.BytesIO()
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "step": step, "extra": extra}, buf)
+        writer.write_bytes(STATE, buf.getvalue())
+        writer.meta.update({"step": step, **extra})
+        uri = writer.commit()
+        previous = self.latest_step()
+        write_bytes(join(self.root, LATEST), json.dumps({"step": step, "uri": uri}).encode())
+        if previous is not None and previous != step:  # keep only the newest committed checkpoint
+            _remove(self.store.uri(CKPT_KIND, f"{self.key}/step-{previous:07d}"))
+        return uri
+
+    def latest_step(self) -> int | None:
+        try:
+            pointer = json.loads(read_bytes(join(self.root, LATEST)))
+        except (FileNotFoundError, OSError, ValueError):
+            return None
+        return int(pointer["step"]) if is_committed(pointer["uri"]) else None
+
+    def load(self, step: int, model, optimizer, scheduler) -> dict:
+        import torch
+        from safetensors.torch import load as load_tensors
+
+        uri = self.store.uri(CKPT_KIND, f"{self.key}/step-{step:07d}")
+        weights = load_tensors(read_bytes(join(uri, TRAINABLE)))
+        missing = set(trainable_state(model)) - set(weights)
+        if missing:
+            raise RuntimeError(f"{uri}: checkpoint lacks {sorted(missing)[:3]}; delete it to restart training")
+        model.load_state_dict(weights, strict=False)
+        state = torch.load(io.BytesIO(read_bytes(join(uri, STATE))), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        return state["extra"]
+
+    def clear(self) -> None:
+        _remove(self.root)
+
+
+def _remove(uri: str) -> None:
+    fs, path = filesystem_for(uri)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+# ---------------------------------------------------------------- training loop
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    tokens_seen: int = 0           # loss tokens
+    real_tokens: int = 0           # non-pad input tokens
+    padded_tokens: int = 0         # input tokens including padding
+    seconds: float = 0.0
+    resumed_from: int | None = None
+    losses: list = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.real_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by `train(crash_after=N)`; tests use it to prove resumption."""
+
+
+def train(model, tokenizer, encoded: list[Encoded], cfg: FinetuneConfig, *, checkpoints: Checkpoints | None = None,
+          run_id: str | None = None, crash_after: int | None = None, log_every: int | None = None) -> TrainStats:
+    """Train `model` (already prepared) in place for exactly `cfg.steps` steps; resumes from `checkpoints`."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
+    schedule = batch_schedule(lengths, cfg.batch_size, cfg.steps, cfg.seed, cfg.batching)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    stats = TrainStats()
+    start = 0
+    if checkpoints is not None:
+        last = checkpoints.latest_step()
+        if last is not None:
+            extra = checkpoints.load(last, model, optimizer, scheduler)
+            start = last
+            stats.resumed_from = last
+            stats.tokens_seen = int(extra.get("tokens_seen", 0))
+            _logger().info("finetune: resumed from the checkpoint at step %d of %d", last, cfg.steps)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    log_every = log_every or max(1, cfg.steps // 100)
+    model.train()
+    t0 = time.perf_counter()
+    window: list[float] = []
+    for step in range(start, cfg.steps):
+        batch = [encoded[i] for i in schedule[step]]
+        ids, attn, labels = collate(batch, pad_id, cfg.max_length if cfg.batching == "pad_to_max" else None)
+        loss_sum, n_tok = token_loss_sum(model, ids, attn, labels)
+        loss = loss_sum / max(n_tok, 1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"finetune: loss became {value} at step {step + 1}; lower learning_rate")
+        stats.steps = step + 1
+        stats.tokens_seen += n_tok
+        stats.real_tokens += int(attn.sum())
+        stats.padded_tokens += int(attn.numel())
+        stats.losses.append(value)
+        window.append(value)
+        if run_id and ((step + 1) % log_every == 0 or step + 1 == cfg.steps):
+            tracking.log_metrics(run_id, {"finetune/loss": float(np.mean(window)),
+                                          "finetune/lr": scheduler.get_last_lr()[0],
+                                          "finetune/tokens_seen": stats.tokens_seen}, step=step + 1)
+            window = []
+        if checkpoints is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            checkpoints.save(step + 1, model, optimizer, scheduler, {"tokens_seen": stats.tokens_seen})
+        if crash_after is not None and step + 1 >= crash_after:
+            raise SimulatedCrash(f"simulated crash after step {step + 1}")
+    stats.seconds = time.perf_counter() - t0
+    model.eval()
+    return stats
+
+
+# ---------------------------------------------------------------- the committed fine-tune
+
+def finetune_key(examples_uri: str, selection_uri: str, target_fingerprint: str, cfg: FinetuneConfig) -> str:
+    return fingerprint(examples_uri, selection_uri, target_fingerprint, cfg.model_dump(),
+                       code_fingerprint("tasks.finetune", "tasks.tokenize"))
+
+
+def fairness_params(cfg: FinetuneConfig, target_spec: str) -> dict:
+    """What MLflow records for every fine-tune; identical across methods of one comparison."""
+    return {"finetune": {**cfg.model_dump(), "target": target_spec}}
+
+
+def finetune(examples_uri: str, selection_uri: str, target_spec: str, target_fingerprint: str,
+             cfg: FinetuneConfig, run_id: str | None = None, store_root: str | None = None,
+             crash_after: int | None = None) -> str:
+    """Fine-tune the target on the selection (or return the committed result); returns the model URI."""
+    from infra.models import resolve_model
+
+    store = ArtifactStore(store_root)
+    key = finetune_key(examples_uri, selection_uri, target_fingerprint, cfg)
+    existing = store.committed(KIND, key)
+    if existing:
+        _record(run_id, read_manifest(existing)["meta"], cfg, target_spec)
+        return existing
+    import torch
+
+    rows = training_rows(examples_uri, selection_uri)
+    loaded = resolve_model(target_spec, dtype=cfg.dtype)
+    encoded = encode_rows(loaded.tokenizer, rows, cfg.max_length)
+    model = prepare_model(loaded.model, cfg)
+    checkpoints = Checkpoints(store, key)
+    stats = train(model, loaded.tokenizer, encoded, cfg, checkpoints=checkpoints, run_id=run_id,
+                  crash_after=crash_after)
+    writer = store.begin(KIND, key)
+    with tempfile.TemporaryDirectory() as tmp:
+        if cfg.full:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors
+        for path in sorted(Path(tmp).rglob("*")):
+            if path.is_file():
+                writer.write_bytes(path.relative_to(tmp).as_posix(), path.read_bytes())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    meta = {
+        "target_spec": target_spec, "target_fingerprint": target_fingerprint, "mode": "full" if cfg.full else "lora",
+        "config": cfg.model_dump(), "examples_uri": examples_uri, "selection_uri": selection_uri,
+        "train_examples": len(rows), "steps_done": stats.steps, "tokens_seen": stats.tokens_seen,
+        "final_loss": float(np.mean(stats.losses[-max(1, len(stats.losses) // 10):])) if stats.losses else None,
+        "resumed_from": stats.resumed_from, "seconds": round(stats.seconds, 3),
+        "tokens_per_s": round(stats.tokens_per_s, 1), "padding_fraction": round(stats.padding_fraction, 4),
+        "trainable_parameters": int(n_trainable), "torch": torch.__version__,
+    }
+    writer.meta.update(meta)
+    uri = writer.commit()
+    checkpoints.clear()
+    _record(run_id, meta, cfg, target_spec)
+    return uri
+
+
+def _record(run_id: str | None, meta: dict, cfg: FinetuneConfig, target_spec: str) -> None:
+    if not run_id:
+        return
+    tracking.log_params(run_id, fairness_params(cfg, target_spec))
+    tracking.log_metrics(run_id, {f"finetune/{k}": meta[k] for k in (
+        "steps_done", "train_examples", "tokens_seen", "final_loss", "tokens_per_s", "padding_fraction",
+        "trainable_parameters") if meta.get(k) is not None})
+
+
+@task(name="finetune", **TASK_DEFAULTS)
+def finetune_task(examples_uri: str, selection_uri: str, target_spec: str, target_fingerprint: str,
+                  finetune_cfg_json: str, run_id: str | None = None, store_root: str | None = None) -> str:
+    return finetune(examples_uri, selection_uri, target_spec, target_fingerprint,
+                    FinetuneConfig.model_validate_json(finetune_cfg_json), run_id, store_root)
+
+
+# ---------------------------------------------------------------- loading
+
+def load_finetuned(model_uri: str):
+    """(model, tokenizer) of a committed fine-tune, in eval mode; LoRA weights merged into the base."""
+    from infra.models import resolve_model, resolve_tokenizer
+
+    meta = read_manifest(model_uri)["meta"]
+    files = read_manifest(model_uri)["files"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in files:
+            target = Path(tmp) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(read_bytes(join(model_uri, name)))
+        if meta["mode"] == "lora":
+            from peft import PeftModel
+
+            base = resolve_model(meta["target_spec"], dtype=meta["config"].get("dtype"))
+            model = PeftModel.from_pretrained(base.model, tmp).merge_and_unload()
+            tokenizer = base.tokenizer
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(tmp)
+            tokenizer = resolve_tokenizer(meta["target_spec"])
+    model.eval()
+    return model, tokenizer
+
+
+def finetune_meta(model_uri: str) -> dict:
+    return read_manifest(model_uri)["meta"]
+
+
+__all__ = ["FinetuneConfig", "finetune", "finetune_task", "load_finetuned", "finetune_meta", "batch_schedule",
+           "train", "prepare_model", "default_target_modules", "Checkpoints", "SimulatedCrash"]

@@ -1,0 +1,321 @@
+"""Ingest: any supported source -> one committed, validated examples artifact.
+
+Plain functions do the work (`build_examples`, `ingest`); `ingest_task` wraps them for Prefect. The
+artifact key is a fingerprint of the source content, the ingest parameters, the tokenizer and this code, so
+an unchanged source is never re-ingested and a changed one never hits a stale cache.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+
+from data_contracts import EXAMPLES, UserError
+from infra.hashing import code_fingerprint, fingerprint
+from infra.store import ArtifactStore, filesystem_for, join, read_manifest, read_table
+from sftcurate.config import SourceConfig
+from tasks.common import TASK_DEFAULTS
+from tasks.formats import RecordError, detect_format, normalize
+from tasks.tokenize import count_tokens, loss_token_count
+
+BUILTIN_PYTHON_DOCS = "builtin:python-docs"
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
+
+
+class IngestError(UserError):
+    """Bad input: the message is one line naming the file, row and field."""
+
+
+# ---------------------------------------------------------------- where records come from
+
+def source_kind(uri: str) -> str:
+    if uri.startswith("builtin:"):
+        if uri != BUILTIN_PYTHON_DOCS:
+            raise IngestError(f"source '{uri}': unknown built-in data set (known: {BUILTIN_PYTHON_DOCS})")
+        return "builtin"
+    if uri.startswith("hf:"):
+        return "hf"
+    if uri.startswith(("s3://", "file://", "memory://", "/", ".", "~")) or uri.endswith(FILE_SUFFIXES) \
+            or any(c in uri for c in "*?["):
+        return "files"
+    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", uri):
+        return "hf"
+    return "files"
+
+
+def resolve_files(uri: str) -> list[str]:
+    fs, path = filesystem_for(uri)
+    if any(c in path for c in "*?["):
+        paths = sorted(fs.glob(path))
+        if not paths:
+            raise IngestError(f"{uri}: no file matches this pattern; check the path")
+    elif fs.isdir(path):
+        paths = sorted(p for p in fs.find(path) if p.endswith(FILE_SUFFIXES))
+        if not paths:
+            raise IngestError(f"{uri}: folder holds no {'/'.join(FILE_SUFFIXES)} files")
+    elif fs.exists(path):
+        paths = [path]
+    else:
+        raise IngestError(f"{uri}: file not found; check the path (or the S3 bucket and credentials)")
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+    return [f"{prefix}{p}" for p in paths]
+
+
+def source_fingerprint(source: SourceConfig) -> str:
+    """Fingerprint of the source's content (files hashed), cheap enough to compute before every run."""
+    kind = source_kind(source.uri)
+    if kind == "builtin":
+        from pydoc_data import topics
+
+        return fingerprint("builtin", sys.version_info[:2], hashlib.sha256(repr(sorted(topics.topics.items())).encode()).hexdigest())
+    if kind == "hf":
+        return fingerprint("hf", source.uri, source.hf_config, source.hf_split)
+    h = hashlib.sha256()
+    for uri in resolve_files(source.uri):
+        fs, path = filesystem_for(uri)
+        h.update(uri.encode())
+        with fs.open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def split_passages(text: str, target_chars: int) -> list[str]:
+    """Paragraphs grouped into passages of about `target_chars` characters."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    passages, current = [], ""
+    for p in paragraphs:
+        if current and len(current) + len(p) + 2 > target_chars:
+            passages.append(current)
+            current = p
+        else:
+            current = f"{current}\n\n{p}" if current else p
+    if current:
+        passages.append(current)
+    return [p for p in passages if len(p) >= 40]
+
+
+@dataclass
+class RawRecord:
+    where: str     # file (or data set) the record came from
+    row: str       # "line 3" / "row 3"
+    record: dict
+
+
+def _decode(uri: str, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise IngestError(f"{uri}: line {line}: bytes are not valid UTF-8 (at byte {exc.start}); "
+                          "re-encode the file as UTF-8") from None
+
+
+def read_file_records(uri: str, passage_chars: int) -> list[RawRecord]:
+    fs, path = filesystem_for(uri)
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    suffix = PurePosixPath(path).suffix.lower()
+    if suffix == ".parquet":
+        try:
+            rows = pq.read_table(io.BytesIO(data)).to_pylist()
+        except pa.ArrowInvalid as exc:
+            raise IngestError(f"{uri}: not a readable parquet file ({exc})") from None
+        return [RawRecord(uri, f"row {i + 1}", r) for i, r in enumerate(rows)]
+    text = _decode(uri, data)
+    if suffix == ".jsonl":
+        out = []
+        for i, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                out.append(RawRecord(uri, f"line {i + 1}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise IngestError(f"{uri}: line {i + 1}: not valid JSON ({exc.msg}); fix or remove the line") from None
+        return out
+    if suffix == ".json":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise IngestError(f"{uri}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+        if isinstance(obj, dict):
+            obj = next((obj[k] for k in ("data", "examples", "rows", "train") if isinstance(obj.get(k), list)), None)
+        if not isinstance(obj, list):
+            raise IngestError(f"{uri}: expected a JSON list of records (or an object with a 'data' list)")
+        return [RawRecord(uri, f"row {i + 1}", r) for i, r in enumerate(obj)]
+    if suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        return [RawRecord(uri, f"row {i + 1}", dict(r)) for i, r in enumerate(reader)]
+    if suffix == ".txt":
+        return [RawRecord(uri, f"passage {i + 1}", {"text": p}) for i, p in enumerate(split_passages(text, passage_chars))]
+    raise IngestError(f"{uri}: unknown file type '{suffix}'; use one of {', '.join(FILE_SUFFIXES)}")
+
+
+def read_builtin_python_docs(passage_chars: int) -> list[RawRecord]:
+    from pydoc_data.topics import topics
+
+    out = []
+    for topic in sorted(topics):
+        for i, p in enumerate(split_passages(topics[topic], passage_chars)):
+            out.append(RawRecord(f"python-docs:{topic}", f"passage {i + 1}", {"text": p}))
+    return out
+
+
+def read_hf_records(source: SourceConfig) -> list[RawRecord]:
+    import datasets
+
+    name = source.uri[3:] if source.uri.startswith("hf:") else source.uri
+    try:
+        ds = datasets.load_dataset(name, source.hf_config, split=source.hf_split)
+    except Exception as exc:  # the hub raises many types; the user needs the name and the reason
+        raise IngestError(f"hf:{name}: could not load the Hugging Face dataset ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return [RawRecord(f"hf:{name}", f"row {i + 1}", r) for i, r in enumerate(ds)]
+
+
+def read_records(source: SourceConfig) -> list[RawRecord]:
+    kind = source_kind(source.uri)
+    if kind == "builtin":
+        records = read_builtin_python_docs(source.passage_chars)
+    elif kind == "hf":
+        records = read_hf_records(source)
+    else:
+        records = [r for uri in resolve_files(source.uri) for r in read_file_records(uri, source.passage_chars)]
+    if source.limit is not None:
+        records = records[: source.limit]
+    if not records:
+        raise IngestError(f"{source.uri}: the data set is empty; point source.uri at a file with records")
+    return records
+
+
+# ---------------------------------------------------------------- canonical examples
+
+def example_id(prompt: str, response: str) -> str:
+    return hashlib.sha256(f"{prompt}\x1f{response}".encode()).hexdigest()[:20]
+
+
+def is_heldout(ids: list[str], fraction: float) -> np.ndarray:
+    return np.array([int(i[:8], 16) / 2**32 < fraction for i in ids], dtype=bool)
+
+
+@dataclass
+class IngestStats:
+    records: int = 0
+    duplicates_removed: int = 0
+    formats: dict = field(default_factory=dict)
+
+
+def build_examples(source: SourceConfig, tokenizer, max_length: int) -> tuple[pa.Table, IngestStats]:
+    records = read_records(source)
+    stats = IngestStats(records=len(records))
+    prompts, responses, sources, ids, seen = [], [], [], [], set()
+    fmt_by_file: dict[str, str] = {}
+    for raw in records:
+        fmt = source.format
+        if fmt == "auto":
+            if raw.where not in fmt_by_file:
+                if not isinstance(raw.record, dict):
+                    raise IngestError(f"{raw.where}: {raw.row}: record must be an object, got "
+                                      f"{type(raw.record).__name__}")
+                detected = detect_format(set(raw.record), source.columns)
+                if detected is None:
+                    raise IngestError(
+                        f"{raw.where}: {raw.row}: unknown format (columns {sorted(raw.record)}); set source.format "
+                        "or map your columns with source.columns, e.g. {prompt: question, response: answer}")
+                fmt_by_file[raw.where] = detected
+            fmt = fmt_by_file[raw.where]
+        try:
+            prompt, response = normalize(raw.record, fmt, source.columns)
+        except RecordError as exc:
+            raise IngestError(f"{raw.where}: {raw.row}: {exc}; fix or drop this record") from None
+        if not response.strip():
+            raise IngestError(f"{raw.where}: {raw.row}: the response/text field is empty; fix or drop this record")
+        stats.formats[fmt] = stats.formats.get(fmt, 0) + 1
+        eid = example_id(prompt, response)
+        if eid in seen:
+            stats.duplicates_removed += 1
+            continue
+        seen.add(eid)
+        ids.append(eid)
+        prompts.append(prompt)
+        responses.append(response)
+        sources.append(raw.where)
+    prompt_tokens = count_tokens(tokenizer, prompts)
+    loss_tokens = loss_token_count(prompt_tokens, count_tokens(tokenizer, responses), max_length)
+    heldout = is_heldout(ids, source.heldout_fraction)
+    if heldout.all():
+        raise IngestError(f"{source.uri}: every example fell into the held-out split; lower source.heldout_fraction "
+                          "or add data")
+    table = pa.table({
+        "id": ids, "prompt": prompts, "response": responses, "source": sources,
+        "prompt_tokens": prompt_tokens, "response_tokens": loss_tokens,
+        "split": np.where(heldout, "heldout", "train").tolist(),
+    })
+    return table, stats
+
+
+def examples_fingerprint(table: pa.Table) -> str:
+    return fingerprint(table.column("id").to_pylist(), table.column("split").to_pylist())
+
+
+def ingest(source: SourceConfig, source_fp: str, tokenizer_spec: str, max_length: int,
+           store_root: str | None = None) -> str:
+    """Build and commit the examples artifact (or return the committed one); returns its URI."""
+    from infra.models import model_fingerprint, resolve_tokenizer
+
+    store = ArtifactStore(store_root)
+    key = fingerprint(source_fp, source.model_dump(), model_fingerprint(tokenizer_spec), max_length,
+                      code_fingerprint("tasks.ingest", "tasks.formats", "tasks.tokenize"))
+    existing = store.committed("examples", key)
+    if existing:
+        return existing
+    table, stats = build_examples(source, resolve_tokenizer(tokenizer_spec), max_length)
+    train = np.array(table.column("split").to_pylist()) == "train"
+    writer = store.begin("examples", key)
+    writer.write_table("examples.parquet", table, EXAMPLES)
+    writer.meta.update({
+        "fingerprint": examples_fingerprint(table), "source": source.uri, "source_fingerprint": source_fp,
+        "records": stats.records, "duplicates_removed": stats.duplicates_removed, "formats": stats.formats,
+        "n_examples": table.num_rows, "n_train": int(train.sum()), "n_heldout": int((~train).sum()),
+        "train_tokens": int(np.asarray(table.column("response_tokens"))[train].sum()),
+        "tokenizer": tokenizer_spec, "max_length": max_length,
+    })
+    return writer.commit()
+
+
+@task(name="ingest", **TASK_DEFAULTS)
+def ingest_task(source_json: str, source_fp: str, tokenizer_spec: str, max_length: int,
+                store_root: str | None = None) -> str:
+    return ingest(SourceConfig.model_validate_json(source_json), source_fp, tokenizer_spec, max_length, store_root)
+
+
+# ---------------------------------------------------------------- readers for later stages
+
+def load_examples(examples_uri: str) -> pa.Table:
+    return read_table(join(examples_uri, "examples.parquet"), EXAMPLES)
+
+
+def load_split(examples_uri: str, split: str) -> pa.Table:
+    table = load_examples(examples_uri)
+    mask = pa.compute.equal(table.column("split"), split)
+    return table.filter(mask)
+
+
+def load_pool(examples_uri: str) -> pa.Table:
+    """The train split in artifact order: row i is pool index i for every selector."""
+    return load_split(examples_uri, "train")
+
+
+def examples_meta(examples_uri: str) -> dict:
+    return read_manifest(examples_uri)["meta"]

@@ -1,0 +1,413 @@
+"""S2L proxy training: a small causal LM trained on the whole pool, saving T evenly spaced checkpoints.
+
+The proxy artifact is one folder in the store, `<root>/proxy/<key>/`:
+
+    tokenizer/                  the proxy tokenizer (+ its own _MANIFEST.json)
+    base/                       LoRA on tiny-gpt2 only: the random-init base the adapters sit on
+    checkpoints/step-0000020/   model files (save_pretrained: full weights, or the LoRA adapter),
+                                training_state.pt (optimizer, torch RNG, step), _MANIFEST.json written last
+    ...
+    checkpoints.json, _MANIFEST.json    the proxy manifest, written after the last checkpoint
+
+Every checkpoint is committed on its own, so a run that dies (or a Prefect retry) resumes from the last
+committed checkpoint instead of starting over. The data order is a pure function of (seed, step) and the
+learning rate of the step number; the torch RNG state (dropout) and the AdamW state travel in the
+checkpoint, so a resumed run ends with exactly the weights of an uninterrupted one.
+
+Everything goes through fsspec (`infra.store`), so an `s3://` store root works as well as a local folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+from prefect import task
+
+from infra.hashing import code_fingerprint, fingerprint
+from infra.store import (
+    ArtifactStore, ArtifactWriter, MANIFEST, filesystem_for, is_committed, join, read_bytes, read_manifest,
+)
+from sftcurate.config import ProxyConfig
+from tasks.common import TASK_DEFAULTS
+from tasks.tokenize import encode_example, pad_batch
+
+log = logging.getLogger("sftcurate.proxy")
+
+KIND = "proxy"
+LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
+MEGABATCH = 16            # length grouping happens inside windows of MEGABATCH x batch_size shuffled examples
+WARMUP_FRACTION = 0.05
+MIN_LR_FRACTION = 0.1
+
+
+class ProxyError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------- pool and keys
+
+def load_pool(examples_uri: str) -> pa.Table:
+    """The pool (train split, file order)."""
+    from tasks.ingest import load_pool as ingest_load_pool
+
+    return ingest_load_pool(examples_uri)
+
+
+def examples_fingerprint(examples_uri: str) -> str:
+    """Content fingerprint of the examples artifact (its own, else a hash of its files)."""
+    manifest = read_manifest(examples_uri)
+    return manifest.get("meta", {}).get("fingerprint") or fingerprint(manifest.get("files"))
+
+
+def pool_texts(pool: pa.Table) -> tuple[list[str], list[str]]:
+    return pool.column("prompt").to_pylist(), pool.column("response").to_pylist()
+
+
+def as_proxy_config(proxy: ProxyConfig | dict) -> ProxyConfig:
+    return proxy if isinstance(proxy, ProxyConfig) else ProxyConfig.model_validate(proxy)
+
+
+def training_params(cfg: ProxyConfig) -> dict:
+    """The ProxyConfig fields that change the trained weights (trajectory-only knobs are left out of the key)."""
+    return {k: v for k, v in cfg.model_dump().items() if k not in ("batch_tokens", "shard_size")}
+
+
+def proxy_key(examples_fp: str, proxy_spec: str, cfg: ProxyConfig, max_length: int) -> str:
+    from infra.models import model_fingerprint
+
+    return fingerprint(examples_fp, model_fingerprint(proxy_spec), training_params(cfg), max_length,
+                       code_fingerprint("tasks.proxy", "tasks.tokenize"))
+
+
+def checkpoint_steps(steps: int, checkpoints: int) -> list[int]:
+    """T evenly spaced steps ending at the last one (no step-0 checkpoint: random-init losses carry no signal)."""
+    if steps < checkpoints:
+        raise ProxyError(f"proxy.steps ({steps}) must be >= proxy.checkpoints ({checkpoints}); raise proxy.steps "
+                         "or lower proxy.checkpoints")
+    return [int(round(steps * (k + 1) / checkpoints)) for k in range(checkpoints)]
+
+
+def checkpoint_uri(proxy_uri: str, step: int) -> str:
+    return join(proxy_uri, "checkpoints", f"step-{step:07d}")
+
+
+def learning_rate(step: int, steps: int, base: float) -> float:
+    """Linear warmup over the first 5% of steps, then cosine decay to 10% of `base` (1-based step)."""
+    warmup = max(1, int(round(steps * WARMUP_FRACTION)))
+    if step <= warmup:
+        return base * step / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return base * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Batches of one epoch: a seeded shuffle, length-sorted inside megabatch windows, batch order shuffled.
+
+    A pure function of (seed, epoch), so any step's batch can be recomputed after a restart.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    window = batch_size * MEGABATCH
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = order[start:start + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+class BatchSchedule:
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.per_epoch = math.ceil(len(lengths) / batch_size)
+        self._epoch, self._batches = -1, []
+
+    def batch(self, step: int) -> np.ndarray:
+        """Pool indices of the (1-based) step's batch."""
+        epoch, pos = divmod(step - 1, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, epoch_batches(self.lengths, self.batch_size, self.seed, epoch)
+        return self._batches[pos]
+
+
+def masked_mean_loss(model, ids, attn, loss_mask):
+    """Mean cross-entropy over the loss tokens of a padded batch (token-weighted)."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    sel = loss_mask[:, 1:].bool()
+    if not bool(sel.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[sel].float(), ids[:, 1:][sel])
+
+
+# ---------------------------------------------------------------- store <-> local folders
+
+def upload_folder(writer: ArtifactWriter, folder: Path, prefix: str = "") -> None:
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        writer.write_bytes(f"{prefix}{f.relative_to(folder).as_posix()}", f.read_bytes())
+
+
+def local_dir(uri: str) -> Path:
+    """A local folder holding a committed store folder: the folder itself when local, else a cached copy."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from infra.settings import load_settings
+
+    fs, path = filesystem_for(uri)
+    if isinstance(fs, LocalFileSystem):
+        return Path(path)
+    manifest = read_bytes(join(uri, MANIFEST))
+    target = load_settings().model_cache / "proxy" / hashlib.sha256(uri.encode() + manifest).hexdigest()[:16]
+    if (target / ".complete").exists():
+        return target
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    root = path.rstrip("/")
+    for remote in fs.find(root):
+        rel = remote[len(root):].lstrip("/")
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(remote, str(tmp / rel))
+    (tmp / ".complete").write_text(uri)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def save_pretrained_folder(obj, store_uri: str, kind: str, meta: dict, extra: dict[str, bytes] | None = None) -> str:
+    """save_pretrained into a temp dir, upload every file, commit (manifest last)."""
+    writer = ArtifactWriter(uri=store_uri, kind=kind, key=store_uri.rsplit("/", 1)[-1])
+    writer.abort()
+    with tempfile.TemporaryDirectory() as tmp:
+        obj.save_pretrained(tmp)
+        upload_folder(writer, Path(tmp))
+    for name, data in (extra or {}).items():
+        writer.write_bytes(name, data)
+    writer.meta.update(meta)
+    return writer.commit()
+
+
+# ---------------------------------------------------------------- model construction
+
+def _torch_state_bytes(obj) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _wrap_lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA_DEFAULTS))
+
+
+def build_fresh(proxy_spec: str, cfg: ProxyConfig, corpus: tuple[str, ...], proxy_uri: str):
+    """(model, tokenizer) at step 0; the tokenizer (and a tiny LoRA base) are committed to the artifact."""
+    import torch
+
+    from infra.models import TINY, build_tiny_gpt2, resolve_model
+
+    if proxy_spec.startswith(TINY):
+        loaded = build_tiny_gpt2(proxy_spec, corpus=corpus)
+    else:
+        loaded = resolve_model(proxy_spec)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    save_pretrained_folder(tokenizer, join(proxy_uri, "tokenizer"), "proxy_tokenizer", {"spec": proxy_spec})
+    if cfg.lora:
+        if proxy_spec.startswith(TINY):
+            save_pretrained_folder(model, join(proxy_uri, "base"), "proxy_base", {"spec": proxy_spec})
+        torch.manual_seed(cfg.seed)
+        model = _wrap_lora(model)
+    return model, tokenizer
+
+
+def load_tokenizer(proxy_uri: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(local_dir(join(proxy_uri, "tokenizer"))))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(proxy_uri: str, proxy_spec: str):
+    from transformers import AutoModelForCausalLM
+
+    from infra.models import resolve_model
+
+    if is_committed(join(proxy_uri, "base")):
+        return AutoModelForCausalLM.from_pretrained(str(local_dir(join(proxy_uri, "base"))))
+    return resolve_model(proxy_spec).model
+
+
+def load_checkpoint_model(proxy_uri: str, ckpt_uri: str, proxy_spec: str, lora: bool, trainable: bool = False):
+    """The model of one committed checkpoint (LoRA adapters merged for inference unless `trainable`)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = str(local_dir(ckpt_uri))
+    if not lora:
+        return AutoModelForCausalLM.from_pretrained(folder)
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_base(proxy_uri, proxy_spec), folder, is_trainable=trainable)
+    return model if trainable else model.merge_and_unload()
+
+
+# ---------------------------------------------------------------- training
+
+def train_proxy(examples_uri: str, proxy_spec: str, proxy: ProxyConfig | dict, max_length: int = 256,
+                run_id: str | None = None, store_root: str | None = None, device: str | None = None,
+                on_step: Callable[[int, float], None] | None = None,
+                on_checkpoint: Callable[[int, str], None] | None = None) -> str:
+    """Train the proxy (or resume it) and commit the proxy artifact; returns its URI.
+
+    `on_step(step, loss)` and `on_checkpoint(step, uri)` are hooks for progress and tests (raising from
+    `on_checkpoint` simulates a crash right after a checkpoint was committed).
+    """
+    import torch
+
+    cfg = as_proxy_config(proxy)
+    store = ArtifactStore(store_root)
+    key = proxy_key(examples_fingerprint(examples_uri), proxy_spec, cfg, max_length)
+    done = store.committed(KIND, key)
+    if done:
+        return done
+    uri = store.uri(KIND, key)
+    steps_at = checkpoint_steps(cfg.steps, cfg.checkpoints)
+    pool = load_pool(examples_uri)
+    if pool.num_rows == 0:
+        raise ProxyError(f"{examples_uri}: the pool (train split) is empty; nothing to train the proxy on")
+    prompts, responses = pool_texts(pool)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    resumed_from = 0
+    for s in steps_at:
+        if not is_committed(checkpoint_uri(uri, s)):
+            break
+        resumed_from = s
+    last_loss = float("nan")
+    if resumed_from != steps_at[-1]:
+        resumed_from, last_loss = _train(uri, key, proxy_spec, cfg, prompts, responses, max_length, resumed_from,
+                                         steps_at, device, run_id, on_step, on_checkpoint)
+    writer = ArtifactWriter(uri=uri, kind=KIND, key=key)
+    listing = [{"step": s, "uri": checkpoint_uri(uri, s)} for s in steps_at]
+    writer.write_json("checkpoints.json", listing)
+    writer.meta.update({
+        "spec": proxy_spec, "lora": cfg.lora, "params": training_params(cfg), "max_length": max_length,
+        "examples_uri": examples_uri, "n_examples": pool.num_rows, "steps": steps_at,
+        "checkpoints": listing, "tokenizer_uri": join(uri, "tokenizer"),
+        "resumed_from_step": resumed_from, "trained_steps": cfg.steps - resumed_from,
+        "final_loss": None if math.isnan(last_loss) else last_loss,
+    })
+    return writer.commit()
+
+
+def _train(uri: str, key: str, proxy_spec: str, cfg: ProxyConfig, prompts: list[str], responses: list[str],
+           max_length: int, resumed_from: int, steps_at: list[int], device: str, run_id: str | None,
+           on_step, on_checkpoint) -> tuple[int, float]:
+    """The training loop from `resumed_from` (0: fresh) to cfg.steps. Returns (resumed_from, last loss)."""
+    import torch
+
+    from infra import tracking
+
+    devices = [torch.cuda.current_device()] if device.startswith("cuda") else []
+    last_loss = float("nan")
+    with torch.random.fork_rng(devices=devices):  # the caller's global RNG is left as it was
+        state = None
+        if resumed_from and is_committed(join(uri, "tokenizer")):
+            log.info("proxy %s: resuming from committed checkpoint at step %d", key, resumed_from)
+            tokenizer = load_tokenizer(uri)
+            ckpt = checkpoint_uri(uri, resumed_from)
+            model = load_checkpoint_model(uri, ckpt, proxy_spec, cfg.lora, trainable=True)
+            state = torch.load(io.BytesIO(read_bytes(join(ckpt, "training_state.pt"))), weights_only=True)
+        else:
+            resumed_from = 0
+            corpus = tuple(f"{p}\n{r}" if p else r for p, r in zip(prompts, responses))
+            model, tokenizer = build_fresh(proxy_spec, cfg, corpus, uri)
+        model.to(device)
+        model.train()
+        encoded = [encode_example(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
+        lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
+        schedule = BatchSchedule(lengths, cfg.batch_size, cfg.seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["torch_rng"])
+            if devices and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"])
+        else:
+            torch.manual_seed(cfg.seed)
+            if devices:
+                torch.cuda.manual_seed(cfg.seed)
+        log_every = max(1, cfg.steps // 100)
+        window: list[float] = []
+        for step in range(resumed_from + 1, cfg.steps + 1):
+            lr = learning_rate(step, cfg.steps, cfg.learning_rate)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = [encoded[i] for i in schedule.batch(step)]
+            ids, attn, lmask = (t.to(device) for t in pad_batch(batch, tokenizer.pad_token_id))
+            loss = masked_mean_loss(model, ids, attn, lmask)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            last_loss = float(loss.detach())
+            window.append(last_loss)
+            if on_step:
+                on_step(step, last_loss)
+            if run_id and (step % log_every == 0 or step == cfg.steps):
+                tracking.log_metrics(run_id, {"proxy_loss": float(np.mean(window)), "proxy_lr": lr}, step)
+                window = []
+            if step in steps_at:
+                ckpt = _save_checkpoint(uri, step, model, optimizer, devices, proxy_spec, cfg, last_loss)
+                if run_id:
+                    tracking.log_metrics(run_id, {"proxy_checkpoint_loss": last_loss}, step)
+                if on_checkpoint:
+                    on_checkpoint(step, ckpt)
+    return resumed_from, last_loss
+
+
+def _save_checkpoint(uri: str, step: int, model, optimizer, devices, spec: str, cfg: ProxyConfig,
+                     loss: float) -> str:
+    import torch
+
+    state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state() if devices else None}
+    ckpt = checkpoint_uri(uri, step)
+    return save_pretrained_folder(model, ckpt, "proxy_checkpoint",
+                                  {"step": step, "spec": spec, "lora": cfg.lora, "loss": loss},
+                                  extra={"training_state.pt": _torch_state_bytes(state)})
+
+
+# ---------------------------------------------------------------- readers
+
+def proxy_info(proxy_uri: str) -> dict:
+    """The proxy manifest meta: spec, lora, steps, checkpoints [{step, uri}], ..."""
+    return read_manifest(proxy_uri)["meta"]
+
+
+def proxy_checkpoints(proxy_uri: str) -> list[tuple[int, str]]:
+    return [(int(c["step"]), c["uri"]) for c in proxy_info(proxy_uri)["checkpoints"]]
+
+
+@task(name="proxy-train", **TASK_DEFAULTS)
+def proxy_task(examples_uri: str, proxy_spec: str, proxy_params: dict, max_length: int,
+               run_id: str | None = None) -> str:
+    """Prefect task: train (or resume, on retry) the S2L proxy; returns the proxy artifact URI."""
+    return train_proxy(examples_uri, proxy_spec, proxy_params, max_length, run_id=run_id)
