@@ -1,0 +1,463 @@
+"""Pairwise LLM judge, done carefully (MT-Bench practice).
+
+- The two texts appear under neutral labels ("Text 1" / "Text 2"); the judge never sees a method name.
+- Every pair is judged in both orders; when the two orders disagree the prompt is a tie.
+- Judge errors (unparseable answers, failed requests) are counted apart from ties and left out of the win rate.
+- Position bias = how often slot 1 is picked among valid verdicts (0.5 is unbiased), reported with every result.
+- Win rate of method A vs B: per prompt win = 1, tie = 0.5, loss = 0, averaged over prompts; a seeded
+  bootstrap over prompts gives the confidence interval.
+
+Backends (anything with `judge(prompt_text) -> Verdict`):
+- `hf`: a local causal LM; the verdict comes from the next-token probabilities of "1" and "2" after the prompt.
+  A 135M model (the built-in SmolLM2) is a weak judge: use it for smoke tests, not for conclusions.
+- `openai`: any OpenAI-compatible /v1/chat/completions endpoint (vLLM, Ollama, a hosted API); temperature 0,
+  timeouts, retries with exponential backoff on 429 / 5xx / timeouts, bounded concurrency. The API key comes
+  from the environment only (SFTCURATE_JUDGE_API_KEY or OPENAI_API_KEY) and never reaches logs, MLflow,
+  artifacts or reprs.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+import pyarrow as pa
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from data_contracts import JUDGMENTS, UserError
+from infra import tracking
+from infra.hashing import code_fingerprint, fingerprint
+from infra.store import ArtifactStore, join, read_manifest, read_table
+from tasks.common import TASK_DEFAULTS
+
+KIND = "judgments"
+ENV_BASE_URL = "SFTCURATE_JUDGE_BASE_URL"
+ENV_MODEL = "SFTCURATE_JUDGE_MODEL"
+ENV_KEYS = ("SFTCURATE_JUDGE_API_KEY", "OPENAI_API_KEY")
+
+DEFAULT_TEMPLATE = """You are an expert reviewer of {domain}. Two texts were written as a continuation of the same prompt.
+
+Prompt:
+{prompt}
+
+Text 1:
+{text_1}
+
+Text 2:
+{text_2}
+
+Which text is the better continuation of the prompt for this domain: more fluent, coherent, accurate and on \
+topic? Answer with a single character: 1 or 2."""
+
+WEAK_JUDGES = {
+    "builtin:smollm2-135m-instruct": "a 135M-parameter judge (SmolLM2-135M) is weak: its preferences barely beat "
+                                     "chance, so read these win rates as a smoke test, not as evidence; point the "
+                                     "judge at a strong model (judge.backend: openai)",
+    "tiny-gpt2": "the judge is a randomly initialised test model: these win rates carry no information",
+}
+
+
+def _logger():
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:
+        return logging.getLogger("sftcurate.judge")
+
+
+class JudgeConfig(BaseModel):
+    """Judge and generation settings of a comparison. Secrets are never part of it (environment only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["hf", "openai"] = Field("hf", description="hf: a local model; openai: an OpenAI-compatible API")
+    model: str | None = Field(None, description="hf: a model spec (default builtin:smollm2-135m-instruct); "
+                              "openai: the model name (default $SFTCURATE_JUDGE_MODEL)")
+    base_url: str | None = Field(None, description="openai: e.g. http://localhost:8000/v1 "
+                                 "(default $SFTCURATE_JUDGE_BASE_URL)")
+    template: str = Field(DEFAULT_TEMPLATE, description="judge prompt with {prompt}, {text_1}, {text_2}, {domain}")
+    domain: str = Field("this kind of text", description="fills {domain} in the template")
+    max_prompts: int = Field(32, gt=0, description="held-out prompts to generate for and judge")
+    max_new_tokens: int = Field(48, gt=0, description="tokens each model generates per prompt")
+    prompt_words: int = Field(12, gt=0, description="plain text: words of a held-out passage shown as the prompt")
+    max_chars: int = Field(2000, gt=0, description="each text is cut to this many characters in the judge prompt")
+    concurrency: int = Field(4, gt=0, description="openai: requests in flight")
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles each retry")
+    n_bootstrap: int = Field(1000, gt=0)
+
+    @field_validator("template")
+    @classmethod
+    def _has_slots(cls, v: str) -> str:
+        missing = [s for s in ("{text_1}", "{text_2}") if s not in v]
+        if missing:
+            raise ValueError(f"judge template must contain {', '.join(missing)}")
+        try:
+            v.format(prompt="", text_1="", text_2="", domain="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"judge template has an unknown placeholder or stray brace: {exc}") from None
+        return v
+
+    def identity(self) -> dict:
+        """What makes two judgments comparable (cache key); no secret is part of it."""
+        d = self.model_dump(exclude={"concurrency", "timeout_s", "max_retries", "backoff_s"})
+        if self.backend == "openai":
+            d["model"] = self.model or os.environ.get(ENV_MODEL)
+            d["base_url"] = self.base_url or os.environ.get(ENV_BASE_URL)
+        return d
+
+
+# ---------------------------------------------------------------- verdicts and backends
+
+@dataclass
+class Verdict:
+    choice: str                   # "first" | "second" | "error"
+    p_first: float | None = None  # probability of slot 1 where the backend gives one
+    error: str | None = None
+
+
+class JudgeBackend(Protocol):
+    concurrency: int
+
+    def judge(self, prompt_text: str) -> Verdict | tuple:  # pragma: no cover - protocol
+        ...
+
+
+def as_verdict(out) -> Verdict:
+    if isinstance(out, Verdict):
+        return out
+    if isinstance(out, str):
+        return Verdict(out)
+    choice, *rest = out
+    return Verdict(choice, rest[0] if rest else None, rest[1] if len(rest) > 1 else None)
+
+
+_ANSWER = re.compile(r"(?<![0-9])([12])(?![0-9])")
+
+
+def parse_answer(text: str) -> Verdict:
+    """'1' / 'Text 2' / 'The answer is 1.' -> a verdict; anything else is an error (never a tie)."""
+    found = set(_ANSWER.findall(text or ""))
+    if len(found) == 1:
+        return Verdict("first" if found == {"1"} else "second")
+    return Verdict("error", error=f"unparseable judge answer: {text[:80]!r}")
+
+
+class HFJudge:
+    """A local causal LM; compares the next-token probabilities of "1" and "2" after the prompt."""
+
+    concurrency = 1
+
+    def __init__(self, spec: str = "builtin:smollm2-135m-instruct"):
+        from infra.models import resolve_model
+
+        self.spec = spec
+        loaded = resolve_model(spec)
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.model.eval()
+        chat = bool(getattr(self.tokenizer, "chat_template", None))
+        self.ids = [self._token_id("1" if chat else " 1"), self._token_id("2" if chat else " 2")]
+        self.warning = next((w for k, w in WEAK_JUDGES.items() if spec.startswith(k)), None)
+        self._lock = threading.Lock()
+
+    def _token_id(self, s: str) -> int:
+        ids = self.tokenizer(s, add_special_tokens=False)["input_ids"]
+        return ids[-1]
+
+    def _encode(self, prompt_text: str) -> list[int]:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": "user", "content": prompt_text}], tokenize=False,
+                                           add_generation_prompt=True)
+            return tok(text, add_special_tokens=False)["input_ids"]
+        return tok(prompt_text + "\nAnswer:", add_special_tokens=False)["input_ids"]
+
+    def judge(self, prompt_text: str) -> Verdict:
+        import torch
+
+        ids = self._encode(prompt_text)
+        limit = getattr(self.model.config, "n_positions", None) or getattr(self.model.config,
+                                                                           "max_position_embeddings", None)
+        if limit and len(ids) > limit:
+            ids = ids[-limit:]
+        with self._lock, torch.no_grad():
+            logits = self.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        pair = torch.softmax(logits[self.ids], dim=0)
+        p_first = float(pair[0])
+        if not math.isfinite(p_first):
+            return Verdict("error", None, "non-finite judge probabilities")
+        return Verdict("first" if p_first >= 0.5 else "second", p_first)
+
+    def __repr__(self) -> str:
+        return f"HFJudge(spec={self.spec!r})"
+
+
+class JudgeHTTPError(RuntimeError):
+    pass
+
+
+class OpenAIJudge:
+    """An OpenAI-compatible chat completions endpoint. The key lives only in a header, never in repr or logs."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout_s: float = 60.0,
+                 max_retries: int = 5, backoff_s: float = 1.0, concurrency: int = 4, max_tokens: int = 4):
+        import httpx
+
+        if not base_url:
+            raise UserError(f"judge.base_url: not set; set it in the config or ${ENV_BASE_URL} "
+                            "(e.g. http://localhost:8000/v1)")
+        if not model:
+            raise UserError(f"judge.model: not set; set it in the config or ${ENV_MODEL}")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.concurrency = concurrency
+        self.max_tokens = max_tokens
+        self.requests = 0
+        self.retries = 0
+        headers = {"Content-Type": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._client = httpx.Client(timeout=timeout_s, headers=headers)
+        self._stats_lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, cfg: JudgeConfig) -> "OpenAIJudge":
+        key = next((os.environ[k] for k in ENV_KEYS if os.environ.get(k)), None)
+        return cls(cfg.base_url or os.environ.get(ENV_BASE_URL, ""), cfg.model or os.environ.get(ENV_MODEL, ""),
+                   key, cfg.timeout_s, cfg.max_retries, cfg.backoff_s, cfg.concurrency)
+
+    def __repr__(self) -> str:
+        return f"OpenAIJudge(base_url={self.base_url!r}, model={self.model!r})"
+
+    def _post(self, body: dict) -> dict:
+        import httpx
+
+        url = f"{self.base_url}/chat/completions"
+        last = "no attempt"
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                with self._stats_lock:
+                    self.retries += 1
+                delay = self.backoff_s * 2 ** (attempt - 1) * (1 + 0.1 * random.random())
+                time.sleep(min(delay, 60.0))
+            with self._stats_lock:
+                self.requests += 1
+            try:
+                r = self._client.post(url, json=body)
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                last = f"{type(exc).__name__} from {url}"
+                continue
+            if r.status_code == 429 or r.status_code >= 500:
+                last = f"HTTP {r.status_code} from {url}"
+                retry_after = r.headers.get("retry-after")
+                if retry_after and retry_after.replace(".", "", 1).isdigit():
+                    time.sleep(min(float(retry_after), 30.0))
+                continue
+            if r.status_code >= 400:
+                raise JudgeHTTPError(f"HTTP {r.status_code} from {url}: {r.text[:200]}")
+            try:
+                return r.json()
+            except ValueError:
+                raise JudgeHTTPError(f"non-JSON answer from {url}") from None
+        raise JudgeHTTPError(f"gave up after {self.max_retries + 1} attempts: {last}")
+
+    def judge(self, prompt_text: str) -> Verdict:
+        body = {"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
+                "messages": [{"role": "user", "content": prompt_text}]}
+        try:
+            data = self._post(body)
+            content = data["choices"][0]["message"]["content"] or ""
+        except JudgeHTTPError as exc:
+            return Verdict("error", None, str(exc))
+        except (KeyError, IndexError, TypeError):
+            return Verdict("error", None, "malformed chat completion (no choices[0].message.content)")
+        return parse_answer(content)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def make_backend(cfg: JudgeConfig):
+    if cfg.backend == "openai":
+        return OpenAIJudge.from_config(cfg)
+    return HFJudge(cfg.model or "builtin:smollm2-135m-instruct")
+
+
+def judge_note(cfg: JudgeConfig) -> str | None:
+    """A plain statement about the judge's strength for the report (None when nothing needs saying)."""
+    if cfg.backend != "hf":
+        return None
+    spec = cfg.model or "builtin:smollm2-135m-instruct"
+    return next((w for k, w in WEAK_JUDGES.items() if spec.startswith(k)),
+                f"local judge '{spec}': check it ranks known good/bad pairs before trusting its win rates")
+
+
+# ---------------------------------------------------------------- protocol
+
+def build_prompt(template: str, prompt: str, text_1: str, text_2: str, domain: str = "this kind of text",
+                 max_chars: int = 2000) -> str:
+    """The judge's input: only the prompt and two anonymous texts ("Text 1", "Text 2")."""
+    return template.format(prompt=prompt.strip() or "(no prompt)", text_1=text_1[:max_chars].strip() or "(empty)",
+                           text_2=text_2[:max_chars].strip() or "(empty)", domain=domain)
+
+
+def judge_pairs(backend, gens_a: pa.Table, gens_b: pa.Table, method_a: str, method_b: str,
+                cfg: JudgeConfig | None = None) -> pa.Table:
+    """Judge every shared prompt in both orders; returns the JUDGMENTS table (2 rows per prompt)."""
+    cfg = cfg or JudgeConfig()
+    a = {r["prompt_id"]: r for r in gens_a.to_pylist()}
+    b = {r["prompt_id"]: r for r in gens_b.to_pylist()}
+    shared = sorted(set(a) & set(b))
+    if not shared:
+        raise UserError(f"judge: the generations of '{method_a}' and '{method_b}' share no prompt; "
+                        "generate both from the same examples artifact")
+    jobs = []
+    for pid in shared:
+        prompt = a[pid]["prompt"]
+        jobs.append((pid, "ab", build_prompt(cfg.template, prompt, a[pid]["text"], b[pid]["text"], cfg.domain,
+                                             cfg.max_chars)))
+        jobs.append((pid, "ba", build_prompt(cfg.template, prompt, b[pid]["text"], a[pid]["text"], cfg.domain,
+                                             cfg.max_chars)))
+
+    def one(job):
+        try:
+            return as_verdict(backend.judge(job[2]))
+        except Exception as exc:  # a backend bug must not turn into a silent tie
+            return Verdict("error", None, f"{type(exc).__name__}: {exc}"[:300])
+
+    workers = max(1, int(getattr(backend, "concurrency", 1) or 1))
+    if workers == 1:
+        verdicts = [one(j) for j in jobs]
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            verdicts = list(pool.map(one, jobs))
+    rows = {k: [] for k in JUDGMENTS.schema.names}
+    for (pid, order, _), v in zip(jobs, verdicts):
+        choice = v.choice if v.choice in ("first", "second") else "error"
+        if choice == "error":
+            winner = "error"
+        else:
+            a_first = order == "ab"
+            winner = method_a if (choice == "first") == a_first else method_b
+        rows["prompt_id"].append(pid)
+        rows["method_a"].append(method_a)
+        rows["method_b"].append(method_b)
+        rows["order"].append(order)
+        rows["verdict"].append(choice)
+        rows["winner"].append(winner)
+        rows["p_first"].append(v.p_first)
+        rows["error"].append(v.error if choice == "error" else None)
+    return pa.table(rows)
+
+
+def prompt_scores(judgments: pa.Table) -> tuple[dict[str, float], int]:
+    """Per prompt: 1 (A wins in both orders), 0 (B wins in both), 0.5 (orders disagree); errors left out."""
+    by_prompt: dict[str, list[dict]] = {}
+    for r in judgments.to_pylist():
+        by_prompt.setdefault(r["prompt_id"], []).append(r)
+    scores, errors = {}, 0
+    for pid, rs in by_prompt.items():
+        if any(r["verdict"] == "error" for r in rs) or len(rs) != 2:
+            errors += 1
+            continue
+        winners = {r["winner"] for r in rs}
+        if len(winners) == 2:
+            scores[pid] = 0.5
+        else:
+            scores[pid] = 1.0 if winners.pop() == rs[0]["method_a"] else 0.0
+    return scores, errors
+
+
+def bootstrap_ci(values: np.ndarray, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n, len(values)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def summarize(judgments: pa.Table, n_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Win rate of method A vs B with a prompt-bootstrap CI, win/loss/tie/error counts and position bias."""
+    scores, errors = prompt_scores(judgments)
+    values = np.array(list(scores.values()), dtype=float)
+    verdicts = judgments.column("verdict").to_pylist()
+    valid = [v for v in verdicts if v != "error"]
+    lo, hi = bootstrap_ci(values, n_bootstrap, seed)
+    p = judgments.column("p_first").to_pylist()
+    p = [x for x in p if x is not None]
+    return {
+        "win_rate": float(values.mean()) if len(values) else float("nan"),
+        "ci_low": lo, "ci_high": hi,
+        "wins": int((values == 1.0).sum()), "losses": int((values == 0.0).sum()), "ties": int((values == 0.5).sum()),
+        "errors": errors, "prompts": len(scores) + errors,
+        "verdict_errors": len(verdicts) - len(valid),
+        "position_bias": (sum(v == "first" for v in valid) / len(valid)) if valid else float("nan"),
+        "mean_p_first": float(np.mean(p)) if p else None,
+    }
+
+
+# ---------------------------------------------------------------- committed judgments
+
+def run_judge(gens_a_uri: str, gens_b_uri: str, method_a: str, method_b: str, cfg: JudgeConfig, seed: int = 0,
+              run_id: str | None = None, store_root: str | None = None, backend=None) -> str:
+    """Judge A's generations against B's (e.g. a method vs uniform) and commit the judgments artifact."""
+    from tasks.evaluate import load_generations
+
+    store = ArtifactStore(store_root)
+    key = fingerprint(gens_a_uri, gens_b_uri, method_a, method_b, cfg.identity(), seed,
+                      code_fingerprint("tasks.judge"))
+    uri = store.committed(KIND, key)
+    if uri is None:
+        backend = backend or make_backend(cfg)
+        table = judge_pairs(backend, load_generations(gens_a_uri), load_generations(gens_b_uri), method_a,
+                            method_b, cfg)
+        summary = summarize(table, cfg.n_bootstrap, seed)
+        if summary["prompts"] and summary["errors"] == summary["prompts"]:
+            first = next(e for e in table.column("error").to_pylist() if e)
+            raise RuntimeError(f"judge: every judgment failed ({summary['verdict_errors']} errors), e.g. {first}")
+        if summary["errors"]:
+            _logger().warning("judge: %d of %d prompts had a judge error (left out of the win rate)",
+                              summary["errors"], summary["prompts"])
+        writer = store.begin(KIND, key)
+        writer.write_table("judgments.parquet", table, JUDGMENTS)
+        writer.meta.update({"summary": summary, "method_a": method_a, "method_b": method_b,
+                            "generations_a": gens_a_uri, "generations_b": gens_b_uri, "judge": cfg.identity(),
+                            "backend": repr(backend), "note": judge_note(cfg),
+                            "requests": getattr(backend, "requests", None),
+                            "retries": getattr(backend, "retries", None)})
+        uri = writer.commit()
+    summary = read_manifest(uri)["meta"]["summary"]
+    if run_id:
+        tracking.log_metrics(run_id, {f"judge/{k}": v for k, v in summary.items()
+                                      if isinstance(v, (int, float)) and v is not None and not
+                                      (isinstance(v, float) and math.isnan(v))})
+    return uri
+
+
+def load_judgments(uri: str) -> tuple[pa.Table, dict]:
+    return read_table(join(uri, "judgments.parquet"), JUDGMENTS), read_manifest(uri)["meta"]
+
+
+@task(name="judge", **TASK_DEFAULTS)
+def judge_task(gens_a_uri: str, gens_b_uri: str, method_a: str, method_b: str, judge_cfg_json: str, seed: int = 0,
+               run_id: str | None = None, store_root: str | None = None) -> str:
+    return run_judge(gens_a_uri, gens_b_uri, method_a, method_b, JudgeConfig.model_validate_json(judge_cfg_json),
+                     seed, run_id, store_root)
+
+
+__all__ = ["JudgeConfig", "Verdict", "HFJudge", "OpenAIJudge", "make_backend", "judge_note", "build_prompt",
+           "judge_pairs", "summarize", "bootstrap_ci", "run_judge", "judge_task", "load_judgments", "parse_answer"]

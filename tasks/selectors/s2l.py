@@ -1,0 +1,252 @@
+"""S2L (SmallToLarge, Yang et al., NeurIPS 2024): cluster proxy loss trajectories, fill the budget cluster by cluster.
+
+1. `kmeans` (torch, k-means++ init, seeded) on the trajectories: row i is example i's mean loss at each
+   of the T proxy checkpoints. Raw losses by default, as in the paper and the official code (which saves the
+   per-example `model(..., labels=...).loss` of each checkpoint and clusters those values); `normalize="zscore"`
+   standardizes each checkpoint column first.
+2. `fill_budget_by_clusters` (Algorithm 1 of the paper): clusters from smallest to largest; each remaining
+   cluster gets an equal share of what is left of the budget (rounded up, so with fewer picks than clusters
+   the smallest clusters are the ones covered); a cluster smaller than its share is taken whole and the
+   rest flows to the larger clusters; inside a cluster the picks are a seeded uniform random sample.
+
+Token budget: the same water-filling in loss tokens. Clusters go from the smallest token mass up; each gets
+an equal share of the tokens left; inside a cluster its seeded random order is walked and an example is taken
+when it still fits the cluster's share (a longer one is skipped, like `fill_in_order`). What the clusters
+leave unused (granularity) is topped up at the end from the unpicked examples in a seeded random order, as
+long as they fit. With both limits set, each cluster's share holds in both.
+
+`stratify=True` (the official code does this for MathInstruct, whose `source` field names the sub-data
+set): the budget is split across `source` values in proportion to their size (largest-remainder rounding;
+token mass for a token budget), then S2L fills each source's quota from that source's members, clustered
+once over the whole pool (cluster ids stay comparable across sources).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from tasks.selectors.base import (
+    EXAMPLES, TRAJECTORIES, Budget, BudgetError, Selector, SelectionResult, SelectorInputs, register,
+)
+
+PARAMS = {"clusters": 100, "seed": None, "stratify": False, "normalize": "none", "iters": 100}
+
+
+# ---------------------------------------------------------------- k-means
+
+def kmeans(x, k: int, seed: int = 0, iters: int = 100, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd's k-means with k-means++ seeding, in torch (float64, CPU), deterministic for a seed.
+
+    `k` is clamped to the number of rows; empty clusters keep their centre and are dropped at the end, so the
+    labels are 0..k'-1 (k' <= k) with every label used. Returns (labels int64 [N], centres float32 [k', d]).
+    """
+    import torch
+
+    xt = torch.as_tensor(np.asarray(x), dtype=torch.float64)
+    if xt.ndim == 1:
+        xt = xt[:, None]
+    n = xt.shape[0]
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, xt.shape[1]), dtype=np.float32)
+    k = max(1, min(int(k), n))
+    gen = torch.Generator().manual_seed(int(seed))
+    sq = (xt * xt).sum(1)
+
+    def dist2(centres):  # squared distances [n, c], in row chunks
+        c2 = (centres * centres).sum(1)
+        out = torch.empty((n, centres.shape[0]), dtype=torch.float64)
+        for s in range(0, n, chunk):
+            out[s:s + chunk] = (sq[s:s + chunk, None] - 2 * xt[s:s + chunk] @ centres.T + c2[None]).clamp_min_(0)
+        return out
+
+    # k-means++: first centre uniform, then proportional to squared distance to the nearest chosen centre
+    idx = [int(torch.randint(n, (1,), generator=gen))]
+    closest = dist2(xt[idx])[:, 0]
+    for _ in range(1, k):
+        total = float(closest.sum())
+        if total <= 0:  # every point coincides with a centre: further centres would be duplicates
+            break
+        nxt = int(torch.multinomial(closest / total, 1, generator=gen))
+        idx.append(nxt)
+        closest = torch.minimum(closest, dist2(xt[nxt:nxt + 1])[:, 0])
+    centres = xt[idx].clone()
+    labels = dist2(centres).argmin(1)
+    for _ in range(iters):
+        sums = torch.zeros_like(centres).index_add_(0, labels, xt)
+        counts = torch.bincount(labels, minlength=centres.shape[0]).to(torch.float64)
+        filled = counts > 0
+        centres[filled] = sums[filled] / counts[filled, None]
+        new = dist2(centres).argmin(1)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    used = torch.unique(labels)
+    remap = torch.full((centres.shape[0],), -1, dtype=torch.long)
+    remap[used] = torch.arange(len(used))
+    return remap[labels].numpy().astype(np.int64), centres[used].float().numpy()
+
+
+def normalize_trajectories(losses: np.ndarray, how: str) -> np.ndarray:
+    if how == "none":
+        return losses
+    if how == "zscore":
+        std = losses.std(axis=0)
+        return (losses - losses.mean(axis=0)) / np.where(std > 0, std, 1.0)
+    raise ValueError(f"s2l: param 'normalize' must be 'none' or 'zscore', got '{how}'")
+
+
+# ---------------------------------------------------------------- budget filling
+
+def _as_budget(budget) -> Budget:
+    return budget if isinstance(budget, Budget) else Budget(examples=int(budget))
+
+
+def _s2l_fill(members_by_cluster: list[np.ndarray], budget: Budget, rng: np.random.Generator,
+              token_counts: np.ndarray) -> list[int]:
+    """Algorithm 1 on given clusters (lists of example indices); returns picks in pick order."""
+    by_tokens = budget.tokens is not None
+    mass = [int(token_counts[m].sum()) if by_tokens else len(m) for m in members_by_cluster]
+    order = sorted(range(len(members_by_cluster)), key=lambda c: (mass[c], len(members_by_cluster[c]), c))
+    left_ex = budget.examples
+    left_tok = budget.tokens
+    picked: list[int] = []
+    perms = {c: rng.permutation(members_by_cluster[c]) for c in order}   # one draw per cluster, in cluster order
+    for j, c in enumerate(order):
+        remaining_clusters = len(order) - j
+        share_ex = math.ceil(left_ex / remaining_clusters) if left_ex is not None else None
+        share_tok = left_tok // remaining_clusters if left_tok is not None else None
+        if share_tok is not None and j == len(order) - 1:
+            share_tok = left_tok
+        taken, used = 0, 0
+        for i in perms[c]:
+            if share_ex is not None and taken >= share_ex:
+                break
+            n = int(token_counts[i])
+            if share_tok is not None and used + n > share_tok:
+                continue
+            picked.append(int(i))
+            taken += 1
+            used += n
+        if left_ex is not None:
+            left_ex -= taken
+        if left_tok is not None:
+            left_tok -= used
+    if by_tokens:  # top up what granularity left unused, in a seeded random order
+        chosen = set(picked)
+        rest = np.array([i for c in order for i in perms[c] if int(i) not in chosen], dtype=np.int64)
+        for i in rng.permutation(rest) if len(rest) else []:
+            n = int(token_counts[i])
+            if left_ex is not None and left_ex <= 0:
+                break
+            if n <= left_tok:
+                picked.append(int(i))
+                left_tok -= n
+                if left_ex is not None:
+                    left_ex -= 1
+    return picked
+
+
+def proportional_quotas(sizes: dict[str, int], total: int) -> dict[str, int]:
+    """Split `total` across groups in proportion to `sizes`, largest remainder first (ties by name)."""
+    whole = sum(sizes.values())
+    if whole == 0:
+        return {g: 0 for g in sizes}
+    raw = {g: total * s / whole for g, s in sizes.items()}
+    quotas = {g: min(sizes[g], int(math.floor(v))) for g, v in raw.items()}
+    extra = total - sum(quotas.values())
+    for g in sorted(sizes, key=lambda g: (-(raw[g] - math.floor(raw[g])), g)):
+        if extra <= 0:
+            break
+        if quotas[g] < sizes[g]:
+            quotas[g] += 1
+            extra -= 1
+    return quotas
+
+
+def fill_budget_by_clusters(labels: np.ndarray, budget, seed: int, token_counts: np.ndarray | None = None,
+                            strata: np.ndarray | list | None = None) -> list[int]:
+    """S2L's budget filling (see the module docstring). `budget`: a Budget or a number of examples.
+
+    Returns pool indices in pick order (cluster by cluster, smallest cluster first; per stratum when
+    `strata` is given). Deterministic for a seed.
+    """
+    budget = _as_budget(budget)
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    token_counts = np.ones(n, dtype=np.int64) if token_counts is None else np.asarray(token_counts, dtype=np.int64)
+    budget.check(n, int(token_counts.sum()))
+    rng = np.random.default_rng(seed)
+
+    def clusters_of(idx: np.ndarray) -> list[np.ndarray]:
+        return [idx[labels[idx] == c] for c in np.unique(labels[idx])]
+
+    if strata is None:
+        return _s2l_fill(clusters_of(np.arange(n)), budget, rng, token_counts)
+    strata = np.asarray(strata, dtype=object)
+    groups = sorted(set(strata.tolist()))
+    members = {g: np.flatnonzero(strata == g) for g in groups}
+    ex_q = proportional_quotas({g: len(members[g]) for g in groups}, budget.examples) \
+        if budget.examples is not None else None
+    tok_q = proportional_quotas({g: int(token_counts[members[g]].sum()) for g in groups}, budget.tokens) \
+        if budget.tokens is not None else None
+    picked: list[int] = []
+    for g in groups:
+        sub = Budget(examples=ex_q[g] if ex_q else None, tokens=tok_q[g] if tok_q else None)
+        if (sub.examples is not None and sub.examples <= 0) or (sub.tokens is not None and sub.tokens <= 0):
+            continue
+        picked.extend(_s2l_fill(clusters_of(members[g]), sub, rng, token_counts))
+    return picked
+
+
+# ---------------------------------------------------------------- the selector
+
+@register
+class S2LSelector(Selector):
+    """S2L. Params: clusters (100), seed (defaults to the selection seed), stratify (False: by `source`),
+    normalize ("none" = raw losses as in the paper, or "zscore" per checkpoint), iters (100)."""
+
+    name = "s2l"
+    requires = (EXAMPLES, TRAJECTORIES)
+
+    def __init__(self, **params):
+        unknown = sorted(set(params) - set(PARAMS))
+        if unknown:
+            raise ValueError(f"s2l: unknown param(s) {unknown}; known: {sorted(PARAMS)}")
+        merged = {**PARAMS, **params}
+        if int(merged["clusters"]) < 1:
+            raise ValueError(f"s2l: param 'clusters' must be >= 1, got {merged['clusters']}")
+        normalize_trajectories(np.zeros((1, 1)), merged["normalize"])  # validates the name
+        super().__init__(**merged)
+
+    def select(self, inputs: SelectorInputs, budget: Budget, seed: int) -> SelectionResult:
+        if inputs.trajectories is None:
+            raise BudgetError("s2l: no loss trajectories; the selector needs the 'trajectories' input")
+        losses, steps = inputs.trajectories
+        losses = np.asarray(losses, dtype=np.float64)
+        if losses.shape[0] != inputs.size:
+            raise ValueError(f"s2l: trajectories have {losses.shape[0]} rows but the pool has {inputs.size} examples")
+        p = self.params
+        seed = int(seed if p["seed"] is None else p["seed"])
+        budget.check(inputs.size, int(np.asarray(inputs.token_counts).sum()))
+        labels, centres = kmeans(normalize_trajectories(losses, p["normalize"]), int(p["clusters"]), seed=seed,
+                                 iters=int(p["iters"]))
+        strata = None
+        if p["stratify"]:
+            if "source" not in inputs.pool.column_names:
+                raise ValueError("s2l: stratify=true needs a 'source' column in the pool")
+            strata = np.array(inputs.pool.column("source").to_pylist(), dtype=object)
+        picked = fill_budget_by_clusters(labels, budget, seed, inputs.token_counts, strata)
+        sizes = np.bincount(labels, minlength=len(centres))
+        per_cluster = np.bincount(labels[picked], minlength=len(centres)) if picked else np.zeros(len(centres), int)
+        return SelectionResult(
+            indices=picked,
+            clusters=[int(labels[i]) for i in picked],
+            info={"clusters_requested": int(p["clusters"]), "clusters": int(len(centres)),
+                  "checkpoints": int(losses.shape[1]), "steps": [int(s) for s in np.asarray(steps)],
+                  "normalize": p["normalize"], "stratify": bool(p["stratify"]), "seed": seed,
+                  "clusters_covered": int((per_cluster > 0).sum()),
+                  "smallest_cluster": int(sizes.min()) if len(sizes) else 0,
+                  "largest_cluster": int(sizes.max()) if len(sizes) else 0,
+                  "cluster_sizes": sizes.tolist(), "picks_per_cluster": per_cluster.tolist()},
+        )

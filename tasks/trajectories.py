@@ -1,0 +1,311 @@
+"""S2L loss trajectories: for every pool example and every proxy checkpoint, the mean loss over its loss tokens.
+
+Work is cut into shards of the pool (`trajectory_shard_task`, one committed artifact per shard, so shards can
+be mapped over a task runner such as Dask and a retry recomputes only what is missing). Inside a shard the
+examples are tokenized once, then each checkpoint makes one pass over them in length-grouped batches
+(`tasks.tokenize.length_grouped_batches`, `proxy.batch_tokens` padded tokens per forward) under
+`torch.inference_mode`. `trajectory_commit_task` concatenates the shards in pool order and commits the
+"trajectories" artifact: `trajectories.safetensors` (`losses` float32 [N, T], `steps` int64 [T]) and
+`ids.parquet`, plus a summary (mean loss per checkpoint, a PNG of sample trajectories coloured by cluster)
+sent to MLflow and to a Prefect markdown artifact.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+
+import numpy as np
+import pyarrow as pa
+from prefect import task
+
+from data_contracts import TRAJECTORIES, TRAJECTORIES_IDS, ContractError
+from infra.hashing import code_fingerprint, fingerprint
+from infra.store import ArtifactStore, join, read_manifest, read_table, read_tensors
+from tasks.common import TASK_DEFAULTS
+from tasks.proxy import (
+    examples_fingerprint, load_checkpoint_model, load_pool, load_tokenizer, pool_texts, proxy_checkpoints,
+    proxy_info, proxy_task,
+)
+from tasks.tokenize import Encoded, encode_example, length_grouped_batches, pad_batch
+
+log = logging.getLogger("sftcurate.trajectories")
+
+KIND = "trajectories"
+SHARD_KIND = "trajectory_shard"
+SUMMARY_SAMPLE = 300          # trajectories drawn in the PNG
+SUMMARY_CLUSTERS = 8
+
+
+def _code() -> str:
+    return code_fingerprint("tasks.trajectories", "tasks.tokenize")
+
+
+# ---------------------------------------------------------------- the math
+
+def example_losses(model, encoded: list[Encoded], batch_tokens: int, device: str = "cpu",
+                   max_batch: int = 256) -> np.ndarray:
+    """Mean loss over each example's loss tokens: batched, length-grouped, one pass. float32 [n]."""
+    import torch
+    import torch.nn.functional as F
+
+    out = np.zeros(len(encoded), dtype=np.float32)
+    if not encoded:
+        return out
+    lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
+    pad_id = 0
+    model.eval()
+    with torch.inference_mode():
+        for batch in length_grouped_batches(lengths, batch_tokens, max_batch):
+            ids, attn, lmask = (t.to(device) for t in pad_batch([encoded[i] for i in batch], pad_id))
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+            sel = lmask[:, 1:].bool()
+            rows = sel.nonzero()[:, 0]
+            ce = F.cross_entropy(logits[sel].float(), ids[:, 1:][sel], reduction="none")
+            sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, ce.double())
+            counts = sel.sum(1).clamp(min=1)
+            out[batch] = (sums / counts).float().cpu().numpy()
+    return out
+
+
+def example_losses_one_by_one(model, encoded: list[Encoded], device: str = "cpu") -> np.ndarray:
+    """The reference loop of the official S2L code: one forward pass per example (batch size 1)."""
+    import torch
+
+    out = np.zeros(len(encoded), dtype=np.float32)
+    model.eval()
+    with torch.inference_mode():
+        for i, e in enumerate(encoded):
+            ids = torch.tensor([e.input_ids], device=device)
+            labels = torch.tensor([[t if m else -100 for t, m in zip(e.input_ids, e.loss_mask)]], device=device)
+            if e.n_loss:
+                out[i] = float(model(input_ids=ids, labels=labels).loss)
+    return out
+
+
+def encode_rows(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> list[Encoded]:
+    return [encode_example(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
+
+
+def shard_bounds(n: int, shard_index: int, shard_size: int) -> tuple[int, int]:
+    return min(n, shard_index * shard_size), min(n, (shard_index + 1) * shard_size)
+
+
+def n_shards(n: int, shard_size: int) -> int:
+    return max(1, math.ceil(n / shard_size))
+
+
+def shard_losses(proxy_uri: str, examples_uri: str, shard_index: int, shard_size: int, batch_tokens: int,
+                 device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(losses float32 [n_shard, T], steps int64 [T]) of one shard of the pool, one pass per checkpoint."""
+    import torch
+
+    info = proxy_info(proxy_uri)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pool = load_pool(examples_uri)
+    lo, hi = shard_bounds(pool.num_rows, shard_index, shard_size)
+    prompts, responses = pool_texts(pool.slice(lo, hi - lo))
+    encoded = encode_rows(load_tokenizer(proxy_uri), prompts, responses, int(info["max_length"]))
+    ckpts = proxy_checkpoints(proxy_uri)
+    losses = np.zeros((len(encoded), len(ckpts)), dtype=np.float32)
+    for t, (_step, ckpt_uri) in enumerate(ckpts):
+        model = load_checkpoint_model(proxy_uri, ckpt_uri, info["spec"], bool(info["lora"])).to(device)
+        losses[:, t] = example_losses(model, encoded, batch_tokens, device)
+        del model
+    return losses, np.array([s for s, _ in ckpts], dtype=np.int64)
+
+
+# ---------------------------------------------------------------- tasks
+
+def shard_key(proxy_uri: str, examples_fp: str, shard_index: int, shard_size: int) -> str:
+    return fingerprint(read_manifest(proxy_uri)["key"], examples_fp, shard_index, shard_size, _code())
+
+
+def trajectory_shard(proxy_uri: str, examples_uri: str, shard_index: int, shard_size: int, batch_tokens: int,
+                     store_root: str | None = None) -> str:
+    """Compute and commit one shard's losses (or return the committed shard); returns the shard URI."""
+    store = ArtifactStore(store_root)
+    key = shard_key(proxy_uri, examples_fingerprint(examples_uri), shard_index, shard_size)
+    done = store.committed(SHARD_KIND, key)
+    if done:
+        return done
+    losses, steps = shard_losses(proxy_uri, examples_uri, shard_index, shard_size, batch_tokens)
+    writer = store.begin(SHARD_KIND, key)
+    writer.write_tensors("losses.safetensors", {"losses": losses, "steps": steps}, TRAJECTORIES)
+    writer.meta.update({"shard_index": shard_index, "shard_size": shard_size, "rows": int(losses.shape[0]),
+                        "proxy_uri": proxy_uri})
+    return writer.commit()
+
+
+@task(name="trajectory-shard", **TASK_DEFAULTS)
+def trajectory_shard_task(proxy_uri: str, examples_uri: str, shard_index: int, shard_size: int,
+                          batch_tokens: int) -> str:
+    """Prefect task: one shard of the pool through every checkpoint; returns the shard artifact URI."""
+    return trajectory_shard(proxy_uri, examples_uri, shard_index, shard_size, batch_tokens)
+
+
+def commit_trajectories(proxy_uri: str, examples_uri: str, shard_uris: list[str], run_id: str | None = None,
+                        store_root: str | None = None) -> str:
+    """Concatenate shard losses in pool order and commit the trajectories artifact (with its summary)."""
+    store = ArtifactStore(store_root)
+    key = fingerprint([read_manifest(u)["key"] for u in shard_uris], _code())
+    done = store.committed(KIND, key)
+    if done:
+        return done
+    parts, steps = [], None
+    for u in shard_uris:
+        tensors, _ = read_tensors(join(u, "losses.safetensors"), TRAJECTORIES)
+        parts.append(tensors["losses"].astype(np.float32))
+        steps = tensors["steps"]
+    losses = np.concatenate(parts, axis=0) if parts else np.zeros((0, 0), dtype=np.float32)
+    pool = load_pool(examples_uri)
+    if losses.shape[0] != pool.num_rows:
+        raise ContractError(f"{examples_uri}: {pool.num_rows} pool examples but the shards hold {losses.shape[0]} "
+                            "rows; re-run the trajectory shards")
+    ids = pa.table({"id": pool.column("id"), "pool_index": np.arange(pool.num_rows, dtype=np.int64),
+                    "source": pool.column("source")})
+    summary = summarize(losses, steps)
+    writer = store.begin(KIND, key)
+    writer.write_tensors("trajectories.safetensors", {"losses": losses, "steps": steps}, TRAJECTORIES,
+                         metadata={"proxy_uri": proxy_uri})
+    writer.write_table("ids.parquet", ids, TRAJECTORIES_IDS)
+    png_uri = writer.write_bytes("summary.png", summary["png"]) if summary["png"] else None
+    writer.meta.update({"proxy_uri": proxy_uri, "examples_uri": examples_uri, "n_examples": int(losses.shape[0]),
+                        "steps": steps.tolist(), "mean_loss": summary["mean"], "summary_png": png_uri,
+                        "shards": shard_uris})
+    uri = writer.commit()
+    summary["png_uri"] = png_uri
+    summary["uri"] = uri
+    if run_id:
+        log_summary(run_id, summary, steps)
+    return uri
+
+
+def summarize(losses: np.ndarray, steps: np.ndarray, seed: int = 0) -> dict:
+    """Mean/std loss per checkpoint and a PNG of sample trajectories coloured by k-means cluster."""
+    mean = [float(x) for x in losses.mean(axis=0)] if losses.size else []
+    std = [float(x) for x in losses.std(axis=0)] if losses.size else []
+    return {"mean": mean, "std": std, "png": trajectory_png(losses, steps, seed) if losses.size else b""}
+
+
+def trajectory_png(losses: np.ndarray, steps: np.ndarray, seed: int = 0) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tasks.selectors.s2l import kmeans
+
+    labels, _ = kmeans(losses, min(SUMMARY_CLUSTERS, losses.shape[0]), seed=seed)
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(losses.shape[0], size=min(SUMMARY_SAMPLE, losses.shape[0]), replace=False))
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    cmap = plt.get_cmap("tab10")
+    for i in sample:
+        ax.plot(steps, losses[i], color=cmap(int(labels[i]) % 10), alpha=0.35, linewidth=0.8)
+    ax.plot(steps, losses.mean(axis=0), color="black", linewidth=2.5, label="pool mean")
+    ax.set_xlabel("proxy training step")
+    ax.set_ylabel("mean loss over loss tokens")
+    ax.set_title(f"S2L loss trajectories ({len(sample)} of {losses.shape[0]}, coloured by cluster)")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def summary_markdown(summary: dict, steps: np.ndarray) -> str:
+    rows = "\n".join(f"| {int(s)} | {m:.4f} | {d:.4f} |" for s, m, d in zip(steps, summary["mean"], summary["std"]))
+    png = f"\n\nTrajectory plot (PNG in the artifact store): `{summary['png_uri']}`\n" if summary.get("png_uri") else ""
+    return (f"# S2L loss trajectories\n\nArtifact: `{summary.get('uri')}`\n\n"
+            f"| checkpoint step | mean loss | std |\n|---|---|---|\n{rows}{png}")
+
+
+def log_summary(run_id: str, summary: dict, steps: np.ndarray) -> None:
+    from infra import tracking
+
+    for s, m, d in zip(steps, summary["mean"], summary["std"]):
+        tracking.log_metrics(run_id, {"trajectory_mean_loss": m, "trajectory_std_loss": d}, int(s))
+    if summary["png"]:
+        tracking.log_bytes(run_id, summary["png"], "trajectories.png", "s2l")
+    tracking.log_bytes(run_id, summary_markdown(summary, steps).encode(), "trajectories.md", "s2l")
+
+
+@task(name="trajectory-commit", **TASK_DEFAULTS)
+def trajectory_commit_task(proxy_uri: str, examples_uri: str, shard_uris: list[str],
+                           run_id: str | None = None) -> str:
+    """Prefect task: join the shards into the trajectories artifact; summary to MLflow and the Prefect UI."""
+    uri = commit_trajectories(proxy_uri, examples_uri, shard_uris, run_id)
+    try:
+        from prefect.artifacts import create_markdown_artifact
+
+        tensors, _ = read_tensors(join(uri, "trajectories.safetensors"), TRAJECTORIES)
+        meta = read_manifest(uri)["meta"]
+        summary = {"mean": meta["mean_loss"], "std": [float(x) for x in tensors["losses"].std(axis=0)],
+                   "png_uri": meta.get("summary_png"), "uri": uri}
+        create_markdown_artifact(key="s2l-trajectories", markdown=summary_markdown(summary, tensors["steps"]),
+                                 description="S2L proxy loss trajectories")
+    except Exception as exc:  # the UI summary is a convenience; never fail the artifact over it
+        log.warning("could not create the Prefect markdown artifact: %s", exc)
+    return uri
+
+
+# ---------------------------------------------------------------- provider interface (tasks.selection.PROVIDERS)
+
+def produce(examples_uri: str, cfg, run_id: str | None) -> str:
+    """Train the proxy (task), log trajectories shard by shard (mapped tasks), commit; returns the URI."""
+    proxy_uri = proxy_task(examples_uri, cfg.models.proxy, cfg.proxy.model_dump(), cfg.models.max_length,
+                           run_id=run_id)
+    n = load_pool(examples_uri).num_rows
+    shard_size = cfg.proxy.shard_size
+    futures = [trajectory_shard_task.submit(proxy_uri, examples_uri, i, shard_size, cfg.proxy.batch_tokens)
+               for i in range(n_shards(n, shard_size))]
+    shard_uris = [f.result() for f in futures]
+    return trajectory_commit_task(proxy_uri, examples_uri, shard_uris, run_id=run_id)
+
+
+def load_into(uri: str, inputs) -> None:
+    """Set inputs.trajectories = (losses, steps) after checking the rows are the pool's, in pool order."""
+    losses, steps, ids = load_trajectories_file(uri)
+    pool_ids = inputs.pool.column("id").to_pylist()
+    if ids is None or len(ids) != len(pool_ids):
+        raise ContractError(f"{uri}: trajectories hold {losses.shape[0]} rows but the pool has {len(pool_ids)} "
+                            "examples; re-run the trajectories for this pool")
+    if ids != pool_ids:
+        row = next(i for i, (a, b) in enumerate(zip(ids, pool_ids)) if a != b)
+        raise ContractError(f"{uri}: row {row} is example '{ids[row]}' but pool index {row} is '{pool_ids[row]}'; "
+                            "the trajectories were computed for a different pool; re-run them")
+    inputs.trajectories = (losses, steps)
+
+
+def load_trajectories_file(path: str) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """(losses float32 [N, T], steps int64 [T], ids or None) from a trajectories artifact folder, a
+    `.safetensors` file (ids from an `ids.parquet` beside it, when there is one), or a `.npy` [N, T] array."""
+    from infra.store import exists
+
+    path = str(path)
+    if path.endswith(".npy"):
+        from infra.store import read_bytes
+
+        losses = np.load(io.BytesIO(read_bytes(path)))
+        if losses.ndim != 2:
+            raise ContractError(f"{path}: expected a 2-d [examples, checkpoints] array, got shape {losses.shape}")
+        return losses.astype(np.float32), np.arange(1, losses.shape[1] + 1, dtype=np.int64), None
+    if path.endswith(".safetensors"):
+        tensors_uri, folder = path, path.rsplit("/", 1)[0] if "/" in path else "."
+    else:
+        tensors_uri, folder = join(path, "trajectories.safetensors"), path
+    tensors, _ = read_tensors(tensors_uri, TRAJECTORIES)
+    ids_uri = join(folder, "ids.parquet")
+    ids = None
+    if exists(ids_uri):
+        table = read_table(ids_uri, TRAJECTORIES_IDS)
+        if table.num_rows != tensors["losses"].shape[0]:
+            raise ContractError(f"{ids_uri}: {table.num_rows} ids but {tensors['losses'].shape[0]} trajectory rows")
+        order = np.argsort(np.asarray(table.column("pool_index")), kind="stable")  # rows into pool order
+        ids_list = table.column("id").to_pylist()
+        ids = [ids_list[i] for i in order]
+        tensors["losses"] = tensors["losses"][order]
+    return tensors["losses"].astype(np.float32), tensors["steps"].astype(np.int64), ids
+

@@ -1,0 +1,125 @@
+"""Ingest: every format and file type into one schema; dedupe, split, fingerprint; bad input -> one line."""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from infra.store import read_manifest
+from sftcurate.config import SourceConfig
+from tasks.ingest import IngestError, ingest, load_examples, load_pool, source_fingerprint
+from tests.conftest import committed_manifests
+from tests.helpers import qa_records, write_jsonl
+
+TOK = "tiny-gpt2"
+
+
+def run_ingest(uri: str, **kw) -> str:
+    src = SourceConfig(uri=uri, **kw)
+    return ingest(src, source_fingerprint(src), TOK, 128)
+
+
+def test_formats_normalise_to_one_schema(tmp_path, store_root):
+    write_jsonl(tmp_path / "pr.jsonl", [{"prompt": "P1", "response": "R1"}])
+    write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Do X", "input": "with Y", "output": "done"}])
+    write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "system", "content": "S"},
+                                                         {"role": "user", "content": "U"},
+                                                         {"role": "assistant", "content": "A"}]}])
+    write_jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": [{"from": "human", "value": "H"},
+                                                                  {"from": "gpt", "value": "G"}]}])
+    write_jsonl(tmp_path / "text.jsonl", [{"text": "plain passage"}])
+    write_jsonl(tmp_path / "custom.jsonl", [{"question": "Q?", "answer": "Ans"}])
+    rows = {}
+    for name in ("pr", "alpaca", "chat", "sharegpt", "text"):
+        rows[name] = load_examples(run_ingest(str(tmp_path / f"{name}.jsonl"), heldout_fraction=0.0)).to_pylist()[0]
+    custom = run_ingest(str(tmp_path / "custom.jsonl"), heldout_fraction=0.0,
+                        columns={"prompt": "question", "response": "answer"})
+    assert (rows["pr"]["prompt"], rows["pr"]["response"]) == ("P1", "R1")
+    assert (rows["alpaca"]["prompt"], rows["alpaca"]["response"]) == ("Do X\n\nwith Y", "done")
+    assert rows["chat"]["prompt"] == "System: S\nUser: U\nAssistant:" and rows["chat"]["response"] == "A"
+    assert rows["sharegpt"]["prompt"] == "User: H\nAssistant:" and rows["sharegpt"]["response"] == "G"
+    assert rows["text"]["prompt"] == "" and rows["text"]["response"] == "plain passage"
+    assert load_examples(custom).to_pylist()[0]["response"] == "Ans"
+    assert all(r["response_tokens"] > 0 for r in rows.values())
+
+
+def test_file_types_and_globs(tmp_path, store_root):
+    recs = qa_records(6)
+    write_jsonl(tmp_path / "a.jsonl", recs[:2])
+    (tmp_path / "b.json").write_text(json.dumps(recs[2:4]))
+    pq.write_table(pa.Table.from_pylist(recs[4:5]), tmp_path / "c.parquet")
+    (tmp_path / "d.csv").write_text("prompt,response\n" + f"\"{recs[5]['prompt']}\",\"{recs[5]['response']}\"\n")
+    (tmp_path / "e.txt").write_text("First passage of plain text that is long enough.\n\n" * 1)
+    uri = run_ingest(str(tmp_path / "*.*"), heldout_fraction=0.0)
+    table = load_examples(uri)
+    assert table.num_rows == 7
+    assert {r.split("/")[-1] for r in table.column("source").to_pylist()} == {"a.jsonl", "b.json", "c.parquet", "d.csv", "e.txt"}
+
+
+def test_builtin_python_docs_dedupe_split_fingerprint(store_root):
+    uri = run_ingest("builtin:python-docs")
+    meta = read_manifest(uri)["meta"]
+    table = load_examples(uri)
+    assert meta["n_examples"] == table.num_rows > 300
+    assert meta["duplicates_removed"] > 0  # the language reference repeats some paragraphs
+    assert len(set(table.column("id").to_pylist())) == table.num_rows
+    assert 0.05 < meta["n_heldout"] / meta["n_examples"] < 0.2
+    assert load_pool(uri).num_rows == meta["n_train"]
+    # Deterministic: the same source gives the same artifact and fingerprint.
+    assert run_ingest("builtin:python-docs") == uri
+
+
+def test_duplicates_removed_and_counted(tmp_path, store_root):
+    recs = qa_records(5)
+    uri = run_ingest(str(write_jsonl(tmp_path / "d.jsonl", recs + recs[:3])), heldout_fraction=0.0)
+    assert read_manifest(uri)["meta"]["duplicates_removed"] == 3
+    assert load_examples(uri).num_rows == 5
+
+
+def test_split_is_by_id_hash_not_position(tmp_path, store_root):
+    recs = qa_records(60)
+    a = load_examples(run_ingest(str(write_jsonl(tmp_path / "a.jsonl", recs)), heldout_fraction=0.3))
+    b = load_examples(run_ingest(str(write_jsonl(tmp_path / "b.jsonl", recs[::-1])), heldout_fraction=0.3))
+    split_a = dict(zip(a.column("id").to_pylist(), a.column("split").to_pylist()))
+    split_b = dict(zip(b.column("id").to_pylist(), b.column("split").to_pylist()))
+    assert split_a == split_b and "heldout" in split_a.values()
+
+
+def test_changed_content_changes_fingerprint(tmp_path, store_root):
+    path = write_jsonl(tmp_path / "a.jsonl", qa_records(5))
+    before = source_fingerprint(SourceConfig(uri=str(path)))
+    write_jsonl(path, qa_records(6))
+    assert source_fingerprint(SourceConfig(uri=str(path))) != before
+
+
+BAD_INPUTS = [
+    ("missing.jsonl", None, "file not found"),
+    ("empty.jsonl", "", "data set is empty"),
+    ("unknown.jsonl", '{"foo": "bar"}\n', "unknown format"),
+    ("missing_field.jsonl", '{"prompt": "p", "response": "r"}\n{"prompt": "p2"}\n', "line 2: field 'response' is missing"),
+    ("null_field.jsonl", '{"prompt": "p", "response": null}\n', "line 1: field 'response' is null"),
+    ("wrong_type.jsonl", '{"prompt": "p", "response": 5}\n', "field 'response' must be a string, got int"),
+    ("not_json.jsonl", '{"prompt": "p", "response": "r"}\n{oops\n', "line 2: not valid JSON"),
+    ("latin1.jsonl", b'{"text": "caf\xe9"}\n', "line 1: bytes are not valid UTF-8"),
+    ("empty_text.jsonl", '{"text": "   "}\n', "line 1: the response/text field is empty"),
+    ("chat_no_assistant.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n', "no assistant turn"),
+]
+
+
+@pytest.mark.parametrize("name,content,expected", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_one_line_error_and_nothing_committed(tmp_path, store_root, name, content, expected):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(IngestError) as info:
+        run_ingest(str(path))
+    message = str(info.value)
+    assert expected in message and str(path) in message and "\n" not in message
+    assert committed_manifests(store_root) == []
+
+
+def test_unknown_builtin_is_clear(store_root):
+    with pytest.raises(IngestError, match="unknown built-in data set"):
+        run_ingest("builtin:nope")
