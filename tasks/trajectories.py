@@ -18,6 +18,7 @@ import math
 import numpy as np
 import pyarrow as pa
 from prefect import task
+from prefect.context import FlowRunContext
 
 from data_contracts import TRAJECTORIES, TRAJECTORIES_IDS, ContractError
 from infra.hashing import code_fingerprint, fingerprint
@@ -259,9 +260,14 @@ def produce(examples_uri: str, cfg, run_id: str | None) -> str:
                            run_id=run_id)
     n = load_pool(examples_uri).num_rows
     shard_size = cfg.proxy.shard_size
-    futures = [trajectory_shard_task.submit(proxy_uri, examples_uri, i, shard_size, cfg.proxy.batch_tokens)
-               for i in range(n_shards(n, shard_size))]
-    shard_uris = [f.result() for f in futures]
+    shards = range(n_shards(n, shard_size))
+    if FlowRunContext.get() is not None:  # inside a flow: map the shards over its task runner (threads, Dask)
+        futures = [trajectory_shard_task.submit(proxy_uri, examples_uri, i, shard_size, cfg.proxy.batch_tokens)
+                   for i in shards]
+        shard_uris = [f.result() for f in futures]
+    else:  # called on its own: the shards run one after another, each still a cached, retryable task
+        shard_uris = [trajectory_shard_task(proxy_uri, examples_uri, i, shard_size, cfg.proxy.batch_tokens)
+                      for i in shards]
     return trajectory_commit_task(proxy_uri, examples_uri, shard_uris, run_id=run_id)
 
 

@@ -1,0 +1,92 @@
+"""The `compare` flow end to end on tiny data: tiny-gpt2 target, tiny-gpt2 hf judge, real Prefect engine."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data_contracts import EVAL_RESULTS
+from infra import tracking
+from infra.store import join, read_bytes, read_manifest, read_table
+from sftcurate.config import ConfigError
+from tasks.selectors.base import Selector, SelectionResult, fill_in_order, register
+from tests.helpers import qa_records, write_jsonl
+
+
+@register
+class LongestFirst(Selector):
+    """A deterministic test selector (longest examples first), so the comparison has two distinct methods."""
+
+    name = "test_longest"
+
+    def select(self, inputs, budget, seed):
+        return SelectionResult(indices=fill_in_order(np.argsort(-inputs.token_counts, kind="stable"),
+                                                     inputs.token_counts, budget))
+
+
+def config(tmp_path, budgets):
+    from flows.compare import load_compare_config
+
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_records(60))
+    return load_compare_config(None, [
+        f"source.uri={data}", "source.heldout_fraction=0.2", "models.target=tiny-gpt2", "models.max_length=96",
+        "methods=[test_longest]", f"budgets={budgets}", "finetune.steps=6", "finetune.batch_size=4",
+        "finetune.learning_rate=0.01", "judge.backend=hf", "judge.model=tiny-gpt2", "judge.max_prompts=4",
+        "judge.max_new_tokens=6", "judge.n_bootstrap=200", "name=tiny-compare"])
+
+
+def test_config_errors_are_one_line(tmp_path):
+    from flows.compare import load_compare_config
+
+    with pytest.raises(ConfigError, match="budgets"):
+        load_compare_config(None, ["budgets=[]"])
+    with pytest.raises(ConfigError, match="finetune.stepz"):
+        load_compare_config(None, ["finetune.stepz=3"])
+    cfg = load_compare_config(None, ["models.max_length=64", "methods=[fishersft]"])
+    assert cfg.finetune.max_length == 64 and cfg.all_methods == ["uniform", "fishersft"]
+
+
+def test_compare_flow_end_to_end_and_adding_a_budget_reruns_only_what_is_new(tmp_path, store_root, prefect_harness):
+    from flows.compare import compare
+
+    summary = compare(config(tmp_path, [8, 16]))
+    assert summary["methods"] == ["uniform", "test_longest"] and summary["budgets"] == [8, 16]
+    rows = {(r["method"], r["budget"]): r for r in summary["rows"]}
+    assert set(rows) == {("base", 0), ("uniform", 8), ("uniform", 16), ("test_longest", 8), ("test_longest", 16)}
+    for b in (8, 16):
+        r = rows[("test_longest", b)]
+        assert 0.0 <= r["win_rate_vs_uniform"] <= 1.0 and r["win_rate_ci_low"] <= r["win_rate_ci_high"]
+        assert r["wins"] + r["losses"] + r["ties"] + r["errors"] == 4
+        assert rows[("uniform", b)]["win_rate_vs_uniform"] is None
+        assert np.isfinite(r["heldout_loss"]) and r["heldout_loss"] < rows[("base", 0)]["heldout_loss"]
+    # identical training for every cell
+    assert {c["steps_done"] for c in summary["cells"].values()} == {6}
+    assert "randomly initialised" in summary["judge_note"]
+    md = summary["table_markdown"]
+    assert "Win rate vs Uniform" in md and "Held-out loss" in md and "position bias" in md and "test_longest" in md
+
+    report = summary["report_uri"]
+    assert read_bytes(join(report, "results.png"))[:4] == b"\x89PNG"
+    assert read_bytes(join(report, "results.csv")).decode().startswith("method,budget,heldout_loss")
+    table = read_table(join(report, "results.parquet"), EVAL_RESULTS)
+    assert table.num_rows == 5
+
+    # MLflow: one parent run, one child run per cell, each child with the same fine-tuning params
+    client = tracking.client()
+    parent = summary["mlflow_run_id"]
+    children = client.search_runs([tracking.experiment_id()], f"tags.mlflow.parentRunId = '{parent}'")
+    assert len(children) == 4
+    ft = [{k: v for k, v in c.data.params.items() if k.startswith("finetune.")} for c in children]
+    assert all(p == ft[0] for p in ft) and ft[0]["finetune.steps"] == "6"
+    assert {c.data.tags["method"] for c in children} == {"uniform", "test_longest"}
+    assert any("judge/win_rate" in c.data.metrics for c in children)
+    assert {a.path for a in client.list_artifacts(parent, "report")} >= {"report/results.md", "report/results.png"}
+
+    # a new budget: only the new cells are computed; the old ones are reused as they were
+    before = {k: read_manifest(c["model_uri"])["created"] for k, c in summary["cells"].items()}
+    again = compare(config(tmp_path, [8, 16, 24]))
+    assert set(again["cells"]) == set(summary["cells"]) | {"uniform@24", "test_longest@24"}
+    for k, created in before.items():
+        assert again["cells"][k]["model_uri"] == summary["cells"][k]["model_uri"]
+        assert read_manifest(again["cells"][k]["model_uri"])["created"] == created
+        assert again["cells"][k]["judgments_uri" if "judgments_uri" in summary["cells"][k] else "generations_uri"] \
+            == summary["cells"][k]["judgments_uri" if "judgments_uri" in summary["cells"][k] else "generations_uri"]

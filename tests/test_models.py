@@ -1,0 +1,63 @@
+"""Model resolution: tiny-gpt2 from config, local and s3:// folders, the built-in SmolLM2, hub ids."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infra.models import BUILTIN_SMOLLM2, ModelSpecError, local_folder, model_fingerprint, resolve_model, \
+    resolve_tokenizer
+
+
+def logits(loaded, text="def add(a, b): return a + b"):
+    ids = loaded.tokenizer(text, return_tensors="pt")
+    with torch.inference_mode():
+        return loaded.model(**ids, output_hidden_states=True)
+
+
+def test_tiny_gpt2_is_deterministic_and_offline():
+    a, b = resolve_model("tiny-gpt2"), resolve_model("tiny-gpt2")
+    assert torch.equal(logits(a).logits, logits(b).logits)
+    other = resolve_model("tiny-gpt2:seed=1,n_embd=32")
+    assert other.model.config.n_embd == 32 and not torch.equal(logits(a).logits[..., :5], logits(other).logits[..., :5])
+    assert resolve_tokenizer("tiny-gpt2").eos_token_id is not None
+    with pytest.raises(ModelSpecError, match="unknown option 'depth'"):
+        resolve_model("tiny-gpt2:depth=3")
+
+
+def test_local_and_s3_folders_load_the_same_weights(tmp_path, s3_env):
+    import s3fs
+
+    tiny = resolve_model("tiny-gpt2")
+    folder = tmp_path / "saved"
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    from_folder = resolve_model(str(folder))
+    assert torch.allclose(logits(from_folder).logits, logits(tiny).logits, atol=1e-6)
+    assert model_fingerprint(str(folder)).startswith("folder:")
+
+    bucket = s3_env()
+    from infra.settings import load_settings
+
+    fs = s3fs.S3FileSystem(**load_settings().s3.storage_options())
+    fs.put(str(folder) + "/", f"{bucket}/models/tiny/", recursive=True)
+    from_s3 = resolve_model(f"s3://{bucket}/models/tiny")
+    assert torch.allclose(logits(from_s3).logits, logits(tiny).logits, atol=1e-6)
+
+
+def test_missing_folder_and_hub_ids():
+    with pytest.raises(ModelSpecError, match="folder not found"):
+        resolve_model("./no/such/model")
+    assert local_folder("HuggingFaceTB/SmolLM2-135M-Instruct") is None  # goes to the hub loader
+    assert model_fingerprint("HuggingFaceTB/SmolLM2-135M-Instruct").startswith("hub:")
+
+
+def test_builtin_smollm2_converts_to_a_trainable_pre_logit_model():
+    loaded = resolve_model(BUILTIN_SMOLLM2)
+    assert type(loaded.model).__name__ == "LlamaForCausalLM"
+    assert loaded.model.config.hidden_size == 576 and not hasattr(loaded.model.config, "quantization_config")
+    out = logits(loaded)
+    # hidden_states[-1] is after the final norm: lm_head of it is the logits (the FisherSFT feature).
+    with torch.inference_mode():
+        assert torch.allclose(loaded.model.lm_head(out.hidden_states[-1]), out.logits, atol=1e-4)
+    assert all(p.requires_grad for p in loaded.model.parameters())
+    assert (local_folder(BUILTIN_SMOLLM2) / "model.safetensors").exists()

@@ -1,0 +1,229 @@
+"""S2L proxy training and trajectory logging: resume after a crash, determinism, sharding, S3, Prefect tasks."""
+from __future__ import annotations
+
+import random
+import string
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from data_contracts import EXAMPLES, ContractError
+from infra.hashing import fingerprint
+from infra.store import ArtifactStore, is_committed, join, read_bytes, read_manifest
+
+TINY = "tiny-gpt2:n_layer=1,n_embd=32,n_head=2,vocab=300"
+
+
+# ---------------------------------------------------------------- pool builders (also used by test_s2l)
+
+def group_rows(n_repeat: int = 40, n_noise: int = 40, n_prose: int = 12, seed: int = 0) -> list[tuple[str, str, str]]:
+    """(prompt, response, group) rows of three kinds a tiny proxy learns at very different speeds:
+    one repeated word (learned fast), random letters (never learned), prose from the Python docs (slowly)."""
+    from pydoc_data.topics import topics
+
+    rng = random.Random(seed)
+    rows = [(f"say it {i}", " ".join(["alpha"] * (10 + i % 3)), "repeat") for i in range(n_repeat)]
+    rows += [("noise", "".join(rng.choice(string.ascii_lowercase + " ") for _ in range(60)), "noise")
+             for _ in range(n_noise)]
+    keys = sorted(topics)
+    rows += [("", " ".join(topics[keys[3 * i]].split())[:240], "prose") for i in range(n_prose)]
+    rng.shuffle(rows)
+    return rows
+
+
+def make_examples(rows, store_root: str | None = None) -> str:
+    """Commit an examples artifact (contract EXAMPLES, all rows in the train split)."""
+    ids = [fingerprint(p, r, i) for i, (p, r, _) in enumerate(rows)]
+    table = pa.table({
+        "id": ids, "prompt": [p for p, _, _ in rows], "response": [r for _, r, _ in rows],
+        "source": [g for _, _, g in rows],
+        "prompt_tokens": np.array([len(p.split()) for p, _, _ in rows], dtype=np.int64),
+        "response_tokens": np.array([len(r.split()) + 1 for _, r, _ in rows], dtype=np.int64),
+        "split": ["train"] * len(rows),
+    })
+    writer = ArtifactStore(store_root).begin("examples", fingerprint(ids))
+    writer.write_table("examples.parquet", table, EXAMPLES)
+    writer.meta.update({"fingerprint": fingerprint(ids), "n_train": len(rows), "n_heldout": 0,
+                        "train_tokens": int(np.asarray(table.column("response_tokens")).sum()),
+                        "duplicates_removed": 0})
+    return writer.commit()
+
+
+def checkpoint_tensors(ckpt_uri: str) -> dict:
+    from safetensors.numpy import load
+
+    names = [n for n in read_manifest(ckpt_uri)["files"] if n.endswith(".safetensors")]
+    return {f"{n}:{k}": v for n in names for k, v in load(read_bytes(join(ckpt_uri, n))).items()}
+
+
+# ---------------------------------------------------------------- plain functions
+
+def test_schedule_pieces_are_pure_functions():
+    from tasks.proxy import ProxyError, checkpoint_steps, epoch_batches, learning_rate
+
+    assert checkpoint_steps(200, 10) == list(range(20, 201, 20))
+    assert checkpoint_steps(12, 4) == [3, 6, 9, 12]
+    with pytest.raises(ProxyError, match="proxy.steps"):
+        checkpoint_steps(5, 10)
+    lrs = [learning_rate(s, 100, 1e-3) for s in range(1, 101)]
+    assert lrs[4] == pytest.approx(1e-3) and lrs[0] < lrs[4] and lrs[-1] == pytest.approx(1e-4)
+    lengths = np.random.default_rng(0).integers(3, 90, 103)
+    a = epoch_batches(lengths, 8, seed=1, epoch=2)
+    assert [x.tolist() for x in a] == [x.tolist() for x in epoch_batches(lengths, 8, seed=1, epoch=2)]
+    assert sorted(np.concatenate(a).tolist()) == list(range(103))
+    assert [x.tolist() for x in a] != [x.tolist() for x in epoch_batches(lengths, 8, seed=1, epoch=3)]
+
+
+# ---------------------------------------------------------------- (b) resume after a crash
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_crash_continues_from_last_checkpoint_and_matches_uninterrupted(tmp_path):
+    from tasks.proxy import checkpoint_uri, proxy_checkpoints, train_proxy
+
+    rows = group_rows(12, 12, 4)
+    cfg = {"steps": 12, "checkpoints": 4, "learning_rate": 5e-3, "batch_size": 8, "seed": 3}
+    root_a, root_b = str(tmp_path / "a"), str(tmp_path / "b")
+    ex_a, ex_b = make_examples(rows, root_a), make_examples(rows, root_b)
+
+    steps_a: list[int] = []
+    proxy_a = train_proxy(ex_a, TINY, cfg, 64, store_root=root_a, on_step=lambda s, _: steps_a.append(s))
+    assert steps_a == list(range(1, 13))
+
+    def crash_after_second(step, uri):
+        if step == 6:
+            raise Crash(f"simulated crash after committing {uri}")
+
+    steps_b: list[int] = []
+    with pytest.raises(Crash):
+        train_proxy(ex_b, TINY, cfg, 64, store_root=root_b, on_step=lambda s, _: steps_b.append(s),
+                    on_checkpoint=crash_after_second)
+    uri_b = proxy_a.replace(root_a, root_b)
+    assert not is_committed(uri_b)
+    assert [is_committed(checkpoint_uri(uri_b, s)) for s in (3, 6, 9, 12)] == [True, True, False, False]
+    assert steps_b == list(range(1, 7))
+
+    steps_b.clear()
+    proxy_b = train_proxy(ex_b, TINY, cfg, 64, store_root=root_b, on_step=lambda s, _: steps_b.append(s))
+    assert proxy_b == uri_b
+    assert steps_b == list(range(7, 13)), "steps 1-6 must not be retrained"
+    meta = read_manifest(proxy_b)["meta"]
+    assert meta["resumed_from_step"] == 6 and meta["trained_steps"] == 6
+
+    ckpts_a, ckpts_b = proxy_checkpoints(proxy_a), proxy_checkpoints(proxy_b)
+    assert [s for s, _ in ckpts_a] == [s for s, _ in ckpts_b] == [3, 6, 9, 12]
+    for (_, ua), (_, ub) in zip(ckpts_a, ckpts_b):
+        ta, tb = checkpoint_tensors(ua), checkpoint_tensors(ub)
+        assert ta.keys() == tb.keys() and ta
+        for k in ta:
+            np.testing.assert_array_equal(ta[k], tb[k], err_msg=k)
+    # a committed proxy is reused: nothing is trained again
+    steps_b.clear()
+    assert train_proxy(ex_b, TINY, cfg, 64, store_root=root_b, on_step=lambda s, _: steps_b.append(s)) == proxy_b
+    assert steps_b == []
+
+
+# ---------------------------------------------------------------- trajectories
+
+@pytest.fixture(scope="module")
+def small_proxy(tmp_path_factory):
+    from tasks.proxy import train_proxy
+
+    root = str(tmp_path_factory.mktemp("traj"))
+    rows = group_rows(10, 10, 5)
+    ex = make_examples(rows, root)
+    proxy = train_proxy(ex, TINY, {"steps": 8, "checkpoints": 2, "learning_rate": 1e-2, "batch_size": 8}, 64,
+                        store_root=root)
+    return root, ex, proxy, rows
+
+
+def test_trajectories_batched_match_one_by_one_and_shards_join_in_pool_order(small_proxy):
+    from tasks.proxy import load_checkpoint_model, load_pool, load_tokenizer, pool_texts, proxy_checkpoints
+    from tasks.selectors.base import SelectorInputs
+    from tasks.trajectories import (
+        commit_trajectories, encode_rows, example_losses, example_losses_one_by_one, load_into,
+        load_trajectories_file, trajectory_shard,
+    )
+
+    root, ex, proxy, rows = small_proxy
+    shards = [trajectory_shard(proxy, ex, i, 7, 256, store_root=root) for i in range(4)]  # 25 rows: 7+7+7+4
+    uri = commit_trajectories(proxy, ex, shards, store_root=root)
+    losses, steps, ids = load_trajectories_file(uri)
+    assert losses.shape == (25, 2) and losses.dtype == np.float32 and steps.tolist() == [4, 8]
+    pool = load_pool(ex)
+    assert ids == pool.column("id").to_pylist()
+
+    one_shard = trajectory_shard(proxy, ex, 0, 100, 4096, store_root=root)
+    whole = commit_trajectories(proxy, ex, [one_shard], store_root=root)
+    np.testing.assert_allclose(load_trajectories_file(whole)[0], losses, rtol=1e-5, atol=1e-5)
+
+    tok = load_tokenizer(proxy)
+    enc = encode_rows(tok, *pool_texts(pool), 64)
+    model = load_checkpoint_model(proxy, proxy_checkpoints(proxy)[-1][1], TINY, False)
+    np.testing.assert_allclose(example_losses(model, enc, 128), example_losses_one_by_one(model, enc),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(losses[:, -1], example_losses_one_by_one(model, enc), rtol=1e-4, atol=1e-4)
+
+    inputs = SelectorInputs(pool=pool, token_counts=np.ones(pool.num_rows, dtype=np.int64))
+    load_into(uri, inputs)
+    np.testing.assert_array_equal(inputs.trajectories[0], losses)
+    shuffled = SelectorInputs(pool=pool.take(np.arange(pool.num_rows)[::-1]), token_counts=inputs.token_counts)
+    with pytest.raises(ContractError, match="different pool"):
+        load_into(uri, shuffled)
+    meta = read_manifest(uri)["meta"]
+    assert len(meta["mean_loss"]) == 2 and read_bytes(meta["summary_png"])[:4] == b"\x89PNG"
+
+
+def test_lora_proxy_saves_adapters_and_trajectories_load_them(tmp_path):
+    from tasks.proxy import proxy_checkpoints, train_proxy
+    from tasks.trajectories import shard_losses
+
+    root = str(tmp_path)
+    ex = make_examples(group_rows(6, 6, 2), root)
+    proxy = train_proxy(ex, TINY, {"steps": 4, "checkpoints": 2, "learning_rate": 1e-2, "batch_size": 4,
+                                   "lora": True}, 64, store_root=root)
+    files = read_manifest(proxy_checkpoints(proxy)[0][1])["files"]
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    assert is_committed(join(proxy, "base"))
+    losses, steps = shard_losses(proxy, ex, 0, 100, 1024)
+    assert losses.shape == (14, 2) and np.isfinite(losses).all()
+    assert not np.allclose(losses[:, 0], losses[:, 1])
+
+
+def test_proxy_and_trajectories_on_s3(s3_store):
+    from tasks.proxy import train_proxy
+    from tasks.trajectories import commit_trajectories, load_trajectories_file, trajectory_shard
+
+    ex = make_examples(group_rows(5, 5, 2))
+    proxy = train_proxy(ex, TINY, {"steps": 4, "checkpoints": 2, "batch_size": 4}, 64)
+    assert proxy.startswith("s3://")
+    uri = commit_trajectories(proxy, ex, [trajectory_shard(proxy, ex, 0, 100, 1024)])
+    losses, steps, ids = load_trajectories_file(uri)
+    assert uri.startswith("s3://") and losses.shape == (12, 2) and len(ids) == 12
+
+
+def test_produce_runs_the_prefect_tasks_and_logs_to_mlflow(prefect_harness, store_root):
+    from infra import tracking
+    from sftcurate.config import CurateConfig
+    from tasks.proxy import load_pool
+    from tasks.selectors.base import SelectorInputs
+    from tasks.trajectories import load_into, produce
+
+    ex = make_examples(group_rows(8, 8, 3))
+    cfg = CurateConfig.model_validate({"models": {"proxy": TINY, "max_length": 64},
+                                       "proxy": {"steps": 6, "checkpoints": 3, "batch_size": 8, "shard_size": 10}})
+    with tracking.start_run("s2l-test") as run_id:
+        uri = produce(ex, cfg, run_id)
+    meta = read_manifest(uri)["meta"]
+    assert len(meta["shards"]) == 2 and meta["steps"] == [2, 4, 6]
+    pool = load_pool(ex)
+    inputs = SelectorInputs(pool=pool, token_counts=np.ones(pool.num_rows, dtype=np.int64))
+    load_into(uri, inputs)
+    assert inputs.trajectories[0].shape == (19, 3)
+    history = tracking.client().get_metric_history(run_id, "proxy_loss")
+    assert [m.step for m in history] == list(range(1, 7))
+    assert len(tracking.client().get_metric_history(run_id, "trajectory_mean_loss")) == 3
+    assert produce(ex, cfg, None) == uri   # cached / content-addressed: same artifact
