@@ -52,7 +52,9 @@ def _load(model_uri: str | None, target_spec: str, dtype: str | None = None):
         return load_finetuned(model_uri)
     from infra.models import resolve_model
 
-    loaded = resolve_model(target_spec, dtype=dtype)
+    from tasks.finetune import default_device
+
+    loaded = resolve_model(target_spec, dtype=dtype, device=default_device())
     return loaded.model, loaded.tokenizer
 
 
@@ -78,10 +80,11 @@ def heldout_loss(model, tokenizer, rows: list[tuple[str, str]], max_length: int,
     lengths = np.array([len(e.input_ids) for e in encoded])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
         for idx in length_grouped_batches(lengths, batch_tokens):
-            ids, attn, labels = collate([encoded[i] for i in idx], pad_id)
+            ids, attn, labels = (t.to(device) for t in collate([encoded[i] for i in idx], pad_id))
             s, n = token_loss_sum(model, ids, attn, labels)
             total += float(s)
             count += n
@@ -169,6 +172,7 @@ def generate_texts(model, tokenizer, prompts: list[str], cfg: GenerationConfig) 
     order = np.argsort([len(e) for e in encoded], kind="stable")  # similar lengths share a batch
     texts: list[str] = [""] * len(prompts)
     torch.manual_seed(cfg.seed)
+    device = next(model.parameters()).device
     model.eval()
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start:start + cfg.batch_size]
@@ -183,10 +187,11 @@ def generate_texts(model, tokenizer, prompts: list[str], cfg: GenerationConfig) 
         if cfg.decoding == "sample":
             kwargs["temperature"] = cfg.temperature
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=cfg.max_new_tokens,
-                                 pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, **kwargs)
+            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                 max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id,
+                                 eos_token_id=tokenizer.eos_token_id, **kwargs)
         for row, i in enumerate(idx):
-            texts[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+            texts[i] = tokenizer.decode(out[row, width:].tolist(), skip_special_tokens=True).strip()
     return texts
 
 

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -74,6 +75,13 @@ class FinetuneConfig(BaseModel):
         "random: pad to the batch's longest; pad_to_max: pad every batch to max_length (baseline)")
     checkpoint_every: int = Field(50, gt=0, description="commit a resumable checkpoint every N steps")
     dtype: Literal["float32", "bfloat16"] = Field("float32")
+
+
+def default_device() -> str:
+    """`SFTCURATE_DEVICE` when set, else cuda when available, else cpu (kept out of the config and cache keys)."""
+    import torch
+
+    return os.environ.get("SFTCURATE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _logger():
@@ -233,7 +241,9 @@ class Checkpoints:
         writer.write_bytes(TRAINABLE, save_tensors(trainable_state(model)))
         buf = io.BytesIO()
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "step": step, "extra": extra}, buf)
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    "step": step, "extra": extra}, buf)
         writer.write_bytes(STATE, buf.getvalue())
         writer.meta.update({"step": step, **extra})
         uri = writer.commit()
@@ -260,10 +270,12 @@ class Checkpoints:
         if missing:
             raise RuntimeError(f"{uri}: checkpoint lacks {sorted(missing)[:3]}; delete it to restart training")
         model.load_state_dict(weights, strict=False)
-        state = torch.load(io.BytesIO(read_bytes(join(uri, STATE))), weights_only=False)
+        state = torch.load(io.BytesIO(read_bytes(join(uri, STATE))), weights_only=False, map_location="cpu")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         return state["extra"]
 
     def clear(self) -> None:
@@ -310,6 +322,7 @@ def train(model, tokenizer, encoded: list[Encoded], cfg: FinetuneConfig, *, chec
     import torch
 
     torch.manual_seed(cfg.seed)
+    device = next(model.parameters()).device
     lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
     schedule = batch_schedule(lengths, cfg.batch_size, cfg.steps, cfg.seed, cfg.batching)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -333,6 +346,7 @@ def train(model, tokenizer, encoded: list[Encoded], cfg: FinetuneConfig, *, chec
     for step in range(start, cfg.steps):
         batch = [encoded[i] for i in schedule[step]]
         ids, attn, labels = collate(batch, pad_id, cfg.max_length if cfg.batching == "pad_to_max" else None)
+        ids, attn, labels = ids.to(device), attn.to(device), labels.to(device)
         loss_sum, n_tok = token_loss_sum(model, ids, attn, labels)
         loss = loss_sum / max(n_tok, 1)
         optimizer.zero_grad(set_to_none=True)
@@ -392,14 +406,14 @@ def finetune(examples_uri: str, selection_uri: str, target_spec: str, target_fin
     rows = training_rows(examples_uri, selection_uri)
     loaded = resolve_model(target_spec, dtype=cfg.dtype)
     encoded = encode_rows(loaded.tokenizer, rows, cfg.max_length)
-    model = prepare_model(loaded.model, cfg)
+    model = prepare_model(loaded.model.to(default_device()), cfg)
     checkpoints = Checkpoints(store, key)
     stats = train(model, loaded.tokenizer, encoded, cfg, checkpoints=checkpoints, run_id=run_id,
                   crash_after=crash_after)
     writer = store.begin(KIND, key)
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.full:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.to("cpu").save_pretrained(tmp, safe_serialization=True)
         else:
             model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors
         for path in sorted(Path(tmp).rglob("*")):
@@ -462,7 +476,7 @@ def load_finetuned(model_uri: str):
 
             model = AutoModelForCausalLM.from_pretrained(tmp)
             tokenizer = resolve_tokenizer(meta["target_spec"])
-    model.eval()
+    model.to(default_device()).eval()
     return model, tokenizer
 
 

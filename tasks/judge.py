@@ -163,7 +163,9 @@ class HFJudge:
         from infra.models import resolve_model
 
         self.spec = spec
-        loaded = resolve_model(spec)
+        from tasks.finetune import default_device
+
+        loaded = resolve_model(spec, device=default_device())
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.model.eval()
         chat = bool(getattr(self.tokenizer, "chat_template", None))
@@ -192,7 +194,8 @@ class HFJudge:
         if limit and len(ids) > limit:
             ids = ids[-limit:]
         with self._lock, torch.no_grad():
-            logits = self.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            device = next(self.model.parameters()).device
+            logits = self.model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float().cpu()
         pair = torch.softmax(logits[self.ids], dim=0)
         p_first = float(pair[0])
         if not math.isfinite(p_first):

@@ -44,6 +44,21 @@ def _code() -> str:
 
 # ---------------------------------------------------------------- the math
 
+# Architectures whose logits are exactly `get_output_embeddings()(last_hidden_state)` (no scaling or capping):
+# for these the vocabulary projection runs only at loss positions instead of at every (padded) position.
+LOGITS_FROM_HIDDEN = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "phi3", "smollm3", "olmo2"}
+
+
+def loss_position_logits(model, ids, attn, sel):
+    """Logits predicting the tokens at loss positions: [n_loss, vocab] for `sel` = loss_mask[:, 1:]."""
+    head = model.get_output_embeddings()
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if head is not None and base is not None and getattr(model.config, "model_type", None) in LOGITS_FROM_HIDDEN:
+        hidden = base(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
+        return head(hidden[sel])
+    return model(input_ids=ids, attention_mask=attn).logits[:, :-1][sel]
+
+
 def example_losses(model, encoded: list[Encoded], batch_tokens: int, device: str = "cpu",
                    max_batch: int = 256) -> np.ndarray:
     """Mean loss over each example's loss tokens: batched, length-grouped, one pass. float32 [n]."""
@@ -59,10 +74,10 @@ def example_losses(model, encoded: list[Encoded], batch_tokens: int, device: str
     with torch.inference_mode():
         for batch in length_grouped_batches(lengths, batch_tokens, max_batch):
             ids, attn, lmask = (t.to(device) for t in pad_batch([encoded[i] for i in batch], pad_id))
-            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
             sel = lmask[:, 1:].bool()
             rows = sel.nonzero()[:, 0]
-            ce = F.cross_entropy(logits[sel].float(), ids[:, 1:][sel], reduction="none")
+            logits = loss_position_logits(model, ids, attn, sel)
+            ce = F.cross_entropy(logits.float(), ids[:, 1:][sel], reduction="none")
             sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, ce.double())
             counts = sel.sum(1).clamp(min=1)
             out[batch] = (sums / counts).float().cpu().numpy()

@@ -120,3 +120,25 @@ def test_resume_after_crash_matches_uninterrupted_run_on_s3(tmp_path, s3_store):
     assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-6) for k in a)
     model, _ = load_finetuned(uri)  # loads from S3
     assert model is not None
+
+
+def test_generation_protocol_plain_text_prompts_and_left_padded_batches(tmp_path, store_root):
+    from infra.models import build_tiny_gpt2
+    from tasks.evaluate import GenerationConfig, generate, generate_texts, generation_prompts, load_generations
+
+    passages = [{"text": " ".join(f"word{i}_{j}" for j in range(30))} for i in range(40)]
+    src = SourceConfig(uri=str(write_jsonl(tmp_path / "text.jsonl", passages)), heldout_fraction=0.3)
+    ex = ingest(src, source_fingerprint(src), TINY, 96)
+    cfg = GenerationConfig(max_prompts=5, max_new_tokens=5, prompt_words=12, batch_size=3)
+    prompts = generation_prompts(ex, cfg)
+    assert len(prompts) == 5 and prompts == generation_prompts(ex, cfg)  # seeded, identical for every model
+    for p in prompts:  # the paper's protocol: the first 12 words of a held-out passage, the rest is the reference
+        assert len(p["prompt"].split()) == 12 and (p["prompt"] + p["reference"]).split() == \
+            [f"{p['prompt'].split('_')[0]}_{j}" for j in range(30)]
+    tiny = build_tiny_gpt2()
+    texts = ["short", "a much longer prompt with many more words in it than the first", "mid length one"]
+    batched = generate_texts(tiny.model, tiny.tokenizer, texts, GenerationConfig(max_new_tokens=6, batch_size=3))
+    single = [generate_texts(tiny.model, tiny.tokenizer, [t], GenerationConfig(max_new_tokens=6))[0] for t in texts]
+    assert batched == single  # left padding does not change greedy outputs
+    table = load_generations(generate(ex, None, TINY, FP, cfg))
+    assert table.column_names == ["prompt_id", "prompt", "reference", "text"] and table.num_rows == 5

@@ -52,7 +52,7 @@ def test_synthetic_trajectory_clusters_recover_groups_and_s2l_covers_the_small_o
     labels, centres = kmeans(losses, 3, seed=0)
     assert adjusted_rand(groups, labels) > 0.95 and len(centres) == 3
 
-    budget, seeds = Budget(examples=12), range(40)
+    budget, seeds = Budget(examples=12), range(20)
     uniform_missed = s2l_missed = 0
     for seed in seeds:
         uni = get_selector("uniform").select(inputs_for(losses, steps), budget, seed).indices
@@ -62,7 +62,7 @@ def test_synthetic_trajectory_clusters_recover_groups_and_s2l_covers_the_small_o
         s2l_missed += 2 not in groups[res.indices]
         assert set(groups[res.indices]) == {0, 1, 2}
     # P(uniform misses 8 of 508 with 12 draws) ~ 0.83
-    assert s2l_missed == 0 and uniform_missed >= 20
+    assert s2l_missed == 0 and uniform_missed >= 10
 
 
 def test_end_to_end_tiny_proxy_learns_groups_at_different_speeds(store_root):

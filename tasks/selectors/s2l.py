@@ -30,16 +30,18 @@ from tasks.selectors.base import (
     EXAMPLES, TRAJECTORIES, Budget, BudgetError, Selector, SelectionResult, SelectorInputs, register,
 )
 
-PARAMS = {"clusters": 100, "seed": None, "stratify": False, "normalize": "none", "iters": 100}
+PARAMS = {"clusters": 100, "seed": None, "stratify": False, "normalize": "none", "iters": 100, "n_init": 3}
 
 
 # ---------------------------------------------------------------- k-means
 
-def kmeans(x, k: int, seed: int = 0, iters: int = 100, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def kmeans(x, k: int, seed: int = 0, iters: int = 100, n_init: int = 3,
+           chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
     """Lloyd's k-means with k-means++ seeding, in torch (float64, CPU), deterministic for a seed.
 
-    `k` is clamped to the number of rows; empty clusters keep their centre and are dropped at the end, so the
-    labels are 0..k'-1 (k' <= k) with every label used. Returns (labels int64 [N], centres float32 [k', d]).
+    `n_init` seeded restarts (one generator, drawn in sequence), the lowest inertia wins. `k` is clamped to the
+    number of rows; empty clusters keep their centre and are dropped at the end, so the labels are 0..k'-1
+    (k' <= k) with every label used. Returns (labels int64 [N], centres float32 [k', d]).
     """
     import torch
 
@@ -60,27 +62,38 @@ def kmeans(x, k: int, seed: int = 0, iters: int = 100, chunk: int = 65536) -> tu
             out[s:s + chunk] = (sq[s:s + chunk, None] - 2 * xt[s:s + chunk] @ centres.T + c2[None]).clamp_min_(0)
         return out
 
-    # k-means++: first centre uniform, then proportional to squared distance to the nearest chosen centre
-    idx = [int(torch.randint(n, (1,), generator=gen))]
-    closest = dist2(xt[idx])[:, 0]
-    for _ in range(1, k):
-        total = float(closest.sum())
-        if total <= 0:  # every point coincides with a centre: further centres would be duplicates
-            break
-        nxt = int(torch.multinomial(closest / total, 1, generator=gen))
-        idx.append(nxt)
-        closest = torch.minimum(closest, dist2(xt[nxt:nxt + 1])[:, 0])
-    centres = xt[idx].clone()
-    labels = dist2(centres).argmin(1)
-    for _ in range(iters):
-        sums = torch.zeros_like(centres).index_add_(0, labels, xt)
-        counts = torch.bincount(labels, minlength=centres.shape[0]).to(torch.float64)
-        filled = counts > 0
-        centres[filled] = sums[filled] / counts[filled, None]
-        new = dist2(centres).argmin(1)
-        if torch.equal(new, labels):
-            break
-        labels = new
+    def one_run():
+        # k-means++: first centre uniform, then proportional to squared distance to the nearest chosen centre
+        idx = [int(torch.randint(n, (1,), generator=gen))]
+        closest = dist2(xt[idx])[:, 0]
+        for _ in range(1, k):
+            total = float(closest.sum())
+            if total <= 0:  # every point coincides with a centre: further centres would be duplicates
+                break
+            nxt = int(torch.multinomial(closest / total, 1, generator=gen))
+            idx.append(nxt)
+            closest = torch.minimum(closest, dist2(xt[nxt:nxt + 1])[:, 0])
+        centres = xt[idx].clone()
+        d = dist2(centres)
+        labels = d.argmin(1)
+        for _ in range(iters):
+            sums = torch.zeros_like(centres).index_add_(0, labels, xt)
+            counts = torch.bincount(labels, minlength=centres.shape[0]).to(torch.float64)
+            filled = counts > 0
+            centres[filled] = sums[filled] / counts[filled, None]
+            d = dist2(centres)
+            new = d.argmin(1)
+            if torch.equal(new, labels):
+                break
+            labels = new
+        return float(d.gather(1, labels[:, None]).sum()), labels, centres
+
+    best = None
+    for _ in range(max(1, int(n_init))):
+        run = one_run()
+        if best is None or run[0] < best[0]:
+            best = run
+    _, labels, centres = best
     used = torch.unique(labels)
     remap = torch.full((centres.shape[0],), -1, dtype=torch.long)
     remap[used] = torch.arange(len(used))
@@ -204,7 +217,7 @@ def fill_budget_by_clusters(labels: np.ndarray, budget, seed: int, token_counts:
 @register
 class S2LSelector(Selector):
     """S2L. Params: clusters (100), seed (defaults to the selection seed), stratify (False: by `source`),
-    normalize ("none" = raw losses as in the paper, or "zscore" per checkpoint), iters (100)."""
+    normalize ("none" = raw losses as in the paper, or "zscore" per checkpoint), iters (100), n_init (3)."""
 
     name = "s2l"
     requires = (EXAMPLES, TRAJECTORIES)
@@ -230,7 +243,7 @@ class S2LSelector(Selector):
         seed = int(seed if p["seed"] is None else p["seed"])
         budget.check(inputs.size, int(np.asarray(inputs.token_counts).sum()))
         labels, centres = kmeans(normalize_trajectories(losses, p["normalize"]), int(p["clusters"]), seed=seed,
-                                 iters=int(p["iters"]))
+                                 iters=int(p["iters"]), n_init=int(p["n_init"]))
         strata = None
         if p["stratify"]:
             if "source" not in inputs.pool.column_names:
