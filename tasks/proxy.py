@@ -10,9 +10,10 @@ The proxy artifact is one folder in the store, `<root>/proxy/<key>/`:
     checkpoints.json, _MANIFEST.json    the proxy manifest, written after the last checkpoint
 
 Every checkpoint is committed on its own, so a run that dies (or a Prefect retry) resumes from the last
-committed checkpoint instead of starting over. The data order is a pure function of (seed, step) and the
-learning rate of the step number; the torch RNG state (dropout) and the AdamW state travel in the
-checkpoint, so a resumed run ends with exactly the weights of an uninterrupted one.
+committed checkpoint instead of starting over. The data order is a pure function of (seed, step), the
+learning rate of the step number, dropout is off (training draws no random numbers), and the AdamW state
+(with the torch RNG state, for completeness) travels in the checkpoint, so a resumed run ends with exactly
+the weights of an uninterrupted one.
 
 Everything goes through fsspec (`infra.store`), so an `s3://` store root works as well as a local folder.
 """
@@ -20,11 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import math
+import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -51,6 +53,19 @@ MIN_LR_FRACTION = 0.1
 
 class ProxyError(ValueError):
     pass
+
+
+_NO_LOCK = threading.Lock()
+
+
+def disable_dropout(model) -> None:
+    """Training draws no random numbers (the official S2L proxy, Pythia, has no dropout either), so the run is
+    deterministic even when other threads use torch's global RNG at the same time."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 # ---------------------------------------------------------------- pool and keys
@@ -170,7 +185,7 @@ def local_dir(uri: str) -> Path:
     target = load_settings().model_cache / "proxy" / hashlib.sha256(uri.encode() + manifest).hexdigest()[:16]
     if (target / ".complete").exists():
         return target
-    tmp = target.with_name(target.name + ".tmp")
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}-{threading.get_ident()}")  # shards may race here
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     root = path.rstrip("/")
@@ -179,8 +194,12 @@ def local_dir(uri: str) -> Path:
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         fs.get_file(remote, str(tmp / rel))
     (tmp / ".complete").write_text(uri)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except OSError:  # another worker finished the same copy first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / ".complete").exists():
+            raise
     return target
 
 
@@ -230,8 +249,12 @@ def build_fresh(proxy_spec: str, cfg: ProxyConfig, corpus: tuple[str, ...], prox
     if cfg.lora:
         if proxy_spec.startswith(TINY):
             save_pretrained_folder(model, join(proxy_uri, "base"), "proxy_base", {"spec": proxy_spec})
-        torch.manual_seed(cfg.seed)
-        model = _wrap_lora(model)
+        import infra.models
+
+        # LoRA init draws from torch's global RNG: hold the lock infra.models uses for seeded init
+        with getattr(infra.models, "_SEEDED_INIT", _NO_LOCK), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = _wrap_lora(model)
     return model, tokenizer
 
 
@@ -338,6 +361,7 @@ def _train(uri: str, key: str, proxy_spec: str, cfg: ProxyConfig, prompts: list[
             resumed_from = 0
             corpus = tuple(f"{p}\n{r}" if p else r for p, r in zip(prompts, responses))
             model, tokenizer = build_fresh(proxy_spec, cfg, corpus, uri)
+        disable_dropout(model)
         model.to(device)
         model.train()
         encoded = [encode_example(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]

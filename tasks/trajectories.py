@@ -36,6 +36,9 @@ KIND = "trajectories"
 SHARD_KIND = "trajectory_shard"
 SUMMARY_SAMPLE = 300          # trajectories drawn in the PNG
 SUMMARY_CLUSTERS = 8
+# On CPU, activations of bigger batches spill out of cache: with the tiny proxy, 1-2k padded tokens per batch
+# ran 1.5-2x faster than 8k (benchmarks/bench_s2l.py). proxy.batch_tokens is honoured up to this on CPU.
+CPU_BATCH_TOKENS = 2048
 
 
 def _code() -> str:
@@ -61,13 +64,18 @@ def loss_position_logits(model, ids, attn, sel):
 
 def example_losses(model, encoded: list[Encoded], batch_tokens: int, device: str = "cpu",
                    max_batch: int = 256) -> np.ndarray:
-    """Mean loss over each example's loss tokens: batched, length-grouped, one pass. float32 [n]."""
+    """Mean loss over each example's loss tokens: batched, length-grouped, one pass. float32 [n].
+
+    Batches hold at most `batch_tokens` padded tokens (at most CPU_BATCH_TOKENS on CPU) and `max_batch` rows.
+    """
     import torch
     import torch.nn.functional as F
 
     out = np.zeros(len(encoded), dtype=np.float32)
     if not encoded:
         return out
+    if not str(device).startswith("cuda"):
+        batch_tokens = min(batch_tokens, CPU_BATCH_TOKENS)
     lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
     pad_id = 0
     model.eval()

@@ -52,7 +52,7 @@ def test_synthetic_trajectory_clusters_recover_groups_and_s2l_covers_the_small_o
     labels, centres = kmeans(losses, 3, seed=0)
     assert adjusted_rand(groups, labels) > 0.95 and len(centres) == 3
 
-    budget, seeds = Budget(examples=12), range(20)
+    budget, seeds = Budget(examples=12), range(15)
     uniform_missed = s2l_missed = 0
     for seed in seeds:
         uni = get_selector("uniform").select(inputs_for(losses, steps), budget, seed).indices
@@ -61,7 +61,7 @@ def test_synthetic_trajectory_clusters_recover_groups_and_s2l_covers_the_small_o
         uniform_missed += 2 not in groups[uni]
         s2l_missed += 2 not in groups[res.indices]
         assert set(groups[res.indices]) == {0, 1, 2}
-    # P(uniform misses 8 of 508 with 12 draws) ~ 0.83
+    # P(uniform misses 8 of 508 with 12 draws) ~ 0.83; uniform is seeded, so the count is fixed (14 of 15)
     assert s2l_missed == 0 and uniform_missed >= 10
 
 
@@ -73,23 +73,24 @@ def test_end_to_end_tiny_proxy_learns_groups_at_different_speeds(store_root):
     rows = group_rows(40, 40, 12)
     groups = np.array([g for _, _, g in rows])
     ex = make_examples(rows)
-    proxy = train_proxy(ex, TINY, {"steps": 40, "checkpoints": 5, "learning_rate": 1e-2, "batch_size": 16}, 128)
+    proxy = train_proxy(ex, TINY, {"steps": 24, "checkpoints": 4, "learning_rate": 1e-2, "batch_size": 16}, 128)
     traj = commit_trajectories(proxy, ex, [trajectory_shard(proxy, ex, 0, 1000, 4096)])
     losses, steps, _ = load_trajectories_file(traj)
     means = {g: losses[groups == g].mean(0) for g in ("repeat", "noise", "prose")}
-    assert means["repeat"][-1] < means["repeat"][0] - 1.0       # learned fast
-    assert abs(means["noise"][-1] - means["noise"][0]) < 0.6     # random letters: nothing to learn
+    assert means["repeat"][-1] < means["repeat"][0] - 1.0        # one repeated word: learned fast
+    assert abs(means["noise"][-1] - means["noise"][1]) < 0.3      # random letters: a plateau once letter stats are in
+    assert means["repeat"][-1] < means["noise"][-1] < means["prose"][-1]
     labels, _ = kmeans(losses, 3, seed=0)
     assert purity(groups, labels) >= 0.9 and adjusted_rand(groups, labels) > 0.8
 
     budget = Budget(examples=6)
     inputs = inputs_for(losses, steps)
     uniform_missed = 0
-    for seed in range(20):
+    for seed in range(10):
         picked = get_selector("s2l", clusters=3).select(inputs, budget, seed).indices
         assert "prose" in set(groups[picked]), f"seed {seed}: S2L missed the smallest group"
         uniform_missed += "prose" not in groups[get_selector("uniform").select(inputs, budget, seed).indices]
-    assert uniform_missed >= 3   # P(miss 12 of 92 with 6 draws) ~ 0.43
+    assert uniform_missed >= 3   # P(miss 12 of 92 with 6 draws) ~ 0.43; seeded: 6 of these 10 seeds miss
 
     # through the selection task, which loads the trajectories with tasks.trajectories.load_into
     table, meta = load_selection(run_selection(ex, "s2l", budget, 0, {"clusters": 3}, {"trajectories": traj}))

@@ -1,9 +1,9 @@
 """S2L (SmallToLarge, Yang et al., NeurIPS 2024): cluster proxy loss trajectories, fill the budget cluster by cluster.
 
 1. `kmeans` (torch, k-means++ init, seeded) on the trajectories: row i is example i's mean loss at each
-   of the T proxy checkpoints. Raw losses by default, as in the paper and the official code (which saves the
-   per-example `model(..., labels=...).loss` of each checkpoint and clusters those values); `normalize="zscore"`
-   standardizes each checkpoint column first.
+   of the T proxy checkpoints. Raw losses by default: the official `get_trajectories.py` saves the raw
+   per-example `model(..., labels=...).loss` of each checkpoint and neither it nor the paper describes a
+   normalization step; `normalize="zscore"` standardizes each checkpoint column first (an option, not S2L).
 2. `fill_budget_by_clusters` (Algorithm 1 of the paper): clusters from smallest to largest; each remaining
    cluster gets an equal share of what is left of the budget (rounded up, so with fewer picks than clusters
    the smallest clusters are the ones covered); a cluster smaller than its share is taken whole and the
@@ -15,8 +15,8 @@ when it still fits the cluster's share (a longer one is skipped, like `fill_in_o
 leave unused (granularity) is topped up at the end from the unpicked examples in a seeded random order, as
 long as they fit. With both limits set, each cluster's share holds in both.
 
-`stratify=True` (the official code does this for MathInstruct, whose `source` field names the sub-data
-set): the budget is split across `source` values in proportion to their size (largest-remainder rounding;
+`stratify=True` (for pools such as MathInstruct, whose `source` field names the sub-data set; the official
+code keeps that field for this purpose): the budget is split across `source` values in proportion to their size (largest-remainder rounding;
 token mass for a token budget), then S2L fills each source's quota from that source's members, clustered
 once over the whole pool (cluster ids stay comparable across sources).
 """
