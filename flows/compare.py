@@ -29,10 +29,12 @@ from flows.curate import select_pipeline
 from infra import progress, tracking
 from infra.hashing import fingerprint
 from infra.models import model_fingerprint
-from infra.store import ArtifactStore, read_manifest
+from infra.runners import task_runner_from_settings
+from infra.store import ArtifactStore, join, read_bytes, read_manifest
 from sftcurate.config import (
     CurateConfig, EmbeddingConfig, ModelsConfig, ProxyConfig, Section, SelectionConfig, SourceConfig, load_config,
 )
+from tasks.common import run_committed
 from tasks.evaluate import GenerationConfig, generate_task, heldout_task, read_eval
 from tasks.finetune import FinetuneConfig, fairness_params, finetune_meta, finetune_task
 from tasks.judge import JudgeConfig, judge_note, judge_task
@@ -222,7 +224,7 @@ def _public_params(cfg: CompareConfig) -> dict:
     return d
 
 
-@flow(name="compare", log_prints=True)
+@flow(name="compare", log_prints=True, task_runner=task_runner_from_settings())
 def compare(config: CompareConfig = CompareConfig()) -> dict:
     """Fine-tune the target on each selection (methods x budgets) and compare held-out loss and judge win rate."""
     cfg = config if isinstance(config, CompareConfig) else CompareConfig.model_validate(config)
@@ -233,6 +235,7 @@ def compare(config: CompareConfig = CompareConfig()) -> dict:
     timings: dict[str, float] = {}
     cells: dict[tuple[str, int], dict] = {}
     examples_uri = None
+    store_root = ArtifactStore().root  # part of every cache key: a cached URI must live in this store
     tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow": "compare"}
     with tracking.start_run(cfg.name, tags=tags, params=_public_params(cfg)) as parent:
         for budget in cfg.budgets:
@@ -247,23 +250,26 @@ def compare(config: CompareConfig = CompareConfig()) -> dict:
                     with progress.stage(f"{cell_name} select", timings):
                         examples_uri, selection_uri = select_pipeline(cfg.curate_config(method, budget), child)
                     with progress.stage(f"{cell_name} finetune", timings):
-                        model_uri = finetune_task(examples_uri, selection_uri, target, target_fp, ft_json, child)
+                        model_uri = run_committed(finetune_task, examples_uri, selection_uri, target, target_fp,
+                                                  ft_json, child, store_root)
                     with progress.stage(f"{cell_name} evaluate", timings):
-                        eval_uri = heldout_task(examples_uri, model_uri, target, target_fp, cfg.models.max_length,
-                                                child)
-                        gens_uri = generate_task(examples_uri, model_uri, target, target_fp, gen_json, child)
+                        eval_uri = run_committed(heldout_task, examples_uri, model_uri, target, target_fp,
+                                                 cfg.models.max_length, child, store_root)
+                        gens_uri = run_committed(generate_task, examples_uri, model_uri, target, target_fp, gen_json,
+                                                 child, store_root)
                     cell = {"selection_uri": selection_uri, "model_uri": model_uri, "eval_uri": eval_uri,
                             "generations_uri": gens_uri, "heldout": read_eval(eval_uri),
                             "mlflow_run_id": child, "steps_done": finetune_meta(model_uri)["steps_done"]}
                     if method != BASELINE:
                         with progress.stage(f"{cell_name} judge", timings):
-                            j_uri = judge_task(gens_uri, cells[(BASELINE, budget)]["generations_uri"], method,
-                                               BASELINE, judge_json, cfg.seed, child)
+                            j_uri = run_committed(judge_task, gens_uri, cells[(BASELINE, budget)]["generations_uri"],
+                                                  method, BASELINE, judge_json, cfg.seed, child, store_root)
                         cell["judgments_uri"] = j_uri
                         cell["judge"] = read_manifest(j_uri)["meta"]["summary"]
                     cells[(method, budget)] = cell
         with progress.stage("base model", timings):
-            base_uri = heldout_task(examples_uri, None, target, target_fp, cfg.models.max_length, parent)
+            base_uri = run_committed(heldout_task, examples_uri, None, target, target_fp, cfg.models.max_length,
+                                     parent, store_root)
         base = read_eval(base_uri)
         note = judge_note(cfg.judge)
         rows = result_rows(cfg, cells, base)
@@ -282,8 +288,6 @@ def compare(config: CompareConfig = CompareConfig()) -> dict:
         summary["report_uri"] = report_uri
         summary["table_markdown"] = markdown
         for name in ("results.md", "results.csv", "results.parquet", "results.png"):
-            from infra.store import join, read_bytes
-
             tracking.log_bytes(parent, read_bytes(join(report_uri, name)), name, "report")
         tracking.log_metrics(parent, {"base_heldout_loss": base["loss"], "cells": len(cells)})
         create_markdown_artifact(markdown, key="compare-results", description=f"sftcurate comparison {cfg.name}")

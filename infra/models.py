@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +25,9 @@ from infra.settings import load_settings
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = "tiny-gpt2"
+# Seeded init uses torch's global RNG: two threads building at once (shard tasks on a thread runner) would
+# interleave draws and get different weights.
+_SEEDED_INIT = threading.Lock()
 TINY_DEFAULTS = {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab": 512, "n_positions": 512, "seed": 0}
 
 
@@ -84,7 +88,7 @@ def build_tiny_gpt2(spec: str = TINY, corpus: tuple[str, ...] | None = None) -> 
     config = GPT2Config(n_layer=p["n_layer"], n_embd=p["n_embd"], n_head=p["n_head"], vocab_size=len(tokenizer),
                         n_positions=p["n_positions"], bos_token_id=tokenizer.eos_token_id,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng(devices=[]):
+    with _SEEDED_INIT, torch.random.fork_rng(devices=[]):
         torch.manual_seed(p["seed"])
         model = GPT2LMHeadModel(config)
     model.eval()

@@ -19,10 +19,10 @@ import pyarrow as pa
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
-from data_contracts import GENERATIONS
+from data_contracts import GENERATIONS, UserError
 from infra import tracking
 from infra.hashing import code_fingerprint, fingerprint
-from infra.store import ArtifactStore, join, read_bytes, read_manifest, read_table
+from infra.store import ArtifactStore, join, read_bytes, read_table
 from tasks.common import TASK_DEFAULTS
 from tasks.tokenize import encode_example, length_grouped_batches
 
@@ -75,7 +75,7 @@ def heldout_loss(model, tokenizer, rows: list[tuple[str, str]], max_length: int,
     from tasks.finetune import collate, token_loss_sum
 
     if not rows:
-        raise ValueError("held-out split is empty; raise source.heldout_fraction or add data")
+        raise UserError("held-out split is empty; raise source.heldout_fraction or add data")
     encoded = [encode_example(tokenizer, p, r, max_length) for p, r in rows]
     lengths = np.array([len(e.input_ids) for e in encoded])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -147,8 +147,8 @@ def generation_prompts(examples_uri: str, cfg: GenerationConfig) -> list[dict]:
         head = " ".join(kept)
         out.append({"prompt_id": eid, "prompt": head, "reference": response[len(head):]})
     if not out:
-        raise ValueError(f"{examples_uri}: no held-out example can serve as a generation prompt; "
-                         "raise source.heldout_fraction or add data")
+        raise UserError(f"{examples_uri}: no held-out example can serve as a generation prompt; "
+                        "raise source.heldout_fraction or add data")
     rng = np.random.default_rng(cfg.seed)
     if len(out) > cfg.max_prompts:
         keep = np.sort(rng.choice(len(out), size=cfg.max_prompts, replace=False))
@@ -233,5 +233,4 @@ def generate_task(examples_uri: str, model_uri: str | None, target_spec: str, ta
 
 
 __all__ = ["GenerationConfig", "heldout_loss", "evaluate_heldout", "heldout_task", "read_eval",
-           "generation_prompts", "generate_texts", "generate", "generate_task", "load_generations",
-           "read_manifest"]
+           "generation_prompts", "generate_texts", "generate", "generate_task", "load_generations"]

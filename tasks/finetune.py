@@ -28,6 +28,7 @@ import numpy as np
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
+from data_contracts import UserError
 from infra import tracking
 from infra.hashing import code_fingerprint, fingerprint
 from infra.store import ArtifactStore, filesystem_for, is_committed, join, read_bytes, read_manifest, write_bytes
@@ -107,12 +108,12 @@ def training_rows(examples_uri: str, selection_uri: str) -> list[tuple[str, str]
     rows = []
     for eid in table.column("id").to_pylist():
         if eid not in by_id:
-            raise ValueError(f"{selection_uri}: example id {eid} is not in the train split of {examples_uri}; "
-                             "the selection was made on another pool: re-run the selection")
+            raise UserError(f"{selection_uri}: example id {eid} is not in the train split of {examples_uri}; "
+                            "the selection was made on another pool: re-run the selection")
         k = by_id[eid]
         rows.append((prompts[k], responses[k]))
     if not rows:
-        raise ValueError(f"{selection_uri}: the selection is empty; raise the budget")
+        raise UserError(f"{selection_uri}: the selection is empty; raise the budget")
     return rows
 
 

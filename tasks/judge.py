@@ -44,7 +44,8 @@ ENV_BASE_URL = "SFTCURATE_JUDGE_BASE_URL"
 ENV_MODEL = "SFTCURATE_JUDGE_MODEL"
 ENV_KEYS = ("SFTCURATE_JUDGE_API_KEY", "OPENAI_API_KEY")
 
-DEFAULT_TEMPLATE = """You are an expert reviewer of {domain}. Two texts were written as a continuation of the same prompt.
+DEFAULT_TEMPLATE = """You are an expert reviewer of {domain}. Two texts were written as a continuation of the \
+same prompt.
 
 Prompt:
 {prompt}
@@ -293,10 +294,18 @@ class OpenAIJudge:
         self._client.close()
 
 
+_HF_JUDGES: dict[str, HFJudge] = {}
+_HF_LOCK = threading.Lock()
+
+
 def make_backend(cfg: JudgeConfig):
     if cfg.backend == "openai":
         return OpenAIJudge.from_config(cfg)
-    return HFJudge(cfg.model or "builtin:smollm2-135m-instruct")
+    spec = cfg.model or "builtin:smollm2-135m-instruct"
+    with _HF_LOCK:  # one loaded judge per process, reused by every cell of a comparison
+        if spec not in _HF_JUDGES:
+            _HF_JUDGES[spec] = HFJudge(spec)
+        return _HF_JUDGES[spec]
 
 
 def judge_note(cfg: JudgeConfig) -> str | None:

@@ -246,3 +246,14 @@ def test_openai_backend_gives_up_as_errors_not_ties(monkeypatch):
     assert s["errors"] == 2 and s["ties"] == 0 and np.isnan(s["win_rate"])
     assert all("HTTP 503" in e for e in table.column("error").to_pylist())
     assert server.auth == {""}  # no key configured -> no Authorization header
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine one thread is 2-4x faster."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
