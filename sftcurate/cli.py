@@ -119,6 +119,27 @@ def run(config: Path = typer.Argument(..., help="run configuration (YAML)"),
 
 
 @app.command()
+def refresh(config: Path = typer.Argument(..., help="run configuration (YAML)"),
+            set_: List[str] = typer.Option([], "--set", help="override a setting: section.key=value"),
+            json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON here")):
+    """Run the `refresh` flow: re-curate if the source data changed (all cache hits if not), report the change."""
+    from sftcurate.config import load_config
+
+    try:
+        cfg = load_config(config, set_)
+        from flows.refresh import refresh as refresh_flow
+
+        report = run_with_progress(refresh_flow, cfg)
+    except user_errors() as exc:
+        fail(exc)
+    shown = {k: (v if not isinstance(v, list) else f"{len(v)} ids: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}")
+             for k, v in report.items()}
+    print_summary(f"refresh {cfg.name}", shown)
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2, default=str))
+
+
+@app.command()
 def select(method: str = typer.Argument(..., help="selector name (uniform, fishersft, s2l, density, askllm)"),
            budget: Optional[int] = typer.Option(None, help="number of examples to keep"),
            token_budget: Optional[int] = typer.Option(None, help="number of loss tokens to keep"),
@@ -158,7 +179,8 @@ def compare(config: Path = typer.Argument(..., help="comparison configuration (Y
         summary = run_with_progress(compare_flow, cfg)
     except user_errors() as exc:
         fail(exc)
-    print_summary("comparison", {k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
+    print_summary("comparison", {k: v for k, v in summary.items()
+                                 if not isinstance(v, (list, dict)) and k != "table_markdown"})
     if "table_markdown" in summary:
         out.print(summary["table_markdown"])
 

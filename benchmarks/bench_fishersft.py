@@ -1,0 +1,192 @@
+"""FisherSFT benchmark: every ratio is measured against a baseline run in the same process.
+
+Rows
+1. lazy vs naive greedy, N=20,000 sentences, L=32, d=64, K=200: identical picks, wall-time speedup (>= 20x).
+2. lazy greedy, N=100,000, L=32, d=64, K=1000: wall time (<= 30 s).
+3. (info) the same lazy run as row 1 on isotropic features: gain evaluations vs naive's (no target).
+4. embedding throughput (loss tokens/s): batched `embed_examples` vs a one-example-at-a-time loop (>= 3x).
+5. GPU: N=1,000,000, d=256 (a random projection), K=10,000 lazy; only when CUDA is available.
+
+Features (rows 1, 2, 5) imitate pre-logit hidden states: x_ij = s_i * (mu_i + z_ij) * diag(k^-1/2), with a
+per-sentence scale s_i ~ LogNormal(0, 0.5), a per-sentence topic mean mu_i ~ N(0, 0.25 I) and an anisotropic
+spectrum. How much lazy evaluation saves depends on the data: on isotropic features with equal scales every
+sentence has almost the same gain and the stale bounds prune little (row 3 reports it).
+
+    python benchmarks/bench_fishersft.py            # full run (~10 min on 2 CPU cores)
+    python benchmarks/bench_fishersft.py --quick    # small sizes, correctness checks only (~1 min)
+Exit status 1 when a target is missed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def hidden_like(n: int, L: int, d: int, seed: int = 0, scale_sigma: float = 0.5, topic: float = 0.5,
+                aniso: float = 0.5, dtype=np.float32, chunk: int = 20000) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    spec = (np.arange(1, d + 1) ** -aniso).astype(dtype)
+    out = np.empty((n * L, d), dtype=dtype)
+    for lo in range(0, n, chunk):
+        m = min(chunk, n - lo)
+        s = rng.lognormal(0, scale_sigma, (m, 1, 1)).astype(dtype) if scale_sigma > 0 else np.ones((m, 1, 1), dtype)
+        mu = rng.standard_normal((m, 1, d), dtype=np.float32).astype(dtype) * topic
+        z = rng.standard_normal((m, L, d), dtype=np.float32).astype(dtype)
+        out[lo * L:(lo + m) * L] = (s * (mu + z) * spec).reshape(m * L, d)
+    return out, np.arange(n + 1, dtype=np.int64) * L
+
+
+def naive_evaluations(n: int, k: int) -> int:
+    return n * k - k * (k - 1) // 2
+
+
+def bench_lazy_vs_naive(n, L, d, k, run_naive=True, **gen):
+    from tasks.fisher import LogDetObjective, lazy_greedy, naive_greedy
+
+    x, off = hidden_like(n, L, d, **gen)
+    t = time.perf_counter()
+    lazy = lazy_greedy(LogDetObjective(x, off, 1.0), k=k)
+    t_lazy = time.perf_counter() - t
+    row = {"lazy_s": t_lazy, "lazy_evals": lazy.evaluations, "naive_evals": naive_evaluations(n, k)}
+    if run_naive:
+        t = time.perf_counter()
+        naive = naive_greedy(LogDetObjective(x, off, 1.0), k=k)
+        row["naive_s"] = time.perf_counter() - t
+        row["identical"] = naive.picks == lazy.picks
+        row["speedup"] = row["naive_s"] / t_lazy
+        row["objective_diff"] = abs(naive.objective - lazy.objective)
+    return row
+
+
+def embedding_corpus(n: int) -> list[tuple[str, str]]:
+    from pydoc_data.topics import topics
+
+    text = " ".join(topics[k] for k in sorted(topics)).split()
+    rng = np.random.default_rng(0)
+    out, pos = [], 0
+    for _ in range(n):
+        lp, lr = int(rng.integers(0, 40)), int(rng.integers(10, 160))
+        words = text[pos:pos + lp + lr]
+        pos = (pos + lp + lr) % (len(text) - 400)
+        out.append((" ".join(words[:lp]), " ".join(words[lp:])))
+    return out
+
+
+def bench_embedding(model_spec: str, n: int, max_length: int, batch_tokens: int):
+    from infra.models import resolve_model
+    from tasks.embedding import embed_examples, embed_one_by_one
+
+    loaded = resolve_model(model_spec)
+    examples = embedding_corpus(n)
+    embed_one_by_one(loaded.model, loaded.tokenizer, examples[:4], max_length)  # warm-up
+    t = time.perf_counter()
+    ref_f, ref_o = embed_one_by_one(loaded.model, loaded.tokenizer, examples, max_length)
+    t_ref = time.perf_counter() - t
+    t = time.perf_counter()
+    parts = list(embed_examples(loaded.model, loaded.tokenizer, examples, max_length, batch_tokens, "auto",
+                                shard_size=max(n // 2, 1)))
+    t_b = time.perf_counter() - t
+    feats = np.concatenate([f for f, _ in parts])
+    tokens = int(ref_o[-1])
+    return {"model": model_spec, "examples": n, "tokens": tokens, "naive_tok_s": tokens / t_ref,
+            "batched_tok_s": tokens / t_b, "speedup": t_ref / t_b,
+            "max_abs_diff": float(np.abs(feats - ref_f).max()) if tokens else 0.0}
+
+
+def bench_gpu(n, L, d_in, d_proj, k):
+    import torch
+
+    from tasks.embedding import random_projection
+    from tasks.fisher import LogDetObjective, lazy_greedy
+
+    x, off = hidden_like(n, L, d_in, seed=3)
+    p = torch.from_numpy(random_projection(d_in, d_proj)).cuda()
+    xt = torch.cat([torch.from_numpy(x[i:i + 1 << 22]).cuda() @ p for i in range(0, len(x), 1 << 22)])
+    del x
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    res = lazy_greedy(LogDetObjective(xt, off, 1.0, device="cuda"), k=k)
+    torch.cuda.synchronize()
+    return {"lazy_s": time.perf_counter() - t, "lazy_evals": res.evaluations}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes; checks correctness, not the targets")
+    ap.add_argument("--model", default="tiny-gpt2", help="embedding model: tiny-gpt2 or builtin:smollm2-135m-instruct")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: on a shared 2-core machine more threads spin against "
+                         "other processes)")
+    ap.add_argument("--embed-threads", type=int, default=2,
+                    help="torch CPU threads for the embedding row (default 2, both cores, for both loops)")
+    ap.add_argument("--skip", default="", help="comma list of rows to skip: greedy,large,iso,embed,gpu")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    skip = set(filter(None, args.skip.split(",")))
+    q = args.quick
+    failures: list[str] = []
+    lines = ["| row | setting | measured | target | ok |", "|---|---|---|---|---|"]
+
+    def add(row, setting, measured, target, ok):
+        lines.append(f"| {row} | {setting} | {measured} | {target} | {'yes' if ok else 'NO'} |")
+        print(lines[-1], flush=True)
+        if not ok:
+            failures.append(row)
+
+    print(f"torch {torch.__version__}, threads {args.threads} (embedding {args.embed_threads}), "
+          f"cuda {torch.cuda.is_available()}")
+    print("\n".join(lines), flush=True)
+    if "greedy" not in skip:
+        n, k = (2000, 50) if q else (20000, 200)
+        r = bench_lazy_vs_naive(n, 32, 64, k)
+        add("lazy vs naive", f"N={n}, L=32, d=64, K={k}",
+            f"naive {r['naive_s']:.1f} s, lazy {r['lazy_s']:.2f} s, speedup {r['speedup']:.1f}x, "
+            f"evals {r['naive_evals']}/{r['lazy_evals']}, identical picks {r['identical']}",
+            "identical" if q else "identical, >= 20x", r["identical"] and (q or r["speedup"] >= 20))
+    if "large" not in skip:
+        n, k = (10000, 100) if q else (100000, 1000)
+        r = bench_lazy_vs_naive(n, 32, 64, k, run_naive=False)
+        add("lazy large", f"N={n}, L=32, d=64, K={k}",
+            f"{r['lazy_s']:.1f} s, {r['lazy_evals']} evals (naive would need {r['naive_evals']})",
+            "-" if q else "<= 30 s", q or r["lazy_s"] <= 30)
+    if "iso" not in skip:
+        n, k = (2000, 50) if q else (20000, 200)
+        r = bench_lazy_vs_naive(n, 32, 64, k, run_naive=False, scale_sigma=0.0, topic=0.0, aniso=0.0)
+        add("lazy, isotropic (info)", f"N={n}, L=32, d=64, K={k}, iid N(0, I)",
+            f"{r['lazy_s']:.1f} s, evals {r['naive_evals']}/{r['lazy_evals']} = "
+            f"{r['naive_evals'] / r['lazy_evals']:.1f}x fewer than naive", "-", True)
+    if "embed" not in skip:
+        n = 48 if q else 256
+        torch.set_num_threads(args.embed_threads)
+        r = bench_embedding(args.model, n, 256, 8192)
+        add("embedding", f"{r['model']}, {r['examples']} examples, {r['tokens']} loss tokens",
+            f"one-by-one {r['naive_tok_s']:.0f} tok/s, batched {r['batched_tok_s']:.0f} tok/s, "
+            f"speedup {r['speedup']:.1f}x, max |diff| {r['max_abs_diff']:.1e}", ">= 3x",
+            r["speedup"] >= 3 and r["max_abs_diff"] < 1e-3)
+        torch.set_num_threads(args.threads)
+    if "gpu" not in skip:
+        if torch.cuda.is_available():
+            n, k = (100000, 1000) if q else (1000000, 10000)
+            r = bench_gpu(n, 32, 576, 256, k)
+            add("GPU lazy", f"N={n}, L=32, d=256 (projected from 576), K={k}",
+                f"{r['lazy_s']:.1f} s, {r['lazy_evals']} evals", "reported", True)
+        else:
+            add("GPU lazy", "N=1,000,000, L=32, d=256 projected, K=10,000", "skipped (no GPU)", "-", True)
+    print("\n" + "\n".join(lines))
+    if failures:
+        print(f"\nMISSED: {', '.join(failures)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,445 @@
+"""FisherSFT token features: for every loss token, the target model's pre-logit hidden state that predicts it.
+
+For a loss position t of an example, the feature is the last hidden state at position t-1 (after the final
+norm, so `lm_head(feature)` is the logit vector that predicts token t). The forward pass runs the model's base
+transformer only (no vocabulary projection), in length-grouped batches, under `torch.inference_mode`, bf16 on
+GPU, and the output is streamed shard by shard (`cfg.embedding.shard_size` examples), so memory stays bounded.
+
+Artifact "token_features" (one folder): per shard `features-00000.safetensors` (`features` float32 [T, d],
+`offsets` int64 [n+1]; contract TOKEN_FEATURES) and `ids-00000.parquet` (contract TOKEN_FEATURES_IDS), in pool
+order. Every shard is computed by its own cached, retryable task (`embed_shard_task`) and committed as its own
+"token_features_shard" artifact; `commit_features_task` copies the shards into the final artifact and writes
+its manifest last. With `d_proj` set, features are reduced by a seeded Gaussian random projection or by PCA
+(top right-singular vectors of the uncentred features of a sample), fitted once by `fit_projection_task`.
+
+The same artifact serves "sentence_embeddings" (DensitySampling): the mean of an example's token features.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+from prefect import task
+
+from data_contracts import TOKEN_FEATURES, TOKEN_FEATURES_IDS, ContractError, TensorContract
+from infra.hashing import code_fingerprint, fingerprint
+from infra.store import ArtifactStore, exists, join, read_bytes, read_manifest, read_table, read_tensors
+from tasks.common import TASK_DEFAULTS
+from tasks.tokenize import Encoded, encode_example, length_grouped_batches, pad_batch
+
+log = logging.getLogger("sftcurate.embedding")
+
+KIND = "token_features"
+SHARD_KIND = "token_features_shard"
+PROJECTION_KIND = "feature_projection"
+PROJECTION = TensorContract(name="feature_projection", version=1, tensors={"matrix": ("float", 2)}, ids_sidecar="")
+PROJECTION_SEED = 0          # the random projection is part of the artifact key; a fixed seed keeps reuse
+PCA_SAMPLE = 256             # examples embedded to fit a PCA projection
+
+
+def _code() -> str:
+    return code_fingerprint("tasks.embedding", "tasks.tokenize")
+
+
+# ---------------------------------------------------------------- the math
+
+def resolve_device_dtype(device: str | None = None, dtype: str | None = "auto"):
+    import torch
+
+    dev = torch.device(device) if device not in (None, "auto") else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if dtype in (None, "auto"):
+        tdtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    else:
+        tdtype = getattr(torch, dtype)
+    return dev, tdtype
+
+
+def last_hidden(model, ids, attn=None):
+    """Final hidden states [B, W, d] after the final norm (the input of the vocabulary projection).
+
+    Batches are right-padded and the model is causal, so a real token never attends to a pad (pads come after
+    it) and positions are 0..n-1 as without padding: no attention mask is needed for the rows we keep, and
+    leaving it out keeps attention on the plain causal kernel (a padding mask forces a slower masked path)."""
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if base is not None and base is not model:
+        return base(input_ids=ids, attention_mask=attn).last_hidden_state
+    return model(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states[-1]
+
+
+def encode_all(tokenizer, examples, max_length: int) -> list[Encoded]:
+    return [encode_example(tokenizer, p, r, max_length) for p, r in examples]
+
+
+def embed_encoded(model, encoded: list[Encoded], batch_tokens: int, device=None, projection=None,
+                  pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(features float32 [T, d'], offsets int64 [n+1]) of already-encoded examples, in input order."""
+    import torch
+
+    device = device or next(model.parameters()).device
+    counts = np.array([e.n_loss for e in encoded], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    d_out = projection.shape[1] if projection is not None else int(model.config.hidden_size)
+    out = np.zeros((int(offsets[-1]), d_out), dtype=np.float32)
+    if not encoded:
+        return out, offsets
+    proj = None
+    if projection is not None:
+        proj = torch.as_tensor(np.asarray(projection, dtype=np.float32), device=device)
+    lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
+    with torch.inference_mode():
+        for batch in length_grouped_batches(lengths, batch_tokens):
+            ids, attn, lmask = (t.to(device) for t in pad_batch([encoded[i] for i in batch], pad_id))
+            sel = lmask[:, 1:].bool()            # position t-1 predicts the loss token at t
+            if not bool(sel.any()):
+                continue
+            h = last_hidden(model, ids)[:, :-1][sel].float()  # right padding: no mask needed
+            if proj is not None:
+                h = h @ proj
+            h = h.cpu().numpy()
+            # rows come out example by example (row-major over the batch), each in position order
+            pos = 0
+            for i in batch:
+                n = int(counts[i])
+                out[offsets[i]:offsets[i] + n] = h[pos:pos + n]
+                pos += n
+    return out, offsets
+
+
+def embed_examples(model, tokenizer, examples, max_length: int, batch_tokens: int = 4096, dtype: str | None = "auto",
+                   device: str | None = None, shard_size: int = 2048, projection=None
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (features, offsets) for consecutive shards of `shard_size` examples ((prompt, response) pairs).
+
+    The model is moved to `device` and cast to `dtype` ("auto": bf16 on GPU, fp32 on CPU); features are
+    float32. `projection` ([d, d_proj]) is applied on the device before the copy back."""
+    dev, tdtype = resolve_device_dtype(device, dtype)
+    model.to(device=dev, dtype=tdtype)
+    model.eval()
+    examples = list(examples)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for lo in range(0, max(len(examples), 1), shard_size):
+        encoded = encode_all(tokenizer, examples[lo:lo + shard_size], max_length)
+        yield embed_encoded(model, encoded, batch_tokens, dev, projection, pad_id)
+
+
+def embed_one_by_one(model, tokenizer, examples, max_length: int, device: str | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Reference loop: one full forward (logits and all hidden states) per example, batch size 1."""
+    import torch
+
+    dev, _ = resolve_device_dtype(device, "float32")
+    feats, counts = [], []
+    with torch.inference_mode():
+        for p, r in examples:
+            e = encode_example(tokenizer, p, r, max_length)
+            ids = torch.tensor([e.input_ids], device=dev)
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+            sel = torch.tensor(e.loss_mask[1:], dtype=torch.bool, device=dev)
+            feats.append(out.hidden_states[-1][0, :-1][sel].float().cpu().numpy())
+            counts.append(int(sel.sum()))
+    d = int(model.config.hidden_size)
+    features = np.concatenate(feats) if feats else np.zeros((0, d), np.float32)
+    return features.astype(np.float32), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def random_projection(d: int, d_proj: int, seed: int = PROJECTION_SEED) -> np.ndarray:
+    """Gaussian [d, d_proj] with entries N(0, 1/d_proj): E[P P^T] = I, so squared norms and X^T X quadratic
+    forms are preserved in expectation (Johnson-Lindenstrauss)."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((d, d_proj)) / np.sqrt(d_proj)).astype(np.float32)
+
+
+def pca_projection(sample: np.ndarray, d_proj: int) -> np.ndarray:
+    """Top `d_proj` right-singular vectors of the UNcentred sample [T, d] (orthonormal columns [d, d_proj]):
+    they keep the largest share of the second-moment matrix X^T X that the log-det objective is built on."""
+    x = np.asarray(sample, dtype=np.float64)
+    if x.shape[0] == 0:
+        raise ValueError("pca projection: the sample has no feature rows")
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    if vt.shape[0] < d_proj:
+        raise ValueError(f"pca projection: the sample spans {vt.shape[0]} dimensions, fewer than d_proj={d_proj}")
+    return vt[:d_proj].T.astype(np.float32)
+
+
+def mean_pool(features: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """One vector per example: the mean of its token features (zeros for an example with none)."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    counts = np.diff(offsets)
+    x = np.asarray(features, dtype=np.float64)
+    cs = np.concatenate([np.zeros((1, x.shape[1])), np.cumsum(x, axis=0)])
+    sums = cs[offsets[1:]] - cs[offsets[:-1]]
+    return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+
+
+# ---------------------------------------------------------------- pool access
+
+def pool_table(examples_uri: str) -> pa.Table:
+    try:
+        from tasks.ingest import load_pool
+    except ImportError:  # pragma: no cover - ingest is the lead's module; fall back to the raw file
+        from data_contracts import EXAMPLES
+
+        table = read_table(join(examples_uri, "examples.parquet"), EXAMPLES)
+        return table.filter(pa.compute.equal(table.column("split"), "train"))
+    return load_pool(examples_uri)
+
+
+def examples_fingerprint(examples_uri: str) -> str:
+    meta = read_manifest(examples_uri).get("meta", {})
+    return meta.get("fingerprint") or read_manifest(examples_uri)["key"]
+
+
+def pool_pairs(pool: pa.Table) -> list[tuple[str, str]]:
+    return list(zip(pool.column("prompt").to_pylist(), pool.column("response").to_pylist()))
+
+
+def n_shards(n: int, shard_size: int) -> int:
+    return max(1, -(-n // shard_size))
+
+
+# ---------------------------------------------------------------- plain steps behind the tasks
+
+def fit_projection(examples_uri: str, model_spec: str, model_fp: str, d_proj: int, method: str, max_length: int,
+                   batch_tokens: int, dtype: str, store_root: str | None = None) -> str:
+    """Commit the [d, d_proj] projection matrix (random: seeded Gaussian; pca: fitted on a pool sample)."""
+    from infra.models import resolve_model
+
+    store = ArtifactStore(store_root)
+    ex_fp = examples_fingerprint(examples_uri) if method == "pca" else None
+    key = fingerprint(model_fp, d_proj, method, PROJECTION_SEED, ex_fp, max_length, _code())
+    done = store.committed(PROJECTION_KIND, key)
+    if done:
+        return done
+    loaded = resolve_model(model_spec)
+    d = int(loaded.model.config.hidden_size)
+    if not 0 < d_proj <= d:
+        raise ContractError(f"embedding.d_proj: {d_proj} must be in 1..{d} (the model's hidden size)")
+    if method == "random":
+        matrix = random_projection(d, d_proj)
+    else:
+        pool = pool_table(examples_uri)
+        rng = np.random.default_rng(PROJECTION_SEED)
+        take = np.sort(rng.choice(pool.num_rows, size=min(PCA_SAMPLE, pool.num_rows), replace=False))
+        pairs = pool_pairs(pool)
+        feats, _ = next(embed_examples(loaded.model, loaded.tokenizer, [pairs[i] for i in take], max_length,
+                                       batch_tokens, dtype, shard_size=len(take) or 1))
+        matrix = pca_projection(feats, d_proj)
+    writer = store.begin(PROJECTION_KIND, key)
+    writer.write_tensors("projection.safetensors", {"matrix": matrix}, PROJECTION)
+    writer.meta.update({"method": method, "d": d, "d_proj": d_proj, "model": model_spec})
+    return writer.commit()
+
+
+def load_projection(projection_uri: str | None) -> np.ndarray | None:
+    if not projection_uri:
+        return None
+    tensors, _ = read_tensors(join(projection_uri, "projection.safetensors"), PROJECTION)
+    return tensors["matrix"].astype(np.float32)
+
+
+def embed_shard(examples_uri: str, shard_index: int, shard_size: int, model_spec: str, model_fp: str,
+                max_length: int, batch_tokens: int, dtype: str = "auto", projection_uri: str | None = None,
+                store_root: str | None = None) -> str:
+    """Compute and commit one shard of the pool's token features (or return the committed one)."""
+    from infra.models import resolve_model
+
+    store = ArtifactStore(store_root)
+    proj_key = read_manifest(projection_uri)["key"] if projection_uri else None
+    key = fingerprint(examples_fingerprint(examples_uri), shard_index, shard_size, model_fp, max_length, dtype,
+                      proj_key, _code())
+    done = store.committed(SHARD_KIND, key)
+    if done:
+        return done
+    pool = pool_table(examples_uri)
+    lo, hi = min(pool.num_rows, shard_index * shard_size), min(pool.num_rows, (shard_index + 1) * shard_size)
+    pairs = pool_pairs(pool.slice(lo, hi - lo))
+    loaded = resolve_model(model_spec)
+    projection = load_projection(projection_uri)
+    feats, offsets = next(embed_examples(loaded.model, loaded.tokenizer, pairs, max_length, batch_tokens, dtype,
+                                         shard_size=max(len(pairs), 1), projection=projection))
+    ids = pa.table({"id": pool.column("id").slice(lo, hi - lo),
+                    "pool_index": np.arange(lo, hi, dtype=np.int64), "n_tokens": np.diff(offsets)})
+    writer = store.begin(SHARD_KIND, key)
+    writer.write_tensors("features.safetensors", {"features": feats, "offsets": offsets}, TOKEN_FEATURES)
+    writer.write_table("ids.parquet", ids, TOKEN_FEATURES_IDS)
+    writer.meta.update({"shard_index": shard_index, "shard_size": shard_size, "rows": int(hi - lo),
+                        "tokens": int(offsets[-1]), "d": int(feats.shape[1]), "model": model_spec,
+                        "projection_uri": projection_uri})
+    return writer.commit()
+
+
+def commit_features(examples_uri: str, shard_uris: list[str], store_root: str | None = None) -> str:
+    """Copy the shards (in order) into one "token_features" artifact; checks they tile the pool."""
+    store = ArtifactStore(store_root)
+    key = fingerprint([read_manifest(u)["key"] for u in shard_uris], _code())
+    done = store.committed(KIND, key)
+    if done:
+        return done
+    n_pool = pool_table(examples_uri).num_rows
+    metas = [read_manifest(u)["meta"] for u in shard_uris]
+    rows = sum(m["rows"] for m in metas)
+    if rows != n_pool:
+        raise ContractError(f"{examples_uri}: the pool has {n_pool} examples but the feature shards hold {rows}; "
+                            "re-run the embedding shards")
+    dims = {m["d"] for m in metas}
+    if len(dims) > 1:
+        raise ContractError(f"feature shards disagree on d ({sorted(dims)}); re-run the embedding stage")
+    writer = store.begin(KIND, key)
+    names = []
+    for k, u in enumerate(shard_uris):
+        writer.write_bytes(f"features-{k:05d}.safetensors", read_bytes(join(u, "features.safetensors")))
+        writer.write_bytes(f"ids-{k:05d}.parquet", read_bytes(join(u, "ids.parquet")))
+        names.append(k)
+    writer.meta.update({"examples_uri": examples_uri, "n_examples": n_pool, "shards": len(names),
+                        "tokens": int(sum(m["tokens"] for m in metas)), "d": dims.pop() if dims else None,
+                        "model": metas[0]["model"] if metas else None,
+                        "projection_uri": metas[0]["projection_uri"] if metas else None})
+    return writer.commit()
+
+
+# ---------------------------------------------------------------- Prefect tasks
+
+@task(name="fit-projection", **TASK_DEFAULTS)
+def fit_projection_task(examples_uri: str, model_spec: str, model_fingerprint: str, d_proj: int, method: str,
+                        max_length: int, batch_tokens: int, dtype: str, store_root: str | None = None) -> str:
+    return fit_projection(examples_uri, model_spec, model_fingerprint, d_proj, method, max_length, batch_tokens,
+                          dtype, store_root)
+
+
+@task(name="embed-shard", **TASK_DEFAULTS)
+def embed_shard_task(examples_uri: str, shard_index: int, shard_size: int, model_spec: str, model_fingerprint: str,
+                     max_length: int, batch_tokens: int, dtype: str = "auto", projection_uri: str | None = None,
+                     store_root: str | None = None) -> str:
+    """Prefect task: one shard of the pool through the target model; returns the shard artifact URI."""
+    return embed_shard(examples_uri, shard_index, shard_size, model_spec, model_fingerprint, max_length,
+                       batch_tokens, dtype, projection_uri, store_root)
+
+
+@task(name="commit-token-features", **TASK_DEFAULTS)
+def commit_features_task(examples_uri: str, shard_uris: list[str], run_id: str | None = None,
+                         store_root: str | None = None) -> str:
+    uri = commit_features(examples_uri, shard_uris, store_root)
+    if run_id:
+        from infra import tracking
+
+        meta = read_manifest(uri)["meta"]
+        tracking.log_metrics(run_id, {"embedding.tokens": meta["tokens"], "embedding.d": meta["d"] or 0,
+                                      "embedding.shards": meta["shards"]})
+    return uri
+
+
+# ---------------------------------------------------------------- provider interface (tasks.selection.PROVIDERS)
+
+def produce(examples_uri: str, cfg, run_id: str | None, store_root: str | None = None) -> str:
+    """Token features of the pool under `cfg.models.target`: shards mapped over the flow's task runner."""
+    from prefect.context import FlowRunContext
+
+    from infra.models import model_fingerprint
+
+    spec, emb = cfg.models.target, cfg.embedding
+    store_root = store_root or ArtifactStore().root  # part of every cache key: a cached URI must live in this store
+    model_fp = model_fingerprint(spec)
+    projection_uri = None
+    if emb.d_proj:
+        projection_uri = fit_projection_task(examples_uri, spec, model_fp, int(emb.d_proj), emb.projection,
+                                             cfg.models.max_length, emb.batch_tokens, emb.dtype, store_root)
+    n = pool_table(examples_uri).num_rows
+    args = [(examples_uri, i, emb.shard_size, spec, model_fp, cfg.models.max_length, emb.batch_tokens, emb.dtype,
+             projection_uri, store_root) for i in range(n_shards(n, emb.shard_size))]
+    if FlowRunContext.get() is not None:  # inside a flow: shards run on its task runner (threads, Dask)
+        shard_uris = [f.result() for f in [embed_shard_task.submit(*a) for a in args]]
+    else:
+        shard_uris = [embed_shard_task(*a) for a in args]
+    return commit_features_task(examples_uri, shard_uris, run_id=run_id, store_root=store_root)
+
+
+def _shard_names(uri: str) -> list[int]:
+    manifest = read_manifest(uri)
+    names = sorted(manifest.get("files", {}))
+    return sorted(int(n[len("features-"):-len(".safetensors")]) for n in names
+                  if n.startswith("features-") and n.endswith(".safetensors"))
+
+
+def read_features_artifact(uri: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(features float32, offsets int64, ids) of every shard of a token-features artifact, in pool order."""
+    feats, offs, ids, d, base, next_index = [], [0], [], None, 0, 0
+    shards = _shard_names(uri)
+    if not shards:
+        raise ContractError(f"{uri}: token-features artifact has no features-*.safetensors shard")
+    for k in shards:
+        f_uri, i_uri = join(uri, f"features-{k:05d}.safetensors"), join(uri, f"ids-{k:05d}.parquet")
+        tensors, _ = read_tensors(f_uri, TOKEN_FEATURES)
+        x, o = tensors["features"], tensors["offsets"]
+        if d is None:
+            d = x.shape[1]
+        elif x.shape[1] != d:
+            raise ContractError(f"{f_uri}: features have d={x.shape[1]} but earlier shards have d={d}; "
+                                "the shards come from different models/projections; re-run the embedding stage")
+        table = read_table(i_uri, TOKEN_FEATURES_IDS)
+        if table.num_rows != len(o) - 1:
+            raise ContractError(f"{i_uri}: {table.num_rows} ids but {f_uri} holds {len(o) - 1} examples")
+        pidx = np.asarray(table.column("pool_index"))
+        if len(pidx) and not np.array_equal(pidx, np.arange(next_index, next_index + len(pidx))):
+            raise ContractError(f"{i_uri}: pool_index does not continue at {next_index}; shards out of order")
+        if not np.array_equal(np.asarray(table.column("n_tokens")), np.diff(o)):
+            raise ContractError(f"{i_uri}: n_tokens disagree with the offsets of {f_uri}")
+        next_index += len(pidx)
+        feats.append(x.astype(np.float32, copy=False))
+        offs.append(o[1:] + base)
+        base += int(o[-1])
+        ids.extend(table.column("id").to_pylist())
+    return np.concatenate(feats), np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in offs]), ids
+
+
+def _check_pool(uri: str, ids: list[str], inputs) -> None:
+    pool_ids = inputs.pool.column("id").to_pylist()
+    if len(ids) != len(pool_ids):
+        raise ContractError(f"{uri}: token features cover {len(ids)} examples but the pool has {len(pool_ids)}; "
+                            "re-run the embedding stage for this pool")
+    if ids != pool_ids:
+        row = next(i for i, (a, b) in enumerate(zip(ids, pool_ids)) if a != b)
+        raise ContractError(f"{uri}: row {row} is example '{ids[row]}' but pool index {row} is '{pool_ids[row]}'; "
+                            "the features were computed for a different pool; re-run the embedding stage")
+
+
+def load_into(uri: str, inputs) -> None:
+    """Set inputs.token_features = (features float32 [T, d], offsets int64 [N+1]) in pool order."""
+    feats, offsets, ids = read_features_artifact(uri)
+    _check_pool(uri, ids, inputs)
+    inputs.token_features = (feats, offsets)
+
+
+def load_sentence_embeddings_into(uri: str, inputs) -> None:
+    """Set inputs.sentence_embeddings = the mean token feature of every example (DensitySampling)."""
+    feats, offsets, ids = read_features_artifact(uri)
+    _check_pool(uri, ids, inputs)
+    inputs.sentence_embeddings = mean_pool(feats, offsets)
+
+
+def load_features_file(path: str, expected_d: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(features float32 [T, d], offsets int64 [N+1]) from a `.safetensors` file or a token-features artifact
+    folder, validated by the TOKEN_FEATURES contract (shapes, dtypes, monotone offsets, finite rows)."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        tensors, _ = read_tensors(path, TOKEN_FEATURES)
+        feats, offsets = tensors["features"], tensors["offsets"]
+        ids_uri = path[: -len(".safetensors")].replace("features", "ids", 1) + ".parquet"
+        if "/" in path:
+            folder, name = path.rsplit("/", 1)
+            ids_uri = join(folder, name[: -len(".safetensors")].replace("features", "ids", 1) + ".parquet")
+        if ids_uri != path and exists(ids_uri):
+            table = read_table(ids_uri, TOKEN_FEATURES_IDS)
+            if table.num_rows != len(offsets) - 1:
+                raise ContractError(f"{ids_uri}: {table.num_rows} ids but {path} holds {len(offsets) - 1} examples")
+    else:
+        if not exists(join(path, "_MANIFEST.json")):
+            raise ContractError(f"{path}: not a .safetensors file nor a committed token-features artifact folder")
+        feats, offsets, _ = read_features_artifact(path)
+    if feats.shape[1] == 0:
+        raise ContractError(f"{path}: 'features' has 0 columns; expected [tokens, d] with d >= 1")
+    if expected_d is not None and feats.shape[1] != expected_d:
+        raise ContractError(f"{path}: features have d={feats.shape[1]}, expected d={expected_d}")
+    return feats.astype(np.float32, copy=False), offsets.astype(np.int64, copy=False)

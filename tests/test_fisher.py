@@ -1,0 +1,135 @@
+"""FisherSFT math: lazy greedy == naive greedy, objective == direct log det, budgets, determinism, selector."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from tasks.fisher import (LogDetObjective, direct_logdet, lazy_greedy, naive_greedy, run_greedy,
+                          select_from_features, stochastic_greedy)
+from tasks.selectors import Budget, SelectorInputs, get_selector
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny problems: more threads only add contention on a shared 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def instance(seed: int, n: int = 150, d: int = 6, max_len: int = 9, dup: int = 0):
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(0, max_len, n)
+    feats = [rng.standard_normal((int(L), d)) * rng.lognormal(0, 0.5) for L in lens]
+    for k in range(dup):  # exact duplicates of earlier sentences: ties that must go to the lowest index
+        j = int(rng.integers(0, n // 2))
+        feats[n - 1 - k] = feats[j].copy()
+    lens = np.array([len(f) for f in feats])
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    return np.concatenate(feats).astype(np.float32), offsets
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_lazy_equals_naive_with_ties(seed):
+    x, off = instance(seed, dup=20)
+    for lam in (0.5, 3.0):
+        naive = naive_greedy(LogDetObjective(x, off, lam), k=40)
+        lazy = lazy_greedy(LogDetObjective(x, off, lam), k=40)
+        assert naive.picks == lazy.picks
+        assert np.allclose(naive.gains, lazy.gains, rtol=1e-9, atol=1e-12)
+        assert lazy.evaluations < naive.evaluations
+
+
+def test_identical_sentences_tie_to_lowest_index():
+    rng = np.random.default_rng(5)
+    block = rng.standard_normal((4, 5)).astype(np.float32)
+    x = np.concatenate([block] * 6)
+    off = np.arange(7, dtype=np.int64) * 4
+    for alg in (naive_greedy, lazy_greedy):
+        assert alg(LogDetObjective(x, off, 1.0), k=3).picks == [0, 1, 2]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gains_non_increasing_and_objective_is_direct_logdet(seed):
+    x, off = instance(seed, n=200, d=8)
+    lam = 2.0
+    res = lazy_greedy(LogDetObjective(x, off, lam), k=60)
+    g = np.array(res.gains)
+    assert (np.diff(g) <= 1e-9).all()
+    direct = direct_logdet(x, off, res.picks, lam)
+    X = torch.as_tensor(x, dtype=torch.float64)
+    A = lam * torch.eye(x.shape[1], dtype=torch.float64)
+    for i in res.picks:
+        A += X[off[i]:off[i + 1]].T @ X[off[i]:off[i + 1]]
+    assert res.objective == pytest.approx(float(torch.logdet(A)), rel=1e-10)
+    assert direct == pytest.approx(res.objective, rel=1e-10)
+    assert res.initial + g.sum() == pytest.approx(res.objective, rel=1e-9)
+
+
+def test_gains_batched_equal_single_and_value_tracks_adds():
+    x, off = instance(7, n=80, d=5, max_len=12)  # lengths above and below d: both Gram forms
+    obj = LogDetObjective(x, off, 1.0)
+    for i in (3, 10, 11):
+        obj.add(i)
+    batched = obj.gains(np.arange(80))
+    single = np.array([obj.gain(i) for i in range(80)])
+    assert np.allclose(batched, single, rtol=1e-12, atol=1e-12)
+    before = obj.value()
+    g = obj.add(20)
+    assert obj.value() - before == pytest.approx(g, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["ratio", "gain"])
+def test_token_budget_respected_and_lazy_matches_naive(rule):
+    x, off = instance(11, n=120, d=6, max_len=15)
+    lens = np.diff(off)
+    naive = naive_greedy(LogDetObjective(x, off, 1.0), token_budget=100, rule=rule)
+    lazy = lazy_greedy(LogDetObjective(x, off, 1.0), token_budget=100, rule=rule)
+    assert naive.picks == lazy.picks
+    assert lens[lazy.picks].sum() <= 100
+    # nothing that is left would still fit
+    left = np.setdiff1d(np.arange(len(lens)), lazy.picks)
+    assert (lens[left] > 100 - lens[lazy.picks].sum()).all()
+    both = lazy_greedy(LogDetObjective(x, off, 1.0), k=5, token_budget=100)
+    assert len(both.picks) <= 5 and lens[both.picks].sum() <= 100
+
+
+def test_stochastic_greedy_deterministic_per_seed():
+    x, off = instance(3, n=300)
+    a = stochastic_greedy(LogDetObjective(x, off, 1.0), k=20, epsilon=0.2, seed=4)
+    b = stochastic_greedy(LogDetObjective(x, off, 1.0), k=20, epsilon=0.2, seed=4)
+    c = stochastic_greedy(LogDetObjective(x, off, 1.0), k=20, epsilon=0.2, seed=5)
+    assert a.picks == b.picks and len(set(a.picks)) == 20
+    assert a.picks != c.picks
+    greedy = lazy_greedy(LogDetObjective(x, off, 1.0), k=20)
+    assert a.objective <= greedy.objective + 1e-9
+    assert a.objective > greedy.initial + 0.8 * (greedy.objective - greedy.initial)
+
+
+def test_select_from_features_and_selector():
+    x, off = instance(2, n=60)
+    res = select_from_features(x, off, Budget(examples=10), lam=1.0, algorithm="lazy")
+    assert len(res.indices) == 10 and len(res.gains) == 10
+    assert res.objective == pytest.approx(direct_logdet(x, off, res.indices, 1.0), rel=1e-10)
+    pool = pa.table({"id": [str(i) for i in range(60)]})
+    inputs = SelectorInputs(pool=pool, token_counts=np.diff(off), token_features=(x, off))
+    for alg in ("lazy", "naive", "stochastic"):
+        sel = get_selector("fishersft", lam=1.0, algorithm=alg, epsilon=0.1).select(inputs, Budget(tokens=50), 0)
+        assert np.diff(off)[sel.indices].sum() <= 50
+    with pytest.raises(ValueError, match="unknown"):
+        get_selector("fishersft", algorithm="bogus").select(inputs, Budget(examples=3), 0)
+
+
+def test_bad_in_memory_inputs_rejected():
+    x, off = instance(1, n=10)
+    bad = off.copy()
+    bad[1] = off[-1]
+    with pytest.raises(ValueError, match="not monotone"):
+        LogDetObjective(x, bad, 1.0)
+    with pytest.raises(ValueError, match="ends at"):
+        LogDetObjective(x[:-1], off, 1.0)
+    with pytest.raises(ValueError, match="lam"):
+        run_greedy(x, off, lam=0.0, k=2)
