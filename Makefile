@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-test.txt pyproject.toml | cksum | cut -d' ' -f1)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test bench services services-stop clean
+.PHONY: install demo test test-services bench services services-stop clean
 
 install: $(STAMP)
 
@@ -24,6 +24,18 @@ demo: install
 
 test: install
 	$(BIN)/pytest -q
+
+# The production-like stack on one machine (Prefect server :4200, MLflow :5050, S3 API :5055), see docs/production.md.
+services: install
+	$(BIN)/python -m infra.services start
+	@echo "use it: source .sftcurate/services/env.sh"
+
+services-stop:
+	$(BIN)/python -m infra.services stop
+
+# Brings the stack up on free ports, deploys, runs a deployment through a worker (slow; not part of `make test`).
+test-services: install
+	$(BIN)/pytest -q -m services
 
 bench: install
 	$(BIN)/python benchmarks/bench_fishersft.py --quick

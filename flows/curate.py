@@ -10,6 +10,7 @@ from prefect.runtime import flow_run
 
 from infra import progress, tracking
 from infra.models import model_fingerprint
+from infra.runners import task_runner_from_settings
 from infra.store import ArtifactStore, join, read_bytes
 from sftcurate.config import CurateConfig
 from tasks.common import run_committed
@@ -51,7 +52,7 @@ def summary_markdown(summary: dict) -> str:
     return f"# Curation `{summary['name']}`\n\n| field | value |\n|---|---|\n{rows}\n\nStage timings: {timings}\n"
 
 
-@flow(name="curate", log_prints=True)
+@flow(name="curate", log_prints=True, task_runner=task_runner_from_settings())
 def curate(config: CurateConfig = CurateConfig()) -> dict:
     """Select the most informative subset of a data set and commit it as a selection manifest."""
     cfg = config if isinstance(config, CurateConfig) else CurateConfig.model_validate(config)

@@ -7,8 +7,10 @@
 | SFTCURATE_S3_ENDPOINT_URL / AWS_ENDPOINT_URL | unset | S3 API endpoint (MinIO, moto, ...) |
 | AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_REGION | unset | S3 credentials (never logged) |
 | MLFLOW_TRACKING_URI | sqlite:///$SFTCURATE_HOME/mlflow.db | tracking store or server |
-| SFTCURATE_TASK_RUNNER | threads | threads, or dask (local cluster) |
+| SFTCURATE_TASK_RUNNER | threads | threads, dask (local cluster or SFTCURATE_DASK_ADDRESS), ray (infra/runners.py) |
 | SFTCURATE_DASK_ADDRESS | unset | scheduler address for an existing Dask cluster |
+| SFTCURATE_DASK_WORKERS | 2 | worker processes of a local Dask cluster |
+| SFTCURATE_RAY_ADDRESS | unset | address of an existing Ray cluster (needs prefect-ray) |
 | SFTCURATE_MODEL_CACHE | $SFTCURATE_HOME/models | converted / downloaded models |
 """
 from __future__ import annotations
