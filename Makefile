@@ -21,6 +21,8 @@ $(STAMP):
 
 demo: install
 	$(BIN)/sftcurate run configs/demo.yaml
+	$(BIN)/sftcurate run configs/demo-s2l.yaml
+	$(BIN)/sftcurate compare configs/demo-compare.yaml
 
 test: install
 	$(BIN)/pytest -q
