@@ -104,18 +104,24 @@ def run(config: Path = typer.Argument(..., help="run configuration (YAML)"),
         set_: List[str] = typer.Option([], "--set", help="override a setting: section.key=value"),
         json_out: Optional[Path] = typer.Option(None, "--json", help="also write the summary as JSON here")):
     """Run the `curate` flow: ingest -> select -> commit a selection manifest."""
+    cfg, summary = run_config_flow("curate", config, set_, json_out)
+    print_summary(f"curation {cfg.name}", summary)
+
+
+def run_config_flow(name: str, config: Path, overrides: list[str], json_out: Optional[Path]):
+    """Load a CurateConfig, run flows.<name>.<name> on it with progress; one-line errors; optional JSON."""
+    import importlib
+
     from sftcurate.config import load_config
 
     try:
-        cfg = load_config(config, set_)
-        from flows.curate import curate
-
-        summary = run_with_progress(curate, cfg)
+        cfg = load_config(config, overrides)
+        result = run_with_progress(getattr(importlib.import_module(f"flows.{name}"), name), cfg)
     except user_errors() as exc:
         fail(exc)
-    print_summary(f"curation {cfg.name}", summary)
     if json_out:
-        json_out.write_text(json.dumps(summary, indent=2, default=str))
+        json_out.write_text(json.dumps(result, indent=2, default=str))
+    return cfg, result
 
 
 @app.command()
@@ -123,20 +129,10 @@ def refresh(config: Path = typer.Argument(..., help="run configuration (YAML)"),
             set_: List[str] = typer.Option([], "--set", help="override a setting: section.key=value"),
             json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON here")):
     """Run the `refresh` flow: re-curate if the source data changed (all cache hits if not), report the change."""
-    from sftcurate.config import load_config
-
-    try:
-        cfg = load_config(config, set_)
-        from flows.refresh import refresh as refresh_flow
-
-        report = run_with_progress(refresh_flow, cfg)
-    except user_errors() as exc:
-        fail(exc)
+    cfg, report = run_config_flow("refresh", config, set_, json_out)
     shown = {k: (v if not isinstance(v, list) else f"{len(v)} ids: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}")
              for k, v in report.items()}
     print_summary(f"refresh {cfg.name}", shown)
-    if json_out:
-        json_out.write_text(json.dumps(report, indent=2, default=str))
 
 
 @app.command()

@@ -395,14 +395,9 @@ def read_features_artifact(uri: str) -> tuple[np.ndarray, np.ndarray, list[str]]
 
 
 def _check_pool(uri: str, ids: list[str], inputs) -> None:
-    pool_ids = inputs.pool.column("id").to_pylist()
-    if len(ids) != len(pool_ids):
-        raise ContractError(f"{uri}: token features cover {len(ids)} examples but the pool has {len(pool_ids)}; "
-                            "re-run the embedding stage for this pool")
-    if ids != pool_ids:
-        row = next(i for i, (a, b) in enumerate(zip(ids, pool_ids)) if a != b)
-        raise ContractError(f"{uri}: row {row} is example '{ids[row]}' but pool index {row} is '{pool_ids[row]}'; "
-                            "the features were computed for a different pool; re-run the embedding stage")
+    from tasks.selectors.base import check_pool_alignment
+
+    check_pool_alignment(uri, ids, inputs.pool, "token features")
 
 
 def load_into(uri: str, inputs) -> None:

@@ -297,14 +297,9 @@ def produce(examples_uri: str, cfg, run_id: str | None) -> str:
 def load_into(uri: str, inputs) -> None:
     """Set inputs.trajectories = (losses, steps) after checking the rows are the pool's, in pool order."""
     losses, steps, ids = load_trajectories_file(uri)
-    pool_ids = inputs.pool.column("id").to_pylist()
-    if ids is None or len(ids) != len(pool_ids):
-        raise ContractError(f"{uri}: trajectories hold {losses.shape[0]} rows but the pool has {len(pool_ids)} "
-                            "examples; re-run the trajectories for this pool")
-    if ids != pool_ids:
-        row = next(i for i, (a, b) in enumerate(zip(ids, pool_ids)) if a != b)
-        raise ContractError(f"{uri}: row {row} is example '{ids[row]}' but pool index {row} is '{pool_ids[row]}'; "
-                            "the trajectories were computed for a different pool; re-run them")
+    from tasks.selectors.base import check_pool_alignment
+
+    check_pool_alignment(uri, ids, inputs.pool, "trajectories")
     inputs.trajectories = (losses, steps)
 
 

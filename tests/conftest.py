@@ -33,6 +33,17 @@ def _cleanup_home():
     shutil.rmtree(_HOME, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Test models are tiny: a second thread only adds contention on a 2-core machine (2-4x slower there)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness

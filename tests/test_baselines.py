@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 
 from infra.models import resolve_model
 from tasks.embedding import embed_examples, mean_pool
@@ -16,12 +15,6 @@ TEXTS = [("What is a list?", "A mutable sequence."), ("", "Dicts map keys to val
          ("Loop?", "for x in y: pass"), ("", "asdf qwer zxcv " * 4), ("Explain classes", "Classes bundle data.")] * 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

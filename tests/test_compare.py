@@ -93,12 +93,3 @@ def test_compare_flow_end_to_end_and_adding_a_budget_reruns_only_what_is_new(tmp
             assert again["cells"][k].get(stage) == summary["cells"][k].get(stage)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine one thread is 2-4x faster."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -20,12 +20,6 @@ EXAMPLES_QA = [("What is a list?", "A mutable sequence of items."), ("", "Plain 
                ("How do loops work in Python?", "for x in items: print(x)  # iterates " * 3)] * 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -144,12 +144,3 @@ def test_generation_protocol_plain_text_prompts_and_left_padded_batches(tmp_path
     assert table.column_names == ["prompt_id", "prompt", "reference", "text"] and table.num_rows == 5
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine one thread is 2-4x faster."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

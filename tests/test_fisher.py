@@ -11,13 +11,6 @@ from tasks.fisher import (LogDetObjective, direct_logdet, lazy_greedy, naive_gre
 from tasks.selectors import Budget, SelectorInputs, get_selector
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny problems: more threads only add contention on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def instance(seed: int, n: int = 150, d: int = 6, max_len: int = 9, dup: int = 0):

@@ -248,12 +248,3 @@ def test_openai_backend_gives_up_as_errors_not_ties(monkeypatch):
     assert server.auth == {""}  # no key configured -> no Authorization header
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine one thread is 2-4x faster."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -7,7 +7,7 @@ and the compare loop treat them alike.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -113,6 +113,20 @@ def get_selector(name: str, **params) -> Selector:
     if name not in REGISTRY:
         raise KeyError(f"selector '{name}' is unknown; choose one of {sorted(REGISTRY)}")
     return REGISTRY[name](**params)
+
+
+def check_pool_alignment(uri: str, ids: list[str] | None, pool: pa.Table, what: str) -> None:
+    """An upstream artifact's rows must be the pool's examples in pool order; say which row is not."""
+    from data_contracts import ContractError
+
+    pool_ids = pool.column("id").to_pylist()
+    if ids is None or len(ids) != len(pool_ids):
+        raise ContractError(f"{uri}: {what} cover {0 if ids is None else len(ids)} examples but the pool has "
+                            f"{len(pool_ids)}; re-run the stage that makes them for this pool")
+    if ids != pool_ids:
+        row = next(i for i, (a, b) in enumerate(zip(ids, pool_ids)) if a != b)
+        raise ContractError(f"{uri}: row {row} is example '{ids[row]}' but pool index {row} is '{pool_ids[row]}'; "
+                            f"the {what} were computed for a different pool; re-run that stage")
 
 
 def fill_in_order(order: np.ndarray, token_counts: np.ndarray, budget: Budget) -> list[int]:
