@@ -123,3 +123,31 @@ def test_bad_input_one_line_error_and_nothing_committed(tmp_path, store_root, na
 def test_unknown_builtin_is_clear(store_root):
     with pytest.raises(IngestError, match="unknown built-in data set"):
         run_ingest("builtin:nope")
+
+
+def test_s3_source_is_read_through_the_s3_api(tmp_path, s3_env, store_root):
+    import boto3
+
+    from infra.settings import load_settings
+
+    bucket = s3_env()
+    body = "".join(json.dumps(r) + "\n" for r in qa_records(12)).encode()
+    boto3.client("s3", endpoint_url=load_settings().s3.endpoint_url, region_name="us-east-1").put_object(
+        Bucket=bucket, Key="data/part-0.jsonl", Body=body)
+    uri = run_ingest(f"s3://{bucket}/data/*.jsonl", heldout_fraction=0.0)
+    table = load_examples(uri)
+    assert table.num_rows == 12 and table.column("source")[0].as_py() == f"s3://{bucket}/data/part-0.jsonl"
+    with pytest.raises(IngestError, match="no file matches"):
+        run_ingest(f"s3://{bucket}/nothing/*.jsonl")
+
+
+def test_hugging_face_source_goes_through_load_dataset(tmp_path, store_root):
+    # A local data set folder exercises the real `datasets.load_dataset` path without the network.
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"instruction": f"Say {i}", "output": f"I say {i} " * 3} for i in range(9)])
+    uri = run_ingest(f"hf:{folder}", heldout_fraction=0.0)
+    table = load_examples(uri)
+    assert table.num_rows == 9 and table.column("prompt")[0].as_py().startswith("Say ")
+    with pytest.raises(IngestError, match="could not load the Hugging Face dataset"):
+        run_ingest(f"hf:{tmp_path / 'missing_dataset'}")
