@@ -13,6 +13,14 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from infra.hashing import code_fingerprint
 
 SHARED_CODE = ("tasks.tokenize", "data_contracts.schemas", "data_contracts.tensors", "infra.store")
+# Modules whose math a task's module delegates to: a change there must invalidate that task's cache too.
+EXTRA_CODE = {
+    "tasks.ingest": ("tasks.formats",),
+    "tasks.judge": ("tasks.judge_backends",),
+    "tasks.selection": ("tasks.selectors.base", "tasks.selectors.uniform", "tasks.selectors.fishersft",
+                        "tasks.selectors.s2l", "tasks.selectors.density", "tasks.selectors.askllm", "tasks.fisher"),
+    "tasks.evaluate": ("tasks.finetune",),
+}
 
 
 @dataclass
@@ -20,7 +28,8 @@ class ModuleSource(CachePolicy):
     """Key on the source of the module defining the task (its plain functions) and the shared modules."""
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
-        return code_fingerprint(task_ctx.task.fn.__module__, *SHARED_CODE)
+        module = task_ctx.task.fn.__module__
+        return code_fingerprint(module, *SHARED_CODE, *EXTRA_CODE.get(module, ()))
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:

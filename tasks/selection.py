@@ -65,7 +65,8 @@ def run_selection(examples_uri: str, method: str, budget: Budget, seed: int, par
     store = ArtifactStore(store_root)
     module = type(selector).__module__
     key = fingerprint(examples_meta(examples_uri)["fingerprint"], method, budget.examples, budget.tokens, seed,
-                      params, input_uris, code_fingerprint(module, "tasks.selection", "tasks.selectors.base"))
+                      params, input_uris,
+                      code_fingerprint(module, "tasks.selection", "tasks.selectors.base", *selector.code_modules))
     existing = store.committed("selection", key)
     if existing:
         return existing

@@ -91,6 +91,7 @@ class Selector:
 
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = (EXAMPLES,)
+    code_modules: ClassVar[tuple[str, ...]] = ()  # modules holding the math, part of the selection's cache key
 
     def __init__(self, **params):
         self.params = params

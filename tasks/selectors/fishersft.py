@@ -19,6 +19,7 @@ class FisherSFTSelector(Selector):
 
     name = "fishersft"
     requires = (EXAMPLES, TOKEN_FEATURES)
+    code_modules = ("tasks.fisher",)
 
     def select(self, inputs: SelectorInputs, budget: Budget, seed: int) -> SelectionResult:
         from tasks.fisher import select_from_features
