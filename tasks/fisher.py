@@ -236,12 +236,10 @@ def _check_rule(rule: str, token_budget) -> str:
     return rule if token_budget is not None else "gain"
 
 
-def naive_greedy(obj: LogDetObjective, k: int | None = None, token_budget: int | None = None,
-                 costs=None, rule: str = "ratio") -> GreedyResult:
-    """Re-evaluates every remaining candidate at every step (batched), picks the best key, lowest index on ties."""
-    t0 = time.perf_counter()
-    rule = _check_rule(rule, token_budget)
-    k, costs, fits = _setup(obj, k, token_budget, costs)
+def _sampled_greedy(obj: LogDetObjective, k, token_budget, costs, rule: str, fits, candidates) -> tuple:
+    """The greedy loop naive and stochastic greedy share: each step drops what no longer fits the budget,
+    evaluates `candidates(remaining)` (positions into `remaining`, ascending) and takes the best key, lowest
+    index on ties. Returns (picks, gains, tokens used)."""
     remaining = np.flatnonzero(fits)
     used, picks, gains = 0, [], []
     while len(picks) < k:
@@ -249,13 +247,25 @@ def naive_greedy(obj: LogDetObjective, k: int | None = None, token_budget: int |
             remaining = remaining[costs[remaining] <= token_budget - used]
         if len(remaining) == 0:
             break
-        keys = _keys(obj.gains(remaining), remaining, costs, rule)
-        j = int(np.argmax(keys))  # remaining is ascending: argmax returns the lowest index among ties
-        i = int(remaining[j])
+        positions = candidates(remaining)
+        sample = remaining[positions]
+        keys = _keys(obj.gains(sample), sample, costs, rule)
+        j = int(np.argmax(keys))  # sample is ascending: argmax returns the lowest index among ties
+        i = int(sample[j])
         gains.append(obj.add(i))
         picks.append(i)
         used += int(costs[i])
-        remaining = np.delete(remaining, j)
+        remaining = np.delete(remaining, positions[j])
+    return picks, gains, used
+
+
+def naive_greedy(obj: LogDetObjective, k: int | None = None, token_budget: int | None = None,
+                 costs=None, rule: str = "ratio") -> GreedyResult:
+    """Re-evaluates every remaining candidate at every step (batched), picks the best key, lowest index on ties."""
+    t0 = time.perf_counter()
+    rule = _check_rule(rule, token_budget)
+    k, costs, fits = _setup(obj, k, token_budget, costs)
+    picks, gains, used = _sampled_greedy(obj, k, token_budget, costs, rule, fits, lambda rem: np.arange(len(rem)))
     return GreedyResult(picks, gains, obj.value(), obj.initial_value(), obj.n_evals,
                         time.perf_counter() - t0, "naive", {"rule": rule, "tokens": used})
 
@@ -327,29 +337,17 @@ def stochastic_greedy(obj: LogDetObjective, k: int | None = None, token_budget: 
     rule = _check_rule(rule, token_budget)
     k, costs, fits = _setup(obj, k, token_budget, costs)
     rng = np.random.default_rng(seed)
-    remaining = np.flatnonzero(fits)
     k_est = k
-    if token_budget is not None and len(remaining):
-        k_est = min(k, max(1, int(token_budget / max(costs[remaining].mean(), 1))))
+    if token_budget is not None and fits.any():
+        k_est = min(k, max(1, int(token_budget / max(costs[fits].mean(), 1))))
     s = max(1, int(math.ceil(obj.n / max(k_est, 1) * math.log(1.0 / epsilon))))
-    used, picks, gains = 0, [], []
-    while len(picks) < k:
-        if token_budget is not None:
-            remaining = remaining[costs[remaining] <= token_budget - used]
-        if len(remaining) == 0:
-            break
+
+    def sample(remaining: np.ndarray) -> np.ndarray:
         if s < len(remaining):
-            sample_pos = np.sort(rng.choice(len(remaining), size=s, replace=False))
-        else:
-            sample_pos = np.arange(len(remaining))
-        sample = remaining[sample_pos]
-        keys = _keys(obj.gains(sample), sample, costs, rule)
-        j = int(np.argmax(keys))
-        i = int(sample[j])
-        gains.append(obj.add(i))
-        picks.append(i)
-        used += int(costs[i])
-        remaining = np.delete(remaining, sample_pos[j])
+            return np.sort(rng.choice(len(remaining), size=s, replace=False))
+        return np.arange(len(remaining))
+
+    picks, gains, used = _sampled_greedy(obj, k, token_budget, costs, rule, fits, sample)
     return GreedyResult(picks, gains, obj.value(), obj.initial_value(), obj.n_evals,
                         time.perf_counter() - t0, "stochastic",
                         {"rule": rule, "tokens": used, "sample_size": s, "epsilon": epsilon, "seed": seed})
