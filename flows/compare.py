@@ -31,9 +31,7 @@ from infra.hashing import fingerprint
 from infra.models import model_fingerprint
 from infra.runners import task_runner_from_settings
 from infra.store import ArtifactStore, join, read_bytes, read_manifest
-from sftcurate.config import (
-    CurateConfig, EmbeddingConfig, ModelsConfig, ProxyConfig, Section, SelectionConfig, SourceConfig, load_config,
-)
+from sftcurate.config import CurateConfig, PoolConfig, SelectionConfig, load_config
 from tasks.common import run_committed
 from tasks.evaluate import GenerationConfig, generate_task, heldout_task, read_eval
 from tasks.finetune import FinetuneConfig, fairness_params, finetune_meta, finetune_task
@@ -43,12 +41,8 @@ BASELINE = "uniform"
 REPORT_KIND = "compare_report"
 
 
-class CompareConfig(Section):
+class CompareConfig(PoolConfig):
     name: str = Field("comparison", description="name of this comparison (MLflow parent run name)")
-    source: SourceConfig = Field(default_factory=SourceConfig)
-    models: ModelsConfig = Field(default_factory=ModelsConfig)
-    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
-    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     methods: list[str] = Field(default_factory=lambda: ["uniform", "fishersft"],
                                description="selectors to compare; uniform (the baseline) is always added")
     method_params: dict[str, dict[str, Any]] = Field(default_factory=dict,
@@ -79,8 +73,7 @@ class CompareConfig(Section):
     def curate_config(self, method: str, budget: int) -> CurateConfig:
         examples, tokens = (budget, None) if self.budget_unit == "examples" else (None, budget)
         return CurateConfig(
-            name=f"{self.name}:{method}@{budget}", source=self.source, models=self.models, embedding=self.embedding,
-            proxy=self.proxy,
+            name=f"{self.name}:{method}@{budget}", **self.pool_sections(),
             selection=SelectionConfig(method=method, budget=examples, token_budget=tokens, seed=self.seed,
                                       params=self.method_params.get(method, {})))
 

@@ -76,13 +76,22 @@ class ProxyConfig(Section):
     seed: int = Field(0, description="seed of proxy training (data order, dropout)")
 
 
-class CurateConfig(Section):
-    name: str = Field("curation", description="name of this curation (MLflow run name)")
+class PoolConfig(Section):
+    """The sections every flow shares: where the pool comes from and the models that read it."""
+
+    name: str = Field("curation", description="name of this run (MLflow run name)")
     source: SourceConfig = Field(default_factory=SourceConfig)
-    selection: SelectionConfig = Field(default_factory=SelectionConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+
+    def pool_sections(self) -> dict:
+        return {name: getattr(self, name) for name in ("source", "models", "embedding", "proxy")}
+
+
+class CurateConfig(PoolConfig):
+    name: str = Field("curation", description="name of this curation (MLflow run name)")
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
 
 
 class ConfigError(UserError):
