@@ -40,13 +40,15 @@ def run_once(spec: str, rows, mode: str, steps: int, batch_size: int, max_length
     import torch
 
     from infra.models import resolve_model
-    from tasks.finetune import FinetuneConfig, default_device, encode_rows, prepare_model, train
+    from infra.models import default_device
+    from tasks.finetune import FinetuneConfig, prepare_model, train
+    from tasks.tokenize import encode_pairs
 
     cfg = FinetuneConfig(steps=steps, batch_size=batch_size, max_length=max_length, batching=mode,
                          checkpoint_every=10**9, seed=0, learning_rate=1e-3)
     loaded = resolve_model(spec, device=default_device())
     model = prepare_model(loaded.model, cfg)
-    enc = encode_rows(loaded.tokenizer, rows, max_length)
+    enc = encode_pairs(loaded.tokenizer, rows, max_length)
     if default_device().startswith("cuda"):
         torch.cuda.synchronize()
     stats = train(model, loaded.tokenizer, enc, cfg)
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
     import infra  # noqa: F401
     import torch
 
-    from tasks.finetune import default_device
+    from infra.models import default_device
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -37,13 +37,14 @@ def run(device: str, spec: str, n: int, batch_tokens: int, max_length: int, repe
     import torch
 
     from infra.models import resolve_model
-    from tasks.trajectories import encode_rows, example_losses, example_losses_one_by_one
+    from tasks.tokenize import encode_pairs
+    from tasks.trajectories import example_losses, example_losses_one_by_one
 
     torch.manual_seed(0)
     loaded = resolve_model(spec, device=device)
     model, tok = loaded.model, loaded.tokenizer
     data = build_examples(n)
-    enc = encode_rows(tok, [p for p, _ in data], [r for _, r in data], max_length)
+    enc = encode_pairs(tok, data, max_length)
     tokens = sum(len(e.input_ids) for e in enc)
     example_losses(model, enc[:16], batch_tokens, device)          # warm-up both paths
     example_losses_one_by_one(model, enc[:4], device)

@@ -49,10 +49,11 @@ def bench_ingest(spec: str, limit: int | None) -> dict:
 
 def bench_forward(spec: str, pairs, max_length: int, batch_tokens: int) -> dict:
     from infra.models import resolve_model
-    from tasks.embedding import embed_examples, encode_all
+    from tasks.embedding import embed_examples
+    from tasks.tokenize import encode_pairs
 
     loaded = resolve_model(spec)
-    processed = sum(len(e.input_ids) for e in encode_all(loaded.tokenizer, pairs, max_length))
+    processed = sum(len(e.input_ids) for e in encode_pairs(loaded.tokenizer, pairs, max_length))
     next(embed_examples(loaded.model, loaded.tokenizer, pairs[:4], max_length, batch_tokens))  # warm-up
     t0 = time.perf_counter()
     feats, offsets = next(embed_examples(loaded.model, loaded.tokenizer, pairs, max_length, batch_tokens,

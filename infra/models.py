@@ -197,6 +197,13 @@ def resolve_tokenizer(spec: str):
     return tok
 
 
+def default_device() -> str:
+    """`SFTCURATE_DEVICE` when set, else cuda when available, else cpu (kept out of configs and cache keys)."""
+    import torch
+
+    return os.environ.get("SFTCURATE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def resolve_model(spec: str, dtype: str | None = None, device: str | None = None) -> LoadedModel:
     """Load any spec the project knows. `dtype` ("float32", "bfloat16") and `device` default sensibly."""
     import torch

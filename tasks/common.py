@@ -54,6 +54,37 @@ def run_committed(task_fn, *args, **kwargs) -> str:
     return uri
 
 
+def n_shards(n: int, shard_size: int) -> int:
+    return max(1, -(-n // shard_size))
+
+
+def shard_bounds(n: int, shard_index: int, shard_size: int) -> tuple[int, int]:
+    """[lo, hi) of pool rows that shard `shard_index` owns."""
+    return min(n, shard_index * shard_size), min(n, (shard_index + 1) * shard_size)
+
+
+def map_tasks(task_fn, arg_tuples: list[tuple]) -> list:
+    """Run a task once per argument tuple: submitted to the flow's task runner (threads, Dask) inside a flow so
+    workers share the shards, one after another outside one. Results come back in argument order."""
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is not None:
+        return [future.result() for future in [task_fn.submit(*args) for args in arg_tuples]]
+    return [task_fn(*args) for args in arg_tuples]
+
+
+def task_logger(name: str):
+    """Prefect's run logger inside a flow or task run (shown in the UI), a plain logger outside one."""
+    import logging
+
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # outside a flow or task run
+        return logging.getLogger(name)
+
+
 CACHE = (INPUTS - "run_id") + TASK_SOURCE + ModuleSource()
 RETRIES = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": retry_unless_user_error}
 TASK_DEFAULTS = {"cache_policy": CACHE, "persist_result": True, **RETRIES}

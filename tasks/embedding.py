@@ -26,8 +26,9 @@ from prefect import task
 from data_contracts import TOKEN_FEATURES, TOKEN_FEATURES_IDS, ContractError, TensorContract
 from infra.hashing import code_fingerprint, fingerprint
 from infra.store import ArtifactStore, exists, join, read_bytes, read_manifest, read_table, read_tensors
-from tasks.common import TASK_DEFAULTS
-from tasks.tokenize import Encoded, encode_example, length_grouped_batches, pad_batch
+from tasks.common import TASK_DEFAULTS, map_tasks, n_shards, shard_bounds
+from tasks.ingest import examples_meta, load_pool
+from tasks.tokenize import Encoded, encode_example, encode_pairs, length_grouped_batches, pad_batch
 
 log = logging.getLogger("sftcurate.embedding")
 
@@ -48,8 +49,9 @@ def _code() -> str:
 def resolve_device_dtype(device: str | None = None, dtype: str | None = "auto"):
     import torch
 
-    dev = torch.device(device) if device not in (None, "auto") else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    from infra.models import default_device
+
+    dev = torch.device(device if device not in (None, "auto") else default_device())
     if dtype in (None, "auto"):
         tdtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     else:
@@ -67,10 +69,6 @@ def last_hidden(model, ids, attn=None):
     if base is not None and base is not model:
         return base(input_ids=ids, attention_mask=attn).last_hidden_state
     return model(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states[-1]
-
-
-def encode_all(tokenizer, examples, max_length: int) -> list[Encoded]:
-    return [encode_example(tokenizer, p, r, max_length) for p, r in examples]
 
 
 def embed_encoded(model, encoded: list[Encoded], batch_tokens: int, device=None, projection=None,
@@ -121,7 +119,7 @@ def embed_examples(model, tokenizer, examples, max_length: int, batch_tokens: in
     examples = list(examples)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for lo in range(0, max(len(examples), 1), shard_size):
-        encoded = encode_all(tokenizer, examples[lo:lo + shard_size], max_length)
+        encoded = encode_pairs(tokenizer, examples[lo:lo + shard_size], max_length)
         yield embed_encoded(model, encoded, batch_tokens, dev, projection, pad_id)
 
 
@@ -176,28 +174,8 @@ def mean_pool(features: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- pool access
 
-def pool_table(examples_uri: str) -> pa.Table:
-    try:
-        from tasks.ingest import load_pool
-    except ImportError:  # pragma: no cover - ingest is the lead's module; fall back to the raw file
-        from data_contracts import EXAMPLES
-
-        table = read_table(join(examples_uri, "examples.parquet"), EXAMPLES)
-        return table.filter(pa.compute.equal(table.column("split"), "train"))
-    return load_pool(examples_uri)
-
-
-def examples_fingerprint(examples_uri: str) -> str:
-    meta = read_manifest(examples_uri).get("meta", {})
-    return meta.get("fingerprint") or read_manifest(examples_uri)["key"]
-
-
 def pool_pairs(pool: pa.Table) -> list[tuple[str, str]]:
     return list(zip(pool.column("prompt").to_pylist(), pool.column("response").to_pylist()))
-
-
-def n_shards(n: int, shard_size: int) -> int:
-    return max(1, -(-n // shard_size))
 
 
 # ---------------------------------------------------------------- plain steps behind the tasks
@@ -208,7 +186,7 @@ def fit_projection(examples_uri: str, model_spec: str, model_fp: str, d_proj: in
     from infra.models import resolve_model
 
     store = ArtifactStore(store_root)
-    ex_fp = examples_fingerprint(examples_uri) if method == "pca" else None
+    ex_fp = examples_meta(examples_uri)["fingerprint"] if method == "pca" else None
     key = fingerprint(model_fp, d_proj, method, PROJECTION_SEED, ex_fp, max_length, _code())
     done = store.committed(PROJECTION_KIND, key)
     if done:
@@ -220,7 +198,7 @@ def fit_projection(examples_uri: str, model_spec: str, model_fp: str, d_proj: in
     if method == "random":
         matrix = random_projection(d, d_proj)
     else:
-        pool = pool_table(examples_uri)
+        pool = load_pool(examples_uri)
         rng = np.random.default_rng(PROJECTION_SEED)
         take = np.sort(rng.choice(pool.num_rows, size=min(PCA_SAMPLE, pool.num_rows), replace=False))
         pairs = pool_pairs(pool)
@@ -248,13 +226,13 @@ def embed_shard(examples_uri: str, shard_index: int, shard_size: int, model_spec
 
     store = ArtifactStore(store_root)
     proj_key = read_manifest(projection_uri)["key"] if projection_uri else None
-    key = fingerprint(examples_fingerprint(examples_uri), shard_index, shard_size, model_fp, max_length, dtype,
+    key = fingerprint(examples_meta(examples_uri)["fingerprint"], shard_index, shard_size, model_fp, max_length, dtype,
                       proj_key, _code())
     done = store.committed(SHARD_KIND, key)
     if done:
         return done
-    pool = pool_table(examples_uri)
-    lo, hi = min(pool.num_rows, shard_index * shard_size), min(pool.num_rows, (shard_index + 1) * shard_size)
+    pool = load_pool(examples_uri)
+    lo, hi = shard_bounds(pool.num_rows, shard_index, shard_size)
     pairs = pool_pairs(pool.slice(lo, hi - lo))
     loaded = resolve_model(model_spec)
     projection = load_projection(projection_uri)
@@ -278,7 +256,7 @@ def commit_features(examples_uri: str, shard_uris: list[str], store_root: str | 
     done = store.committed(KIND, key)
     if done:
         return done
-    n_pool = pool_table(examples_uri).num_rows
+    n_pool = load_pool(examples_uri).num_rows
     metas = [read_manifest(u)["meta"] for u in shard_uris]
     rows = sum(m["rows"] for m in metas)
     if rows != n_pool:
@@ -335,8 +313,6 @@ def commit_features_task(examples_uri: str, shard_uris: list[str], run_id: str |
 
 def produce(examples_uri: str, cfg, run_id: str | None, store_root: str | None = None) -> str:
     """Token features of the pool under `cfg.models.target`: shards mapped over the flow's task runner."""
-    from prefect.context import FlowRunContext
-
     from infra.models import model_fingerprint
 
     spec, emb = cfg.models.target, cfg.embedding
@@ -346,13 +322,10 @@ def produce(examples_uri: str, cfg, run_id: str | None, store_root: str | None =
     if emb.d_proj:
         projection_uri = fit_projection_task(examples_uri, spec, model_fp, int(emb.d_proj), emb.projection,
                                              cfg.models.max_length, emb.batch_tokens, emb.dtype, store_root)
-    n = pool_table(examples_uri).num_rows
+    n = examples_meta(examples_uri)["n_train"]
     args = [(examples_uri, i, emb.shard_size, spec, model_fp, cfg.models.max_length, emb.batch_tokens, emb.dtype,
              projection_uri, store_root) for i in range(n_shards(n, emb.shard_size))]
-    if FlowRunContext.get() is not None:  # inside a flow: shards run on its task runner (threads, Dask)
-        shard_uris = [f.result() for f in [embed_shard_task.submit(*a) for a in args]]
-    else:
-        shard_uris = [embed_shard_task(*a) for a in args]
+    shard_uris = map_tasks(embed_shard_task, args)
     return commit_features_task(examples_uri, shard_uris, run_id=run_id, store_root=store_root)
 
 

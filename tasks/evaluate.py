@@ -52,7 +52,7 @@ def _load(model_uri: str | None, target_spec: str, dtype: str | None = None):
         return load_finetuned(model_uri)
     from infra.models import resolve_model
 
-    from tasks.finetune import default_device
+    from infra.models import default_device
 
     loaded = resolve_model(target_spec, dtype=dtype, device=default_device())
     return loaded.model, loaded.tokenizer

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -31,9 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from data_contracts import UserError
 from infra import tracking
 from infra.hashing import code_fingerprint, fingerprint
+from infra.models import default_device
 from infra.store import ArtifactStore, filesystem_for, is_committed, join, read_bytes, read_manifest, write_bytes
-from tasks.common import TASK_DEFAULTS
-from tasks.tokenize import Encoded, encode_example
+from tasks.common import TASK_DEFAULTS, task_logger
+from tasks.tokenize import Encoded, encode_pairs
 
 KIND = "finetuned"
 CKPT_KIND = "finetune_ckpt"
@@ -78,22 +77,6 @@ class FinetuneConfig(BaseModel):
     dtype: Literal["float32", "bfloat16"] = Field("float32")
 
 
-def default_device() -> str:
-    """`SFTCURATE_DEVICE` when set, else cuda when available, else cpu (kept out of the config and cache keys)."""
-    import torch
-
-    return os.environ.get("SFTCURATE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _logger():
-    try:
-        from prefect import get_run_logger
-
-        return get_run_logger()
-    except Exception:  # outside a flow or task run
-        return logging.getLogger("sftcurate.finetune")
-
-
 # ---------------------------------------------------------------- data
 
 def training_rows(examples_uri: str, selection_uri: str) -> list[tuple[str, str]]:
@@ -115,10 +98,6 @@ def training_rows(examples_uri: str, selection_uri: str) -> list[tuple[str, str]
     if not rows:
         raise UserError(f"{selection_uri}: the selection is empty; raise the budget")
     return rows
-
-
-def encode_rows(tokenizer, rows: list[tuple[str, str]], max_length: int) -> list[Encoded]:
-    return [encode_example(tokenizer, p, r, max_length) for p, r in rows]
 
 
 def batch_schedule(lengths: np.ndarray, batch_size: int, steps: int, seed: int,
@@ -338,7 +317,7 @@ def train(model, tokenizer, encoded: list[Encoded], cfg: FinetuneConfig, *, chec
             start = last
             stats.resumed_from = last
             stats.tokens_seen = int(extra.get("tokens_seen", 0))
-            _logger().info("finetune: resumed from the checkpoint at step %d of %d", last, cfg.steps)
+            task_logger("sftcurate.finetune").info("finetune: resumed from the checkpoint at step %d of %d", last, cfg.steps)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     log_every = log_every or max(1, cfg.steps // 100)
     model.train()
@@ -406,7 +385,7 @@ def finetune(examples_uri: str, selection_uri: str, target_spec: str, target_fin
 
     rows = training_rows(examples_uri, selection_uri)
     loaded = resolve_model(target_spec, dtype=cfg.dtype)
-    encoded = encode_rows(loaded.tokenizer, rows, cfg.max_length)
+    encoded = encode_pairs(loaded.tokenizer, rows, cfg.max_length)
     model = prepare_model(loaded.model.to(default_device()), cfg)
     checkpoints = Checkpoints(store, key)
     stats = train(model, loaded.tokenizer, encoded, cfg, checkpoints=checkpoints, run_id=run_id,

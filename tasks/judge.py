@@ -32,7 +32,7 @@ from data_contracts import JUDGMENTS, UserError
 from infra import tracking
 from infra.hashing import code_fingerprint, fingerprint
 from infra.store import ArtifactStore, join, read_manifest, read_table
-from tasks.common import TASK_DEFAULTS
+from tasks.common import TASK_DEFAULTS, task_logger
 
 KIND = "judgments"
 
@@ -51,15 +51,6 @@ Text 2:
 Which text is the better continuation of the prompt for this domain: more fluent, coherent, accurate and on \
 topic? Answer with a single character: 1 or 2."""
 
-
-
-def _logger():
-    try:
-        from prefect import get_run_logger
-
-        return get_run_logger()
-    except Exception:
-        return logging.getLogger("sftcurate.judge")
 
 
 class JudgeConfig(BaseModel):
@@ -251,7 +242,7 @@ def run_judge(gens_a_uri: str, gens_b_uri: str, method_a: str, method_b: str, cf
             first = next(e for e in table.column("error").to_pylist() if e)
             raise RuntimeError(f"judge: every judgment failed ({summary['verdict_errors']} errors), e.g. {first}")
         if summary["errors"]:
-            _logger().warning("judge: %d of %d prompts had a judge error (left out of the win rate)",
+            task_logger("sftcurate.judge").warning("judge: %d of %d prompts had a judge error (left out of the win rate)",
                               summary["errors"], summary["prompts"])
         writer = store.begin(KIND, key)
         writer.write_table("judgments.parquet", table, JUDGMENTS)

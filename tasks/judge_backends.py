@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 import random
@@ -32,15 +31,6 @@ WEAK_JUDGES = {
                                      "judge at a strong model (judge.backend: openai)",
     "tiny-gpt2": "the judge is a randomly initialised test model: these win rates carry no information",
 }
-
-
-def _logger():
-    try:
-        from prefect import get_run_logger
-
-        return get_run_logger()
-    except Exception:
-        return logging.getLogger("sftcurate.judge")
 
 
 @dataclass
@@ -86,7 +76,7 @@ class HFJudge:
         from infra.models import resolve_model
 
         self.spec = spec
-        from tasks.finetune import default_device
+        from infra.models import default_device
 
         loaded = resolve_model(spec, device=default_device())
         self.model, self.tokenizer = loaded.model, loaded.tokenizer

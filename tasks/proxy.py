@@ -40,6 +40,7 @@ from infra.store import (
 )
 from sftcurate.config import ProxyConfig
 from tasks.common import TASK_DEFAULTS
+from tasks.ingest import examples_meta, load_pool
 from tasks.tokenize import encode_example, pad_batch
 
 log = logging.getLogger("sftcurate.proxy")
@@ -69,19 +70,6 @@ def disable_dropout(model) -> None:
 
 
 # ---------------------------------------------------------------- pool and keys
-
-def load_pool(examples_uri: str) -> pa.Table:
-    """The pool (train split, file order)."""
-    from tasks.ingest import load_pool as ingest_load_pool
-
-    return ingest_load_pool(examples_uri)
-
-
-def examples_fingerprint(examples_uri: str) -> str:
-    """Content fingerprint of the examples artifact (its own, else a hash of its files)."""
-    manifest = read_manifest(examples_uri)
-    return manifest.get("meta", {}).get("fingerprint") or fingerprint(manifest.get("files"))
-
 
 def pool_texts(pool: pa.Table) -> tuple[list[str], list[str]]:
     return pool.column("prompt").to_pylist(), pool.column("response").to_pylist()
@@ -305,7 +293,7 @@ def train_proxy(examples_uri: str, proxy_spec: str, proxy: ProxyConfig | dict, m
 
     cfg = as_proxy_config(proxy)
     store = ArtifactStore(store_root)
-    key = proxy_key(examples_fingerprint(examples_uri), proxy_spec, cfg, max_length)
+    key = proxy_key(examples_meta(examples_uri)["fingerprint"], proxy_spec, cfg, max_length)
     done = store.committed(KIND, key)
     if done:
         return done

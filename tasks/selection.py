@@ -62,9 +62,10 @@ def run_selection(examples_uri: str, method: str, budget: Budget, seed: int, par
     from tasks.ingest import examples_meta, load_pool
 
     selector = get_selector(method, **params)
+    pool_fp = examples_meta(examples_uri)["fingerprint"]
     store = ArtifactStore(store_root)
     module = type(selector).__module__
-    key = fingerprint(examples_meta(examples_uri)["fingerprint"], method, budget.examples, budget.tokens, seed,
+    key = fingerprint(pool_fp, method, budget.examples, budget.tokens, seed,
                       params, input_uris,
                       code_fingerprint(module, "tasks.selection", "tasks.selectors.base", *selector.code_modules))
     existing = store.committed("selection", key)
@@ -82,7 +83,7 @@ def run_selection(examples_uri: str, method: str, budget: Budget, seed: int, par
     writer.meta.update({
         "method": method, "budget": budget.examples, "token_budget": budget.tokens, "seed": seed,
         "params": params, "inputs": input_uris, "examples_uri": examples_uri,
-        "pool_fingerprint": examples_meta(examples_uri)["fingerprint"], "pool_size": inputs.size,
+        "pool_fingerprint": pool_fp, "pool_size": inputs.size,
         "pool_tokens": int(inputs.token_counts.sum()), "selected": table.num_rows,
         "selected_tokens": int(np.asarray(table.column("tokens")).sum()) if table.num_rows else 0,
         "objective": result.objective, "info": result.info,

@@ -32,6 +32,11 @@ def encode_example(tokenizer, prompt: str, response: str, max_length: int | None
     return Encoded(p + r, mask)
 
 
+def encode_pairs(tokenizer, pairs, max_length: int | None = None) -> list[Encoded]:
+    """`encode_example` over (prompt, response) pairs."""
+    return [encode_example(tokenizer, p, r, max_length) for p, r in pairs]
+
+
 def loss_token_count(prompt_len: np.ndarray, response_len: np.ndarray, max_length: int | None = None) -> np.ndarray:
     """Loss tokens per example exactly as `encode_example` makes them (response + eos, truncated, minus an
     unpredictable first token), computed from token counts alone."""

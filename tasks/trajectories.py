@@ -13,22 +13,21 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 
 import numpy as np
 import pyarrow as pa
 from prefect import task
-from prefect.context import FlowRunContext
 
 from data_contracts import TRAJECTORIES, TRAJECTORIES_IDS, ContractError
 from infra.hashing import code_fingerprint, fingerprint
 from infra.store import ArtifactStore, join, read_manifest, read_table, read_tensors
-from tasks.common import TASK_DEFAULTS
+from tasks.common import TASK_DEFAULTS, map_tasks, n_shards, shard_bounds
+from tasks.ingest import examples_meta, load_pool
 from tasks.proxy import (
-    examples_fingerprint, load_checkpoint_model, load_pool, load_tokenizer, pool_texts, proxy_checkpoints,
+    load_checkpoint_model, load_tokenizer, pool_texts, proxy_checkpoints,
     proxy_info, proxy_task,
 )
-from tasks.tokenize import Encoded, encode_example, length_grouped_batches, pad_batch
+from tasks.tokenize import Encoded, encode_pairs, length_grouped_batches, pad_batch
 
 log = logging.getLogger("sftcurate.trajectories")
 
@@ -107,29 +106,17 @@ def example_losses_one_by_one(model, encoded: list[Encoded], device: str = "cpu"
     return out
 
 
-def encode_rows(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> list[Encoded]:
-    return [encode_example(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
-
-
-def shard_bounds(n: int, shard_index: int, shard_size: int) -> tuple[int, int]:
-    return min(n, shard_index * shard_size), min(n, (shard_index + 1) * shard_size)
-
-
-def n_shards(n: int, shard_size: int) -> int:
-    return max(1, math.ceil(n / shard_size))
-
-
 def shard_losses(proxy_uri: str, examples_uri: str, shard_index: int, shard_size: int, batch_tokens: int,
                  device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(losses float32 [n_shard, T], steps int64 [T]) of one shard of the pool, one pass per checkpoint."""
-    import torch
+    from infra.models import default_device
 
     info = proxy_info(proxy_uri)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     pool = load_pool(examples_uri)
     lo, hi = shard_bounds(pool.num_rows, shard_index, shard_size)
     prompts, responses = pool_texts(pool.slice(lo, hi - lo))
-    encoded = encode_rows(load_tokenizer(proxy_uri), prompts, responses, int(info["max_length"]))
+    encoded = encode_pairs(load_tokenizer(proxy_uri), zip(prompts, responses), int(info["max_length"]))
     ckpts = proxy_checkpoints(proxy_uri)
     losses = np.zeros((len(encoded), len(ckpts)), dtype=np.float32)
     for t, (_step, ckpt_uri) in enumerate(ckpts):
@@ -149,7 +136,7 @@ def trajectory_shard(proxy_uri: str, examples_uri: str, shard_index: int, shard_
                      store_root: str | None = None) -> str:
     """Compute and commit one shard's losses (or return the committed shard); returns the shard URI."""
     store = ArtifactStore(store_root)
-    key = shard_key(proxy_uri, examples_fingerprint(examples_uri), shard_index, shard_size)
+    key = shard_key(proxy_uri, examples_meta(examples_uri)["fingerprint"], shard_index, shard_size)
     done = store.committed(SHARD_KIND, key)
     if done:
         return done
@@ -281,16 +268,10 @@ def produce(examples_uri: str, cfg, run_id: str | None) -> str:
     """Train the proxy (task), log trajectories shard by shard (mapped tasks), commit; returns the URI."""
     proxy_uri = proxy_task(examples_uri, cfg.models.proxy, cfg.proxy.model_dump(), cfg.models.max_length,
                            run_id=run_id)
-    n = load_pool(examples_uri).num_rows
+    n = examples_meta(examples_uri)["n_train"]
     shard_size = cfg.proxy.shard_size
-    shards = range(n_shards(n, shard_size))
-    if FlowRunContext.get() is not None:  # inside a flow: map the shards over its task runner (threads, Dask)
-        futures = [trajectory_shard_task.submit(proxy_uri, examples_uri, i, shard_size, cfg.proxy.batch_tokens)
-                   for i in shards]
-        shard_uris = [f.result() for f in futures]
-    else:  # called on its own: the shards run one after another, each still a cached, retryable task
-        shard_uris = [trajectory_shard_task(proxy_uri, examples_uri, i, shard_size, cfg.proxy.batch_tokens)
-                      for i in shards]
+    shard_uris = map_tasks(trajectory_shard_task, [(proxy_uri, examples_uri, i, shard_size, cfg.proxy.batch_tokens)
+                                                   for i in range(n_shards(n, shard_size))])
     return trajectory_commit_task(proxy_uri, examples_uri, shard_uris, run_id=run_id)
 
 

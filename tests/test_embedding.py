@@ -70,6 +70,7 @@ def _examples_artifact(root: str, pairs) -> str:
     w = ArtifactStore(root).begin("examples", "test")
     w.write_table("examples.parquet", table, EXAMPLES)
     w.meta["fingerprint"] = "fp-test"
+    w.meta["n_train"] = table.column("split").to_pylist().count("train")  # as tasks.ingest records it
     return w.commit()
 
 

@@ -141,10 +141,12 @@ def small_proxy(tmp_path_factory):
 
 
 def test_trajectories_batched_match_one_by_one_and_shards_join_in_pool_order(small_proxy):
-    from tasks.proxy import load_checkpoint_model, load_pool, load_tokenizer, pool_texts, proxy_checkpoints
+    from tasks.ingest import load_pool
+    from tasks.proxy import load_checkpoint_model, load_tokenizer, pool_texts, proxy_checkpoints
+    from tasks.tokenize import encode_pairs
     from tasks.selectors.base import SelectorInputs
     from tasks.trajectories import (
-        commit_trajectories, encode_rows, example_losses, example_losses_one_by_one, load_into,
+        commit_trajectories, example_losses, example_losses_one_by_one, load_into,
         load_trajectories_file, trajectory_shard,
     )
 
@@ -161,7 +163,7 @@ def test_trajectories_batched_match_one_by_one_and_shards_join_in_pool_order(sma
     np.testing.assert_allclose(load_trajectories_file(whole)[0], losses, rtol=1e-5, atol=1e-5)
 
     tok = load_tokenizer(proxy)
-    enc = encode_rows(tok, *pool_texts(pool), 64)
+    enc = encode_pairs(tok, zip(*pool_texts(pool)), 64)
     model = load_checkpoint_model(proxy, proxy_checkpoints(proxy)[-1][1], TINY, False)
     np.testing.assert_allclose(example_losses(model, enc, 128), example_losses_one_by_one(model, enc),
                                rtol=1e-4, atol=1e-4)
@@ -208,7 +210,7 @@ def test_proxy_and_trajectories_on_s3(s3_store):
 def test_produce_runs_the_prefect_tasks_and_logs_to_mlflow(prefect_harness, store_root):
     from infra import tracking
     from sftcurate.config import CurateConfig
-    from tasks.proxy import load_pool
+    from tasks.ingest import load_pool
     from tasks.selectors.base import SelectorInputs
     from tasks.trajectories import load_into, produce
 
