@@ -157,7 +157,13 @@ class ChatServer:
                     if self.path != "/v1/chat/completions":
                         return self._send(404, {"error": "not found"})
                     if failure == "slow":
+                        # the client gives up after its timeout and retries while this handler still sleeps;
+                        # an abandoned request is not one the client holds open, so it leaves the count
+                        with server.lock:
+                            server.in_flight -= 1
                         time.sleep(1.5)
+                        with server.lock:
+                            server.in_flight += 1
                         return self._send(200, {"choices": [{"message": {"content": "1"}}]})
                     if failure is not None:
                         return self._send(failure, {"error": {"message": "try again"}})
