@@ -90,6 +90,33 @@ def test_token_budget_respected_and_lazy_matches_naive(rule):
     assert len(both.picks) <= 5 and lens[both.picks].sum() <= 100
 
 
+def test_celf_keeps_the_better_of_ratio_and_gain_greedy():
+    # one long sentence that carries a strong new direction vs ten short, mutually redundant ones: the ratio
+    # greedy fills the budget with the short ones (log 11 = 2.4) and can no longer fit the long one (log 251 = 5.5)
+    long = np.tile([5.0, 0.0], (10, 1))
+    short = np.tile([0.0, 1.0], (10, 1))
+    x = np.vstack([long, short])
+    off = np.concatenate([[0, 10], 10 + np.arange(1, 11)])
+    ratio = run_greedy(x, off, token_budget=10, rule="ratio")
+    gain = run_greedy(x, off, token_budget=10, rule="gain")
+    celf = run_greedy(x, off, token_budget=10, rule="celf")
+    assert ratio.picks == list(range(1, 11)) and gain.picks == [0]
+    assert ratio.objective == pytest.approx(np.log(11)) and gain.objective == pytest.approx(np.log(251))
+    assert celf.picks == [0] and celf.info["celf_winner"] == "gain"
+    assert celf.info["celf_objectives"] == {"ratio": ratio.objective, "gain": gain.objective}
+    assert celf.evaluations == ratio.evaluations + gain.evaluations
+    # on instances where ratio wins, celf is the ratio run; without a token budget the rule is moot
+    x2, off2 = instance(11, n=120, d=6, max_len=15)
+    r2 = run_greedy(x2, off2, token_budget=100, rule="ratio")
+    g2 = run_greedy(x2, off2, token_budget=100, rule="gain")
+    c2 = run_greedy(x2, off2, token_budget=100)
+    assert c2.objective == max(r2.objective, g2.objective)
+    assert c2.picks == (r2.picks if r2.objective >= g2.objective else g2.picks)
+    assert run_greedy(x2, off2, k=7).picks == run_greedy(x2, off2, k=7, rule="gain").picks
+    with pytest.raises(ValueError, match="rule must be"):
+        run_greedy(x2, off2, k=7, rule="best")
+
+
 def test_stochastic_greedy_deterministic_per_seed():
     x, off = instance(3, n=300)
     a = stochastic_greedy(LogDetObjective(x, off, 1.0), k=20, epsilon=0.2, seed=4)

@@ -14,7 +14,8 @@ from tasks.selectors.base import (EXAMPLES, TOKEN_FEATURES, Budget, Selector, Se
 @register
 class FisherSFTSelector(Selector):
     """Params: lam (ridge of the design matrix, 1.0), algorithm ("lazy" | "naive" | "stochastic"),
-    epsilon (stochastic greedy, 0.1), rule ("ratio": gain per token under a token budget, or "gain"),
+    epsilon (stochastic greedy, 0.1), rule under a token budget ("celf": the better of "ratio", gain per
+    token, and "gain", the raw gain; or either alone),
     device ("auto" | "cpu" | "cuda")."""
 
     name = "fishersft"
@@ -34,7 +35,7 @@ class FisherSFTSelector(Selector):
         lam = float(self.params.get("lam", 1.0))
         algorithm = str(self.params.get("algorithm", "lazy"))
         epsilon = float(self.params.get("epsilon", 0.1))
-        rule = str(self.params.get("rule", "ratio"))
+        rule = str(self.params.get("rule", "celf"))
         device = self.params.get("device", "auto")
         return select_from_features(features, offsets, budget, lam=lam, algorithm=algorithm, seed=seed,
                                     epsilon=epsilon, rule=rule, device=device)
