@@ -107,7 +107,7 @@ TRAJECTORIES_IDS = Contract(
 
 JUDGMENTS = Contract(
     name="judgments",
-    version=1,
+    version=2,
     schema=pa.schema([
         ("prompt_id", pa.string()),
         ("method_a", pa.string()),      # kept in the artifact, never shown to the judge
@@ -117,6 +117,8 @@ JUDGMENTS = Contract(
         ("winner", pa.string()),        # method name, "tie" or "error" after mapping the slot back
         ("p_first", pa.float64()),      # judge probability of slot 1 where the backend gives one
         ("error", pa.string()),
+        ("chars_a", pa.int64()),        # length of method A's text (length bias is reported from these)
+        ("chars_b", pa.int64()),
     ]),
     non_null=("prompt_id", "method_a", "method_b", "order", "verdict", "winner"),
 )

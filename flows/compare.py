@@ -93,10 +93,14 @@ def _pct(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
+def _ratio(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
 def result_rows(cfg: CompareConfig, cells: dict, base: dict) -> list[dict]:
     rows = [{"method": "base", "budget": 0, "heldout_loss": base["loss"], "heldout_ppl": base["ppl"],
              "win_rate_vs_uniform": None, "win_rate_ci_low": None, "win_rate_ci_high": None, "wins": None,
-             "losses": None, "ties": None, "errors": None, "position_bias": None}]
+             "losses": None, "ties": None, "errors": None, "position_bias": None, "longer_won": None}]
     for budget in cfg.budgets:
         for method in cfg.all_methods:
             c = cells[(method, budget)]
@@ -105,7 +109,8 @@ def result_rows(cfg: CompareConfig, cells: dict, base: dict) -> list[dict]:
                          "heldout_ppl": c["heldout"]["ppl"], "win_rate_vs_uniform": j.get("win_rate"),
                          "win_rate_ci_low": j.get("ci_low"), "win_rate_ci_high": j.get("ci_high"),
                          "wins": j.get("wins"), "losses": j.get("losses"), "ties": j.get("ties"),
-                         "errors": j.get("errors"), "position_bias": j.get("position_bias")})
+                         "errors": j.get("errors"), "position_bias": j.get("position_bias"),
+                         "longer_won": j.get("longer_won")})
     return rows
 
 
@@ -136,14 +141,14 @@ def markdown_table(cfg: CompareConfig, rows: list[dict], note: str | None) -> st
         lines.append(f"| {m} | " + " | ".join(f"{by[(m, b)]['heldout_loss']:.4f} ({by[(m, b)]['heldout_ppl']:.2f})"
                                                for b in cfg.budgets) + " |")
     lines += ["", "## Judge diagnostics", "",
-              "| Method | Budget | wins | losses | ties | judge errors | position bias (slot 1 picked) |",
-              "|---|---|---|---|---|---|---|"]
+              "| Method | Budget | wins | losses | ties | judge errors | position bias (slot 1 picked) "
+              "| length bias (longer text won) |",
+              "|---|---|---|---|---|---|---|---|"]
     for m in cfg.all_methods[1:]:
         for b in cfg.budgets:
             r = by[(m, b)]
-            pb = r["position_bias"]
             lines.append(f"| {m} | {b} | {r['wins']} | {r['losses']} | {r['ties']} | {r['errors']} | "
-                         f"{'n/a' if pb is None or math.isnan(pb) else f'{pb:.2f}'} |")
+                         f"{_ratio(r['position_bias'])} | {_ratio(r.get('longer_won'))} |")
     if note:
         lines += ["", f"**Judge caveat:** {note}."]
     return "\n".join(lines) + "\n"

@@ -172,6 +172,8 @@ def judge_pairs(backend, gens_a: pa.Table, gens_b: pa.Table, method_a: str, meth
         rows["winner"].append(winner)
         rows["p_first"].append(v.p_first)
         rows["error"].append(v.error if choice == "error" else None)
+        rows["chars_a"].append(len(a[pid]["text"]))
+        rows["chars_b"].append(len(b[pid]["text"]))
     return pa.table(rows)
 
 
@@ -193,6 +195,16 @@ def prompt_scores(judgments: pa.Table) -> tuple[dict[str, float], int]:
     return scores, errors
 
 
+def length_bias(judgments: pa.Table, scores: dict[str, float]) -> float:
+    """Of the prompts with a decisive verdict (same winner in both orders) and texts of different lengths, the
+    share the longer text won. Judges are known to favour length; near 1 says a win rate may reward verbosity
+    rather than content. NaN when no prompt qualifies."""
+    lengths = {r["prompt_id"]: (r["chars_a"], r["chars_b"]) for r in judgments.to_pylist()}
+    longer_won = [(s == 1.0) == (lengths[pid][0] > lengths[pid][1]) for pid, s in scores.items()
+                  if s != 0.5 and lengths[pid][0] != lengths[pid][1]]
+    return float(np.mean(longer_won)) if longer_won else float("nan")
+
+
 def bootstrap_ci(values: np.ndarray, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     if len(values) == 0:
         return float("nan"), float("nan")
@@ -203,7 +215,8 @@ def bootstrap_ci(values: np.ndarray, n: int = 1000, seed: int = 0, level: float 
 
 
 def summarize(judgments: pa.Table, n_bootstrap: int = 1000, seed: int = 0) -> dict:
-    """Win rate of method A vs B with a prompt-bootstrap CI, win/loss/tie/error counts and position bias."""
+    """Win rate of method A vs B with a prompt-bootstrap CI, win/loss/tie/error counts, position bias and
+    length bias."""
     scores, errors = prompt_scores(judgments)
     values = np.array(list(scores.values()), dtype=float)
     verdicts = judgments.column("verdict").to_pylist()
@@ -219,6 +232,9 @@ def summarize(judgments: pa.Table, n_bootstrap: int = 1000, seed: int = 0) -> di
         "verdict_errors": len(verdicts) - len(valid),
         "position_bias": (sum(v == "first" for v in valid) / len(valid)) if valid else float("nan"),
         "mean_p_first": float(np.mean(p)) if p else None,
+        "longer_won": length_bias(judgments, scores),
+        "mean_chars_a": float(np.mean(judgments.column("chars_a").to_numpy())) if judgments.num_rows else None,
+        "mean_chars_b": float(np.mean(judgments.column("chars_b").to_numpy())) if judgments.num_rows else None,
     }
 
 

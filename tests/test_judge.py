@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -90,6 +91,29 @@ def test_errors_are_counted_apart_from_ties_and_win_rate_uses_valid_prompts():
     rows = table.to_pylist()
     assert {r["winner"] for r in rows if r["prompt_id"] == "p2"} == {"error"}
     assert all(r["error"] for r in rows if r["verdict"] == "error")
+
+
+class PrefersLonger:
+    concurrency = 1
+
+    def judge(self, prompt_text):
+        t1, t2 = prompt_text.split("Text 1:")[1].split("Text 2:")
+        return Verdict("first" if len(t1.strip()) > len(t2.split("\n\n")[0].strip()) else "second")
+
+
+def test_length_bias_is_reported():
+    # A writes the longer text on p0-p2 and the shorter one on p3-p5; GOOD marks the content a judge should like
+    a = gens({"p0": "x" * 40, "p1": "GOOD" + "x" * 36, "p2": "x" * 40, "p3": "y", "p4": "GOOD", "p5": "y"})
+    b = gens({"p0": "GOOD", "p1": "z", "p2": "z", "p3": "GOOD" + "w" * 36, "p4": "w" * 40, "p5": "w" * 40})
+    verbose = summarize(judge_pairs(PrefersLonger(), a, b, METHOD_A, METHOD_B))
+    assert verbose["longer_won"] == 1.0 and verbose["win_rate"] == 0.5 and verbose["ties"] == 0
+    content = summarize(judge_pairs(PrefersGood(), a, b, METHOD_A, METHOD_B))
+    # the content judge: p2 and p5 have no GOOD (orders disagree: ties); of the 4 decisive prompts the longer
+    # text won p1 and p3 and lost p0 and p4
+    assert content["longer_won"] == 0.5 and (content["wins"], content["losses"], content["ties"]) == (2, 2, 2)
+    assert verbose["mean_chars_a"] == pytest.approx((3 * 40 + 2 + 4) / 6)
+    same = summarize(judge_pairs(AlwaysFirst(), a, b, METHOD_A, METHOD_B))
+    assert math.isnan(same["longer_won"])  # only ties: no decisive prompt to measure on
 
 
 def test_bootstrap_ci_is_seeded_and_brackets_the_mean():
