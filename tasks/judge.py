@@ -73,6 +73,8 @@ class JudgeConfig(BaseModel):
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(5, ge=0)
     backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles each retry")
+    logprobs: bool = Field(True, description="openai: ask for the answer token's logprobs to record P(slot 1); "
+                           "switched off automatically if the endpoint refuses them")
     n_bootstrap: int = Field(1000, gt=0)
 
     @field_validator("template")
@@ -90,7 +92,9 @@ class JudgeConfig(BaseModel):
     def identity(self) -> dict:
         """What makes two judgments comparable (cache key); no secret is part of it."""
         d = self.model_dump(exclude={"concurrency", "timeout_s", "max_retries", "backoff_s"})
-        if self.backend == "openai":
+        if self.backend != "openai":
+            d.pop("logprobs")
+        else:
             d["model"] = self.model or os.environ.get(ENV_MODEL)
             d["base_url"] = self.base_url or os.environ.get(ENV_BASE_URL)
         return d

@@ -2,7 +2,8 @@
 
 - `HFJudge`: a local causal LM; the verdict comes from the next-token probabilities of "1" and "2".
 - `OpenAIJudge`: any OpenAI-compatible /v1/chat/completions endpoint; temperature 0, timeouts, retries with
-  exponential backoff on 429 / 5xx / timeouts, bounded concurrency. The API key comes from the environment only
+  exponential backoff on 429 / 5xx / timeouts, bounded concurrency; the verdict is the answer text, and the
+  probability of slot 1 comes from the answer token's logprobs where the endpoint returns them. The API key comes from the environment only
   and never reaches logs, MLflow, artifacts or reprs.
 """
 from __future__ import annotations
@@ -67,6 +68,22 @@ def parse_answer(text: str) -> Verdict:
     return Verdict("error", error=f"unparseable judge answer: {text[:80]!r}")
 
 
+def answer_probability(logprobs) -> float | None:
+    """P("1") / (P("1") + P("2")) from the first answer token's top logprobs (OpenAI / vLLM shape:
+    logprobs.content[0].top_logprobs = [{token, logprob}, ...]); None when absent or neither digit is listed."""
+    try:
+        top = logprobs["content"][0]["top_logprobs"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    p = {"1": 0.0, "2": 0.0}
+    for entry in top or []:
+        token = str(entry.get("token", "")).strip()
+        if token in p and isinstance(entry.get("logprob"), (int, float)):
+            p[token] += math.exp(entry["logprob"])
+    total = p["1"] + p["2"]
+    return p["1"] / total if total > 0 else None
+
+
 class HFJudge:
     """A local causal LM; compares the next-token probabilities of "1" and "2" after the prompt."""
 
@@ -127,7 +144,8 @@ class OpenAIJudge:
     """An OpenAI-compatible chat completions endpoint. The key lives only in a header, never in repr or logs."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout_s: float = 60.0,
-                 max_retries: int = 5, backoff_s: float = 1.0, concurrency: int = 4, max_tokens: int = 4):
+                 max_retries: int = 5, backoff_s: float = 1.0, concurrency: int = 4, max_tokens: int = 4,
+                 logprobs: bool = True):
         import httpx
 
         if not base_url:
@@ -141,6 +159,7 @@ class OpenAIJudge:
         self.backoff_s = backoff_s
         self.concurrency = concurrency
         self.max_tokens = max_tokens
+        self.logprobs = logprobs  # switched off for good if the endpoint refuses the parameter
         self.requests = 0
         self.retries = 0
         headers = {"Content-Type": "application/json"}
@@ -153,7 +172,7 @@ class OpenAIJudge:
     def from_config(cls, cfg: JudgeConfig) -> "OpenAIJudge":
         key = next((os.environ[k] for k in ENV_KEYS if os.environ.get(k)), None)
         return cls(cfg.base_url or os.environ.get(ENV_BASE_URL, ""), cfg.model or os.environ.get(ENV_MODEL, ""),
-                   key, cfg.timeout_s, cfg.max_retries, cfg.backoff_s, cfg.concurrency)
+                   key, cfg.timeout_s, cfg.max_retries, cfg.backoff_s, cfg.concurrency, logprobs=cfg.logprobs)
 
     def __repr__(self) -> str:
         return f"OpenAIJudge(base_url={self.base_url!r}, model={self.model!r})"
@@ -194,13 +213,26 @@ class OpenAIJudge:
         body = {"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
                 "messages": [{"role": "user", "content": prompt_text}]}
         try:
-            data = self._post(body)
-            content = data["choices"][0]["message"]["content"] or ""
+            if self.logprobs:
+                try:
+                    data = self._post({**body, "logprobs": True, "top_logprobs": 5})
+                except JudgeHTTPError as exc:
+                    if not (str(exc).startswith("HTTP 400") and "logprob" in str(exc).lower()):
+                        raise
+                    self.logprobs = False  # e.g. a server without logprobs support: plain answers from now on
+                    data = self._post(body)
+            else:
+                data = self._post(body)
+            choice = data["choices"][0]
+            content = choice["message"]["content"] or ""
         except JudgeHTTPError as exc:
             return Verdict("error", None, str(exc))
         except (KeyError, IndexError, TypeError):
             return Verdict("error", None, "malformed chat completion (no choices[0].message.content)")
-        return parse_answer(content)
+        verdict = parse_answer(content)
+        if verdict.choice != "error":
+            verdict.p_first = answer_probability(choice.get("logprobs"))
+        return verdict
 
     def close(self) -> None:
         self._client.close()

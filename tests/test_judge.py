@@ -154,8 +154,9 @@ class ChatServer:
     """A chat-completions endpoint on 127.0.0.1: fails the first requests (429, 500, a timeout), then answers
     with the slot that holds GOOD. Records auth headers and the peak number of requests in flight."""
 
-    def __init__(self, failures=(429, 500, "slow")):
+    def __init__(self, failures=(429, 500, "slow"), logprobs: bool = True):
         self.failures = list(failures)
+        self.logprobs = logprobs  # False: refuse requests that ask for logprobs, like a server without them
         self.lock = threading.Lock()
         self.auth: set[str] = set()
         self.bodies: list[dict] = []
@@ -191,11 +192,20 @@ class ChatServer:
                         return self._send(200, {"choices": [{"message": {"content": "1"}}]})
                     if failure is not None:
                         return self._send(failure, {"error": {"message": "try again"}})
+                    if body.get("logprobs") and not server.logprobs:
+                        return self._send(400, {"error": {"message": "logprobs is not supported"}})
                     time.sleep(0.05)
                     content = body["messages"][0]["content"]
                     t1 = content.split("Text 1:")[1].split("Text 2:")[0]
                     answer = "1" if "GOOD" in t1 else "2"
-                    return self._send(200, {"choices": [{"message": {"role": "assistant", "content": answer}}]})
+                    choice = {"message": {"role": "assistant", "content": answer}}
+                    if body.get("logprobs"):
+                        other = "2" if answer == "1" else "1"
+                        top = [{"token": answer, "logprob": math.log(0.8)}, {"token": " the", "logprob": -3.0},
+                               {"token": other, "logprob": math.log(0.2)}][: body["top_logprobs"]]
+                        choice["logprobs"] = {"content": [{"token": answer, "logprob": math.log(0.8),
+                                                           "top_logprobs": top}]}
+                    return self._send(200, {"choices": [choice]})
                 finally:
                     with server.lock:
                         server.in_flight -= 1
@@ -248,6 +258,11 @@ def test_openai_backend_end_to_end_with_retries_and_secret_key(store_root, monke
     assert s["win_rate"] == 1.0 and s["wins"] == 6 and s["errors"] == 0 and s["position_bias"] == 0.5
     assert s["ci_low"] == 1.0
     assert table.num_rows == 12
+    # P(slot 1) from the answer token's logprobs: 0.8 where GOOD is in slot 1 (order ab), 0.2 otherwise
+    p_first = dict(zip(zip(table.column("prompt_id").to_pylist(), table.column("order").to_pylist()),
+                       table.column("p_first").to_pylist()))
+    assert all(p == pytest.approx(0.8 if order == "ab" else 0.2) for (_, order), p in p_first.items())
+    assert all(b.get("logprobs") is True and b["top_logprobs"] == 5 for b in server.bodies)
     # the 429, the 500 and the timed-out request were retried; every judgment still succeeded
     assert backend.retries >= 3 and backend.requests == 12 + backend.retries
     assert {429, 500, "slow"} <= set(server.statuses)
@@ -264,6 +279,18 @@ def test_openai_backend_end_to_end_with_retries_and_secret_key(store_root, monke
     out = capsys.readouterr()
     assert SECRET not in caplog.text and SECRET not in out.out + out.err
     assert SECRET not in json.dumps(read_manifest(uri))
+
+
+def test_openai_backend_falls_back_when_the_server_refuses_logprobs():
+    with ChatServer(failures=[], logprobs=False) as server:
+        backend = OpenAIJudge(server.url, "m", None, timeout_s=5, max_retries=1, backoff_s=0.01, concurrency=1)
+        table = judge_pairs(backend, gens({"p0": "GOOD x", "p1": "GOOD y"}), gens({"p0": "z", "p1": "w"}), "a", "b")
+    s = summarize(table)
+    assert s["wins"] == 2 and s["errors"] == 0 and s["mean_p_first"] is None
+    assert backend.logprobs is False
+    # one refused request, then only plain requests: the parameter is dropped for good
+    assert [bool(b.get("logprobs")) for b in server.bodies] == [True, False, False, False, False]
+    assert backend.requests == 5 and backend.retries == 0
 
 
 def test_openai_backend_gives_up_as_errors_not_ties(monkeypatch):
