@@ -19,7 +19,9 @@ EXTRA_CODE = {
     "tasks.judge": ("tasks.judge_backends",),
     "tasks.selection": ("tasks.selectors.base", "tasks.selectors.uniform", "tasks.selectors.fishersft",
                         "tasks.selectors.s2l", "tasks.selectors.density", "tasks.selectors.askllm", "tasks.fisher"),
-    "tasks.evaluate": ("tasks.finetune",),
+    "tasks.evaluate": ("tasks.finetune", "tasks.training"),
+    "tasks.finetune": ("tasks.training",),
+    "tasks.proxy": ("tasks.training",),
 }
 
 

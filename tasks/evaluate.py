@@ -72,7 +72,7 @@ def heldout_loss(model, tokenizer, rows: list[tuple[str, str]], max_length: int,
     """Token-weighted mean loss over all loss tokens of `rows` ((prompt, response) pairs)."""
     import torch
 
-    from tasks.finetune import collate, token_loss_sum
+    from tasks.training import collate, token_loss_sum
 
     if not rows:
         raise UserError("held-out split is empty; raise source.heldout_fraction or add data")

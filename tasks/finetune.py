@@ -4,9 +4,10 @@ Fair by construction: every selection of the same budget trains with exactly one
 steps, batch size, learning rate, schedule, seed); only the data differ. The loss is on response tokens only
 (`tasks.tokenize.encode_example`), batches are grouped by length so little compute goes to padding, and the
 batch schedule is a pure function of (selection, seed, step), so a run resumed from a checkpoint takes the
-same batches the uninterrupted run would have taken.
+same batches the uninterrupted run would have taken. The loop itself is `tasks.training.train`, the one the
+S2L proxy uses too; this module adds LoRA, the checkpoint layout and the committed result.
 
-Checkpoints (trainable weights + optimizer + scheduler + RNG + step) are committed artifacts of kind
+Checkpoints (trainable weights + optimizer + RNG + step) are committed artifacts of kind
 `finetune_ckpt` every `checkpoint_every` steps, with a `LATEST` pointer written after each commit; the final
 adapter (or full model) is the committed artifact of kind `finetuned`. Everything is written through
 `infra.store`, so an `s3://` store works the same as a local folder.
@@ -15,12 +16,10 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import tempfile
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 from prefect import task
@@ -33,6 +32,8 @@ from infra.models import default_device
 from infra.store import ArtifactStore, filesystem_for, is_committed, join, read_bytes, read_manifest, write_bytes
 from tasks.common import TASK_DEFAULTS, task_logger
 from tasks.tokenize import Encoded, encode_pairs
+from tasks.training import Recipe, TrainStats, batch_schedule, restore_rng, rng_state
+from tasks.training import train as run_training
 
 KIND = "finetuned"
 CKPT_KIND = "finetune_ckpt"
@@ -76,6 +77,11 @@ class FinetuneConfig(BaseModel):
     checkpoint_every: int = Field(50, gt=0, description="commit a resumable checkpoint every N steps")
     dtype: Literal["float32", "bfloat16"] = Field("float32")
 
+    def recipe(self) -> Recipe:
+        return Recipe(steps=self.steps, learning_rate=self.learning_rate, batch_size=self.batch_size, seed=self.seed,
+                      warmup_ratio=self.warmup_ratio, decay="linear", weight_decay=self.weight_decay,
+                      max_grad_norm=self.max_grad_norm, batching=self.batching, max_length=self.max_length)
+
 
 # ---------------------------------------------------------------- data
 
@@ -98,66 +104,6 @@ def training_rows(examples_uri: str, selection_uri: str) -> list[tuple[str, str]
     if not rows:
         raise UserError(f"{selection_uri}: the selection is empty; raise the budget")
     return rows
-
-
-def batch_schedule(lengths: np.ndarray, batch_size: int, steps: int, seed: int,
-                   batching: str = "length_grouped", megabatch: int = 16) -> list[np.ndarray]:
-    """The batch (example indices) of every step: a pure function of its arguments.
-
-    Each epoch is a seeded permutation. With `length_grouped`, the permutation is cut into mega-batches of
-    `megabatch * batch_size`, each sorted by length and cut into batches, and the batch order is shuffled
-    again (the Hugging Face `group_by_length` recipe): batches hold similar lengths, the order stays random.
-    """
-    n = len(lengths)
-    bs = min(batch_size, n)
-    out: list[np.ndarray] = []
-    epoch = 0
-    while len(out) < steps:
-        rng = np.random.default_rng([seed, epoch])
-        perm = rng.permutation(n)
-        if batching == "length_grouped":
-            batches = []
-            chunk = megabatch * bs
-            for start in range(0, n, chunk):
-                mb = perm[start:start + chunk]
-                mb = mb[np.argsort(-lengths[mb], kind="stable")]
-                batches.extend(mb[i:i + bs] for i in range(0, len(mb), bs))
-            order = rng.permutation(len(batches))
-            batches = [batches[i] for i in order]
-        else:
-            batches = [perm[i:i + bs] for i in range(0, n, bs)]
-        out.extend(batches)
-        epoch += 1
-    return out[:steps]
-
-
-def collate(encoded: list[Encoded], pad_id: int, pad_to: int | None = None):
-    """(input_ids, attention_mask, labels) right-padded; labels are -100 except on loss tokens."""
-    import torch
-
-    width = pad_to or max(len(e.input_ids) for e in encoded)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(encoded), width), dtype=torch.long)
-    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
-    for row, e in enumerate(encoded):
-        n = len(e.input_ids)
-        t = torch.tensor(e.input_ids, dtype=torch.long)
-        ids[row, :n] = t
-        attn[row, :n] = 1
-        mask = torch.tensor(e.loss_mask, dtype=torch.bool)
-        labels[row, :n] = torch.where(mask, t, torch.full_like(t, -100))
-    return ids, attn, labels
-
-
-def token_loss_sum(model, ids, attn, labels):
-    """(sum of token losses, number of loss tokens) of a batch: the token-weighted loss every stage uses."""
-    import torch.nn.functional as F
-
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
-    target = labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1), ignore_index=-100,
-                           reduction="sum")
-    return loss, int((target != -100).sum())
 
 
 # ---------------------------------------------------------------- model
@@ -190,16 +136,6 @@ def trainable_state(model) -> dict:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def lr_lambda(cfg: FinetuneConfig) -> Callable[[int], float]:
-    warmup = int(cfg.warmup_ratio * cfg.steps)
-
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (cfg.steps - step) / max(1, cfg.steps - warmup))
-    return f
-
-
 # ---------------------------------------------------------------- checkpoints
 
 @dataclass
@@ -213,17 +149,14 @@ class Checkpoints:
     def root(self) -> str:
         return self.store.uri(CKPT_KIND, self.key)
 
-    def save(self, step: int, model, optimizer, scheduler, extra: dict) -> str:
+    def save(self, step: int, model, optimizer, extra: dict) -> str:
         import torch
         from safetensors.torch import save as save_tensors
 
         writer = self.store.begin(CKPT_KIND, f"{self.key}/step-{step:07d}")
         writer.write_bytes(TRAINABLE, save_tensors(trainable_state(model)))
         buf = io.BytesIO()
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                    "step": step, "extra": extra}, buf)
+        torch.save({"optimizer": optimizer.state_dict(), **rng_state(), "step": step, "extra": extra}, buf)
         writer.write_bytes(STATE, buf.getvalue())
         writer.meta.update({"step": step, **extra})
         uri = writer.commit()
@@ -240,7 +173,7 @@ class Checkpoints:
             return None
         return int(pointer["step"]) if is_committed(pointer["uri"]) else None
 
-    def load(self, step: int, model, optimizer, scheduler) -> dict:
+    def load(self, step: int, model, optimizer) -> dict:
         import torch
         from safetensors.torch import load as load_tensors
 
@@ -252,10 +185,7 @@ class Checkpoints:
         model.load_state_dict(weights, strict=False)
         state = torch.load(io.BytesIO(read_bytes(join(uri, STATE))), weights_only=False, map_location="cpu")
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        restore_rng(state)
         return state["extra"]
 
     def clear(self) -> None:
@@ -273,95 +203,30 @@ def _remove(uri: str) -> None:
 
 # ---------------------------------------------------------------- training loop
 
-@dataclass
-class TrainStats:
-    steps: int = 0
-    tokens_seen: int = 0           # loss tokens
-    real_tokens: int = 0           # non-pad input tokens
-    padded_tokens: int = 0         # input tokens including padding
-    seconds: float = 0.0
-    resumed_from: int | None = None
-    losses: list = field(default_factory=list)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.real_tokens / self.seconds if self.seconds else 0.0
-
-    @property
-    def padding_fraction(self) -> float:
-        return 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
-
-
 class SimulatedCrash(RuntimeError):
-    """Raised by `train(crash_after=N)`; tests use it to prove resumption."""
+    """Raised by `train(crash_after=N)` after step N (before a checkpoint of step N); tests prove resumption."""
 
 
 def train(model, tokenizer, encoded: list[Encoded], cfg: FinetuneConfig, *, checkpoints: Checkpoints | None = None,
-          run_id: str | None = None, crash_after: int | None = None, log_every: int | None = None) -> TrainStats:
+          run_id: str | None = None, crash_after: int | None = None) -> TrainStats:
     """Train `model` (already prepared) in place for exactly `cfg.steps` steps; resumes from `checkpoints`."""
-    import torch
 
-    torch.manual_seed(cfg.seed)
-    device = next(model.parameters()).device
-    lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
-    schedule = batch_schedule(lengths, cfg.batch_size, cfg.steps, cfg.seed, cfg.batching)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    stats = TrainStats()
-    start = 0
-    if checkpoints is not None:
-        last = checkpoints.latest_step()
-        if last is not None:
-            extra = checkpoints.load(last, model, optimizer, scheduler)
-            start = last
-            stats.resumed_from = last
-            stats.tokens_seen = int(extra.get("tokens_seen", 0))
-            task_logger("sftcurate.finetune").info("finetune: resumed from the checkpoint at step %d of %d", last, cfg.steps)
+    def crash(step: int, _loss: float) -> None:
+        if crash_after is not None and step >= crash_after:
+            raise SimulatedCrash(f"simulated crash after step {step}")
+
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    log_every = log_every or max(1, cfg.steps // 100)
-    model.train()
-    t0 = time.perf_counter()
-    window: list[float] = []
-    for step in range(start, cfg.steps):
-        batch = [encoded[i] for i in schedule[step]]
-        ids, attn, labels = collate(batch, pad_id, cfg.max_length if cfg.batching == "pad_to_max" else None)
-        ids, attn, labels = ids.to(device), attn.to(device), labels.to(device)
-        loss_sum, n_tok = token_loss_sum(model, ids, attn, labels)
-        loss = loss_sum / max(n_tok, 1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"finetune: loss became {value} at step {step + 1}; lower learning_rate")
-        stats.steps = step + 1
-        stats.tokens_seen += n_tok
-        stats.real_tokens += int(attn.sum())
-        stats.padded_tokens += int(attn.numel())
-        stats.losses.append(value)
-        window.append(value)
-        if run_id and ((step + 1) % log_every == 0 or step + 1 == cfg.steps):
-            tracking.log_metrics(run_id, {"finetune/loss": float(np.mean(window)),
-                                          "finetune/lr": scheduler.get_last_lr()[0],
-                                          "finetune/tokens_seen": stats.tokens_seen}, step=step + 1)
-            window = []
-        if checkpoints is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            checkpoints.save(step + 1, model, optimizer, scheduler, {"tokens_seen": stats.tokens_seen})
-        if crash_after is not None and step + 1 >= crash_after:
-            raise SimulatedCrash(f"simulated crash after step {step + 1}")
-    stats.seconds = time.perf_counter() - t0
-    model.eval()
-    return stats
+    return run_training(model, pad_id, encoded, cfg.recipe(), checkpoints=checkpoints,
+                        save_at=lambda step: step % cfg.checkpoint_every == 0 and step < cfg.steps,
+                        run_id=run_id, metric_prefix="finetune/", on_step=crash,
+                        log=task_logger("sftcurate.finetune"))
 
 
 # ---------------------------------------------------------------- the committed fine-tune
 
 def finetune_key(examples_uri: str, selection_uri: str, target_fingerprint: str, cfg: FinetuneConfig) -> str:
     return fingerprint(examples_uri, selection_uri, target_fingerprint, cfg.model_dump(),
-                       code_fingerprint("tasks.finetune", "tasks.tokenize"))
+                       code_fingerprint("tasks.finetune", "tasks.tokenize", "tasks.training"))
 
 
 def fairness_params(cfg: FinetuneConfig, target_spec: str) -> dict:
@@ -465,4 +330,4 @@ def finetune_meta(model_uri: str) -> dict:
 
 
 __all__ = ["FinetuneConfig", "finetune", "finetune_task", "load_finetuned", "finetune_meta", "batch_schedule",
-           "train", "prepare_model", "default_target_modules", "Checkpoints", "SimulatedCrash"]
+           "train", "TrainStats", "prepare_model", "default_target_modules", "Checkpoints", "SimulatedCrash"]

@@ -13,7 +13,8 @@ Every checkpoint is committed on its own, so a run that dies (or a Prefect retry
 committed checkpoint instead of starting over. The data order is a pure function of (seed, step), the
 learning rate of the step number, dropout is off (training draws no random numbers), and the AdamW state
 (with the torch RNG state, for completeness) travels in the checkpoint, so a resumed run ends with exactly
-the weights of an uninterrupted one.
+the weights of an uninterrupted one. The loop is `tasks.training.train`, shared with target fine-tuning; this
+module adds the proxy's model construction and checkpoint layout.
 
 Everything goes through fsspec (`infra.store`), so an `s3://` store root works as well as a local folder.
 """
@@ -27,10 +28,10 @@ import os
 import shutil
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pyarrow as pa
 from prefect import task
 
@@ -41,13 +42,13 @@ from infra.store import (
 from sftcurate.config import ProxyConfig
 from tasks.common import TASK_DEFAULTS
 from tasks.ingest import examples_meta, load_pool
-from tasks.tokenize import encode_example, pad_batch
+from tasks.tokenize import encode_example
+from tasks.training import Recipe, restore_rng, rng_state, train
 
 log = logging.getLogger("sftcurate.proxy")
 
 KIND = "proxy"
 LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
-MEGABATCH = 16            # length grouping happens inside windows of MEGABATCH x batch_size shuffled examples
 WARMUP_FRACTION = 0.05
 MIN_LR_FRACTION = 0.1
 
@@ -88,7 +89,7 @@ def proxy_key(examples_fp: str, proxy_spec: str, cfg: ProxyConfig, max_length: i
     from infra.models import model_fingerprint
 
     return fingerprint(examples_fp, model_fingerprint(proxy_spec), training_params(cfg), max_length,
-                       code_fingerprint("tasks.proxy", "tasks.tokenize"))
+                       code_fingerprint("tasks.proxy", "tasks.tokenize", "tasks.training"))
 
 
 def checkpoint_steps(steps: int, checkpoints: int) -> list[int]:
@@ -101,56 +102,6 @@ def checkpoint_steps(steps: int, checkpoints: int) -> list[int]:
 
 def checkpoint_uri(proxy_uri: str, step: int) -> str:
     return join(proxy_uri, "checkpoints", f"step-{step:07d}")
-
-
-def learning_rate(step: int, steps: int, base: float) -> float:
-    """Linear warmup over the first 5% of steps, then cosine decay to 10% of `base` (1-based step)."""
-    warmup = max(1, int(round(steps * WARMUP_FRACTION)))
-    if step <= warmup:
-        return base * step / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return base * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """Batches of one epoch: a seeded shuffle, length-sorted inside megabatch windows, batch order shuffled.
-
-    A pure function of (seed, epoch), so any step's batch can be recomputed after a restart.
-    """
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths))
-    window = batch_size * MEGABATCH
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = order[start:start + window]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-class BatchSchedule:
-    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int):
-        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
-        self.per_epoch = math.ceil(len(lengths) / batch_size)
-        self._epoch, self._batches = -1, []
-
-    def batch(self, step: int) -> np.ndarray:
-        """Pool indices of the (1-based) step's batch."""
-        epoch, pos = divmod(step - 1, self.per_epoch)
-        if epoch != self._epoch:
-            self._epoch, self._batches = epoch, epoch_batches(self.lengths, self.batch_size, self.seed, epoch)
-        return self._batches[pos]
-
-
-def masked_mean_loss(model, ids, attn, loss_mask):
-    """Mean cross-entropy over the loss tokens of a padded batch (token-weighted)."""
-    import torch.nn.functional as F
-
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
-    sel = loss_mask[:, 1:].bool()
-    if not bool(sel.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[sel].float(), ids[:, 1:][sel])
 
 
 # ---------------------------------------------------------------- store <-> local folders
@@ -327,84 +278,61 @@ def train_proxy(examples_uri: str, proxy_spec: str, proxy: ProxyConfig | dict, m
     return writer.commit()
 
 
+def recipe(cfg: ProxyConfig) -> Recipe:
+    return Recipe(steps=cfg.steps, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, seed=cfg.seed,
+                  warmup_ratio=WARMUP_FRACTION, decay="cosine", min_lr_ratio=MIN_LR_FRACTION)
+
+
+@dataclass
+class ProxyCheckpoints:
+    """The proxy's checkpoint layout: every checkpoint stays, as a loadable model folder (the trajectory stage
+    reads each one) plus `training_state.pt` (optimizer, RNG, step)."""
+
+    uri: str
+    spec: str
+    lora: bool
+    resume_from: int  # the committed checkpoint the model was built from (0: a fresh model)
+
+    def latest_step(self) -> int | None:
+        return self.resume_from or None
+
+    def save(self, step: int, model, optimizer, extra: dict) -> str:
+        state = {"step": step, "optimizer": optimizer.state_dict(), **rng_state(), "extra": extra}
+        return save_pretrained_folder(model, checkpoint_uri(self.uri, step), "proxy_checkpoint",
+                                      {"step": step, "spec": self.spec, "lora": self.lora, "loss": extra["loss"]},
+                                      extra={"training_state.pt": _torch_state_bytes(state)})
+
+    def load(self, step: int, model, optimizer) -> dict:
+        """The weights came with the model (`load_checkpoint_model`); this restores the optimizer and RNG."""
+        import torch
+
+        ckpt = checkpoint_uri(self.uri, step)
+        state = torch.load(io.BytesIO(read_bytes(join(ckpt, "training_state.pt"))), weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state)
+        return state["extra"]
+
+
 def _train(uri: str, key: str, proxy_spec: str, cfg: ProxyConfig, prompts: list[str], responses: list[str],
            max_length: int, resumed_from: int, steps_at: list[int], device: str, run_id: str | None,
            on_step, on_checkpoint) -> tuple[int, float]:
-    """The training loop from `resumed_from` (0: fresh) to cfg.steps. Returns (resumed_from, last loss)."""
-    import torch
-
-    from infra import tracking
-
-    devices = [torch.cuda.current_device()] if device.startswith("cuda") else []
-    last_loss = float("nan")
-    with torch.random.fork_rng(devices=devices):  # the caller's global RNG is left as it was
-        state = None
-        if resumed_from and is_committed(join(uri, "tokenizer")):
-            log.info("proxy %s: resuming from committed checkpoint at step %d", key, resumed_from)
-            tokenizer = load_tokenizer(uri)
-            ckpt = checkpoint_uri(uri, resumed_from)
-            model = load_checkpoint_model(uri, ckpt, proxy_spec, cfg.lora, trainable=True)
-            state = torch.load(io.BytesIO(read_bytes(join(ckpt, "training_state.pt"))), weights_only=True)
-        else:
-            resumed_from = 0
-            corpus = tuple(f"{p}\n{r}" if p else r for p, r in zip(prompts, responses))
-            model, tokenizer = build_fresh(proxy_spec, cfg, corpus, uri)
-        disable_dropout(model)
-        model.to(device)
-        model.train()
-        encoded = [encode_example(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
-        lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
-        schedule = BatchSchedule(lengths, cfg.batch_size, cfg.seed)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
-        if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["torch_rng"])
-            if devices and state.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(state["cuda_rng"])
-        else:
-            torch.manual_seed(cfg.seed)
-            if devices:
-                torch.cuda.manual_seed(cfg.seed)
-        log_every = max(1, cfg.steps // 100)
-        window: list[float] = []
-        for step in range(resumed_from + 1, cfg.steps + 1):
-            lr = learning_rate(step, cfg.steps, cfg.learning_rate)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = [encoded[i] for i in schedule.batch(step)]
-            ids, attn, lmask = (t.to(device) for t in pad_batch(batch, tokenizer.pad_token_id))
-            loss = masked_mean_loss(model, ids, attn, lmask)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            last_loss = float(loss.detach())
-            window.append(last_loss)
-            if on_step:
-                on_step(step, last_loss)
-            if run_id and (step % log_every == 0 or step == cfg.steps):
-                tracking.log_metrics(run_id, {"proxy_loss": float(np.mean(window)), "proxy_lr": lr}, step)
-                window = []
-            if step in steps_at:
-                ckpt = _save_checkpoint(uri, step, model, optimizer, devices, proxy_spec, cfg, last_loss)
-                if run_id:
-                    tracking.log_metrics(run_id, {"proxy_checkpoint_loss": last_loss}, step)
-                if on_checkpoint:
-                    on_checkpoint(step, ckpt)
-    return resumed_from, last_loss
-
-
-def _save_checkpoint(uri: str, step: int, model, optimizer, devices, spec: str, cfg: ProxyConfig,
-                     loss: float) -> str:
-    import torch
-
-    state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state() if devices else None}
-    ckpt = checkpoint_uri(uri, step)
-    return save_pretrained_folder(model, ckpt, "proxy_checkpoint",
-                                  {"step": step, "spec": spec, "lora": cfg.lora, "loss": loss},
-                                  extra={"training_state.pt": _torch_state_bytes(state)})
+    """Build (or reload) the proxy and run the shared training loop to cfg.steps. Returns (resumed_from, last loss)."""
+    if resumed_from and is_committed(join(uri, "tokenizer")):
+        log.info("proxy %s: resuming from committed checkpoint at step %d", key, resumed_from)
+        tokenizer = load_tokenizer(uri)
+        model = load_checkpoint_model(uri, checkpoint_uri(uri, resumed_from), proxy_spec, cfg.lora, trainable=True)
+    else:
+        resumed_from = 0
+        corpus = tuple(f"{p}\n{r}" if p else r for p, r in zip(prompts, responses))
+        model, tokenizer = build_fresh(proxy_spec, cfg, corpus, uri)
+    disable_dropout(model)
+    model.to(device)
+    encoded = [encode_example(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
+    saves = set(steps_at)
+    stats = train(model, tokenizer.pad_token_id, encoded, recipe(cfg),
+                  checkpoints=ProxyCheckpoints(uri, proxy_spec, cfg.lora, resumed_from), save_at=saves.__contains__,
+                  run_id=run_id, metric_prefix="proxy_", on_step=on_step, on_checkpoint=on_checkpoint)
+    return resumed_from, stats.last_loss
 
 
 # ---------------------------------------------------------------- readers

@@ -11,6 +11,7 @@ import pytest
 from data_contracts import EXAMPLES, ContractError
 from infra.hashing import fingerprint
 from infra.store import ArtifactStore, is_committed, join, read_bytes, read_manifest
+from sftcurate.config import ProxyConfig
 
 TINY = "tiny-gpt2:n_layer=1,n_embd=32,n_head=2,vocab=300"
 
@@ -60,19 +61,21 @@ def checkpoint_tensors(ckpt_uri: str) -> dict:
 # ---------------------------------------------------------------- plain functions
 
 def test_schedule_pieces_are_pure_functions():
-    from tasks.proxy import ProxyError, checkpoint_steps, epoch_batches, learning_rate
+    from tasks.proxy import ProxyError, checkpoint_steps, recipe
+    from tasks.training import batch_schedule
 
     assert checkpoint_steps(200, 10) == list(range(20, 201, 20))
     assert checkpoint_steps(12, 4) == [3, 6, 9, 12]
     with pytest.raises(ProxyError, match="proxy.steps"):
         checkpoint_steps(5, 10)
-    lrs = [learning_rate(s, 100, 1e-3) for s in range(1, 101)]
-    assert lrs[4] == pytest.approx(1e-3) and lrs[0] < lrs[4] and lrs[-1] == pytest.approx(1e-4)
+    lrs = [recipe(ProxyConfig(steps=100, learning_rate=1e-3)).lr(s) for s in range(100)]
+    assert lrs[4] == pytest.approx(1e-3) and lrs[0] < lrs[4]  # 5 warmup steps, then cosine down to 10%
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] == pytest.approx(1e-4, rel=0.01)
     lengths = np.random.default_rng(0).integers(3, 90, 103)
-    a = epoch_batches(lengths, 8, seed=1, epoch=2)
-    assert [x.tolist() for x in a] == [x.tolist() for x in epoch_batches(lengths, 8, seed=1, epoch=2)]
-    assert sorted(np.concatenate(a).tolist()) == list(range(103))
-    assert [x.tolist() for x in a] != [x.tolist() for x in epoch_batches(lengths, 8, seed=1, epoch=3)]
+    a = batch_schedule(lengths, 8, 13 * 3, seed=1)  # 13 batches an epoch
+    assert [x.tolist() for x in a] == [x.tolist() for x in batch_schedule(lengths, 8, 13 * 3, seed=1)]
+    assert sorted(np.concatenate(a[13:26]).tolist()) == list(range(103))  # each epoch sees every example once
+    assert [x.tolist() for x in a[13:26]] != [x.tolist() for x in a[26:]]
 
 
 # ---------------------------------------------------------------- (b) resume after a crash

@@ -1,0 +1,219 @@
+"""The one training loop both trainers use: the S2L proxy on the whole pool and the target on a selection.
+
+A `Recipe` fixes everything that shapes the weights: steps, batch size, learning rate and its schedule, weight
+decay, gradient clipping, seed and batching. The batch of every step is a pure function of (lengths, recipe),
+the learning rate a pure function of the step, and a checkpoint carries the optimizer state and the torch RNG,
+so a run resumed from any committed checkpoint ends with exactly the weights of an uninterrupted one. Where a
+checkpoint lives and what it holds (the proxy keeps every one as a loadable model folder, the target only the
+newest trainable weights) is the caller's `CheckpointSink`.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Protocol
+
+import numpy as np
+
+from tasks.tokenize import Encoded, pad_batch
+
+Batching = Literal["length_grouped", "random", "pad_to_max"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    steps: int
+    learning_rate: float
+    batch_size: int
+    seed: int = 0
+    warmup_ratio: float = 0.1          # linear warmup over this share of the steps (at least one step)
+    decay: Literal["linear", "cosine"] = "linear"
+    min_lr_ratio: float = 0.0          # the decay ends at this share of learning_rate
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batching: Batching = "length_grouped"
+    max_length: int | None = None      # pad_to_max pads every batch to this width
+    megabatch: int = 16
+
+    def lr(self, step: int) -> float:
+        """Learning rate of 0-based step `step`."""
+        warmup = max(1, int(round(self.warmup_ratio * self.steps))) if self.warmup_ratio > 0 else 0
+        if step < warmup:
+            return self.learning_rate * (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.steps - warmup)
+        left = 1 - progress if self.decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return self.learning_rate * (self.min_lr_ratio + (1 - self.min_lr_ratio) * left)
+
+
+# ---------------------------------------------------------------- data order and batches
+
+def batch_schedule(lengths: np.ndarray, batch_size: int, steps: int, seed: int,
+                   batching: Batching = "length_grouped", megabatch: int = 16) -> list[np.ndarray]:
+    """The batch (example indices) of every step: a pure function of its arguments.
+
+    Each epoch is a seeded permutation. With `length_grouped`, the permutation is cut into mega-batches of
+    `megabatch * batch_size`, each sorted by length and cut into batches, and the batch order is shuffled
+    again (the Hugging Face `group_by_length` recipe): batches hold similar lengths, the order stays random.
+    """
+    n = len(lengths)
+    bs = min(batch_size, n)
+    out: list[np.ndarray] = []
+    epoch = 0
+    while len(out) < steps:
+        rng = np.random.default_rng([seed, epoch])
+        perm = rng.permutation(n)
+        if batching == "length_grouped":
+            batches = []
+            chunk = megabatch * bs
+            for start in range(0, n, chunk):
+                mb = perm[start:start + chunk]
+                mb = mb[np.argsort(-lengths[mb], kind="stable")]
+                batches.extend(mb[i:i + bs] for i in range(0, len(mb), bs))
+            order = rng.permutation(len(batches))
+            batches = [batches[i] for i in order]
+        else:
+            batches = [perm[i:i + bs] for i in range(0, n, bs)]
+        out.extend(batches)
+        epoch += 1
+    return out[:steps]
+
+
+def collate(encoded: list[Encoded], pad_id: int, pad_to: int | None = None):
+    """(input_ids, attention_mask, labels) right-padded; labels are -100 except on loss tokens."""
+    ids, attn, loss_mask = pad_batch(encoded, pad_id, pad_to)
+    return ids, attn, ids.masked_fill(loss_mask == 0, -100)
+
+
+def token_loss_sum(model, ids, attn, labels):
+    """(sum of token losses, number of loss tokens) of a batch: the token-weighted loss every stage uses."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    target = labels[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+    return loss, int((target != -100).sum())
+
+
+# ---------------------------------------------------------------- the loop
+
+class CheckpointSink(Protocol):
+    def latest_step(self) -> int | None: ...
+
+    def save(self, step: int, model, optimizer, extra: dict) -> str: ...
+
+    def load(self, step: int, model, optimizer) -> dict: ...
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    tokens_seen: int = 0           # loss tokens
+    real_tokens: int = 0           # non-pad input tokens
+    padded_tokens: int = 0         # input tokens including padding
+    seconds: float = 0.0
+    resumed_from: int | None = None
+    losses: list = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.real_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+    @property
+    def last_loss(self) -> float:
+        return self.losses[-1] if self.losses else float("nan")
+
+
+def train(model, pad_id: int, encoded: list[Encoded], recipe: Recipe, *, checkpoints: CheckpointSink | None = None,
+          save_at: Callable[[int], bool] = lambda step: False, run_id: str | None = None, metric_prefix: str = "",
+          on_step: Callable[[int, float], None] | None = None,
+          on_checkpoint: Callable[[int, str], None] | None = None, log=None) -> TrainStats:
+    """Train `model` (already on its device, trainable parameters set) in place to `recipe.steps`.
+
+    Resumes from `checkpoints.latest_step()` when there is one; commits a checkpoint after every (1-based)
+    step where `save_at(step)`. The caller's global torch RNG is left as it was. `on_step(step, loss)` and
+    `on_checkpoint(step, uri)` are hooks for progress and tests (raising from one simulates a crash).
+    """
+    import torch
+
+    from infra import tracking
+
+    device = next(model.parameters()).device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
+    schedule = batch_schedule(lengths, recipe.batch_size, recipe.steps, recipe.seed, recipe.batching,
+                              recipe.megabatch)
+    pad_to = recipe.max_length if recipe.batching == "pad_to_max" else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    stats = TrainStats()
+    log_every = max(1, recipe.steps // 100)
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(recipe.seed)
+        start = checkpoints.latest_step() if checkpoints is not None else None
+        if start:
+            extra = checkpoints.load(start, model, optimizer)  # also restores the RNG state
+            stats.resumed_from = start
+            stats.tokens_seen = int(extra.get("tokens_seen", 0))
+            if log:
+                log.info("resumed from the checkpoint at step %d of %d", start, recipe.steps)
+        model.train()
+        t0 = time.perf_counter()
+        window: list[float] = []
+        for step in range(start or 0, recipe.steps):
+            lr = recipe.lr(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            ids, attn, labels = (t.to(device) for t in collate([encoded[i] for i in schedule[step]], pad_id, pad_to))
+            loss_sum, n_tok = token_loss_sum(model, ids, attn, labels)
+            loss = loss_sum / max(n_tok, 1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
+            optimizer.step()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"training loss became {value} at step {step + 1}; lower the learning rate")
+            done = step + 1
+            stats.steps = done
+            stats.tokens_seen += n_tok
+            stats.real_tokens += int(attn.sum())
+            stats.padded_tokens += int(attn.numel())
+            stats.losses.append(value)
+            window.append(value)
+            if on_step:
+                on_step(done, value)
+            if run_id and (done % log_every == 0 or done == recipe.steps):
+                tracking.log_metrics(run_id, {f"{metric_prefix}loss": float(np.mean(window)), f"{metric_prefix}lr": lr,
+                                              f"{metric_prefix}tokens_seen": stats.tokens_seen}, step=done)
+                window = []
+            if checkpoints is not None and save_at(done):
+                uri = checkpoints.save(done, model, optimizer, {"tokens_seen": stats.tokens_seen, "loss": value})
+                if run_id:
+                    tracking.log_metrics(run_id, {f"{metric_prefix}checkpoint_loss": value}, step=done)
+                if on_checkpoint:
+                    on_checkpoint(done, uri)
+        stats.seconds = time.perf_counter() - t0
+    model.eval()
+    return stats
+
+
+def rng_state() -> dict:
+    """The torch RNG state a checkpoint carries (CPU, and every CUDA device when there is one)."""
+    import torch
+
+    return {"torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng(state: dict) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
