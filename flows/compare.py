@@ -100,7 +100,8 @@ def _ratio(x) -> str:
 def result_rows(cfg: CompareConfig, cells: dict, base: dict) -> list[dict]:
     rows = [{"method": "base", "budget": 0, "heldout_loss": base["loss"], "heldout_ppl": base["ppl"],
              "win_rate_vs_uniform": None, "win_rate_ci_low": None, "win_rate_ci_high": None, "wins": None,
-             "losses": None, "ties": None, "errors": None, "position_bias": None, "longer_won": None}]
+             "losses": None, "ties": None, "errors": None, "position_bias": None, "longer_won": None,
+             "lc_win_rate": None}]
     for budget in cfg.budgets:
         for method in cfg.all_methods:
             c = cells[(method, budget)]
@@ -110,7 +111,7 @@ def result_rows(cfg: CompareConfig, cells: dict, base: dict) -> list[dict]:
                          "win_rate_ci_low": j.get("ci_low"), "win_rate_ci_high": j.get("ci_high"),
                          "wins": j.get("wins"), "losses": j.get("losses"), "ties": j.get("ties"),
                          "errors": j.get("errors"), "position_bias": j.get("position_bias"),
-                         "longer_won": j.get("longer_won")})
+                         "longer_won": j.get("longer_won"), "lc_win_rate": j.get("lc_win_rate")})
     return rows
 
 
@@ -142,13 +143,14 @@ def markdown_table(cfg: CompareConfig, rows: list[dict], note: str | None) -> st
                                                for b in cfg.budgets) + " |")
     lines += ["", "## Judge diagnostics", "",
               "| Method | Budget | wins | losses | ties | judge errors | position bias (slot 1 picked) "
-              "| length bias (longer text won) |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| length bias (longer text won) | length-controlled win rate (%) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for m in cfg.all_methods[1:]:
         for b in cfg.budgets:
             r = by[(m, b)]
             lines.append(f"| {m} | {b} | {r['wins']} | {r['losses']} | {r['ties']} | {r['errors']} | "
-                         f"{_ratio(r['position_bias'])} | {_ratio(r.get('longer_won'))} |")
+                         f"{_ratio(r['position_bias'])} | {_ratio(r.get('longer_won'))} | "
+                         f"{_pct(r.get('lc_win_rate'))} |")
     if note:
         lines += ["", f"**Judge caveat:** {note}."]
     return "\n".join(lines) + "\n"

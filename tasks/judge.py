@@ -209,6 +209,32 @@ def length_bias(judgments: pa.Table, scores: dict[str, float]) -> float:
     return float(np.mean(longer_won)) if longer_won else float("nan")
 
 
+def length_controlled_win_rate(judgments: pa.Table, ridge: float = 0.1) -> float:
+    """AlpacaEval-2-style length control (Dubois et al., 2024): a logistic regression of every valid verdict
+    (did method A win it?) on an intercept, A's slot (+1 first, -1 second) and tanh of the length difference
+    (A - B, over its root mean square), with a small L2 ridge so a judge that follows length or position
+    perfectly still gives finite weights (which then shrinks the correction a little). The result is
+    P(A wins) at equal length, averaged over both slots. A verdict-level rate (ties are not 0.5 here): compare it
+    with 0.5 and with the raw win rate, not as a drop-in for it. NaN without valid verdicts."""
+    rows = [r for r in judgments.to_pylist() if r["verdict"] != "error"]
+    if not rows:
+        return float("nan")
+    diff = np.array([r["chars_a"] - r["chars_b"] for r in rows], dtype=float)
+    scale = float(np.sqrt(np.mean(diff ** 2))) or 1.0
+    slot = np.array([1.0 if r["order"] == "ab" else -1.0 for r in rows])
+    x = np.column_stack([np.ones(len(rows)), slot, np.tanh(diff / scale)])
+    y = np.array([1.0 if r["winner"] == r["method_a"] else 0.0 for r in rows])
+    penalty = ridge * np.eye(3)
+    w = np.zeros(3)
+    for _ in range(100):  # Newton's method on a strictly convex objective
+        p = 1 / (1 + np.exp(-x @ w))
+        step = np.linalg.solve(x.T @ (x * (p * (1 - p))[:, None]) + penalty, x.T @ (p - y) + penalty @ w)
+        w -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(np.mean(1 / (1 + np.exp(-(w[0] + w[1] * np.array([1.0, -1.0]))))))
+
+
 def bootstrap_ci(values: np.ndarray, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     if len(values) == 0:
         return float("nan"), float("nan")
@@ -237,6 +263,7 @@ def summarize(judgments: pa.Table, n_bootstrap: int = 1000, seed: int = 0) -> di
         "position_bias": (sum(v == "first" for v in valid) / len(valid)) if valid else float("nan"),
         "mean_p_first": float(np.mean(p)) if p else None,
         "longer_won": length_bias(judgments, scores),
+        "lc_win_rate": length_controlled_win_rate(judgments),
         "mean_chars_a": float(np.mean(judgments.column("chars_a").to_numpy())) if judgments.num_rows else None,
         "mean_chars_b": float(np.mean(judgments.column("chars_b").to_numpy())) if judgments.num_rows else None,
     }

@@ -63,13 +63,13 @@ def test_compare_flow_end_to_end_and_adding_a_budget_reruns_only_what_is_new(tmp
     assert "randomly initialised" in summary["judge_note"]
     md = summary["table_markdown"]
     assert "Win rate vs Uniform" in md and "Held-out loss" in md and "test_longest" in md
-    assert "position bias" in md and "length bias (longer text won)" in md
+    assert "position bias" in md and "length bias (longer text won)" in md and "length-controlled" in md
 
     report = summary["report_uri"]
     assert read_bytes(join(report, "results.png"))[:4] == b"\x89PNG"
     csv_text = read_bytes(join(report, "results.csv")).decode()
     assert csv_text.startswith("method,budget,heldout_loss") and csv_text.splitlines()[0].endswith(
-        "position_bias,longer_won")
+        "position_bias,longer_won,lc_win_rate")
     table = read_table(join(report, "results.parquet"), EVAL_RESULTS)
     assert table.num_rows == 3
 

@@ -116,6 +116,29 @@ def test_length_bias_is_reported():
     assert math.isnan(same["longer_won"])  # only ties: no decisive prompt to measure on
 
 
+def test_length_controlled_win_rate():
+    rng = np.random.default_rng(0)
+    n = 40
+    # a judge that only follows length, and method A writes the longer text on 80% of the prompts
+    longer = rng.random(n) < 0.8
+    a = gens({f"p{i}": "a" * (120 if longer[i] else 20) for i in range(n)})
+    b = gens({f"p{i}": "b" * 70 for i in range(n)})
+    verbose = summarize(judge_pairs(PrefersLonger(), a, b, METHOD_A, METHOD_B))
+    assert verbose["win_rate"] == pytest.approx(longer.mean())
+    assert verbose["lc_win_rate"] < verbose["win_rate"] - 0.1  # the "win" is length: pulled towards 0.5
+    # a judge that follows content (GOOD on 70% of A's texts), lengths independent of the method
+    good = rng.random(n) < 0.7
+    la, lb = rng.integers(10, 200, n), rng.integers(10, 200, n)
+    a = gens({f"p{i}": ("GOOD " if good[i] else "") + "a" * la[i] for i in range(n)})
+    b = gens({f"p{i}": ("" if good[i] else "GOOD ") + "b" * lb[i] for i in range(n)})
+    content = summarize(judge_pairs(PrefersGood(), a, b, METHOD_A, METHOD_B))
+    assert content["win_rate"] == pytest.approx(good.mean())
+    assert content["lc_win_rate"] == pytest.approx(content["win_rate"], abs=0.05)
+    # position alone carries no preference: exactly 0.5
+    same = summarize(judge_pairs(AlwaysFirst(), a, b, METHOD_A, METHOD_B))
+    assert same["lc_win_rate"] == pytest.approx(0.5, abs=1e-9)
+
+
 def test_bootstrap_ci_is_seeded_and_brackets_the_mean():
     values = np.array([1.0] * 12 + [0.0] * 6 + [0.5] * 2)
     lo, hi = bootstrap_ci(values, 2000, seed=7)
