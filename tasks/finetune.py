@@ -219,7 +219,7 @@ def train(model, tokenizer, encoded: list[Encoded], cfg: FinetuneConfig, *, chec
     return run_training(model, pad_id, encoded, cfg.recipe(), checkpoints=checkpoints,
                         save_at=lambda step: step % cfg.checkpoint_every == 0 and step < cfg.steps,
                         run_id=run_id, metric_prefix="finetune/", on_step=crash,
-                        log=task_logger("sftcurate.finetune"))
+                        log=task_logger("sftcurate.finetune"), section="finetune")
 
 
 # ---------------------------------------------------------------- the committed fine-tune

@@ -331,7 +331,8 @@ def _train(uri: str, key: str, proxy_spec: str, cfg: ProxyConfig, prompts: list[
     saves = set(steps_at)
     stats = train(model, tokenizer.pad_token_id, encoded, recipe(cfg),
                   checkpoints=ProxyCheckpoints(uri, proxy_spec, cfg.lora, resumed_from), save_at=saves.__contains__,
-                  run_id=run_id, metric_prefix="proxy_", on_step=on_step, on_checkpoint=on_checkpoint)
+                  run_id=run_id, metric_prefix="proxy_", on_step=on_step, on_checkpoint=on_checkpoint,
+                  log=log, section="proxy")
     return resumed_from, stats.last_loss
 
 

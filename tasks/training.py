@@ -16,6 +16,7 @@ from typing import Callable, Literal, Protocol
 
 import numpy as np
 
+from data_contracts import UserError
 from tasks.tokenize import Encoded, pad_batch
 
 Batching = Literal["length_grouped", "random", "pad_to_max"]
@@ -132,12 +133,14 @@ class TrainStats:
 def train(model, pad_id: int, encoded: list[Encoded], recipe: Recipe, *, checkpoints: CheckpointSink | None = None,
           save_at: Callable[[int], bool] = lambda step: False, run_id: str | None = None, metric_prefix: str = "",
           on_step: Callable[[int, float], None] | None = None,
-          on_checkpoint: Callable[[int, str], None] | None = None, log=None) -> TrainStats:
+          on_checkpoint: Callable[[int, str], None] | None = None, log=None, section: str = "training"
+          ) -> TrainStats:
     """Train `model` (already on its device, trainable parameters set) in place to `recipe.steps`.
 
     Resumes from `checkpoints.latest_step()` when there is one; commits a checkpoint after every (1-based)
     step where `save_at(step)`. The caller's global torch RNG is left as it was. `on_step(step, loss)` and
     `on_checkpoint(step, uri)` are hooks for progress and tests (raising from one simulates a crash).
+    `section` names the config section in errors (a diverging loss is the recipe's fault, so it is not retried).
     """
     import torch
 
@@ -178,7 +181,8 @@ def train(model, pad_id: int, encoded: list[Encoded], recipe: Recipe, *, checkpo
             optimizer.step()
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise FloatingPointError(f"training loss became {value} at step {step + 1}; lower the learning rate")
+                raise UserError(f"{section}: the training loss became {value} at step {step + 1}; lower "
+                                f"{section}.learning_rate")
             done = step + 1
             stats.steps = done
             stats.tokens_seen += n_tok

@@ -93,6 +93,19 @@ def test_finetuned_heldout_loss_beats_base(tmp_path, store_root, full):
     assert not model.training and tok.eos_token_id is not None
 
 
+def test_diverging_loss_is_a_user_error_and_commits_nothing(tmp_path, store_root):
+    from data_contracts import UserError
+    from infra.store import ArtifactStore
+
+    ex = make_examples(tmp_path)
+    sel = select(ex, 16)
+    cfg = FinetuneConfig(steps=6, batch_size=8, max_length=96, full=True, learning_rate=1e12, checkpoint_every=2)
+    with pytest.raises(UserError, match=r"^finetune: the training loss became (nan|inf) at step \d+; lower "
+                                        r"finetune.learning_rate$"):
+        finetune(ex, sel, TINY, FP, cfg)
+    assert ArtifactStore().committed("finetuned", finetune_key(ex, sel, FP, cfg)) is None
+
+
 def _weights(uri: str) -> dict:
     from safetensors.numpy import load
 
