@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import struct
 import time
 from dataclasses import dataclass, field
@@ -126,6 +127,21 @@ def read_tensors(uri: str, contract: TensorContract) -> tuple[dict[str, np.ndarr
 
 # ---------------------------------------------------------------- committed artifacts
 
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def strict_json(obj) -> bytes:
+    """Standard JSON (NaN and inf become null), so jq, browsers and other languages read every manifest."""
+    return json.dumps(_finite(obj), indent=2, sort_keys=True, default=str, allow_nan=False).encode()
+
+
 @dataclass
 class ArtifactWriter:
     """Collects files of one artifact; `commit()` writes the manifest last."""
@@ -148,7 +164,7 @@ class ArtifactWriter:
         return self._record(name, data)
 
     def write_json(self, name: str, obj) -> str:
-        return self._record(name, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+        return self._record(name, strict_json(obj))
 
     def write_table(self, name: str, table: pa.Table, contract: Contract) -> str:
         return self._record(name, table_to_bytes(table, contract, self.path(name)))
@@ -159,7 +175,7 @@ class ArtifactWriter:
 
     def commit(self) -> str:
         manifest = {"kind": self.kind, "key": self.key, "created": time.time(), "files": self.files, "meta": self.meta}
-        write_bytes(self.path(MANIFEST), json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
+        write_bytes(self.path(MANIFEST), strict_json(manifest))
         return self.uri
 
     def abort(self) -> None:

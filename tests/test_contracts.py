@@ -55,6 +55,21 @@ def test_artifact_is_committed_only_by_its_manifest(tmp_path):
     assert read_manifest(writer.uri)["files"]["selection.parquet"]["bytes"] > 0
 
 
+def test_manifests_are_standard_json(tmp_path):
+    import json
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    writer = ArtifactStore(str(tmp_path)).begin("judgments", "k")
+    writer.write_json("summary.json", {"win_rate": float("nan"), "ci": [float("inf"), 0.5]})
+    writer.meta.update({"summary": {"win_rate": float("nan"), "wins": 3, "nested": [{"p": -float("inf")}]}})
+    uri = writer.commit()
+    for name in ("_MANIFEST.json", "summary.json"):
+        json.loads((tmp_path / "judgments" / "k" / name).read_text(), parse_constant=refuse)
+    assert read_manifest(uri)["meta"]["summary"] == {"win_rate": None, "wins": 3, "nested": [{"p": None}]}
+
+
 def test_tensor_contract_checks(tmp_path):
     store = ArtifactStore(str(tmp_path))
     w = store.begin("token_features", "x")
