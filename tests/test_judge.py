@@ -209,7 +209,7 @@ class ChatServer:
                         # an abandoned request is not one the client holds open, so it leaves the count
                         with server.lock:
                             server.in_flight -= 1
-                        time.sleep(1.5)
+                        time.sleep(3.0)
                         with server.lock:
                             server.in_flight += 1
                         return self._send(200, {"choices": [{"message": {"content": "1"}}]})
@@ -270,7 +270,7 @@ def test_openai_backend_end_to_end_with_retries_and_secret_key(store_root, monke
     with ChatServer() as server:
         monkeypatch.setenv("SFTCURATE_JUDGE_BASE_URL", server.url)
         monkeypatch.setenv("SFTCURATE_JUDGE_MODEL", "judge-model-x")
-        cfg = JudgeConfig(backend="openai", timeout_s=0.5, backoff_s=0.01, max_retries=4, concurrency=3)
+        cfg = JudgeConfig(backend="openai", timeout_s=1.5, backoff_s=0.01, max_retries=4, concurrency=3)
         backend = OpenAIJudge.from_config(cfg)
         assert SECRET not in repr(backend) and SECRET not in repr(cfg) and SECRET not in cfg.model_dump_json()
         with tracking.start_run("judge-test") as run_id:
