@@ -17,7 +17,6 @@ Backends (anything with `judge(prompt_text) -> Verdict`):
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
