@@ -17,7 +17,6 @@ Backends (anything with `judge(prompt_text) -> Verdict`):
 """
 from __future__ import annotations
 
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
@@ -300,9 +299,8 @@ def run_judge(gens_a_uri: str, gens_b_uri: str, method_a: str, method_b: str, cf
         uri = writer.commit()
     summary = read_manifest(uri)["meta"]["summary"]
     if run_id:
-        tracking.log_metrics(run_id, {f"judge/{k}": v for k, v in summary.items()
-                                      if isinstance(v, (int, float)) and v is not None and not
-                                      (isinstance(v, float) and math.isnan(v))})
+        # the manifest is strict JSON: a summary value with no number behind it (NaN) reads back as None
+        tracking.log_metrics(run_id, {f"judge/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
     return uri
 
 

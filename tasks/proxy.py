@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -273,7 +272,7 @@ def train_proxy(examples_uri: str, proxy_spec: str, proxy: ProxyConfig | dict, m
         "examples_uri": examples_uri, "n_examples": pool.num_rows, "steps": steps_at,
         "checkpoints": listing, "tokenizer_uri": join(uri, "tokenizer"),
         "resumed_from_step": resumed_from, "trained_steps": cfg.steps - resumed_from,
-        "final_loss": None if math.isnan(last_loss) else last_loss,
+        "final_loss": last_loss,  # NaN (nothing trained) is written as null
     })
     return writer.commit()
 
