@@ -3,8 +3,8 @@
 - `HFJudge`: a local causal LM; the verdict comes from the next-token probabilities of "1" and "2".
 - `OpenAIJudge`: any OpenAI-compatible /v1/chat/completions endpoint; temperature 0, timeouts, retries with
   exponential backoff on 429 / 5xx / timeouts, bounded concurrency; the verdict is the answer text, and the
-  probability of slot 1 comes from the answer token's logprobs where the endpoint returns them. The API key comes from the environment only
-  and never reaches logs, MLflow, artifacts or reprs.
+  probability of slot 1 comes from the answer token's logprobs where the endpoint returns them. The API key
+  comes from the environment only and never reaches logs, MLflow, artifacts or reprs.
 """
 from __future__ import annotations
 
@@ -137,7 +137,9 @@ class HFJudge:
 
 
 class JudgeHTTPError(RuntimeError):
-    pass
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status  # the HTTP status of a refused request; None for give-ups and bad bodies
 
 
 class OpenAIJudge:
@@ -202,7 +204,7 @@ class OpenAIJudge:
                     time.sleep(min(float(retry_after), 30.0))
                 continue
             if r.status_code >= 400:
-                raise JudgeHTTPError(f"HTTP {r.status_code} from {url}: {r.text[:200]}")
+                raise JudgeHTTPError(f"HTTP {r.status_code} from {url}: {r.text[:200]}", r.status_code)
             try:
                 return r.json()
             except ValueError:
@@ -217,7 +219,7 @@ class OpenAIJudge:
                 try:
                     data = self._post({**body, "logprobs": True, "top_logprobs": 5})
                 except JudgeHTTPError as exc:
-                    if not (str(exc).startswith("HTTP 400") and "logprob" in str(exc).lower()):
+                    if not (exc.status == 400 and "logprob" in str(exc).lower()):
                         raise
                     self.logprobs = False  # e.g. a server without logprobs support: plain answers from now on
                     data = self._post(body)
