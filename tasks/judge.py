@@ -179,10 +179,11 @@ def judge_pairs(backend, gens_a: pa.Table, gens_b: pa.Table, method_a: str, meth
     return pa.table(rows)
 
 
-def prompt_scores(judgments: pa.Table) -> tuple[dict[str, float], int]:
-    """Per prompt: 1 (A wins in both orders), 0 (B wins in both), 0.5 (orders disagree); errors left out."""
+def prompt_scores(rows: list[dict]) -> tuple[dict[str, float], int]:
+    """Per prompt: 1 (A wins in both orders), 0 (B wins in both), 0.5 (orders disagree); errors left out.
+    `rows` are the judgments as dicts (`table.to_pylist()`)."""
     by_prompt: dict[str, list[dict]] = {}
-    for r in judgments.to_pylist():
+    for r in rows:
         by_prompt.setdefault(r["prompt_id"], []).append(r)
     scores, errors = {}, 0
     for pid, rs in by_prompt.items():
@@ -197,24 +198,24 @@ def prompt_scores(judgments: pa.Table) -> tuple[dict[str, float], int]:
     return scores, errors
 
 
-def length_bias(judgments: pa.Table, scores: dict[str, float]) -> float:
+def length_bias(rows: list[dict], scores: dict[str, float]) -> float:
     """Of the prompts with a decisive verdict (same winner in both orders) and texts of different lengths, the
     share the longer text won. Judges are known to favour length; near 1 says a win rate may reward verbosity
     rather than content. NaN when no prompt qualifies."""
-    lengths = {r["prompt_id"]: (r["chars_a"], r["chars_b"]) for r in judgments.to_pylist()}
+    lengths = {r["prompt_id"]: (r["chars_a"], r["chars_b"]) for r in rows}
     longer_won = [(s == 1.0) == (lengths[pid][0] > lengths[pid][1]) for pid, s in scores.items()
                   if s != 0.5 and lengths[pid][0] != lengths[pid][1]]
     return float(np.mean(longer_won)) if longer_won else float("nan")
 
 
-def length_controlled_win_rate(judgments: pa.Table, ridge: float = 0.1) -> float:
+def length_controlled_win_rate(rows: list[dict], ridge: float = 0.1) -> float:
     """AlpacaEval-2-style length control (Dubois et al., 2024): a logistic regression of every valid verdict
     (did method A win it?) on an intercept, A's slot (+1 first, -1 second) and tanh of the length difference
     (A - B, over its root mean square), with a small L2 ridge so a judge that follows length or position
     perfectly still gives finite weights (which then shrinks the correction a little). The result is
     P(A wins) at equal length, averaged over both slots. A verdict-level rate (ties are not 0.5 here): compare it
     with 0.5 and with the raw win rate, not as a drop-in for it. NaN without valid verdicts."""
-    rows = [r for r in judgments.to_pylist() if r["verdict"] != "error"]
+    rows = [r for r in rows if r["verdict"] != "error"]
     if not rows:
         return float("nan")
     diff = np.array([r["chars_a"] - r["chars_b"] for r in rows], dtype=float)
@@ -243,9 +244,10 @@ def bootstrap_ci(values: np.ndarray, n: int = 1000, seed: int = 0, level: float 
 
 
 def summarize(judgments: pa.Table, n_bootstrap: int = 1000, seed: int = 0) -> dict:
-    """Win rate of method A vs B with a prompt-bootstrap CI, win/loss/tie/error counts, position bias and
-    length bias."""
-    scores, errors = prompt_scores(judgments)
+    """Win rate of method A vs B with a prompt-bootstrap CI, win/loss/tie/error counts, position bias, length
+    bias and the length-controlled win rate."""
+    rows = judgments.to_pylist()
+    scores, errors = prompt_scores(rows)
     values = np.array(list(scores.values()), dtype=float)
     verdicts = judgments.column("verdict").to_pylist()
     valid = [v for v in verdicts if v != "error"]
@@ -260,8 +262,8 @@ def summarize(judgments: pa.Table, n_bootstrap: int = 1000, seed: int = 0) -> di
         "verdict_errors": len(verdicts) - len(valid),
         "position_bias": (sum(v == "first" for v in valid) / len(valid)) if valid else float("nan"),
         "mean_p_first": float(np.mean(p)) if p else None,
-        "longer_won": length_bias(judgments, scores),
-        "lc_win_rate": length_controlled_win_rate(judgments),
+        "longer_won": length_bias(rows, scores),
+        "lc_win_rate": length_controlled_win_rate(rows),
         "mean_chars_a": float(np.mean(judgments.column("chars_a").to_numpy())) if judgments.num_rows else None,
         "mean_chars_b": float(np.mean(judgments.column("chars_b").to_numpy())) if judgments.num_rows else None,
     }
