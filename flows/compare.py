@@ -89,12 +89,12 @@ def load_compare_config(path: str | Path | None = None, overrides: list[str] | N
 
 # ---------------------------------------------------------------- report
 
+def _ratio(x, scale: float = 1.0, spec: str = ".2f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(scale * x, spec)
+
+
 def _pct(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
-
-
-def _ratio(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+    return _ratio(x, 100.0, ".1f")
 
 
 def result_rows(cfg: CompareConfig, cells: dict, base: dict) -> list[dict]:

@@ -32,7 +32,7 @@ from infra.models import default_device
 from infra.store import ArtifactStore, filesystem_for, is_committed, join, read_bytes, read_manifest, write_bytes
 from tasks.common import TASK_DEFAULTS, task_logger
 from tasks.tokenize import Encoded, encode_pairs
-from tasks.training import Recipe, TrainStats, batch_schedule, restore_rng, rng_state
+from tasks.training import Recipe, TrainStats, restore_rng, rng_state
 from tasks.training import train as run_training
 
 KIND = "finetuned"
@@ -329,5 +329,5 @@ def finetune_meta(model_uri: str) -> dict:
     return read_manifest(model_uri)["meta"]
 
 
-__all__ = ["FinetuneConfig", "finetune", "finetune_task", "load_finetuned", "finetune_meta", "batch_schedule",
+__all__ = ["FinetuneConfig", "finetune", "finetune_task", "load_finetuned", "finetune_meta",
            "train", "TrainStats", "prepare_model", "default_target_modules", "Checkpoints", "SimulatedCrash"]

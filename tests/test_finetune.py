@@ -9,12 +9,12 @@ from infra.store import read_bytes, read_manifest
 from sftcurate.config import SourceConfig
 from tasks.evaluate import evaluate_heldout, read_eval
 from tasks.finetune import (
-    Checkpoints, FinetuneConfig, SimulatedCrash, batch_schedule, default_target_modules, finetune, finetune_key,
-    load_finetuned,
+    Checkpoints, FinetuneConfig, SimulatedCrash, default_target_modules, finetune, finetune_key, load_finetuned,
 )
 from tasks.ingest import ingest, source_fingerprint
 from tasks.selection import run_selection
 from tasks.selectors.base import Budget
+from tasks.training import batch_schedule
 from tests.helpers import qa_records, write_jsonl
 
 TINY = "tiny-gpt2"
