@@ -14,7 +14,6 @@ adapter (or full model) is the committed artifact of kind `finetuned`. Everythin
 """
 from __future__ import annotations
 
-import io
 import json
 import tempfile
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from infra.models import default_device
 from infra.store import ArtifactStore, filesystem_for, is_committed, join, read_bytes, read_manifest, write_bytes
 from tasks.common import TASK_DEFAULTS, task_logger
 from tasks.tokenize import Encoded, encode_pairs
-from tasks.training import Recipe, TrainStats, restore_rng, rng_state
+from tasks.training import Recipe, TrainStats, restore_training_state, training_state_bytes
 from tasks.training import train as run_training
 
 KIND = "finetuned"
@@ -150,14 +149,11 @@ class Checkpoints:
         return self.store.uri(CKPT_KIND, self.key)
 
     def save(self, step: int, model, optimizer, extra: dict) -> str:
-        import torch
         from safetensors.torch import save as save_tensors
 
         writer = self.store.begin(CKPT_KIND, f"{self.key}/step-{step:07d}")
         writer.write_bytes(TRAINABLE, save_tensors(trainable_state(model)))
-        buf = io.BytesIO()
-        torch.save({"optimizer": optimizer.state_dict(), **rng_state(), "step": step, "extra": extra}, buf)
-        writer.write_bytes(STATE, buf.getvalue())
+        writer.write_bytes(STATE, training_state_bytes(step, optimizer, extra))
         writer.meta.update({"step": step, **extra})
         uri = writer.commit()
         previous = self.latest_step()
@@ -174,7 +170,6 @@ class Checkpoints:
         return int(pointer["step"]) if is_committed(pointer["uri"]) else None
 
     def load(self, step: int, model, optimizer) -> dict:
-        import torch
         from safetensors.torch import load as load_tensors
 
         uri = self.store.uri(CKPT_KIND, f"{self.key}/step-{step:07d}")
@@ -183,10 +178,7 @@ class Checkpoints:
         if missing:
             raise RuntimeError(f"{uri}: checkpoint lacks {sorted(missing)[:3]}; delete it to restart training")
         model.load_state_dict(weights, strict=False)
-        state = torch.load(io.BytesIO(read_bytes(join(uri, STATE))), weights_only=False, map_location="cpu")
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng(state)
-        return state["extra"]
+        return restore_training_state(read_bytes(join(uri, STATE)), optimizer)
 
     def clear(self) -> None:
         _remove(self.root)

@@ -21,7 +21,6 @@ Everything goes through fsspec (`infra.store`), so an `s3://` store root works a
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import shutil
@@ -42,7 +41,7 @@ from sftcurate.config import ProxyConfig
 from tasks.common import TASK_DEFAULTS
 from tasks.ingest import examples_meta, load_pool
 from tasks.tokenize import encode_example
-from tasks.training import Recipe, restore_rng, rng_state, train
+from tasks.training import Recipe, restore_training_state, train, training_state_bytes
 
 log = logging.getLogger("sftcurate.proxy")
 
@@ -155,14 +154,6 @@ def save_pretrained_folder(obj, store_uri: str, kind: str, meta: dict, extra: di
 
 
 # ---------------------------------------------------------------- model construction
-
-def _torch_state_bytes(obj) -> bytes:
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
 
 def _wrap_lora(model):
     from peft import LoraConfig, get_peft_model
@@ -296,20 +287,14 @@ class ProxyCheckpoints:
         return self.resume_from or None
 
     def save(self, step: int, model, optimizer, extra: dict) -> str:
-        state = {"step": step, "optimizer": optimizer.state_dict(), **rng_state(), "extra": extra}
         return save_pretrained_folder(model, checkpoint_uri(self.uri, step), "proxy_checkpoint",
                                       {"step": step, "spec": self.spec, "lora": self.lora, "loss": extra["loss"]},
-                                      extra={"training_state.pt": _torch_state_bytes(state)})
+                                      extra={"training_state.pt": training_state_bytes(step, optimizer, extra)})
 
     def load(self, step: int, model, optimizer) -> dict:
         """The weights came with the model (`load_checkpoint_model`); this restores the optimizer and RNG."""
-        import torch
-
-        ckpt = checkpoint_uri(self.uri, step)
-        state = torch.load(io.BytesIO(read_bytes(join(ckpt, "training_state.pt"))), weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng(state)
-        return state["extra"]
+        return restore_training_state(read_bytes(join(checkpoint_uri(self.uri, step), "training_state.pt")),
+                                      optimizer)
 
 
 def _train(uri: str, key: str, proxy_spec: str, cfg: ProxyConfig, prompts: list[str], responses: list[str],

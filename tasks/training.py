@@ -9,6 +9,7 @@ newest trainable weights) is the caller's `CheckpointSink`.
 """
 from __future__ import annotations
 
+import io
 import math
 import time
 from dataclasses import dataclass, field
@@ -207,17 +208,25 @@ def train(model, pad_id: int, encoded: list[Encoded], recipe: Recipe, *, checkpo
     return stats
 
 
-def rng_state() -> dict:
-    """The torch RNG state a checkpoint carries (CPU, and every CUDA device when there is one)."""
+def training_state_bytes(step: int, optimizer, extra: dict) -> bytes:
+    """What a checkpoint needs beyond the weights to resume bit-exactly: the optimizer state, the torch RNG
+    state (CPU, and every CUDA device when there is one), the step and the caller's `extra`."""
     import torch
 
-    return {"torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, "extra": extra}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
 
 
-def restore_rng(state: dict) -> None:
+def restore_training_state(data: bytes, optimizer) -> dict:
+    """Load `training_state_bytes` back into `optimizer` and torch's RNG; returns the `extra` it was saved with."""
     import torch
 
+    state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["extra"]
