@@ -127,6 +127,16 @@ def read_tensors(uri: str, contract: TensorContract) -> tuple[dict[str, np.ndarr
 
 # ---------------------------------------------------------------- committed artifacts
 
+def remove_tree(uri: str) -> None:
+    """Delete a folder (local or s3://) and everything under it; a folder already gone is fine."""
+    fs, path = filesystem_for(uri)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except (FileNotFoundError, OSError):
+        pass
+
+
 def _finite(obj):
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
@@ -179,12 +189,7 @@ class ArtifactWriter:
         return self.uri
 
     def abort(self) -> None:
-        fs, path = filesystem_for(self.uri)
-        try:
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
-        except (FileNotFoundError, OSError):
-            pass
+        remove_tree(self.uri)
 
 
 class ArtifactStore:

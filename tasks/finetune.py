@@ -28,7 +28,7 @@ from data_contracts import UserError
 from infra import tracking
 from infra.hashing import code_fingerprint, fingerprint
 from infra.models import default_device
-from infra.store import ArtifactStore, filesystem_for, is_committed, join, read_bytes, read_manifest, write_bytes
+from infra.store import ArtifactStore, is_committed, join, read_bytes, read_manifest, remove_tree, write_bytes
 from tasks.common import TASK_DEFAULTS, task_logger
 from tasks.tokenize import Encoded, encode_pairs
 from tasks.training import Recipe, TrainStats, restore_training_state, training_state_bytes
@@ -159,7 +159,7 @@ class Checkpoints:
         previous = self.latest_step()
         write_bytes(join(self.root, LATEST), json.dumps({"step": step, "uri": uri}).encode())
         if previous is not None and previous != step:  # keep only the newest committed checkpoint
-            _remove(self.store.uri(CKPT_KIND, f"{self.key}/step-{previous:07d}"))
+            remove_tree(self.store.uri(CKPT_KIND, f"{self.key}/step-{previous:07d}"))
         return uri
 
     def latest_step(self) -> int | None:
@@ -181,16 +181,7 @@ class Checkpoints:
         return restore_training_state(read_bytes(join(uri, STATE)), optimizer)
 
     def clear(self) -> None:
-        _remove(self.root)
-
-
-def _remove(uri: str) -> None:
-    fs, path = filesystem_for(uri)
-    try:
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-    except (FileNotFoundError, OSError):
-        pass
+        remove_tree(self.root)
 
 
 # ---------------------------------------------------------------- training loop
