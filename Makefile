@@ -29,11 +29,11 @@ test: install
 
 # The production-like stack on one machine (Prefect server :4200, MLflow :5050, S3 API :5055), see docs/production.md.
 services: install
-	$(BIN)/python -m infra.services start
+	$(BIN)/python -m sftcurate.infra.services start
 	@echo "use it: source .sftcurate/services/env.sh"
 
 services-stop:
-	$(BIN)/python -m infra.services stop
+	$(BIN)/python -m sftcurate.infra.services stop
 
 # Brings the stack up on free ports, deploys, runs a deployment through a worker (slow; not part of `make test`).
 test-services: install

@@ -39,10 +39,10 @@ def build_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
 def run_once(spec: str, rows, mode: str, steps: int, batch_size: int, max_length: int) -> dict:
     import torch
 
-    from infra.models import resolve_model
-    from infra.models import default_device
-    from tasks.finetune import FinetuneConfig, prepare_model, train
-    from tasks.tokenize import encode_pairs
+    from sftcurate.infra.models import resolve_model
+    from sftcurate.infra.models import default_device
+    from sftcurate.core.finetune import FinetuneConfig, prepare_model, train
+    from sftcurate.core.tokenize import encode_pairs
 
     cfg = FinetuneConfig(steps=steps, batch_size=batch_size, max_length=max_length, batching=mode,
                          checkpoint_every=10**9, seed=0, learning_rate=1e-3)
@@ -70,10 +70,10 @@ def main(argv=None) -> int:
     steps = args.steps or (6 if args.quick else 40)
     repeats = args.repeats or (1 if args.quick else 3)
 
-    import infra  # noqa: F401
+    import sftcurate.infra  # noqa: F401
     import torch
 
-    from infra.models import default_device
+    from sftcurate.infra.models import default_device
 
     if args.threads:
         torch.set_num_threads(args.threads)

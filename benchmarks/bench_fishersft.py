@@ -47,7 +47,7 @@ def naive_evaluations(n: int, k: int) -> int:
 
 
 def bench_lazy_vs_naive(n, L, d, k, run_naive=True, **gen):
-    from tasks.fisher import LogDetObjective, lazy_greedy, naive_greedy
+    from sftcurate.core.fisher import LogDetObjective, lazy_greedy, naive_greedy
 
     x, off = hidden_like(n, L, d, **gen)
     t = time.perf_counter()
@@ -79,8 +79,8 @@ def embedding_corpus(n: int) -> list[tuple[str, str]]:
 
 
 def bench_embedding(model_spec: str, n: int, max_length: int, batch_tokens: int):
-    from infra.models import resolve_model
-    from tasks.embedding import embed_examples, embed_one_by_one
+    from sftcurate.infra.models import resolve_model
+    from sftcurate.core.embedding import embed_examples, embed_one_by_one
 
     loaded = resolve_model(model_spec)
     examples = embedding_corpus(n)
@@ -102,8 +102,8 @@ def bench_embedding(model_spec: str, n: int, max_length: int, batch_tokens: int)
 def bench_gpu(n, L, d_in, d_proj, k):
     import torch
 
-    from tasks.embedding import random_projection
-    from tasks.fisher import LogDetObjective, lazy_greedy
+    from sftcurate.core.embedding import random_projection
+    from sftcurate.core.fisher import LogDetObjective, lazy_greedy
 
     x, off = hidden_like(n, L, d_in, seed=3)
     p = torch.from_numpy(random_projection(d_in, d_proj)).cuda()

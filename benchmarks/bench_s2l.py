@@ -36,9 +36,9 @@ def build_examples(n: int, seed: int = 0) -> list[tuple[str, str]]:
 def run(device: str, spec: str, n: int, batch_tokens: int, max_length: int, repeats: int = 3) -> dict:
     import torch
 
-    from infra.models import resolve_model
-    from tasks.tokenize import encode_pairs
-    from tasks.trajectories import example_losses, example_losses_one_by_one
+    from sftcurate.infra.models import resolve_model
+    from sftcurate.core.tokenize import encode_pairs
+    from sftcurate.core.trajectories import example_losses, example_losses_one_by_one
 
     torch.manual_seed(0)
     loaded = resolve_model(spec, device=device)
@@ -75,7 +75,7 @@ def run(device: str, spec: str, n: int, batch_tokens: int, max_length: int, repe
 
 
 def main(argv: list[str] | None = None) -> int:
-    import infra  # noqa: F401  (quiet, offline environment defaults)
+    import sftcurate.infra  # noqa: F401  (quiet, offline environment defaults)
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="200 examples instead of 1,000")

@@ -22,22 +22,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import infra  # noqa: E402,F401  (environment defaults)
+import sftcurate.infra  # noqa: E402,F401  (environment defaults)
 
 
 def pool_pairs(limit: int | None) -> list[tuple[str, str]]:
-    from sftcurate.config import SourceConfig
-    from tasks.ingest import build_examples
-    from infra.models import resolve_tokenizer
+    from sftcurate.core.config import SourceConfig
+    from sftcurate.core.ingest import build_examples
+    from sftcurate.infra.models import resolve_tokenizer
 
     table, _ = build_examples(SourceConfig(uri="builtin:python-docs", limit=limit), resolve_tokenizer("tiny-gpt2"), 256)
     return list(zip(table.column("prompt").to_pylist(), table.column("response").to_pylist()))
 
 
 def bench_ingest(spec: str, limit: int | None) -> dict:
-    from sftcurate.config import SourceConfig
-    from tasks.ingest import build_examples
-    from infra.models import resolve_tokenizer
+    from sftcurate.core.config import SourceConfig
+    from sftcurate.core.ingest import build_examples
+    from sftcurate.infra.models import resolve_tokenizer
 
     tok = resolve_tokenizer(spec)
     t0 = time.perf_counter()
@@ -48,9 +48,9 @@ def bench_ingest(spec: str, limit: int | None) -> dict:
 
 
 def bench_forward(spec: str, pairs, max_length: int, batch_tokens: int) -> dict:
-    from infra.models import resolve_model
-    from tasks.embedding import embed_examples
-    from tasks.tokenize import encode_pairs
+    from sftcurate.infra.models import resolve_model
+    from sftcurate.core.embedding import embed_examples
+    from sftcurate.core.tokenize import encode_pairs
 
     loaded = resolve_model(spec)
     processed = sum(len(e.input_ids) for e in encode_pairs(loaded.tokenizer, pairs, max_length))
@@ -66,7 +66,7 @@ def bench_forward(spec: str, pairs, max_length: int, batch_tokens: int) -> dict:
 def bench_train(spec: str, batch: int, seq: int, steps: int) -> dict:
     import torch
 
-    from infra.models import resolve_model
+    from sftcurate.infra.models import resolve_model
 
     loaded = resolve_model(spec)
     model = loaded.model

@@ -1,6 +1,6 @@
 """Schemas of every artifact that crosses a task boundary, validated on write and on read."""
-from data_contracts.errors import UserError
-from data_contracts.schemas import (
+from sftcurate.data_contracts.errors import UserError
+from sftcurate.data_contracts.schemas import (
     CONTRACTS,
     Contract,
     ContractError,
@@ -13,7 +13,7 @@ from data_contracts.schemas import (
     EVAL_RESULTS,
     validate_table,
 )
-from data_contracts.tensors import TensorContract, TOKEN_FEATURES, TRAJECTORIES, validate_tensors
+from sftcurate.data_contracts.tensors import TensorContract, TOKEN_FEATURES, TRAJECTORIES, validate_tensors
 
 __all__ = [
     "UserError",

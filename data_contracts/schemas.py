@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from data_contracts.errors import UserError
+from sftcurate.data_contracts.errors import UserError
 
 
 class ContractError(UserError):

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_contracts.schemas import ContractError
+from sftcurate.data_contracts.schemas import ContractError
 
 
 @dataclass(frozen=True)

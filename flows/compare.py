@@ -14,77 +14,28 @@ import csv
 import io
 import json
 import math
-from pathlib import Path
-from typing import Any, Literal
 
-import infra  # noqa: F401  (environment defaults first)
 import pyarrow as pa
+import sftcurate.infra  # noqa: F401  (environment defaults before Prefect reads its settings)
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
-from pydantic import Field, model_validator
 
-from data_contracts import EVAL_RESULTS
-from flows.curate import select_pipeline
-from infra import progress, tracking
-from infra.hashing import fingerprint
-from infra.models import model_fingerprint
-from infra.runners import task_runner_from_settings
-from infra.store import ArtifactStore, join, read_bytes, read_manifest
-from sftcurate.config import CurateConfig, PoolConfig, SelectionConfig, load_config
-from tasks.common import run_committed
-from tasks.evaluate import GenerationConfig, generate_task, heldout_task, read_eval
-from tasks.finetune import FinetuneConfig, fairness_params, finetune_meta, finetune_task
-from tasks.judge import JudgeConfig, judge_note, judge_task
+from sftcurate.core.config import BASELINE, CompareConfig, load_compare_config
+from sftcurate.core.evaluate import read_eval
+from sftcurate.core.finetune import fairness_params, finetune_meta
+from sftcurate.core.judge import judge_note
+from sftcurate.data_contracts import EVAL_RESULTS
+from sftcurate.flows.curate import select_pipeline
+from sftcurate.infra import progress, tracking
+from sftcurate.infra.env import ensure_home
+from sftcurate.infra.runners import task_runner_from_settings
+from sftcurate.infra.stages import build_once
+from sftcurate.infra.store import join, read_bytes, read_manifest
+from sftcurate.tasks.common import call
+from sftcurate.tasks.evaluate import finetune_task, generate_task, heldout_task, judge_task
 
-BASELINE = "uniform"
 REPORT_KIND = "compare_report"
-
-
-class CompareConfig(PoolConfig):
-    name: str = Field("comparison", description="name of this comparison (MLflow parent run name)")
-    methods: list[str] = Field(default_factory=lambda: ["uniform", "fishersft"],
-                               description="selectors to compare; uniform (the baseline) is always added")
-    method_params: dict[str, dict[str, Any]] = Field(default_factory=dict,
-                                                     description="selector name -> selector parameters")
-    budgets: list[int] = Field(default_factory=lambda: [64, 128], description="budgets to compare at")
-    budget_unit: Literal["examples", "tokens"] = Field("examples", description="what a budget counts")
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig,
-                                     description="one recipe for every cell (max_length defaults to models')")
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
-    seed: int = Field(0, description="seed of selection, prompt sampling and bootstrap")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if not self.budgets or any(b <= 0 for b in self.budgets):
-            raise ValueError("budgets must be a non-empty list of positive numbers")
-        if len(set(self.budgets)) != len(self.budgets):
-            raise ValueError("budgets must not repeat")
-        if not self.methods:
-            raise ValueError("methods must name at least one selector")
-        if "max_length" not in self.finetune.model_fields_set:
-            self.finetune = self.finetune.model_copy(update={"max_length": self.models.max_length})
-        return self
-
-    @property
-    def all_methods(self) -> list[str]:
-        return [BASELINE] + [m for m in dict.fromkeys(self.methods) if m != BASELINE]
-
-    def curate_config(self, method: str, budget: int) -> CurateConfig:
-        examples, tokens = (budget, None) if self.budget_unit == "examples" else (None, budget)
-        return CurateConfig(
-            name=f"{self.name}:{method}@{budget}", **self.pool_sections(),
-            selection=SelectionConfig(method=method, budget=examples, token_budget=tokens, seed=self.seed,
-                                      params=self.method_params.get(method, {})))
-
-    def generation_config(self) -> GenerationConfig:
-        return GenerationConfig(max_prompts=self.judge.max_prompts, max_new_tokens=self.judge.max_new_tokens,
-                                prompt_words=self.judge.prompt_words, max_length=self.models.max_length,
-                                seed=self.seed)
-
-
-def load_compare_config(path: str | Path | None = None, overrides: list[str] | None = None) -> CompareConfig:
-    return load_config(path, overrides, model=CompareConfig)
 
 
 # ---------------------------------------------------------------- report
@@ -199,21 +150,26 @@ def plot_png(cfg: CompareConfig, rows: list[dict]) -> bytes:
     return buf.getvalue()
 
 
-def commit_report(cfg: CompareConfig, rows: list[dict], cells: dict, markdown: str, summary: dict) -> str:
-    store = ArtifactStore()
-    key = fingerprint(cfg.model_dump(), {f"{m}@{b}": c for (m, b), c in cells.items()}, rows)
-    existing = store.committed(REPORT_KIND, key)
-    if existing:
-        return existing
-    writer = store.begin(REPORT_KIND, key)
-    writer.write_bytes("results.md", markdown.encode())
-    writer.write_bytes("results.csv", csv_bytes(rows))
-    writer.write_table("results.parquet", pa.Table.from_pylist([{k: r[k] for k in EVAL_RESULTS.schema.names}
-                                                                for r in rows]), EVAL_RESULTS)
-    writer.write_bytes("results.png", plot_png(cfg, rows))
-    writer.write_json("summary.json", summary)
-    writer.meta.update({"name": cfg.name, "methods": cfg.all_methods, "budgets": cfg.budgets})
-    return writer.commit()
+ARTIFACT_KEYS = ("selection_uri", "model_uri", "eval_uri", "generations_uri", "judgments_uri")
+
+
+def commit_report(cfg: CompareConfig, rows: list[dict], cells: dict, base_uri: str, markdown: str,
+                  summary: dict) -> str:
+    """The report artifact: keyed on the config and every cell's artifacts, so a rerun that reuses every stage
+    reuses the report too (MLflow run ids and timings are not part of it)."""
+
+    def build(writer) -> None:
+        writer.write_bytes("results.md", markdown.encode())
+        writer.write_bytes("results.csv", csv_bytes(rows))
+        writer.write_table("results.parquet", pa.Table.from_pylist([{k: r[k] for k in EVAL_RESULTS.schema.names}
+                                                                    for r in rows]), EVAL_RESULTS)
+        writer.write_bytes("results.png", plot_png(cfg, rows))
+        writer.write_json("summary.json", summary)
+        writer.meta.update({"name": cfg.name, "methods": cfg.all_methods, "budgets": cfg.budgets})
+
+    upstream = {"base": base_uri, **{f"{m}@{b}": {k: c[k] for k in ARTIFACT_KEYS if k in c}
+                                     for (m, b), c in cells.items()}}
+    return build_once(REPORT_KIND, __name__, {"config": cfg}, build, upstream=upstream)
 
 
 # ---------------------------------------------------------------- the flow
@@ -228,14 +184,12 @@ def _public_params(cfg: CompareConfig) -> dict:
 def compare(config: CompareConfig = CompareConfig()) -> dict:
     """Fine-tune the target on each selection (methods x budgets) and compare held-out loss and judge win rate."""
     cfg = config if isinstance(config, CompareConfig) else CompareConfig.model_validate(config)
-    target, target_fp = cfg.models.target, model_fingerprint(cfg.models.target)
-    ft_json = cfg.finetune.model_dump_json()
-    gen_json = cfg.generation_config().model_dump_json()
-    judge_json = cfg.judge.model_dump_json()
+    ensure_home()
+    target = cfg.models.target
     timings: dict[str, float] = {}
     cells: dict[tuple[str, int], dict] = {}
+    runs: dict[str, str] = {}
     examples_uri = None
-    store_root = ArtifactStore().root  # part of every cache key: a cached URI must live in this store
     tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow": "compare"}
     with tracking.start_run(cfg.name, tags=tags, params=_public_params(cfg)) as parent:
         for budget in cfg.budgets:
@@ -250,26 +204,24 @@ def compare(config: CompareConfig = CompareConfig()) -> dict:
                     with progress.stage(f"{cell_name} select", timings):
                         examples_uri, selection_uri = select_pipeline(cfg.curate_config(method, budget), child)
                     with progress.stage(f"{cell_name} finetune", timings):
-                        model_uri = run_committed(finetune_task, examples_uri, selection_uri, target, target_fp,
-                                                  ft_json, child, store_root)
+                        model_uri = call(finetune_task, examples_uri, selection_uri, target, cfg.finetune, child)
                     with progress.stage(f"{cell_name} evaluate", timings):
-                        eval_uri = run_committed(heldout_task, examples_uri, model_uri, target, target_fp,
-                                                 cfg.models.max_length, child, store_root)
-                        gens_uri = run_committed(generate_task, examples_uri, model_uri, target, target_fp, gen_json,
-                                                 child, store_root)
+                        eval_uri = call(heldout_task, examples_uri, model_uri, target, cfg.models.max_length, child)
+                        gens_uri = call(generate_task, examples_uri, model_uri, target, cfg.generation_config(),
+                                        child)
+                    runs[cell_name] = child
                     cell = {"selection_uri": selection_uri, "model_uri": model_uri, "eval_uri": eval_uri,
                             "generations_uri": gens_uri, "heldout": read_eval(eval_uri),
-                            "mlflow_run_id": child, "steps_done": finetune_meta(model_uri)["steps_done"]}
+                            "steps_done": finetune_meta(model_uri)["steps_done"]}
                     if method != BASELINE:
                         with progress.stage(f"{cell_name} judge", timings):
-                            j_uri = run_committed(judge_task, gens_uri, cells[(BASELINE, budget)]["generations_uri"],
-                                                  method, BASELINE, judge_json, cfg.seed, child, store_root)
+                            j_uri = call(judge_task, gens_uri, cells[(BASELINE, budget)]["generations_uri"],
+                                         method, BASELINE, cfg.judge, cfg.seed, child)
                         cell["judgments_uri"] = j_uri
                         cell["judge"] = read_manifest(j_uri)["meta"]["summary"]
                     cells[(method, budget)] = cell
         with progress.stage("base model", timings):
-            base_uri = run_committed(heldout_task, examples_uri, None, target, target_fp, cfg.models.max_length,
-                                     parent, store_root)
+            base_uri = call(heldout_task, examples_uri, None, target, cfg.models.max_length, parent)
         base = read_eval(base_uri)
         note = judge_note(cfg.judge)
         rows = result_rows(cfg, cells, base)
@@ -280,11 +232,11 @@ def compare(config: CompareConfig = CompareConfig()) -> dict:
             "budget_unit": cfg.budget_unit, "target_model": target, "base_heldout_loss": base["loss"],
             "base_eval_uri": base_uri, "judge_backend": cfg.judge.backend, "judge_note": note,
             "cells": {f"{m}@{b}": {k: v for k, v in c.items()} for (m, b), c in cells.items()},
-            "rows": rows, "timings": timings,
+            "rows": rows, "timings": timings, "mlflow_runs": runs,
         }
-        report_uri = commit_report(cfg, rows, cells, markdown, {k: v for k, v in summary.items()
-                                                                  if k not in ("timings", "flow_run_id",
-                                                                               "mlflow_run_id")})
+        report_uri = commit_report(cfg, rows, cells, base_uri, markdown,
+                                   {k: v for k, v in summary.items()
+                                    if k not in ("timings", "flow_run_id", "mlflow_run_id", "mlflow_runs")})
         summary["report_uri"] = report_uri
         summary["table_markdown"] = markdown
         for name in ("results.md", "results.csv", "results.parquet", "results.png"):
@@ -295,4 +247,4 @@ def compare(config: CompareConfig = CompareConfig()) -> dict:
     return json.loads(json.dumps(summary, default=str))
 
 
-__all__ = ["CompareConfig", "compare", "load_compare_config"]
+__all__ = ["CompareConfig", "compare", "load_compare_config"]  # the config lives in core.config

@@ -3,20 +3,22 @@ from __future__ import annotations
 
 import json
 
-import infra  # noqa: F401  (environment defaults first)
+import sftcurate.infra  # noqa: F401  (environment defaults before Prefect reads its settings)
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from infra import progress, tracking
-from infra.models import model_fingerprint
-from infra.runners import task_runner_from_settings
-from infra.store import ArtifactStore, join, read_bytes
-from sftcurate.config import CurateConfig
-from tasks.common import run_committed
-from tasks.ingest import examples_meta, ingest_task, source_fingerprint
-from tasks.selection import PROVIDERS, load_selection, provider, select_task
-from tasks.selectors.base import MODEL, Budget, BudgetError, get_selector
+from sftcurate.core.config import CurateConfig
+from sftcurate.core.ingest import examples_meta, source_fingerprint
+from sftcurate.core.selection import load_selection
+from sftcurate.core.selectors.base import MODEL, Budget, BudgetError, selector_class
+from sftcurate.infra import progress, tracking
+from sftcurate.infra.env import ensure_home
+from sftcurate.infra.models import model_fingerprint
+from sftcurate.infra.runners import task_runner_from_settings
+from sftcurate.infra.store import join, read_bytes
+from sftcurate.tasks.common import call
+from sftcurate.tasks.curate import ingest_task, produce_inputs, select_task
 
 
 def select_pipeline(cfg: CurateConfig, run_id: str | None, timings: dict | None = None) -> tuple[str, str]:
@@ -24,25 +26,17 @@ def select_pipeline(cfg: CurateConfig, run_id: str | None, timings: dict | None 
     timings = {} if timings is None else timings
     budget = Budget(cfg.selection.budget, cfg.selection.token_budget)
     budget.check(pool_size=2**62)  # <= 0 budgets fail before anything is read or committed
-    selector = get_selector(cfg.selection.method, **cfg.selection.params)
-    store_root = ArtifactStore().root  # part of every cache key: a cached URI must live in this store
+    requires = selector_class(cfg.selection.method).requires
     with progress.stage("ingest", timings):
-        examples_uri = run_committed(ingest_task, cfg.source.model_dump_json(), source_fingerprint(cfg.source),
-                                     cfg.models.target, cfg.models.max_length, store_root)
+        examples_uri = call(ingest_task, cfg.source, source_fingerprint(cfg.source), cfg.models.target,
+                            cfg.models.max_length)
     meta = examples_meta(examples_uri)
     budget.check(meta["n_train"], meta["train_tokens"])
-    input_uris: dict[str, str] = {}
-    for requirement in selector.requires:
-        if requirement == MODEL:
-            input_uris[MODEL] = f"{cfg.models.target}"
-        elif requirement in PROVIDERS:
-            with progress.stage(requirement, timings):
-                input_uris[requirement] = provider(requirement).produce(examples_uri, cfg, run_id)
+    input_uris = produce_inputs(requires, examples_uri, cfg, run_id, lambda name: progress.stage(name, timings))
     with progress.stage("select", timings):
-        selection_uri = run_committed(select_task, examples_uri, cfg.selection.method, cfg.selection.budget,
-                                      cfg.selection.token_budget, cfg.selection.seed,
-                                      json.dumps(cfg.selection.params, sort_keys=True),
-                                      json.dumps(input_uris, sort_keys=True), store_root)
+        selection_uri = call(select_task, examples_uri, cfg.selection.method, budget, cfg.selection.seed,
+                             cfg.selection.selector_params, input_uris,
+                             cfg.models.target if MODEL in requires else None)
     return examples_uri, selection_uri
 
 
@@ -56,6 +50,7 @@ def summary_markdown(summary: dict) -> str:
 def curate(config: CurateConfig = CurateConfig()) -> dict:
     """Select the most informative subset of a data set and commit it as a selection manifest."""
     cfg = config if isinstance(config, CurateConfig) else CurateConfig.model_validate(config)
+    ensure_home()
     timings: dict[str, float] = {}
     tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow": "curate", "method": cfg.selection.method}
     with tracking.start_run(cfg.name, tags=tags, params=cfg.model_dump()) as run_id:

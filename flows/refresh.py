@@ -15,17 +15,17 @@ import json
 import re
 import time
 
-import infra  # noqa: F401  (environment defaults first)
+import sftcurate.infra  # noqa: F401  (environment defaults before Prefect reads its settings)
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from infra import tracking
-from infra.hashing import fingerprint
-from infra.store import ArtifactStore, exists, is_committed, join, read_bytes, write_bytes
-from sftcurate.config import CurateConfig
-from tasks.ingest import examples_meta, load_examples, source_fingerprint
-from tasks.selection import load_selection
+from sftcurate.infra import tracking
+from sftcurate.infra.hashing import fingerprint
+from sftcurate.infra.store import ArtifactStore, exists, is_committed, join, read_bytes, write_bytes
+from sftcurate.core.config import CurateConfig
+from sftcurate.core.ingest import examples_meta, load_examples, source_fingerprint
+from sftcurate.core.selection import load_selection
 
 STATE_DIR = "refresh-state"
 SHOW_IDS = 20  # ids listed in the markdown artifact and on the terminal (all of them go to MLflow)
@@ -132,7 +132,7 @@ def report_markdown(report: dict) -> str:
 @flow(name="refresh", log_prints=True)
 def refresh(config: CurateConfig = CurateConfig()) -> dict:
     """Re-run the curation if the source data changed (cache hits otherwise) and report what changed."""
-    from flows.curate import curate
+    from sftcurate.flows.curate import curate
 
     cfg = config if isinstance(config, CurateConfig) else CurateConfig.model_validate(config)
     store_root = ArtifactStore().root

@@ -2,6 +2,6 @@
 
 Importing this package applies the offline/quiet environment defaults before Prefect or MLflow are imported.
 """
-from infra.env import apply_environment_defaults
+from sftcurate.infra.env import apply_environment_defaults
 
 apply_environment_defaults()

@@ -16,7 +16,7 @@ _DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # the default 20 s times out on 2 busy cores
     "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
     "TOKENIZERS_PARALLELISM": "false",
-    "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+    "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "false",  # the artifact store is the only cache: no pickled results
     "GIT_PYTHON_REFRESH": "quiet",
 }
 
@@ -27,10 +27,14 @@ def project_home() -> Path:
 
 
 def apply_environment_defaults() -> None:
+    """Environment variables only: nothing is created on disk until a run needs it (`ensure_home`)."""
     for key, value in _DEFAULTS.items():
         os.environ.setdefault(key, value)
+    os.environ.setdefault("PREFECT_HOME", str(project_home() / "prefect"))
+
+
+def ensure_home() -> Path:
+    """Create the local state folder; called by the entry points that write there (CLI, flows)."""
     home = project_home()
     home.mkdir(parents=True, exist_ok=True)
-    # Cached task results must outlive a run and a fresh database: keep them beside the artifacts.
-    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(home / "prefect-results"))
-    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    return home

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from data_contracts.errors import UserError
-from infra.settings import load_settings
+from sftcurate.data_contracts.errors import UserError
+from sftcurate.infra.settings import load_settings
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -143,7 +143,7 @@ def _folder_fingerprint(folder: Path) -> str:
 
 
 def _s3_folder(uri: str) -> Path:
-    from infra.store import filesystem_for
+    from sftcurate.infra.store import filesystem_for
 
     fs, path = filesystem_for(uri)
     target = load_settings().model_cache / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
@@ -195,6 +195,12 @@ def resolve_tokenizer(spec: str):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def resolve_device(preference: str | None = "auto") -> str:
+    """The device a stage runs on: an explicit preference ("cpu", "cuda", "cuda:1") or, for "auto"/None,
+    `default_device()`. The one place device choice is made."""
+    return default_device() if preference in (None, "auto") else str(preference)
 
 
 def default_device() -> str:

@@ -1,23 +1,42 @@
-"""A tiny hook for terminal progress: flows report stages, the CLI (if any) shows them with rich."""
+"""A tiny hook for progress: flows report stages, stages report the artifacts they reuse or build, loops
+report their steps; the CLI (if any) shows them with rich.
+
+Listeners get (name, event, detail): "start" / "end" / "fail" for a stage; "reused" / "built" for an
+artifact (name is its kind, detail {"uri"}); "step" for a loop (name is its section, detail {"step", "steps",
+"loss"}). A listener that raises stops the work that reported (tests use this to simulate a crash).
+"""
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
 from typing import Callable
 
-_listeners: list[Callable[[str, str], None]] = []
+Listener = Callable[[str, str, dict], None]
+_listeners: list[Listener] = []
 
 
-def subscribe(listener: Callable[[str, str], None]) -> Callable[[], None]:
+def subscribe(listener: Listener) -> Callable[[], None]:
     _listeners.append(listener)
     return lambda: _listeners.remove(listener)
+
+
+def _emit(name: str, event: str, **detail) -> None:
+    for listener in list(_listeners):
+        listener(name, event, detail)
+
+
+def artifact(kind: str, uri: str, reused: bool) -> None:
+    _emit(kind, "reused" if reused else "built", uri=uri)
+
+
+def step(section: str, step: int, steps: int, loss: float | None = None) -> None:
+    _emit(section, "step", step=step, steps=steps, loss=loss)
 
 
 @contextmanager
 def stage(name: str, timings: dict | None = None):
     """Report `name` as started/finished and record its wall time in `timings` (seconds)."""
-    for listener in list(_listeners):
-        listener(name, "start")
+    _emit(name, "start")
     start = time.perf_counter()
     outcome = "fail"
     try:
@@ -26,5 +45,4 @@ def stage(name: str, timings: dict | None = None):
     finally:
         if timings is not None:
             timings[name] = round(time.perf_counter() - start, 3)
-        for listener in list(_listeners):
-            listener(name, outcome)
+        _emit(name, outcome)

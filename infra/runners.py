@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from infra.settings import load_settings
+from sftcurate.infra.settings import load_settings
 
 
 class TaskRunnerError(ValueError):

@@ -1,9 +1,9 @@
 """A local production-like stack on one machine: Prefect server, MLflow tracking server, S3 API (moto).
 
-    python -m infra.services start [--root .sftcurate/services] [--prefect-port 4200] [--mlflow-port 5050] [--s3-port 5055]
+    python -m sftcurate.infra.services start [--root .sftcurate/services] [--prefect-port 4200] [--mlflow-port 5050] [--s3-port 5055]
     source .sftcurate/services/env.sh      # sftcurate run / deployments / workers now use the stack
-    python -m infra.services status
-    python -m infra.services stop          # stops exactly the pids recorded in <root>/*.pid
+    python -m sftcurate.infra.services status
+    python -m sftcurate.infra.services stop          # stops exactly the pids recorded in <root>/*.pid
 
 Each server runs in its own session (process group == recorded pid), logs to <root>/<name>.log, and is waited
 for over HTTP with a timeout. Everything listens on 127.0.0.1 only; Prefect analytics and MLflow telemetry
@@ -88,7 +88,7 @@ def client_env(ports: Ports, root: Path, home: Path | None = None) -> dict[str, 
 
 
 ENV_SH_HEADER = """\
-# Written by `python -m infra.services start`: `source {path}` to use the local stack.
+# Written by `python -m sftcurate.infra.services start`: `source {path}` to use the local stack.
 # Prefect API (flow runs, deployments, UI at {prefect}), MLflow tracking server (UI at {mlflow}, artifacts
 # proxied to s3://{mlflow_bucket}/), the artifact store on the S3 API at {s3} (moto, test credentials).
 #
@@ -325,7 +325,7 @@ def status(root: str | Path | None = None) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.services", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sftcurate.infra.services", description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=["start", "stop", "status"])
     parser.add_argument("--root", default=None, help="state folder (pids, logs, databases, env.sh); default "
                         ".sftcurate/services or SFTCURATE_SERVICES_DIR")

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.env import project_home
+from sftcurate.infra.env import project_home
 
 
 @dataclass(frozen=True)

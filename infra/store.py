@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_contracts import Contract, ContractError, TensorContract, validate_table, validate_tensors
-from infra.settings import load_settings
+from sftcurate.data_contracts import Contract, ContractError, TensorContract, validate_table, validate_tensors
+from sftcurate.infra.settings import load_settings
 
 MANIFEST = "_MANIFEST.json"
 

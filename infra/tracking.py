@@ -11,7 +11,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from infra.settings import load_settings
+from sftcurate.infra.settings import load_settings
 
 EXPERIMENT = "sftcurate"
 

@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-import infra  # noqa: F401  (environment defaults before Prefect/MLflow are imported)
+import sftcurate.infra  # noqa: F401  (environment defaults before Prefect/MLflow are imported)
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -22,9 +23,9 @@ out = Console()
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from data_contracts.errors import UserError
+    from sftcurate.data_contracts.errors import UserError
 
-    return (UserError, KeyError, FileNotFoundError)
+    return (UserError,)
 
 
 class _QuietUserErrors(logging.Filter):
@@ -38,7 +39,7 @@ class _QuietUserErrors(logging.Filter):
 
 
 def _mentions_user_error(message: str) -> bool:
-    from data_contracts.errors import UserError
+    from sftcurate.data_contracts.errors import UserError
 
     names = {cls.__name__ for cls in _subclasses(UserError)}
     return any(f"{name}:" in message or f"{name}(" in message for name in names)
@@ -60,28 +61,39 @@ def quiet_user_errors_in_logs() -> None:
 
 
 def fail(exc: BaseException) -> None:
-    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    message = str(exc)
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
 def run_with_progress(fn, *args, **kwargs):
     """Run a flow while showing its stages in the terminal."""
-    from infra import progress
+    from sftcurate.infra import progress
 
     status = console.status("starting Prefect", spinner="dots")
     started: dict[str, float] = {}
 
-    def on_stage(name: str, event: str) -> None:
+    artifacts = {"reused": 0, "built": 0}
+
+    def on_event(name: str, event: str, detail: dict) -> None:
         if event == "start":
             started[name] = time.perf_counter()
+            artifacts.update(reused=0, built=0)
             status.update(f"[bold]{name}[/] ...")
+        elif event in artifacts:
+            artifacts[event] += 1
+        elif event == "step":
+            status.update(f"[bold]{name}[/] step {detail['step']}/{detail['steps']}"
+                          + (f" loss {detail['loss']:.3f}" if detail.get("loss") is not None else ""))
         elif event == "fail":
             console.print(f"  [red]failed[/] {name}")
-        else:
-            console.print(f"  [green]done[/] {name} ({time.perf_counter() - started.get(name, 0):.1f}s)")
+        elif event == "end":
+            reuse = ("reused" if artifacts["reused"] and not artifacts["built"] else
+                     f"{artifacts['built']} built, {artifacts['reused']} reused" if artifacts["reused"] else "")
+            note = f", {reuse}" if reuse else ""
+            console.print(f"  [green]done[/] {name} ({time.perf_counter() - started.get(name, 0):.1f}s{note})")
 
-    unsubscribe = progress.subscribe(on_stage)
+    unsubscribe = progress.subscribe(on_event)
     quiet_user_errors_in_logs()
     try:
         with status:
@@ -112,11 +124,11 @@ def run_config_flow(name: str, config: Path, overrides: list[str], json_out: Opt
     """Load a CurateConfig, run flows.<name>.<name> on it with progress; one-line errors; optional JSON."""
     import importlib
 
-    from sftcurate.config import load_config
+    from sftcurate.core.config import load_config
 
     try:
         cfg = load_config(config, overrides)
-        result = run_with_progress(getattr(importlib.import_module(f"flows.{name}"), name), cfg)
+        result = run_with_progress(getattr(importlib.import_module(f"sftcurate.flows.{name}"), name), cfg)
     except user_errors() as exc:
         fail(exc)
     if json_out:
@@ -154,8 +166,10 @@ def select(method: str = typer.Argument(..., help="selector name (uniform, fishe
 
     params = {k: v for k, v in {"lam": lam, "algorithm": algorithm, "clusters": clusters}.items() if v is not None}
     for item in param:
-        key, _, value = item.partition("=")
-        params[key] = json.loads(value) if value[:1] in "0123456789-[{tf" and value not in ("", "-") else value
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(ValueError(f"--param {item}: expected key=value, e.g. --param epsilon=0.2"))
+        params[key] = yaml.safe_load(value) if value else value
     try:
         meta = select_from_files(method, budget, token_budget, seed, params, str(out_path), features=features,
                                  trajectories=trajectories, examples=examples, model=model)
@@ -169,7 +183,8 @@ def compare(config: Path = typer.Argument(..., help="comparison configuration (Y
             set_: List[str] = typer.Option([], "--set", help="override a setting: section.key=value")):
     """Run the `compare` flow: selectors x budgets, fine-tune, held-out loss, pairwise judge."""
     try:
-        from flows.compare import compare as compare_flow, load_compare_config
+        from sftcurate.core.config import load_compare_config
+        from sftcurate.flows.compare import compare as compare_flow
 
         cfg = load_compare_config(config, set_)
         summary = run_with_progress(compare_flow, cfg)
@@ -186,7 +201,7 @@ def reproduce_synthetic(out_dir: Path = typer.Option(..., "--out", help="folder 
                         runs: int = typer.Option(20, help="independent runs to average"),
                         seed: int = typer.Option(0)):
     """Section 5.1 of the FisherSFT paper: Uniform vs DensitySampling vs FisherSFT on synthetic data."""
-    from tasks.synthetic import run_synthetic
+    from sftcurate.core.synthetic import run_synthetic
 
     result = run_with_progress(run_synthetic, str(out_dir), runs=runs, seed=seed)
     print_summary("FisherSFT synthetic reproduction", {k: v for k, v in result.items() if not isinstance(v, list)})

@@ -22,7 +22,7 @@ os.environ["SFTCURATE_HOME"] = _HOME
 # Converted built-in models are large and identical for every session: share them when the caller says so.
 os.environ.setdefault("SFTCURATE_MODEL_CACHE", os.environ.get("SFTCURATE_TEST_MODEL_CACHE", str(Path(_HOME) / "models")))
 
-import infra  # noqa: E402,F401  (applies the environment defaults with the session home)
+import sftcurate.infra  # noqa: E402,F401  (applies the environment defaults with the session home)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,7 +121,7 @@ def s3_store(s3_env, monkeypatch) -> str:
 
 def committed_manifests(root: str) -> list[str]:
     """Every committed artifact under a store root (local or s3)."""
-    from infra.store import filesystem_for
+    from sftcurate.infra.store import filesystem_for
 
     fs, path = filesystem_for(root)
     if not fs.exists(path):

@@ -5,11 +5,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from infra.models import resolve_model
-from tasks.embedding import embed_examples, mean_pool
-from tasks.selectors import Budget, SelectorInputs, get_selector
-from tasks.selectors.askllm import askllm_prompt, askllm_scores, answer_token_ids
-from tasks.selectors.density import kernel_density
+from sftcurate.infra.models import resolve_model
+from sftcurate.core.embedding import embed_examples, mean_pool
+from sftcurate.core.selectors import Budget, SelectorInputs, get_selector
+from sftcurate.core.selectors.askllm import askllm_prompt, askllm_scores, answer_token_ids
+from sftcurate.core.selectors.density import kernel_density
 
 TEXTS = [("What is a list?", "A mutable sequence."), ("", "Dicts map keys to values."),
          ("Loop?", "for x in y: pass"), ("", "asdf qwer zxcv " * 4), ("Explain classes", "Classes bundle data.")] * 4
@@ -67,7 +67,7 @@ def test_askllm_with_tiny_gpt2(tiny):
     pool = _pool(8)
     counts = np.arange(1, 9, dtype=np.int64)
     inputs = SelectorInputs(pool=pool, token_counts=counts, model_spec="tiny-gpt2")
-    sel = get_selector("askllm", device="cpu").select(inputs, Budget(examples=3), 0)
+    sel = get_selector("askllm", dict(device="cpu")).select(inputs, Budget(examples=3), 0)
     assert len(sel.indices) == 3 and sel.scores == sorted(sel.scores, reverse=True)
-    tok = get_selector("askllm", device="cpu").select(inputs, Budget(tokens=10), 0)
+    tok = get_selector("askllm", dict(device="cpu")).select(inputs, Budget(tokens=10), 0)
     assert counts[tok.indices].sum() <= 10

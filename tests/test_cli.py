@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from data_contracts import SELECTION
-from infra.store import read_table
+from sftcurate.data_contracts import SELECTION
+from sftcurate.infra.store import read_table
 from tests.helpers import qa_records, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

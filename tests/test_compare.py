@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_contracts import EVAL_RESULTS
-from infra import tracking
-from infra.store import join, read_bytes, read_manifest, read_table
-from sftcurate.config import ConfigError
-from tasks.selectors.base import Selector, SelectionResult, fill_in_order, register
+from sftcurate.data_contracts import EVAL_RESULTS
+from sftcurate.infra import tracking
+from sftcurate.infra.store import join, read_bytes, read_manifest, read_table
+from sftcurate.core.config import ConfigError
+from sftcurate.core.selectors.base import Selector, SelectionResult, fill_in_order, register
 from tests.helpers import qa_records, write_jsonl
 
 
@@ -24,7 +24,7 @@ class LongestFirst(Selector):
 
 
 def config(tmp_path, budgets):
-    from flows.compare import load_compare_config
+    from sftcurate.flows.compare import load_compare_config
 
     data = write_jsonl(tmp_path / "qa.jsonl", qa_records(60))
     return load_compare_config(None, [
@@ -35,7 +35,7 @@ def config(tmp_path, budgets):
 
 
 def test_config_errors_are_one_line(tmp_path):
-    from flows.compare import load_compare_config
+    from sftcurate.flows.compare import load_compare_config
 
     with pytest.raises(ConfigError, match="budgets"):
         load_compare_config(None, ["budgets=[]"])
@@ -46,7 +46,7 @@ def test_config_errors_are_one_line(tmp_path):
 
 
 def test_compare_flow_end_to_end_and_adding_a_budget_reruns_only_what_is_new(tmp_path, store_root, prefect_harness):
-    from flows.compare import compare
+    from sftcurate.flows.compare import compare
 
     summary = compare(config(tmp_path, [8]))
     assert summary["methods"] == ["uniform", "test_longest"] and summary["budgets"] == [8]

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_contracts import EXAMPLES, SELECTION, TOKEN_FEATURES, ContractError
-from infra.store import ArtifactStore, is_committed, read_manifest, read_table, read_tensors, write_table
+from sftcurate.data_contracts import EXAMPLES, SELECTION, TOKEN_FEATURES, ContractError
+from sftcurate.infra.store import ArtifactStore, is_committed, read_manifest, read_table, read_tensors, write_table
 
 
 def selection(n=3):

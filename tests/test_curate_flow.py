@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from infra import tracking
-from infra.store import filesystem_for, join, read_bytes, read_manifest
-from sftcurate.config import CurateConfig
-from tasks.selection import load_selection
+from sftcurate.infra import tracking
+from sftcurate.infra.store import filesystem_for, join, read_bytes, read_manifest
+from sftcurate.core.config import CurateConfig
+from sftcurate.core.selection import load_selection
 from tests.conftest import committed_manifests
 from tests.helpers import qa_records, write_jsonl
 
@@ -36,7 +36,7 @@ def task_states(flow_run_id: str) -> dict[str, str]:
 def test_curate_tracks_in_mlflow_and_caches_across_runs(store_root):
     from prefect.client.orchestration import get_client
 
-    from flows.curate import curate
+    from sftcurate.flows.curate import curate
 
     first = curate(small_config())
     assert first["selected"] == 10 and first["pool_size"] > 10
@@ -58,16 +58,16 @@ def test_curate_tracks_in_mlflow_and_caches_across_runs(store_root):
 
     second = curate(small_config())
     assert second["selection_uri"] == first["selection_uri"]
-    assert set(task_states(second["flow_run_id"]).values()) == {"Cached"}
+    assert set(task_states(second["flow_run_id"]).values()) == {"Reused"}
     assert second["mlflow_run_id"] != first["mlflow_run_id"]  # one MLflow run per flow run
 
     third = curate(small_config(seed=4))  # a new seed re-selects but reuses the ingest
     states = task_states(third["flow_run_id"])
-    assert states["ingest"] == "Cached" and states["select"] == "Completed"
+    assert states["ingest"] == "Reused" and states["select"] == "Completed"
 
 
 def test_wiped_store_is_rebuilt_not_trusted(store_root):
-    from flows.curate import curate
+    from sftcurate.flows.curate import curate
 
     first = curate(small_config(budget=7))
     fs, path = filesystem_for(store_root)
@@ -78,8 +78,8 @@ def test_wiped_store_is_rebuilt_not_trusted(store_root):
 
 
 def test_transient_failure_is_retried_user_error_is_not(tmp_path, store_root, monkeypatch):
-    import tasks.ingest as ingest_module
-    from flows.curate import curate
+    import sftcurate.core.ingest as ingest_module
+    from sftcurate.flows.curate import curate
 
     calls = {"n": 0}
     real = ingest_module.build_examples
@@ -106,8 +106,8 @@ def test_transient_failure_is_retried_user_error_is_not(tmp_path, store_root, mo
 
 
 def test_budget_larger_than_pool_commits_no_selection(store_root):
-    from flows.curate import curate
-    from tasks.selectors.base import BudgetError
+    from sftcurate.flows.curate import curate
+    from sftcurate.core.selectors.base import BudgetError
 
     with pytest.raises(BudgetError, match="larger than the pool"):
         curate(small_config(budget=100000))
@@ -115,7 +115,7 @@ def test_budget_larger_than_pool_commits_no_selection(store_root):
 
 
 def test_s3_store_and_local_store_give_identical_manifests(tmp_path, s3_env, monkeypatch):
-    from flows.curate import curate
+    from sftcurate.flows.curate import curate
 
     local_root = str(tmp_path / "local")
     monkeypatch.setenv("SFTCURATE_STORE", local_root)

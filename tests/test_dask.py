@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from infra.runners import TaskRunnerError, dask_task_runner, task_runner_from_settings
-from sftcurate.config import CurateConfig
-from tasks.selection import load_selection
+from sftcurate.infra.runners import TaskRunnerError, dask_task_runner, task_runner_from_settings
+from sftcurate.core.config import CurateConfig
+from sftcurate.core.selection import load_selection
 from tests.test_curate_flow import task_states
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.timeout(600)]
@@ -25,7 +25,7 @@ def run_both(cfg: CurateConfig, tmp_path, monkeypatch) -> tuple[dict, dict]:
     """Single process (threads) into one store, then Dask (2 processes) into a fresh store, every task rerun."""
     from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
-    from flows.curate import curate
+    from sftcurate.flows.curate import curate
 
     monkeypatch.setenv("SFTCURATE_STORE", str(tmp_path / "single"))
     single = curate(cfg)
@@ -33,7 +33,7 @@ def run_both(cfg: CurateConfig, tmp_path, monkeypatch) -> tuple[dict, dict]:
     with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: True}):  # travels to the workers in the task context
         dask = curate.with_options(task_runner=dask_task_runner(workers=2, processes=True))(cfg)
     assert dask["selection_uri"].startswith(str(tmp_path / "dask"))
-    assert "Cached" not in set(task_states(dask["flow_run_id"]).values())
+    assert "Reused" not in set(task_states(dask["flow_run_id"]).values())
     return single, dask
 
 
@@ -87,7 +87,7 @@ def test_uniform_on_dask_matches_single_process(tmp_path, monkeypatch):
 
 
 def test_fishersft_shards_on_dask_match_single_process(tmp_path, monkeypatch):
-    from tasks.selectors.base import get_selector
+    from sftcurate.core.selectors.base import get_selector
 
     try:
         get_selector("fishersft")

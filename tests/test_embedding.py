@@ -6,14 +6,15 @@ import pyarrow as pa
 import pytest
 import torch
 
-from data_contracts import EXAMPLES, ContractError
-from infra.models import model_fingerprint, resolve_model
-from infra.store import ArtifactStore
-from tasks.embedding import (commit_features, embed_examples, embed_one_by_one, embed_shard, fit_projection,
-                             load_features_file, load_into, load_sentence_embeddings_into, mean_pool,
-                             pca_projection, random_projection)
-from tasks.selectors import SelectorInputs
-from tasks.tokenize import encode_example
+from sftcurate.data_contracts import EXAMPLES, ContractError
+from sftcurate.infra.models import model_fingerprint, resolve_model
+from sftcurate.infra.store import ArtifactStore
+from sftcurate.core.embedding import (commit_features, embed_examples, embed_one_by_one, embed_shard, fit_projection,
+                                      pca_projection, random_projection)
+from sftcurate.core.inputs import (load_features_file, load_sentence_embeddings_into, mean_pool,
+                                   load_token_features_into as load_into)
+from sftcurate.core.selectors import SelectorInputs
+from sftcurate.core.tokenize import encode_example
 
 EXAMPLES_QA = [("What is a list?", "A mutable sequence of items."), ("", "Plain text passage without a prompt."),
                ("Explain dicts " * 6, "Dicts map keys to values " * 5), ("Q", "A"),
@@ -82,7 +83,7 @@ def test_shard_tasks_commit_and_load(tiny, tmp_path):
     shard_uris = [embed_shard(ex, k, 6, "tiny-gpt2", fp, 48, 512, "float32", proj, root) for k in range(3)]
     assert embed_shard(ex, 0, 6, "tiny-gpt2", fp, 48, 512, "float32", proj, root) == shard_uris[0]  # reused
     uri = commit_features(ex, shard_uris, root)
-    from tasks.ingest import load_pool
+    from sftcurate.core.ingest import load_pool
 
     pool = load_pool(ex)
     inputs = SelectorInputs(pool=pool, token_counts=np.ones(pool.num_rows, dtype=np.int64))
@@ -146,15 +147,15 @@ def test_shard_d_mismatch_rejected(tiny, tmp_path):
 
 
 def test_produce_through_prefect(prefect_harness, tmp_path, monkeypatch):
-    from sftcurate.config import CurateConfig
-    from tasks import embedding
+    from sftcurate.core.config import CurateConfig
+    from sftcurate.tasks.curate import produce_token_features
 
     root = str(tmp_path / "store")
     monkeypatch.setenv("SFTCURATE_STORE", root)
     ex = _examples_artifact(root, EXAMPLES_QA)
     cfg = CurateConfig.model_validate({"models": {"target": "tiny-gpt2", "max_length": 48},
                                        "embedding": {"shard_size": 5, "batch_tokens": 512}})
-    uri = embedding.produce(ex, cfg, None)
+    uri = produce_token_features(ex, cfg, None)
     assert uri.startswith(root) and sorted(p.name for p in (tmp_path / "store" / "token_features").glob("*/features-*"))
     feats, offsets = load_features_file(uri)
     assert len(offsets) - 1 == len(EXAMPLES_QA) - 1 and feats.shape[1] == 64

@@ -4,18 +4,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from infra import tracking
-from infra.store import read_bytes, read_manifest
-from sftcurate.config import SourceConfig
-from tasks.evaluate import evaluate_heldout, read_eval
-from tasks.finetune import (
-    Checkpoints, FinetuneConfig, SimulatedCrash, default_target_modules, finetune, finetune_key, load_finetuned,
+from sftcurate.infra import tracking
+from sftcurate.infra.store import ArtifactStore, read_bytes, read_manifest
+from sftcurate.core.config import SourceConfig
+from sftcurate.core.evaluate import evaluate_heldout, read_eval
+from sftcurate.core.finetune import (
+    Checkpoints, FinetuneConfig, default_target_modules, finetune, finetune_key, load_finetuned,
 )
-from tasks.ingest import ingest, source_fingerprint
-from tasks.selection import run_selection
-from tasks.selectors.base import Budget
-from tasks.training import batch_schedule
-from tests.helpers import qa_records, write_jsonl
+from sftcurate.core.ingest import ingest, source_fingerprint
+from sftcurate.core.selection import run_selection
+from sftcurate.core.selectors.base import Budget
+from sftcurate.core.training import batch_schedule
+from tests.helpers import progress_steps, qa_records, write_jsonl
+
+
+class SimulatedCrash(RuntimeError):
+    pass
 
 TINY = "tiny-gpt2"
 FP = "tiny-fp"
@@ -49,7 +53,7 @@ def test_schedule_is_deterministic_and_length_grouping_cuts_padding():
 def test_lora_targets_per_architecture():
     from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-    from infra.models import build_tiny_gpt2
+    from sftcurate.infra.models import build_tiny_gpt2
 
     assert default_target_modules(build_tiny_gpt2().model) == ["c_attn"]
     llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -94,8 +98,8 @@ def test_finetuned_heldout_loss_beats_base(tmp_path, store_root, full):
 
 
 def test_diverging_loss_is_a_user_error_and_commits_nothing(tmp_path, store_root):
-    from data_contracts import UserError
-    from infra.store import ArtifactStore
+    from sftcurate.data_contracts import UserError
+    from sftcurate.infra.store import ArtifactStore
 
     ex = make_examples(tmp_path)
     sel = select(ex, 16)
@@ -118,9 +122,9 @@ def test_resume_after_crash_matches_uninterrupted_run_on_s3(tmp_path, s3_store):
     cfg = FinetuneConfig(steps=10, batch_size=4, max_length=96, checkpoint_every=4, lora_dropout=0.1,
                          learning_rate=5e-3)
     key = finetune_key(ex, sel, FP, cfg)
-    with pytest.raises(SimulatedCrash):
-        finetune(ex, sel, TINY, FP, cfg, crash_after=6)
-    ckpts = Checkpoints(__import__("infra.store", fromlist=["ArtifactStore"]).ArtifactStore(), key)
+    with pytest.raises(SimulatedCrash), progress_steps([], raise_at=6, error=SimulatedCrash):
+        finetune(ex, sel, TINY, FP, cfg)
+    ckpts = Checkpoints(ArtifactStore(), key)
     assert ckpts.latest_step() == 4  # committed at step 4; step 6 crashed before the step-8 checkpoint
     uri = finetune(ex, sel, TINY, FP, cfg)
     assert uri.startswith("s3://")
@@ -136,8 +140,8 @@ def test_resume_after_crash_matches_uninterrupted_run_on_s3(tmp_path, s3_store):
 
 
 def test_generation_protocol_plain_text_prompts_and_left_padded_batches(tmp_path, store_root):
-    from infra.models import build_tiny_gpt2
-    from tasks.evaluate import GenerationConfig, generate, generate_texts, generation_prompts, load_generations
+    from sftcurate.infra.models import build_tiny_gpt2
+    from sftcurate.core.evaluate import GenerationConfig, generate, generate_texts, generation_prompts, load_generations
 
     passages = [{"text": " ".join(f"word{i}_{j}" for j in range(30))} for i in range(40)]
     src = SourceConfig(uri=str(write_jsonl(tmp_path / "text.jsonl", passages)), heldout_fraction=0.3)

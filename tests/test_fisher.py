@@ -6,9 +6,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from tasks.fisher import (LogDetObjective, direct_logdet, lazy_greedy, naive_greedy, run_greedy,
+from sftcurate.core.fisher import (LogDetObjective, direct_logdet, lazy_greedy, naive_greedy, run_greedy,
                           select_from_features, stochastic_greedy)
-from tasks.selectors import Budget, SelectorInputs, get_selector
+from sftcurate.core.selectors import Budget, SelectorInputs, get_selector
 
 
 
@@ -137,10 +137,10 @@ def test_select_from_features_and_selector():
     pool = pa.table({"id": [str(i) for i in range(60)]})
     inputs = SelectorInputs(pool=pool, token_counts=np.diff(off), token_features=(x, off))
     for alg in ("lazy", "naive", "stochastic"):
-        sel = get_selector("fishersft", lam=1.0, algorithm=alg, epsilon=0.1).select(inputs, Budget(tokens=50), 0)
+        sel = get_selector("fishersft", dict(lam=1.0, algorithm=alg, epsilon=0.1)).select(inputs, Budget(tokens=50), 0)
         assert np.diff(off)[sel.indices].sum() <= 50
-    with pytest.raises(ValueError, match="unknown"):
-        get_selector("fishersft", algorithm="bogus").select(inputs, Budget(examples=3), 0)
+    with pytest.raises(ValueError, match="params.algorithm: Input should be 'lazy', 'naive' or 'stochastic'"):
+        get_selector("fishersft", dict(algorithm="bogus"))
 
 
 def test_bad_in_memory_inputs_rejected():

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from infra.store import read_manifest
-from sftcurate.config import SourceConfig
-from tasks.ingest import IngestError, ingest, load_examples, load_pool, source_fingerprint
+from sftcurate.infra.store import read_manifest
+from sftcurate.core.config import SourceConfig
+from sftcurate.core.ingest import IngestError, ingest, load_examples, load_pool, source_fingerprint
 from tests.conftest import committed_manifests
 from tests.helpers import qa_records, write_jsonl
 
@@ -128,7 +128,7 @@ def test_unknown_builtin_is_clear(store_root):
 def test_s3_source_is_read_through_the_s3_api(tmp_path, s3_env, store_root):
     import boto3
 
-    from infra.settings import load_settings
+    from sftcurate.infra.settings import load_settings
 
     bucket = s3_env()
     body = "".join(json.dumps(r) + "\n" for r in qa_records(12)).encode()

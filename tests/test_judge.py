@@ -15,10 +15,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from data_contracts import GENERATIONS
-from infra import tracking
-from infra.store import ArtifactStore, read_manifest
-from tasks.judge import (
+from sftcurate.data_contracts import GENERATIONS
+from sftcurate.infra import tracking
+from sftcurate.infra.store import ArtifactStore, read_manifest
+from sftcurate.core.judge import (
     HFJudge, JudgeConfig, OpenAIJudge, Verdict, bootstrap_ci, judge_note, judge_pairs, load_judgments, parse_answer,
     run_judge, summarize,
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infra.models import BUILTIN_SMOLLM2, ModelSpecError, local_folder, model_fingerprint, resolve_model, \
+from sftcurate.infra.models import BUILTIN_SMOLLM2, ModelSpecError, local_folder, model_fingerprint, resolve_model, \
     resolve_tokenizer
 
 
@@ -36,7 +36,7 @@ def test_local_and_s3_folders_load_the_same_weights(tmp_path, s3_env):
     assert model_fingerprint(str(folder)).startswith("folder:")
 
     bucket = s3_env()
-    from infra.settings import load_settings
+    from sftcurate.infra.settings import load_settings
 
     fs = s3fs.S3FileSystem(**load_settings().s3.storage_options())
     fs.put(str(folder) + "/", f"{bucket}/models/tiny/", recursive=True)

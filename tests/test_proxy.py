@@ -8,10 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from data_contracts import EXAMPLES, ContractError
-from infra.hashing import fingerprint
-from infra.store import ArtifactStore, is_committed, join, read_bytes, read_manifest
-from sftcurate.config import ProxyConfig
+from sftcurate.data_contracts import EXAMPLES, ContractError
+from sftcurate.infra.hashing import fingerprint
+from sftcurate.infra.store import ArtifactStore, is_committed, join, read_bytes, read_manifest
+from sftcurate.core.config import ProxyConfig
+from tests.helpers import progress_steps
 
 TINY = "tiny-gpt2:n_layer=1,n_embd=32,n_head=2,vocab=300"
 
@@ -61,8 +62,8 @@ def checkpoint_tensors(ckpt_uri: str) -> dict:
 # ---------------------------------------------------------------- plain functions
 
 def test_schedule_pieces_are_pure_functions():
-    from tasks.proxy import ProxyError, checkpoint_steps, recipe
-    from tasks.training import batch_schedule
+    from sftcurate.core.proxy import ProxyError, checkpoint_steps, recipe
+    from sftcurate.core.training import batch_schedule
 
     assert checkpoint_steps(200, 10) == list(range(20, 201, 20))
     assert checkpoint_steps(12, 4) == [3, 6, 9, 12]
@@ -84,8 +85,8 @@ class Crash(RuntimeError):
     pass
 
 
-def test_resume_after_crash_continues_from_last_checkpoint_and_matches_uninterrupted(tmp_path):
-    from tasks.proxy import checkpoint_uri, proxy_checkpoints, train_proxy
+def test_resume_after_crash_continues_from_last_checkpoint_and_matches_uninterrupted(tmp_path, monkeypatch):
+    from sftcurate.core.proxy import ProxyCheckpoints, checkpoint_uri, proxy_checkpoints, train_proxy
 
     rows = group_rows(12, 12, 4)
     cfg = {"steps": 12, "checkpoints": 4, "learning_rate": 5e-3, "batch_size": 8, "seed": 3}
@@ -93,24 +94,31 @@ def test_resume_after_crash_continues_from_last_checkpoint_and_matches_uninterru
     ex_a, ex_b = make_examples(rows, root_a), make_examples(rows, root_b)
 
     steps_a: list[int] = []
-    proxy_a = train_proxy(ex_a, TINY, cfg, 64, store_root=root_a, on_step=lambda s, _: steps_a.append(s))
+    with progress_steps(steps_a):
+        proxy_a = train_proxy(ex_a, TINY, cfg, 64, store_root=root_a)
     assert steps_a == list(range(1, 13))
 
-    def crash_after_second(step, uri):
+    save = ProxyCheckpoints.save
+
+    def save_then_crash_at_6(self, step, model, optimizer, extra):
+        uri = save(self, step, model, optimizer, extra)
         if step == 6:
             raise Crash(f"simulated crash after committing {uri}")
+        return uri
 
     steps_b: list[int] = []
-    with pytest.raises(Crash):
-        train_proxy(ex_b, TINY, cfg, 64, store_root=root_b, on_step=lambda s, _: steps_b.append(s),
-                    on_checkpoint=crash_after_second)
+    monkeypatch.setattr(ProxyCheckpoints, "save", save_then_crash_at_6)
+    with pytest.raises(Crash), progress_steps(steps_b):
+        train_proxy(ex_b, TINY, cfg, 64, store_root=root_b)
+    monkeypatch.setattr(ProxyCheckpoints, "save", save)
     uri_b = proxy_a.replace(root_a, root_b)
     assert not is_committed(uri_b)
     assert [is_committed(checkpoint_uri(uri_b, s)) for s in (3, 6, 9, 12)] == [True, True, False, False]
     assert steps_b == list(range(1, 7))
 
     steps_b.clear()
-    proxy_b = train_proxy(ex_b, TINY, cfg, 64, store_root=root_b, on_step=lambda s, _: steps_b.append(s))
+    with progress_steps(steps_b):
+        proxy_b = train_proxy(ex_b, TINY, cfg, 64, store_root=root_b)
     assert proxy_b == uri_b
     assert steps_b == list(range(7, 13)), "steps 1-6 must not be retrained"
     meta = read_manifest(proxy_b)["meta"]
@@ -125,7 +133,8 @@ def test_resume_after_crash_continues_from_last_checkpoint_and_matches_uninterru
             np.testing.assert_array_equal(ta[k], tb[k], err_msg=k)
     # a committed proxy is reused: nothing is trained again
     steps_b.clear()
-    assert train_proxy(ex_b, TINY, cfg, 64, store_root=root_b, on_step=lambda s, _: steps_b.append(s)) == proxy_b
+    with progress_steps(steps_b):
+        assert train_proxy(ex_b, TINY, cfg, 64, store_root=root_b) == proxy_b
     assert steps_b == []
 
 
@@ -133,7 +142,7 @@ def test_resume_after_crash_continues_from_last_checkpoint_and_matches_uninterru
 
 @pytest.fixture(scope="module")
 def small_proxy(tmp_path_factory):
-    from tasks.proxy import train_proxy
+    from sftcurate.core.proxy import train_proxy
 
     root = str(tmp_path_factory.mktemp("traj"))
     rows = group_rows(10, 10, 5)
@@ -144,13 +153,13 @@ def small_proxy(tmp_path_factory):
 
 
 def test_trajectories_batched_match_one_by_one_and_shards_join_in_pool_order(small_proxy):
-    from tasks.ingest import load_pool
-    from tasks.proxy import load_checkpoint_model, load_tokenizer, pool_texts, proxy_checkpoints
-    from tasks.tokenize import encode_pairs
-    from tasks.selectors.base import SelectorInputs
-    from tasks.trajectories import (
-        commit_trajectories, example_losses, example_losses_one_by_one, load_into,
-        load_trajectories_file, trajectory_shard,
+    from sftcurate.core.ingest import load_pool
+    from sftcurate.core.proxy import load_checkpoint_model, load_tokenizer, pool_texts, proxy_checkpoints
+    from sftcurate.core.tokenize import encode_pairs
+    from sftcurate.core.selectors.base import SelectorInputs
+    from sftcurate.core.inputs import load_trajectories_file, load_trajectories_into as load_into
+    from sftcurate.core.trajectories import (
+        commit_trajectories, example_losses, example_losses_one_by_one, trajectory_shard,
     )
 
     root, ex, proxy, rows = small_proxy
@@ -183,8 +192,8 @@ def test_trajectories_batched_match_one_by_one_and_shards_join_in_pool_order(sma
 
 
 def test_lora_proxy_saves_adapters_and_trajectories_load_them(tmp_path):
-    from tasks.proxy import proxy_checkpoints, train_proxy
-    from tasks.trajectories import shard_losses
+    from sftcurate.core.proxy import proxy_checkpoints, train_proxy
+    from sftcurate.core.trajectories import shard_losses
 
     root = str(tmp_path)
     ex = make_examples(group_rows(6, 6, 2), root)
@@ -199,8 +208,8 @@ def test_lora_proxy_saves_adapters_and_trajectories_load_them(tmp_path):
 
 
 def test_proxy_and_trajectories_on_s3(s3_store):
-    from tasks.proxy import train_proxy
-    from tasks.trajectories import commit_trajectories, load_trajectories_file, trajectory_shard
+    from sftcurate.core.proxy import train_proxy
+    from sftcurate.core.trajectories import commit_trajectories, load_trajectories_file, trajectory_shard
 
     ex = make_examples(group_rows(5, 5, 2))
     proxy = train_proxy(ex, TINY, {"steps": 4, "checkpoints": 2, "batch_size": 4}, 64)
@@ -211,11 +220,12 @@ def test_proxy_and_trajectories_on_s3(s3_store):
 
 
 def test_produce_runs_the_prefect_tasks_and_logs_to_mlflow(prefect_harness, store_root):
-    from infra import tracking
-    from sftcurate.config import CurateConfig
-    from tasks.ingest import load_pool
-    from tasks.selectors.base import SelectorInputs
-    from tasks.trajectories import load_into, produce
+    from sftcurate.infra import tracking
+    from sftcurate.core.config import CurateConfig
+    from sftcurate.core.ingest import load_pool
+    from sftcurate.core.selectors.base import SelectorInputs
+    from sftcurate.core.inputs import load_trajectories_into as load_into
+    from sftcurate.tasks.curate import produce_trajectories as produce
 
     ex = make_examples(group_rows(8, 8, 3))
     cfg = CurateConfig.model_validate({"models": {"proxy": TINY, "max_length": 64},

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-import tasks.ingest
-import tasks.selection
-from infra import tracking
-from sftcurate.config import CurateConfig
+import sftcurate.core.ingest
+import sftcurate.core.selection
+from sftcurate.infra import tracking
+from sftcurate.core.config import CurateConfig
 from tests.helpers import qa_records, write_jsonl
 from tests.test_curate_flow import task_states
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 @pytest.fixture
 def counters(monkeypatch) -> dict:
     """Count executions of the costly plain functions (building examples, running a selector)."""
-    calls = {"build_examples": 0, "run_selection": 0}
+    calls = {"build_examples": 0, "selection_table": 0}
 
     def counting(module, name):
         original = getattr(module, name)
@@ -29,8 +29,8 @@ def counters(monkeypatch) -> dict:
 
         monkeypatch.setattr(module, name, wrapper)
 
-    counting(tasks.ingest, "build_examples")
-    counting(tasks.selection, "run_selection")
+    counting(sftcurate.core.ingest, "build_examples")
+    counting(sftcurate.core.selection, "selection_table")
     return calls
 
 
@@ -45,8 +45,8 @@ def refresh_config(path) -> CurateConfig:
 def test_refresh_is_free_when_unchanged_and_reports_changes(tmp_path, store_root, counters):
     from prefect.client.orchestration import get_client
 
-    from flows.refresh import read_state, refresh
-    from tasks.ingest import example_id
+    from sftcurate.flows.refresh import read_state, refresh
+    from sftcurate.core.ingest import example_id
 
     records = qa_records(40)
     data = write_jsonl(tmp_path / "data.jsonl", records)
@@ -54,14 +54,14 @@ def test_refresh_is_free_when_unchanged_and_reports_changes(tmp_path, store_root
 
     first = refresh(cfg)
     assert first["first_refresh"] and first["fingerprint_before"] is None
-    assert counters == {"build_examples": 1, "run_selection": 1}
+    assert counters == {"build_examples": 1, "selection_table": 1}
     state = read_state(cfg.name)
     assert state["examples_uri"] == first["examples_uri"] and state["source_fingerprint"] == first["fingerprint_after"]
     assert first["state_uri"].startswith(store_root) and first["state_uri"].endswith("refresh-state/refresh-test.json")
 
     second = refresh(cfg)
-    assert counters == {"build_examples": 1, "run_selection": 1}  # nothing costly ran
-    assert set(task_states(second["curate_flow_run_id"]).values()) == {"Cached"}
+    assert counters == {"build_examples": 1, "selection_table": 1}  # nothing costly ran
+    assert set(task_states(second["curate_flow_run_id"]).values()) == {"Reused"}
     assert not second["source_changed"] and not second["selection_changed"]
     assert second["fingerprint_before"] == second["fingerprint_after"] == first["fingerprint_after"]
     assert second["examples_added"] == 0 and second["examples_removed"] == 0
@@ -70,7 +70,7 @@ def test_refresh_is_free_when_unchanged_and_reports_changes(tmp_path, store_root
     new = qa_records(45)[40:]
     write_jsonl(data, records[2:] + new)
     third = refresh(cfg)
-    assert counters == {"build_examples": 2, "run_selection": 2}
+    assert counters == {"build_examples": 2, "selection_table": 2}
     assert third["source_changed"] and third["fingerprint_before"] == first["fingerprint_after"]
     assert third["fingerprint_after"] != third["fingerprint_before"]
     assert third["added_ids"] == sorted(example_id(r["prompt"], r["response"]) for r in new)

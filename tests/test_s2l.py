@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tasks.selectors.base import Budget, BudgetError, SelectorInputs, get_selector
-from tasks.selectors.s2l import fill_budget_by_clusters, kmeans, proportional_quotas
+from sftcurate.core.selectors.base import Budget, BudgetError, SelectorInputs, SelectorParamError, get_selector
+from sftcurate.core.selectors.s2l import fill_budget_by_clusters, kmeans, proportional_quotas
 from tests.test_proxy import TINY, group_rows, make_examples
 
 
@@ -56,7 +56,7 @@ def test_synthetic_trajectory_clusters_recover_groups_and_s2l_covers_the_small_o
     uniform_missed = s2l_missed = 0
     for seed in seeds:
         uni = get_selector("uniform").select(inputs_for(losses, steps), budget, seed).indices
-        res = get_selector("s2l", clusters=3).select(inputs_for(losses, steps), budget, seed)
+        res = get_selector("s2l", dict(clusters=3)).select(inputs_for(losses, steps), budget, seed)
         assert len(res.indices) == 12 and len(set(res.indices)) == 12
         uniform_missed += 2 not in groups[uni]
         s2l_missed += 2 not in groups[res.indices]
@@ -66,9 +66,9 @@ def test_synthetic_trajectory_clusters_recover_groups_and_s2l_covers_the_small_o
 
 
 def test_end_to_end_tiny_proxy_learns_groups_at_different_speeds(store_root):
-    from tasks.proxy import train_proxy
-    from tasks.selection import load_selection, run_selection
-    from tasks.trajectories import commit_trajectories, load_trajectories_file, trajectory_shard
+    from sftcurate.core.proxy import train_proxy
+    from sftcurate.core.selection import load_selection, run_selection
+    from sftcurate.core.trajectories import commit_trajectories, load_trajectories_file, trajectory_shard
 
     rows = group_rows(40, 40, 12)
     groups = np.array([g for _, _, g in rows])
@@ -87,7 +87,7 @@ def test_end_to_end_tiny_proxy_learns_groups_at_different_speeds(store_root):
     inputs = inputs_for(losses, steps)
     uniform_missed = 0
     for seed in range(10):
-        picked = get_selector("s2l", clusters=3).select(inputs, budget, seed).indices
+        picked = get_selector("s2l", dict(clusters=3)).select(inputs, budget, seed).indices
         assert "prose" in set(groups[picked]), f"seed {seed}: S2L missed the smallest group"
         uniform_missed += "prose" not in groups[get_selector("uniform").select(inputs, budget, seed).indices]
     assert uniform_missed >= 3   # P(miss 12 of 92 with 6 draws) ~ 0.43; seeded: 6 of these 10 seeds miss
@@ -160,7 +160,7 @@ def test_stratified_budget_is_proportional_to_sources():
     assert sum(proportional_quotas({"a": 7, "b": 7, "c": 7}, 10).values()) == 10
     losses, steps, groups = synthetic_trajectories((120, 60, 20))
     sources = np.where(np.arange(len(groups)) % 4 == 0, "gsm", "math").tolist()
-    res = get_selector("s2l", clusters=3, stratify=True).select(inputs_for(losses, steps, sources=sources),
+    res = get_selector("s2l", dict(clusters=3, stratify=True)).select(inputs_for(losses, steps, sources=sources),
                                                               Budget(examples=20), 0)
     picked_sources = np.array(sources)[res.indices]
     assert (picked_sources == "gsm").sum() == 5 and (picked_sources == "math").sum() == 15
@@ -170,16 +170,16 @@ def test_stratified_budget_is_proportional_to_sources():
 def test_selector_params_results_and_errors():
     losses, steps, groups = synthetic_trajectories((40, 30, 5))
     inputs = inputs_for(losses, steps)
-    sel = get_selector("s2l", clusters=3, normalize="zscore")
+    sel = get_selector("s2l", dict(clusters=3, normalize="zscore"))
     a, b = sel.select(inputs, Budget(examples=9), 7), sel.select(inputs, Budget(examples=9), 7)
     assert a.indices == b.indices and a.clusters == b.clusters
     assert a.info["clusters"] == 3 and sum(a.info["picks_per_cluster"]) == 9
-    assert get_selector("s2l", clusters=3, seed=7).select(inputs, Budget(examples=9), 0).indices == \
-        get_selector("s2l", clusters=3).select(inputs, Budget(examples=9), 7).indices
-    with pytest.raises(ValueError, match="unknown param"):
-        get_selector("s2l", k=3)
+    assert get_selector("s2l", dict(clusters=3, seed=7)).select(inputs, Budget(examples=9), 0).indices == \
+        get_selector("s2l", dict(clusters=3)).select(inputs, Budget(examples=9), 7).indices
+    with pytest.raises(SelectorParamError, match="'s2l' has no parameter 'k'; valid: clusters, seed"):
+        get_selector("s2l", dict(k=3))
     with pytest.raises(ValueError, match="normalize"):
-        get_selector("s2l", normalize="minmax")
+        get_selector("s2l", dict(normalize="minmax"))
     with pytest.raises(BudgetError):
         sel.select(inputs, Budget(examples=76), 0)
     with pytest.raises(BudgetError, match="trajectories"):

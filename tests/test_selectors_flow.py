@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from data_contracts import SELECTION
-from infra.store import join, read_table
+from sftcurate.data_contracts import SELECTION
+from sftcurate.infra.store import join, read_table
 from sftcurate.cli import app
-from sftcurate.config import CurateConfig
-from tasks.selection import load_selection
+from sftcurate.core.config import CurateConfig
+from sftcurate.core.selection import load_selection
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 runner = CliRunner()
@@ -29,7 +29,7 @@ def config(method: str, **params) -> CurateConfig:
 def flow_runs(tmp_path_factory):
     import os
 
-    from flows.curate import curate
+    from sftcurate.flows.curate import curate
 
     old = os.environ.get("SFTCURATE_STORE")
     os.environ["SFTCURATE_STORE"] = str(tmp_path_factory.mktemp("store"))

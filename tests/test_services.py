@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from infra import services
-from infra.store import filesystem_for
+from sftcurate.infra import services
+from sftcurate.infra.store import filesystem_for
 from tests.conftest import committed_manifests, free_port
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(900)]

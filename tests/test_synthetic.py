@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from tasks.synthetic import run_synthetic
+from sftcurate.core.synthetic import run_synthetic
 
 
 def test_synthetic_fisher_beats_uniform(tmp_path):
@@ -20,7 +20,7 @@ def test_synthetic_fisher_beats_uniform(tmp_path):
 
 
 def test_synthetic_logs_to_mlflow(tmp_path):
-    from infra import tracking
+    from sftcurate.infra import tracking
 
     res = run_synthetic(tmp_path, runs=1, seed=1, n_grid=(10, 20), n_sentences=100)
     run = tracking.client().get_run(res["run_id"])

@@ -26,11 +26,10 @@ import math
 
 import numpy as np
 
-from tasks.selectors.base import (
+from sftcurate.core.selectors.params import S2LParams
+from sftcurate.core.selectors.base import (
     EXAMPLES, TRAJECTORIES, Budget, BudgetError, Selector, SelectionResult, SelectorInputs, register,
 )
-
-PARAMS = {"clusters": 100, "seed": None, "stratify": False, "normalize": "none", "iters": 100, "n_init": 3}
 
 
 # ---------------------------------------------------------------- k-means
@@ -216,21 +215,9 @@ def fill_budget_by_clusters(labels: np.ndarray, budget, seed: int, token_counts:
 
 @register
 class S2LSelector(Selector):
-    """S2L. Params: clusters (100), seed (defaults to the selection seed), stratify (False: by `source`),
-    normalize ("none" = raw losses as in the paper, or "zscore" per checkpoint), iters (100), n_init (3)."""
-
     name = "s2l"
     requires = (EXAMPLES, TRAJECTORIES)
-
-    def __init__(self, **params):
-        unknown = sorted(set(params) - set(PARAMS))
-        if unknown:
-            raise ValueError(f"s2l: unknown param(s) {unknown}; known: {sorted(PARAMS)}")
-        merged = {**PARAMS, **params}
-        if int(merged["clusters"]) < 1:
-            raise ValueError(f"s2l: param 'clusters' must be >= 1, got {merged['clusters']}")
-        normalize_trajectories(np.zeros((1, 1)), merged["normalize"])  # validates the name
-        super().__init__(**merged)
+    Params = S2LParams
 
     def select(self, inputs: SelectorInputs, budget: Budget, seed: int) -> SelectionResult:
         if inputs.trajectories is None:
@@ -240,12 +227,12 @@ class S2LSelector(Selector):
         if losses.shape[0] != inputs.size:
             raise ValueError(f"s2l: trajectories have {losses.shape[0]} rows but the pool has {inputs.size} examples")
         p = self.params
-        seed = int(seed if p["seed"] is None else p["seed"])
+        seed = int(seed if p.seed is None else p.seed)
         budget.check(inputs.size, int(np.asarray(inputs.token_counts).sum()))
-        labels, centres = kmeans(normalize_trajectories(losses, p["normalize"]), int(p["clusters"]), seed=seed,
-                                 iters=int(p["iters"]), n_init=int(p["n_init"]))
+        labels, centres = kmeans(normalize_trajectories(losses, p.normalize), int(p.clusters), seed=seed,
+                                 iters=int(p.iters), n_init=int(p.n_init))
         strata = None
-        if p["stratify"]:
+        if p.stratify:
             if "source" not in inputs.pool.column_names:
                 raise ValueError("s2l: stratify=true needs a 'source' column in the pool")
             strata = np.array(inputs.pool.column("source").to_pylist(), dtype=object)
@@ -255,9 +242,9 @@ class S2LSelector(Selector):
         return SelectionResult(
             indices=picked,
             clusters=[int(labels[i]) for i in picked],
-            info={"clusters_requested": int(p["clusters"]), "clusters": int(len(centres)),
+            info={"clusters_requested": int(p.clusters), "clusters": int(len(centres)),
                   "checkpoints": int(losses.shape[1]), "steps": [int(s) for s in np.asarray(steps)],
-                  "normalize": p["normalize"], "stratify": bool(p["stratify"]), "seed": seed,
+                  "normalize": p.normalize, "stratify": bool(p.stratify), "seed": seed,
                   "clusters_covered": int((per_cluster > 0).sum()),
                   "smallest_cluster": int(sizes.min()) if len(sizes) else 0,
                   "largest_cluster": int(sizes.max()) if len(sizes) else 0,

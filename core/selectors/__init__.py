@@ -2,7 +2,7 @@
 import importlib
 import pkgutil
 
-from tasks.selectors.base import REGISTRY, Budget, Selector, SelectionResult, SelectorInputs, get_selector, register
+from sftcurate.core.selectors.base import REGISTRY, Budget, Selector, SelectionResult, SelectorInputs, get_selector, register
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":

@@ -15,16 +15,10 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from data_contracts import UserError
-
-if TYPE_CHECKING:
-    from tasks.judge import JudgeConfig
-
-ENV_BASE_URL = "SFTCURATE_JUDGE_BASE_URL"
-ENV_MODEL = "SFTCURATE_JUDGE_MODEL"
-ENV_KEYS = ("SFTCURATE_JUDGE_API_KEY", "OPENAI_API_KEY")
+from sftcurate.core.config import ENV_BASE_URL, ENV_KEYS, ENV_MODEL, JudgeConfig
+from sftcurate.data_contracts import UserError
 
 WEAK_JUDGES = {
     "builtin:smollm2-135m-instruct": "a 135M-parameter judge (SmolLM2-135M) is weak: its preferences barely beat "
@@ -90,10 +84,10 @@ class HFJudge:
     concurrency = 1
 
     def __init__(self, spec: str = "builtin:smollm2-135m-instruct"):
-        from infra.models import resolve_model
+        from sftcurate.infra.models import resolve_model
 
         self.spec = spec
-        from infra.models import default_device
+        from sftcurate.infra.models import default_device
 
         loaded = resolve_model(spec, device=default_device())
         self.model, self.tokenizer = loaded.model, loaded.tokenizer

@@ -5,25 +5,22 @@ its number of feature rows (its loss tokens), so a token budget is exact. The ma
 """
 from __future__ import annotations
 
+
 import numpy as np
 
-from tasks.selectors.base import (EXAMPLES, TOKEN_FEATURES, Budget, Selector, SelectionResult, SelectorInputs,
+from sftcurate.core.selectors.params import FisherSFTParams
+from sftcurate.core.selectors.base import (EXAMPLES, TOKEN_FEATURES, Budget, Selector, SelectionResult, SelectorInputs,
                                   register)
 
 
 @register
 class FisherSFTSelector(Selector):
-    """Params: lam (ridge of the design matrix, 1.0), algorithm ("lazy" | "naive" | "stochastic"),
-    epsilon (stochastic greedy, 0.1), rule under a token budget ("celf": the better of "ratio", gain per
-    token, and "gain", the raw gain; or either alone),
-    device ("auto" | "cpu" | "cuda")."""
-
     name = "fishersft"
     requires = (EXAMPLES, TOKEN_FEATURES)
-    code_modules = ("tasks.fisher",)
+    Params = FisherSFTParams
 
     def select(self, inputs: SelectorInputs, budget: Budget, seed: int) -> SelectionResult:
-        from tasks.fisher import select_from_features
+        from sftcurate.core.fisher import select_from_features
 
         if inputs.token_features is None:
             raise ValueError("fishersft: no token features were loaded (requirement 'token_features')")
@@ -32,10 +29,6 @@ class FisherSFTSelector(Selector):
         if len(offsets) - 1 != inputs.size:
             raise ValueError(f"fishersft: token features cover {len(offsets) - 1} examples but the pool has "
                              f"{inputs.size}; re-run the embedding stage for this pool")
-        lam = float(self.params.get("lam", 1.0))
-        algorithm = str(self.params.get("algorithm", "lazy"))
-        epsilon = float(self.params.get("epsilon", 0.1))
-        rule = str(self.params.get("rule", "celf"))
-        device = self.params.get("device", "auto")
-        return select_from_features(features, offsets, budget, lam=lam, algorithm=algorithm, seed=seed,
-                                    epsilon=epsilon, rule=rule, device=device)
+        p = self.params
+        return select_from_features(features, offsets, budget, lam=p.lam, algorithm=p.algorithm, seed=seed,
+                                    epsilon=p.epsilon, rule=p.rule, device=p.device)

@@ -15,24 +15,24 @@ adapter (or full model) is the committed artifact of kind `finetuned`. Everythin
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from prefect import task
-from pydantic import BaseModel, ConfigDict, Field
 
-from data_contracts import UserError
-from infra import tracking
-from infra.hashing import code_fingerprint, fingerprint
-from infra.models import default_device
-from infra.store import ArtifactStore, is_committed, join, read_bytes, read_manifest, remove_tree, write_bytes
-from tasks.common import TASK_DEFAULTS, task_logger
-from tasks.tokenize import Encoded, encode_pairs
-from tasks.training import Recipe, TrainStats, restore_training_state, training_state_bytes
-from tasks.training import train as run_training
+from sftcurate.data_contracts import UserError
+from sftcurate.infra import tracking
+from sftcurate.infra.stages import Built, build_once, stage_key
+from sftcurate.infra.models import default_device
+from sftcurate.infra.store import ArtifactStore, is_committed, join, read_bytes, read_manifest, remove_tree, write_bytes
+from sftcurate.core.config import FinetuneConfig
+from sftcurate.core.tokenize import Encoded, encode_pairs
+from sftcurate.core.training import Recipe, TrainStats, restore_training_state, training_state_bytes
+from sftcurate.core.training import train as run_training
+
+log = logging.getLogger("sftcurate.finetune")
 
 KIND = "finetuned"
 CKPT_KIND = "finetune_ckpt"
@@ -52,42 +52,16 @@ LORA_TARGETS = {
 }
 
 
-class FinetuneConfig(BaseModel):
-    """The one training recipe every selection of a budget shares."""
+def recipe(cfg: FinetuneConfig) -> Recipe:
+    return Recipe(steps=cfg.steps, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, seed=cfg.seed,
+                  warmup_ratio=cfg.warmup_ratio, decay="linear", weight_decay=cfg.weight_decay,
+                  max_grad_norm=cfg.max_grad_norm, batching=cfg.batching, max_length=cfg.max_length)
 
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(100, gt=0, description="optimizer steps (fixed, not epochs: every selection gets the same)")
-    learning_rate: float = Field(5e-4, gt=0)
-    batch_size: int = Field(8, gt=0, description="examples per step")
-    max_length: int = Field(256, gt=8, description="max tokens per example (prompt + response)")
-    seed: int = Field(0, description="seeds the adapter init, the batch order and dropout")
-    full: bool = Field(False, description="full fine-tuning instead of LoRA")
-    lora_r: int = Field(8, gt=0)
-    lora_alpha: int = Field(16, gt=0)
-    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | None = Field(None, description="LoRA modules; default chosen per architecture")
-    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    batching: Literal["length_grouped", "random", "pad_to_max"] = Field(
-        "length_grouped", description="length_grouped: similar lengths share a batch (little padding); "
-        "random: pad to the batch's longest; pad_to_max: pad every batch to max_length (baseline)")
-    checkpoint_every: int = Field(50, gt=0, description="commit a resumable checkpoint every N steps")
-    dtype: Literal["float32", "bfloat16"] = Field("float32")
-
-    def recipe(self) -> Recipe:
-        return Recipe(steps=self.steps, learning_rate=self.learning_rate, batch_size=self.batch_size, seed=self.seed,
-                      warmup_ratio=self.warmup_ratio, decay="linear", weight_decay=self.weight_decay,
-                      max_grad_norm=self.max_grad_norm, batching=self.batching, max_length=self.max_length)
-
-
-# ---------------------------------------------------------------- data
 
 def training_rows(examples_uri: str, selection_uri: str) -> list[tuple[str, str]]:
     """(prompt, response) of the selected examples, in pick order (joined on example id)."""
-    from tasks.ingest import load_pool
-    from tasks.selection import load_selection
+    from sftcurate.core.ingest import load_pool
+    from sftcurate.core.selection import load_selection
 
     pool = load_pool(examples_uri)
     by_id = {i: k for k, i in enumerate(pool.column("id").to_pylist())}
@@ -186,30 +160,24 @@ class Checkpoints:
 
 # ---------------------------------------------------------------- training loop
 
-class SimulatedCrash(RuntimeError):
-    """Raised by `train(crash_after=N)` after step N (before a checkpoint of step N); tests prove resumption."""
-
-
 def train(model, tokenizer, encoded: list[Encoded], cfg: FinetuneConfig, *, checkpoints: Checkpoints | None = None,
-          run_id: str | None = None, crash_after: int | None = None) -> TrainStats:
+          run_id: str | None = None) -> TrainStats:
     """Train `model` (already prepared) in place for exactly `cfg.steps` steps; resumes from `checkpoints`."""
-
-    def crash(step: int, _loss: float) -> None:
-        if crash_after is not None and step >= crash_after:
-            raise SimulatedCrash(f"simulated crash after step {step}")
-
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return run_training(model, pad_id, encoded, cfg.recipe(), checkpoints=checkpoints,
+    return run_training(model, pad_id, encoded, recipe(cfg), checkpoints=checkpoints,
                         save_at=lambda step: step % cfg.checkpoint_every == 0 and step < cfg.steps,
-                        run_id=run_id, metric_prefix="finetune/", on_step=crash,
-                        log=task_logger("sftcurate.finetune"), section="finetune")
+                        run_id=run_id, metric_prefix="finetune/", log=log, section="finetune")
 
 
 # ---------------------------------------------------------------- the committed fine-tune
 
+def _stage(examples_uri: str, selection_uri: str, target_fingerprint: str, cfg: FinetuneConfig) -> dict:
+    return {"kind": KIND, "code": __name__, "params": {"target": target_fingerprint, "finetune": cfg},
+            "upstream": {"examples": examples_uri, "selection": selection_uri}}
+
+
 def finetune_key(examples_uri: str, selection_uri: str, target_fingerprint: str, cfg: FinetuneConfig) -> str:
-    return fingerprint(examples_uri, selection_uri, target_fingerprint, cfg.model_dump(),
-                       code_fingerprint("tasks.finetune", "tasks.tokenize", "tasks.training"))
+    return stage_key(**_stage(examples_uri, selection_uri, target_fingerprint, cfg))
 
 
 def fairness_params(cfg: FinetuneConfig, target_spec: str) -> dict:
@@ -218,49 +186,44 @@ def fairness_params(cfg: FinetuneConfig, target_spec: str) -> dict:
 
 
 def finetune(examples_uri: str, selection_uri: str, target_spec: str, target_fingerprint: str,
-             cfg: FinetuneConfig, run_id: str | None = None, store_root: str | None = None,
-             crash_after: int | None = None) -> str:
-    """Fine-tune the target on the selection (or return the committed result); returns the model URI."""
-    from infra.models import resolve_model
+             cfg: FinetuneConfig, run_id: str | None = None, store_root: str | None = None) -> Built:
+    """The target fine-tuned on the selection (trained, resuming from its checkpoints, unless committed)."""
+    from sftcurate.infra.models import resolve_model
 
     store = ArtifactStore(store_root)
-    key = finetune_key(examples_uri, selection_uri, target_fingerprint, cfg)
-    existing = store.committed(KIND, key)
-    if existing:
-        _record(run_id, read_manifest(existing)["meta"], cfg, target_spec)
-        return existing
-    import torch
 
-    rows = training_rows(examples_uri, selection_uri)
-    loaded = resolve_model(target_spec, dtype=cfg.dtype)
-    encoded = encode_pairs(loaded.tokenizer, rows, cfg.max_length)
-    model = prepare_model(loaded.model.to(default_device()), cfg)
-    checkpoints = Checkpoints(store, key)
-    stats = train(model, loaded.tokenizer, encoded, cfg, checkpoints=checkpoints, run_id=run_id,
-                  crash_after=crash_after)
-    writer = store.begin(KIND, key)
-    with tempfile.TemporaryDirectory() as tmp:
-        if cfg.full:
-            model.to("cpu").save_pretrained(tmp, safe_serialization=True)
-        else:
-            model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors
-        for path in sorted(Path(tmp).rglob("*")):
-            if path.is_file():
-                writer.write_bytes(path.relative_to(tmp).as_posix(), path.read_bytes())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    meta = {
-        "target_spec": target_spec, "target_fingerprint": target_fingerprint, "mode": "full" if cfg.full else "lora",
-        "config": cfg.model_dump(), "examples_uri": examples_uri, "selection_uri": selection_uri,
-        "train_examples": len(rows), "steps_done": stats.steps, "tokens_seen": stats.tokens_seen,
-        "final_loss": float(np.mean(stats.losses[-max(1, len(stats.losses) // 10):])) if stats.losses else None,
-        "resumed_from": stats.resumed_from, "seconds": round(stats.seconds, 3),
-        "tokens_per_s": round(stats.tokens_per_s, 1), "padding_fraction": round(stats.padding_fraction, 4),
-        "trainable_parameters": int(n_trainable), "torch": torch.__version__,
-    }
-    writer.meta.update(meta)
-    uri = writer.commit()
-    checkpoints.clear()
-    _record(run_id, meta, cfg, target_spec)
+    def build(writer) -> None:
+        import torch
+
+        rows = training_rows(examples_uri, selection_uri)
+        loaded = resolve_model(target_spec, dtype=cfg.dtype)
+        encoded = encode_pairs(loaded.tokenizer, rows, cfg.max_length)
+        model = prepare_model(loaded.model.to(default_device()), cfg)
+        stats = train(model, loaded.tokenizer, encoded, cfg, checkpoints=Checkpoints(store, writer.key), run_id=run_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            if cfg.full:
+                model.to("cpu").save_pretrained(tmp, safe_serialization=True)
+            else:
+                model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors
+            for path in sorted(Path(tmp).rglob("*")):
+                if path.is_file():
+                    writer.write_bytes(path.relative_to(tmp).as_posix(), path.read_bytes())
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        writer.meta.update({
+            "target_spec": target_spec, "target_fingerprint": target_fingerprint,
+            "mode": "full" if cfg.full else "lora", "config": cfg.model_dump(), "examples_uri": examples_uri,
+            "selection_uri": selection_uri, "train_examples": len(rows), "steps_done": stats.steps,
+            "tokens_seen": stats.tokens_seen,
+            "final_loss": float(np.mean(stats.losses[-max(1, len(stats.losses) // 10):])) if stats.losses else None,
+            "resumed_from": stats.resumed_from, "seconds": round(stats.seconds, 3),
+            "tokens_per_s": round(stats.tokens_per_s, 1), "padding_fraction": round(stats.padding_fraction, 4),
+            "trainable_parameters": int(n_trainable), "torch": torch.__version__,
+        })
+
+    uri = build_once(**_stage(examples_uri, selection_uri, target_fingerprint, cfg), build=build,
+                     store_root=store_root)
+    Checkpoints(store, read_manifest(uri)["key"]).clear()  # the committed model supersedes its checkpoints
+    _record(run_id, read_manifest(uri)["meta"], cfg, target_spec)
     return uri
 
 
@@ -273,18 +236,11 @@ def _record(run_id: str | None, meta: dict, cfg: FinetuneConfig, target_spec: st
         "trainable_parameters") if meta.get(k) is not None})
 
 
-@task(name="finetune", **TASK_DEFAULTS)
-def finetune_task(examples_uri: str, selection_uri: str, target_spec: str, target_fingerprint: str,
-                  finetune_cfg_json: str, run_id: str | None = None, store_root: str | None = None) -> str:
-    return finetune(examples_uri, selection_uri, target_spec, target_fingerprint,
-                    FinetuneConfig.model_validate_json(finetune_cfg_json), run_id, store_root)
-
-
 # ---------------------------------------------------------------- loading
 
 def load_finetuned(model_uri: str):
     """(model, tokenizer) of a committed fine-tune, in eval mode; LoRA weights merged into the base."""
-    from infra.models import resolve_model, resolve_tokenizer
+    from sftcurate.infra.models import resolve_model, resolve_tokenizer
 
     meta = read_manifest(model_uri)["meta"]
     files = read_manifest(model_uri)["files"]
@@ -312,5 +268,5 @@ def finetune_meta(model_uri: str) -> dict:
     return read_manifest(model_uri)["meta"]
 
 
-__all__ = ["FinetuneConfig", "finetune", "finetune_task", "load_finetuned", "finetune_meta",
-           "train", "TrainStats", "prepare_model", "default_target_modules", "Checkpoints", "SimulatedCrash"]
+__all__ = ["FinetuneConfig", "finetune", "load_finetuned", "finetune_meta", "train", "TrainStats", "prepare_model",
+           "default_target_modules", "Checkpoints"]

@@ -17,97 +17,27 @@ Backends (anything with `judge(prompt_text) -> Verdict`):
 """
 from __future__ import annotations
 
-import os
+import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from prefect import task
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from data_contracts import JUDGMENTS, UserError
-from infra import tracking
-from infra.hashing import code_fingerprint, fingerprint
-from infra.store import ArtifactStore, join, read_manifest, read_table
-from tasks.common import TASK_DEFAULTS, task_logger
+from sftcurate.core.config import JudgeConfig
+from sftcurate.core.judge_backends import (  # re-exported: the protocol and its backends
+    WEAK_JUDGES, HFJudge, JudgeBackend, JudgeHTTPError, OpenAIJudge, Verdict, as_verdict, make_backend, parse_answer,
+)
+from sftcurate.data_contracts import JUDGMENTS, UserError
+from sftcurate.infra import tracking
+from sftcurate.infra.stages import Built, build_once
+from sftcurate.infra.store import join, read_manifest, read_table
 
 KIND = "judgments"
 
-DEFAULT_TEMPLATE = """You are an expert reviewer of {domain}. Two texts were written as a continuation of the \
-same prompt.
-
-Prompt:
-{prompt}
-
-Text 1:
-{text_1}
-
-Text 2:
-{text_2}
-
-Which text is the better continuation of the prompt for this domain: more fluent, coherent, accurate and on \
-topic? Answer with a single character: 1 or 2."""
-
-
-
-class JudgeConfig(BaseModel):
-    """Judge and generation settings of a comparison. Secrets are never part of it (environment only)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    backend: Literal["hf", "openai"] = Field("hf", description="hf: a local model; openai: an OpenAI-compatible API")
-    model: str | None = Field(None, description="hf: a model spec (default builtin:smollm2-135m-instruct); "
-                              "openai: the model name (default $SFTCURATE_JUDGE_MODEL)")
-    base_url: str | None = Field(None, description="openai: e.g. http://localhost:8000/v1 "
-                                 "(default $SFTCURATE_JUDGE_BASE_URL)")
-    template: str = Field(DEFAULT_TEMPLATE, description="judge prompt with {prompt}, {text_1}, {text_2}, {domain}")
-    domain: str = Field("this kind of text", description="fills {domain} in the template")
-    max_prompts: int = Field(32, gt=0, description="held-out prompts to generate for and judge")
-    max_new_tokens: int = Field(48, gt=0, description="tokens each model generates per prompt")
-    prompt_words: int = Field(12, gt=0, description="plain text: words of a held-out passage shown as the prompt")
-    max_chars: int = Field(2000, gt=0, description="each text is cut to this many characters in the judge prompt")
-    concurrency: int = Field(4, gt=0, description="openai: requests in flight")
-    timeout_s: float = Field(60.0, gt=0)
-    max_retries: int = Field(5, ge=0)
-    backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles each retry")
-    logprobs: bool = Field(True, description="openai: ask for the answer token's logprobs to record P(slot 1); "
-                           "switched off automatically if the endpoint refuses them")
-    n_bootstrap: int = Field(1000, gt=0)
-
-    @field_validator("template")
-    @classmethod
-    def _has_slots(cls, v: str) -> str:
-        missing = [s for s in ("{text_1}", "{text_2}") if s not in v]
-        if missing:
-            raise ValueError(f"judge template must contain {', '.join(missing)}")
-        try:
-            v.format(prompt="", text_1="", text_2="", domain="")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"judge template has an unknown placeholder or stray brace: {exc}") from None
-        return v
-
-    def identity(self) -> dict:
-        """What makes two judgments comparable (cache key); no secret is part of it."""
-        d = self.model_dump(exclude={"concurrency", "timeout_s", "max_retries", "backoff_s"})
-        if self.backend != "openai":
-            d.pop("logprobs")
-        else:
-            d["model"] = self.model or os.environ.get(ENV_MODEL)
-            d["base_url"] = self.base_url or os.environ.get(ENV_BASE_URL)
-        return d
-
-
 # ---------------------------------------------------------------- verdicts and backends
 
-from tasks.judge_backends import (  # noqa: E402  (re-exported: the protocol and its backends)
-    ENV_BASE_URL, ENV_KEYS, ENV_MODEL, WEAK_JUDGES, HFJudge, JudgeBackend, JudgeHTTPError, OpenAIJudge, Verdict,
-    as_verdict, make_backend, parse_answer,
-)
 
-__all__ = ["ENV_BASE_URL", "ENV_KEYS", "ENV_MODEL", "WEAK_JUDGES", "HFJudge", "JudgeBackend", "JudgeHTTPError",
-           "OpenAIJudge", "Verdict", "as_verdict", "make_backend", "parse_answer", "JudgeConfig", "judge_pairs",
-           "summarize", "run_judge", "judge_task", "load_judgments", "judge_note", "build_prompt"]
+log = logging.getLogger("sftcurate.judge")
 
 
 def judge_note(cfg: JudgeConfig) -> str | None:
@@ -272,33 +202,31 @@ def summarize(judgments: pa.Table, n_bootstrap: int = 1000, seed: int = 0) -> di
 # ---------------------------------------------------------------- committed judgments
 
 def run_judge(gens_a_uri: str, gens_b_uri: str, method_a: str, method_b: str, cfg: JudgeConfig, seed: int = 0,
-              run_id: str | None = None, store_root: str | None = None, backend=None) -> str:
+              run_id: str | None = None, store_root: str | None = None, backend=None) -> Built:
     """Judge A's generations against B's (e.g. a method vs uniform) and commit the judgments artifact."""
-    from tasks.evaluate import load_generations
+    from sftcurate.core.evaluate import load_generations
 
-    store = ArtifactStore(store_root)
-    key = fingerprint(gens_a_uri, gens_b_uri, method_a, method_b, cfg.identity(), seed,
-                      code_fingerprint("tasks.judge", "tasks.judge_backends"))
-    uri = store.committed(KIND, key)
-    if uri is None:
-        backend = backend or make_backend(cfg)
-        table = judge_pairs(backend, load_generations(gens_a_uri), load_generations(gens_b_uri), method_a,
+    def build(writer) -> None:
+        judge = backend or make_backend(cfg)
+        table = judge_pairs(judge, load_generations(gens_a_uri), load_generations(gens_b_uri), method_a,
                             method_b, cfg)
         summary = summarize(table, cfg.n_bootstrap, seed)
         if summary["prompts"] and summary["errors"] == summary["prompts"]:
             first = next(e for e in table.column("error").to_pylist() if e)
             raise RuntimeError(f"judge: every judgment failed ({summary['verdict_errors']} errors), e.g. {first}")
         if summary["errors"]:
-            task_logger("sftcurate.judge").warning("judge: %d of %d prompts had a judge error (left out of the win rate)",
-                              summary["errors"], summary["prompts"])
-        writer = store.begin(KIND, key)
+            log.warning("judge: %d of %d prompts had a judge error (left out of the win rate)",
+                        summary["errors"], summary["prompts"])
         writer.write_table("judgments.parquet", table, JUDGMENTS)
         writer.meta.update({"summary": summary, "method_a": method_a, "method_b": method_b,
                             "generations_a": gens_a_uri, "generations_b": gens_b_uri, "judge": cfg.identity(),
-                            "backend": repr(backend), "note": judge_note(cfg),
-                            "requests": getattr(backend, "requests", None),
-                            "retries": getattr(backend, "retries", None)})
-        uri = writer.commit()
+                            "backend": repr(judge), "note": judge_note(cfg),
+                            "requests": getattr(judge, "requests", None),
+                            "retries": getattr(judge, "retries", None)})
+
+    uri = build_once(KIND, __name__, {"method_a": method_a, "method_b": method_b, "judge": cfg.identity(),
+                                      "seed": seed}, build,
+                     upstream={"generations_a": gens_a_uri, "generations_b": gens_b_uri}, store_root=store_root)
     summary = read_manifest(uri)["meta"]["summary"]
     if run_id:
         # the manifest is strict JSON: a summary value with no number behind it (NaN) reads back as None
@@ -310,12 +238,6 @@ def load_judgments(uri: str) -> tuple[pa.Table, dict]:
     return read_table(join(uri, "judgments.parquet"), JUDGMENTS), read_manifest(uri)["meta"]
 
 
-@task(name="judge", **TASK_DEFAULTS)
-def judge_task(gens_a_uri: str, gens_b_uri: str, method_a: str, method_b: str, judge_cfg_json: str, seed: int = 0,
-               run_id: str | None = None, store_root: str | None = None) -> str:
-    return run_judge(gens_a_uri, gens_b_uri, method_a, method_b, JudgeConfig.model_validate_json(judge_cfg_json),
-                     seed, run_id, store_root)
-
-
-__all__ = ["JudgeConfig", "Verdict", "HFJudge", "OpenAIJudge", "make_backend", "judge_note", "build_prompt",
-           "judge_pairs", "summarize", "bootstrap_ci", "run_judge", "judge_task", "load_judgments", "parse_answer"]
+__all__ = ["WEAK_JUDGES", "HFJudge", "JudgeBackend", "JudgeHTTPError", "OpenAIJudge", "Verdict", "as_verdict",
+           "make_backend", "parse_answer", "JudgeConfig", "judge_pairs", "summarize", "run_judge", "load_judgments",
+           "judge_note", "build_prompt"]

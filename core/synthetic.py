@@ -86,10 +86,10 @@ def orderings(x: np.ndarray, offsets: np.ndarray, n_max: int, seed: int, lam: fl
     """Pick order of each method for the largest budget (every method is nested in n)."""
     import pyarrow as pa
 
-    from tasks.embedding import mean_pool
-    from tasks.fisher import run_greedy
-    from tasks.selectors.base import Budget, SelectorInputs
-    from tasks.selectors.density import DensitySelector
+    from sftcurate.core.embedding import mean_pool
+    from sftcurate.core.fisher import run_greedy
+    from sftcurate.core.selectors.base import Budget, SelectorInputs
+    from sftcurate.core.selectors.density import DensitySelector
 
     n = len(offsets) - 1
     lengths = np.diff(offsets)
@@ -207,7 +207,7 @@ def run_synthetic(out_dir, runs: int = 20, seed: int = 0, n_grid=N_GRID, log_to_
               "seconds": round(time.perf_counter() - t0, 2), "run_id": None}
     (Path(out_dir) / "synthetic.json").write_text(json.dumps(result, indent=2))
     if log_to_mlflow:
-        from infra import tracking
+        from sftcurate.infra import tracking
 
         with tracking.start_run("reproduce-synthetic", tags={"sftcurate.kind": "reproduce"},
                                 params={**params, "runs": runs, "seed": seed, "n_grid": list(n_grid)}) as run_id:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.selectors.base import Budget, Selector, SelectionResult, SelectorInputs, fill_in_order, register
+from sftcurate.core.selectors.base import Budget, Selector, SelectionResult, SelectorInputs, fill_in_order, register
 
 
 @register

@@ -1,8 +1,8 @@
 """Ingest: any supported source -> one committed, validated examples artifact.
 
-Plain functions do the work (`build_examples`, `ingest`); `ingest_task` wraps them for Prefect. The
-artifact key is a fingerprint of the source content, the ingest parameters, the tokenizer and this code, so
-an unchanged source is never re-ingested and a changed one never hits a stale cache.
+`ingest` builds the "examples" artifact through `infra.stages.build_once`: its key is the source content's
+fingerprint, the ingest parameters, the tokenizer and this module's code (with everything it imports), so an
+unchanged source is never re-ingested and a changed one never hits a stale artifact.
 """
 from __future__ import annotations
 
@@ -18,17 +18,16 @@ from pathlib import PurePosixPath
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
-
-from data_contracts import EXAMPLES, UserError
-from infra.hashing import code_fingerprint, fingerprint
-from infra.store import ArtifactStore, filesystem_for, join, read_manifest, read_table
-from sftcurate.config import SourceConfig
-from tasks.common import TASK_DEFAULTS
-from tasks.formats import RecordError, detect_format, normalize
-from tasks.tokenize import count_tokens, loss_token_count
+from sftcurate.data_contracts import EXAMPLES, UserError
+from sftcurate.core.config import SourceConfig
+from sftcurate.infra.hashing import fingerprint
+from sftcurate.infra.stages import Built, build_once
+from sftcurate.infra.store import filesystem_for, join, read_manifest, read_table
+from sftcurate.core.formats import RecordError, detect_format, normalize
+from sftcurate.core.tokenize import count_tokens, loss_token_count
 
 BUILTIN_PYTHON_DOCS = "builtin:python-docs"
+KIND = "examples"
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 
 
@@ -270,34 +269,25 @@ def examples_fingerprint(table: pa.Table) -> str:
 
 
 def ingest(source: SourceConfig, source_fp: str, tokenizer_spec: str, max_length: int,
-           store_root: str | None = None) -> str:
-    """Build and commit the examples artifact (or return the committed one); returns its URI."""
-    from infra.models import model_fingerprint, resolve_tokenizer
+           store_root: str | None = None) -> Built:
+    """The examples artifact of this source (built and committed unless it already is); returns its URI."""
+    from sftcurate.infra.models import model_fingerprint, resolve_tokenizer
 
-    store = ArtifactStore(store_root)
-    key = fingerprint(source_fp, source.model_dump(), model_fingerprint(tokenizer_spec), max_length,
-                      code_fingerprint("tasks.ingest", "tasks.formats", "tasks.tokenize"))
-    existing = store.committed("examples", key)
-    if existing:
-        return existing
-    table, stats = build_examples(source, resolve_tokenizer(tokenizer_spec), max_length)
-    train = np.array(table.column("split").to_pylist()) == "train"
-    writer = store.begin("examples", key)
-    writer.write_table("examples.parquet", table, EXAMPLES)
-    writer.meta.update({
-        "fingerprint": examples_fingerprint(table), "source": source.uri, "source_fingerprint": source_fp,
-        "records": stats.records, "duplicates_removed": stats.duplicates_removed, "formats": stats.formats,
-        "n_examples": table.num_rows, "n_train": int(train.sum()), "n_heldout": int((~train).sum()),
-        "train_tokens": int(np.asarray(table.column("response_tokens"))[train].sum()),
-        "tokenizer": tokenizer_spec, "max_length": max_length,
-    })
-    return writer.commit()
+    def build(writer) -> None:
+        table, stats = build_examples(source, resolve_tokenizer(tokenizer_spec), max_length)
+        train = np.array(table.column("split").to_pylist()) == "train"
+        writer.write_table("examples.parquet", table, EXAMPLES)
+        writer.meta.update({
+            "fingerprint": examples_fingerprint(table), "source": source.uri, "source_fingerprint": source_fp,
+            "records": stats.records, "duplicates_removed": stats.duplicates_removed, "formats": stats.formats,
+            "n_examples": table.num_rows, "n_train": int(train.sum()), "n_heldout": int((~train).sum()),
+            "train_tokens": int(np.asarray(table.column("response_tokens"))[train].sum()),
+            "tokenizer": tokenizer_spec, "max_length": max_length,
+        })
 
-
-@task(name="ingest", **TASK_DEFAULTS)
-def ingest_task(source_json: str, source_fp: str, tokenizer_spec: str, max_length: int,
-                store_root: str | None = None) -> str:
-    return ingest(SourceConfig.model_validate_json(source_json), source_fp, tokenizer_spec, max_length, store_root)
+    params = {"source": source, "source_fingerprint": source_fp, "tokenizer": model_fingerprint(tokenizer_spec),
+              "max_length": max_length}
+    return build_once(KIND, __name__, params, build, store_root=store_root)
 
 
 # ---------------------------------------------------------------- readers for later stages
@@ -319,3 +309,12 @@ def load_pool(examples_uri: str) -> pa.Table:
 
 def examples_meta(examples_uri: str) -> dict:
     return read_manifest(examples_uri)["meta"]
+
+
+def n_shards(n: int, shard_size: int) -> int:
+    return max(1, -(-n // shard_size))
+
+
+def shard_bounds(n: int, shard_index: int, shard_size: int) -> tuple[int, int]:
+    """[lo, hi) of pool rows that shard `shard_index` owns."""
+    return min(n, shard_index * shard_size), min(n, (shard_index + 1) * shard_size)

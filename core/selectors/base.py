@@ -11,8 +11,9 @@ from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from data_contracts.errors import UserError
+from sftcurate.data_contracts.errors import UserError
 
 # What a selector may require. The flow knows how to make each one.
 EXAMPLES = "examples"              # always available: the pool table (train split)
@@ -24,6 +25,34 @@ MODEL = "model"                    # Ask-LLM: a model spec to score with
 
 class BudgetError(UserError):
     pass
+
+
+class SelectorParamError(UserError):
+    """An unknown selector, or a selector parameter that is unknown or of the wrong type."""
+
+
+class SelectorParams(BaseModel):
+    """A selector's parameters: typed, with defaults and descriptions (the Prefect UI renders them as a form);
+    an unknown key is refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def parse_params(method: str, params_model: type[SelectorParams], values, where: str = "params"):
+    """`values` (a dict or a params model) as `params_model`, or one line naming the bad key and the valid ones."""
+    if isinstance(values, params_model):
+        return values
+    if isinstance(values, BaseModel):
+        values = values.model_dump(exclude_unset=True)
+    try:
+        return params_model.model_validate(values or {})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        valid = ", ".join(params_model.model_fields) or "none"
+        if err["type"] == "extra_forbidden":
+            raise SelectorParamError(f"{where}.{key}: '{method}' has no parameter '{key}'; valid: {valid}") from None
+        raise SelectorParamError(f"{where}.{key}: {err['msg']} (got {err.get('input')!r})") from None
 
 
 @dataclass(frozen=True)
@@ -87,14 +116,14 @@ class SelectionResult:
 
 
 class Selector:
-    """Base class. Subclasses set `name`, `requires`, and implement `select`."""
+    """Base class. Subclasses set `name`, `requires`, `Params` (their typed parameters), and implement `select`."""
 
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = (EXAMPLES,)
-    code_modules: ClassVar[tuple[str, ...]] = ()  # modules holding the math, part of the selection's cache key
+    Params: ClassVar[type[SelectorParams]] = SelectorParams
 
-    def __init__(self, **params):
-        self.params = params
+    def __init__(self, params: SelectorParams | dict | None = None):
+        self.params = parse_params(self.name, self.Params, params)
 
     def select(self, inputs: SelectorInputs, budget: Budget, seed: int) -> SelectionResult:
         raise NotImplementedError
@@ -108,17 +137,21 @@ def register(cls: type[Selector]) -> type[Selector]:
     return cls
 
 
-def get_selector(name: str, **params) -> Selector:
-    from tasks import selectors  # noqa: F401  (importing the package registers every selector)
+def selector_class(name: str) -> type[Selector]:
+    from sftcurate.core import selectors  # noqa: F401  (importing the package registers every selector)
 
     if name not in REGISTRY:
-        raise KeyError(f"selector '{name}' is unknown; choose one of {sorted(REGISTRY)}")
-    return REGISTRY[name](**params)
+        raise SelectorParamError(f"selector '{name}' is unknown; choose one of {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def get_selector(name: str, params: SelectorParams | dict | None = None) -> Selector:
+    return selector_class(name)(params)
 
 
 def check_pool_alignment(uri: str, ids: list[str] | None, pool: pa.Table, what: str) -> None:
     """An upstream artifact's rows must be the pool's examples in pool order; say which row is not."""
-    from data_contracts import ContractError
+    from sftcurate.data_contracts import ContractError
 
     pool_ids = pool.column("id").to_pylist()
     if ids is None or len(ids) != len(pool_ids):

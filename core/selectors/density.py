@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.selectors.base import (EXAMPLES, SENTENCE_EMBEDDINGS, Budget, Selector, SelectionResult, SelectorInputs,
+from sftcurate.core.selectors.params import DensityParams
+from sftcurate.core.selectors.base import (EXAMPLES, SENTENCE_EMBEDDINGS, Budget, Selector, SelectionResult, SelectorInputs,
                                   fill_in_order, register)
 
 
@@ -43,11 +44,9 @@ def kernel_density(emb: np.ndarray, bandwidth: float | None = None, seed: int = 
 
 @register
 class DensitySelector(Selector):
-    """Params: bandwidth (None: median heuristic), alpha (1.0: weight = density^-alpha), normalize (true),
-    exact_max (8192), sample (4096)."""
-
     name = "density"
     requires = (EXAMPLES, SENTENCE_EMBEDDINGS)
+    Params = DensityParams
 
     def select(self, inputs: SelectorInputs, budget: Budget, seed: int) -> SelectionResult:
         emb = inputs.sentence_embeddings
@@ -58,11 +57,11 @@ class DensitySelector(Selector):
             raise ValueError(f"density: embeddings have shape {emb.shape}, expected [{inputs.size}, d]")
         if not np.isfinite(emb).all():
             raise ValueError("density: embeddings contain NaN or inf")
-        if self.params.get("normalize", True):
+        p = self.params
+        if p.normalize:
             emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        density, h = kernel_density(emb, self.params.get("bandwidth"), seed, int(self.params.get("exact_max", 8192)),
-                                    int(self.params.get("sample", 4096)))
-        alpha = float(self.params.get("alpha", 1.0))
+        density, h = kernel_density(emb, p.bandwidth, seed, p.exact_max, p.sample)
+        alpha = p.alpha
         weights = np.maximum(density, 1e-300) ** (-alpha)
         rng = np.random.default_rng(seed)
         keys = rng.exponential(size=len(weights)) / weights     # smallest key first = weighted sample w/o replacement
@@ -70,4 +69,4 @@ class DensitySelector(Selector):
         picks = fill_in_order(order, inputs.token_counts, budget)
         return SelectionResult(indices=picks, scores=[float(density[i]) for i in picks],
                                info={"bandwidth": h, "alpha": alpha,
-                                     "exact": bool(len(emb) <= int(self.params.get("exact_max", 8192)))})
+                                     "exact": bool(len(emb) <= p.exact_max)})

@@ -28,20 +28,18 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
-from prefect import task
-
-from infra.hashing import code_fingerprint, fingerprint
-from infra.store import (
-    ArtifactStore, ArtifactWriter, MANIFEST, filesystem_for, is_committed, join, read_bytes, read_manifest,
+from sftcurate.data_contracts import UserError
+from sftcurate.infra.models import resolve_device
+from sftcurate.infra.stages import Built, build_once
+from sftcurate.infra.store import (
+    ArtifactWriter, MANIFEST, filesystem_for, is_committed, join, read_bytes, read_manifest,
 )
-from sftcurate.config import ProxyConfig
-from tasks.common import TASK_DEFAULTS
-from tasks.ingest import examples_meta, load_pool
-from tasks.tokenize import encode_example
-from tasks.training import Recipe, restore_training_state, train, training_state_bytes
+from sftcurate.core.config import ProxyConfig
+from sftcurate.core.ingest import load_pool
+from sftcurate.core.tokenize import encode_example
+from sftcurate.core.training import Recipe, restore_training_state, train, training_state_bytes
 
 log = logging.getLogger("sftcurate.proxy")
 
@@ -51,8 +49,8 @@ WARMUP_FRACTION = 0.05
 MIN_LR_FRACTION = 0.1
 
 
-class ProxyError(ValueError):
-    pass
+class ProxyError(UserError):
+    """A proxy setting that cannot work (more checkpoints than steps, an empty pool): fix the config."""
 
 
 _NO_LOCK = threading.Lock()
@@ -83,13 +81,6 @@ def training_params(cfg: ProxyConfig) -> dict:
     return {k: v for k, v in cfg.model_dump().items() if k not in ("batch_tokens", "shard_size")}
 
 
-def proxy_key(examples_fp: str, proxy_spec: str, cfg: ProxyConfig, max_length: int) -> str:
-    from infra.models import model_fingerprint
-
-    return fingerprint(examples_fp, model_fingerprint(proxy_spec), training_params(cfg), max_length,
-                       code_fingerprint("tasks.proxy", "tasks.tokenize", "tasks.training"))
-
-
 def checkpoint_steps(steps: int, checkpoints: int) -> list[int]:
     """T evenly spaced steps ending at the last one (no step-0 checkpoint: random-init losses carry no signal)."""
     if steps < checkpoints:
@@ -113,7 +104,7 @@ def local_dir(uri: str) -> Path:
     """A local folder holding a committed store folder: the folder itself when local, else a cached copy."""
     from fsspec.implementations.local import LocalFileSystem
 
-    from infra.settings import load_settings
+    from sftcurate.infra.settings import load_settings
 
     fs, path = filesystem_for(uri)
     if isinstance(fs, LocalFileSystem):
@@ -165,7 +156,7 @@ def build_fresh(proxy_spec: str, cfg: ProxyConfig, corpus: tuple[str, ...], prox
     """(model, tokenizer) at step 0; the tokenizer (and a tiny LoRA base) are committed to the artifact."""
     import torch
 
-    from infra.models import TINY, build_tiny_gpt2, resolve_model
+    from sftcurate.infra.models import TINY, build_tiny_gpt2, resolve_model
 
     if proxy_spec.startswith(TINY):
         loaded = build_tiny_gpt2(proxy_spec, corpus=corpus)
@@ -178,10 +169,10 @@ def build_fresh(proxy_spec: str, cfg: ProxyConfig, corpus: tuple[str, ...], prox
     if cfg.lora:
         if proxy_spec.startswith(TINY):
             save_pretrained_folder(model, join(proxy_uri, "base"), "proxy_base", {"spec": proxy_spec})
-        import infra.models
+        from sftcurate.infra import models as infra_models
 
         # LoRA init draws from torch's global RNG: hold the lock infra.models uses for seeded init
-        with getattr(infra.models, "_SEEDED_INIT", _NO_LOCK), torch.random.fork_rng(devices=[]):
+        with getattr(infra_models, "_SEEDED_INIT", _NO_LOCK), torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             model = _wrap_lora(model)
     return model, tokenizer
@@ -199,7 +190,7 @@ def load_tokenizer(proxy_uri: str):
 def load_base(proxy_uri: str, proxy_spec: str):
     from transformers import AutoModelForCausalLM
 
-    from infra.models import resolve_model
+    from sftcurate.infra.models import resolve_model
 
     if is_committed(join(proxy_uri, "base")):
         return AutoModelForCausalLM.from_pretrained(str(local_dir(join(proxy_uri, "base"))))
@@ -222,50 +213,41 @@ def load_checkpoint_model(proxy_uri: str, ckpt_uri: str, proxy_spec: str, lora: 
 # ---------------------------------------------------------------- training
 
 def train_proxy(examples_uri: str, proxy_spec: str, proxy: ProxyConfig | dict, max_length: int = 256,
-                run_id: str | None = None, store_root: str | None = None, device: str | None = None,
-                on_step: Callable[[int, float], None] | None = None,
-                on_checkpoint: Callable[[int, str], None] | None = None) -> str:
-    """Train the proxy (or resume it) and commit the proxy artifact; returns its URI.
-
-    `on_step(step, loss)` and `on_checkpoint(step, uri)` are hooks for progress and tests (raising from
-    `on_checkpoint` simulates a crash right after a checkpoint was committed).
-    """
-    import torch
+                run_id: str | None = None, store_root: str | None = None, device: str | None = None) -> Built:
+    """The proxy artifact: trained (or resumed from its committed checkpoints) unless it is committed."""
+    from sftcurate.infra.models import model_fingerprint
 
     cfg = as_proxy_config(proxy)
-    store = ArtifactStore(store_root)
-    key = proxy_key(examples_meta(examples_uri)["fingerprint"], proxy_spec, cfg, max_length)
-    done = store.committed(KIND, key)
-    if done:
-        return done
-    uri = store.uri(KIND, key)
     steps_at = checkpoint_steps(cfg.steps, cfg.checkpoints)
-    pool = load_pool(examples_uri)
-    if pool.num_rows == 0:
-        raise ProxyError(f"{examples_uri}: the pool (train split) is empty; nothing to train the proxy on")
-    prompts, responses = pool_texts(pool)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    resumed_from = 0
-    for s in steps_at:
-        if not is_committed(checkpoint_uri(uri, s)):
-            break
-        resumed_from = s
-    last_loss = float("nan")
-    if resumed_from != steps_at[-1]:
-        resumed_from, last_loss = _train(uri, key, proxy_spec, cfg, prompts, responses, max_length, resumed_from,
-                                         steps_at, device, run_id, on_step, on_checkpoint)
-    writer = ArtifactWriter(uri=uri, kind=KIND, key=key)
-    listing = [{"step": s, "uri": checkpoint_uri(uri, s)} for s in steps_at]
-    writer.write_json("checkpoints.json", listing)
-    writer.meta.update({
-        "spec": proxy_spec, "lora": cfg.lora, "params": training_params(cfg), "max_length": max_length,
-        "examples_uri": examples_uri, "n_examples": pool.num_rows, "steps": steps_at,
-        "checkpoints": listing, "tokenizer_uri": join(uri, "tokenizer"),
-        "resumed_from_step": resumed_from, "trained_steps": cfg.steps - resumed_from,
-        "final_loss": last_loss,  # NaN (nothing trained) is written as null
-    })
-    return writer.commit()
+    def build(writer: ArtifactWriter) -> None:
+        uri = writer.uri
+        pool = load_pool(examples_uri)
+        if pool.num_rows == 0:
+            raise ProxyError(f"{examples_uri}: the pool (train split) is empty; nothing to train the proxy on")
+        prompts, responses = pool_texts(pool)
+        resumed_from = 0
+        for s in steps_at:
+            if not is_committed(checkpoint_uri(uri, s)):
+                break
+            resumed_from = s
+        last_loss = float("nan")
+        if resumed_from != steps_at[-1]:
+            resumed_from, last_loss = _train(uri, writer.key, proxy_spec, cfg, prompts, responses, max_length,
+                                             resumed_from, steps_at, resolve_device(device), run_id)
+        listing = [{"step": s, "uri": checkpoint_uri(uri, s)} for s in steps_at]
+        writer.write_json("checkpoints.json", listing)
+        writer.meta.update({
+            "spec": proxy_spec, "lora": cfg.lora, "params": training_params(cfg), "max_length": max_length,
+            "examples_uri": examples_uri, "n_examples": pool.num_rows, "steps": steps_at,
+            "checkpoints": listing, "tokenizer_uri": join(uri, "tokenizer"),
+            "resumed_from_step": resumed_from, "trained_steps": cfg.steps - resumed_from,
+            "final_loss": last_loss,  # NaN (nothing trained) is written as null
+        })
+
+    params = {"proxy": model_fingerprint(proxy_spec), "training": training_params(cfg), "max_length": max_length}
+    return build_once(KIND, __name__, params, build, upstream={"examples": examples_uri}, store_root=store_root,
+                      resumable=True)
 
 
 def recipe(cfg: ProxyConfig) -> Recipe:
@@ -298,8 +280,8 @@ class ProxyCheckpoints:
 
 
 def _train(uri: str, key: str, proxy_spec: str, cfg: ProxyConfig, prompts: list[str], responses: list[str],
-           max_length: int, resumed_from: int, steps_at: list[int], device: str, run_id: str | None,
-           on_step, on_checkpoint) -> tuple[int, float]:
+           max_length: int, resumed_from: int, steps_at: list[int], device: str, run_id: str | None
+           ) -> tuple[int, float]:
     """Build (or reload) the proxy and run the shared training loop to cfg.steps. Returns (resumed_from, last loss)."""
     if resumed_from and is_committed(join(uri, "tokenizer")):
         log.info("proxy %s: resuming from committed checkpoint at step %d", key, resumed_from)
@@ -315,8 +297,7 @@ def _train(uri: str, key: str, proxy_spec: str, cfg: ProxyConfig, prompts: list[
     saves = set(steps_at)
     stats = train(model, tokenizer.pad_token_id, encoded, recipe(cfg),
                   checkpoints=ProxyCheckpoints(uri, proxy_spec, cfg.lora, resumed_from), save_at=saves.__contains__,
-                  run_id=run_id, metric_prefix="proxy_", on_step=on_step, on_checkpoint=on_checkpoint,
-                  log=log, section="proxy")
+                  run_id=run_id, metric_prefix="proxy_", log=log, section="proxy")
     return resumed_from, stats.last_loss
 
 
@@ -329,10 +310,3 @@ def proxy_info(proxy_uri: str) -> dict:
 
 def proxy_checkpoints(proxy_uri: str) -> list[tuple[int, str]]:
     return [(int(c["step"]), c["uri"]) for c in proxy_info(proxy_uri)["checkpoints"]]
-
-
-@task(name="proxy-train", **TASK_DEFAULTS)
-def proxy_task(examples_uri: str, proxy_spec: str, proxy_params: dict, max_length: int,
-               run_id: str | None = None) -> str:
-    """Prefect task: train (or resume, on retry) the S2L proxy; returns the proxy artifact URI."""
-    return train_proxy(examples_uri, proxy_spec, proxy_params, max_length, run_id=run_id)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.selectors.base import EXAMPLES, MODEL, Budget, Selector, SelectionResult, SelectorInputs, fill_in_order, \
-    register
+from sftcurate.core.selectors.params import AskLLMParams
+from sftcurate.core.selectors.base import (EXAMPLES, MODEL, Budget, Selector, SelectionResult, SelectorInputs,
+                                          fill_in_order, register)
 
 PROMPT_HEAD = "###\n"
 PROMPT_TAIL = ("\n###\nDoes the previous paragraph demarcated within ### and ### contain informative signal for "
@@ -59,7 +60,7 @@ def askllm_scores(model, tokenizer, texts: list[str], batch_tokens: int = 4096, 
     """P(yes | Ask-LLM prompt) normalised over yes/no, float64 [len(texts)]."""
     import torch
 
-    from tasks.tokenize import length_grouped_batches
+    from sftcurate.core.tokenize import length_grouped_batches
 
     device = device or next(model.parameters()).device
     yes, no = answer_token_ids(tokenizer)
@@ -90,25 +91,21 @@ def askllm_scores(model, tokenizer, texts: list[str], batch_tokens: int = 4096, 
 
 @register
 class AskLLMSelector(Selector):
-    """Params: batch_tokens (4096), max_length (512 prompt tokens), device ("auto")."""
-
     name = "askllm"
     requires = (EXAMPLES, MODEL)
+    Params = AskLLMParams
 
     def select(self, inputs: SelectorInputs, budget: Budget, seed: int) -> SelectionResult:
-        import torch
-
-        from infra.models import resolve_model
+        from sftcurate.infra.models import resolve_device, resolve_model
 
         if not inputs.model_spec:
             raise ValueError("askllm: no model spec (requirement 'model')")
-        device = self.params.get("device", "auto")
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device
+        device = resolve_device(self.params.device)
         loaded = resolve_model(inputs.model_spec, device=device)
         texts = [example_text(p, r) for p, r in zip(inputs.pool.column("prompt").to_pylist(),
                                                      inputs.pool.column("response").to_pylist())]
-        scores = askllm_scores(loaded.model, loaded.tokenizer, texts, int(self.params.get("batch_tokens", 4096)),
-                               int(self.params.get("max_length", 512)), device)
+        scores = askllm_scores(loaded.model, loaded.tokenizer, texts, self.params.batch_tokens,
+                               self.params.max_length, device)
         order = np.lexsort((np.arange(len(scores)), -scores))   # highest score first, lowest index on ties
         picks = fill_in_order(order, inputs.token_counts, budget)
         return SelectionResult(indices=picks, scores=[float(scores[i]) for i in picks],

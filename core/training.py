@@ -17,8 +17,8 @@ from typing import Callable, Literal, Protocol
 
 import numpy as np
 
-from data_contracts import UserError
-from tasks.tokenize import Encoded, pad_batch
+from sftcurate.data_contracts import UserError
+from sftcurate.core.tokenize import Encoded, pad_batch
 
 Batching = Literal["length_grouped", "random", "pad_to_max"]
 
@@ -133,19 +133,17 @@ class TrainStats:
 
 def train(model, pad_id: int, encoded: list[Encoded], recipe: Recipe, *, checkpoints: CheckpointSink | None = None,
           save_at: Callable[[int], bool] = lambda step: False, run_id: str | None = None, metric_prefix: str = "",
-          on_step: Callable[[int, float], None] | None = None,
-          on_checkpoint: Callable[[int, str], None] | None = None, log=None, section: str = "training"
-          ) -> TrainStats:
+          log=None, section: str = "training") -> TrainStats:
     """Train `model` (already on its device, trainable parameters set) in place to `recipe.steps`.
 
     Resumes from `checkpoints.latest_step()` when there is one; commits a checkpoint after every (1-based)
-    step where `save_at(step)`. The caller's global torch RNG is left as it was. `on_step(step, loss)` and
-    `on_checkpoint(step, uri)` are hooks for progress and tests (raising from one simulates a crash).
+    step where `save_at(step)`. The caller's global torch RNG is left as it was. Every step is reported to
+    `infra.progress` as a "step" event of `section` (step, steps, loss).
     `section` names the config section in errors (a diverging loss is the recipe's fault, so it is not retried).
     """
     import torch
 
-    from infra import tracking
+    from sftcurate.infra import progress, tracking
 
     device = next(model.parameters()).device
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -191,18 +189,15 @@ def train(model, pad_id: int, encoded: list[Encoded], recipe: Recipe, *, checkpo
             stats.padded_tokens += int(attn.numel())
             stats.losses.append(value)
             window.append(value)
-            if on_step:
-                on_step(done, value)
+            progress.step(section, done, recipe.steps, value)
             if run_id and (done % log_every == 0 or done == recipe.steps):
                 tracking.log_metrics(run_id, {f"{metric_prefix}loss": float(np.mean(window)), f"{metric_prefix}lr": lr,
                                               f"{metric_prefix}tokens_seen": stats.tokens_seen}, step=done)
                 window = []
             if checkpoints is not None and save_at(done):
-                uri = checkpoints.save(done, model, optimizer, {"tokens_seen": stats.tokens_seen, "loss": value})
+                checkpoints.save(done, model, optimizer, {"tokens_seen": stats.tokens_seen, "loss": value})
                 if run_id:
                     tracking.log_metrics(run_id, {f"{metric_prefix}checkpoint_loss": value}, step=done)
-                if on_checkpoint:
-                    on_checkpoint(done, uri)
         stats.seconds = time.perf_counter() - t0
     model.eval()
     return stats

@@ -38,9 +38,9 @@ QUANTUM = 2.0 ** -36
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    from sftcurate.infra.models import resolve_device
+
+    return device if isinstance(device, torch.device) else torch.device(resolve_device(device))
 
 
 def quantize(values: np.ndarray) -> np.ndarray:
@@ -386,7 +386,7 @@ def run_greedy(features, offsets, lam: float = 1.0, algorithm: str = "lazy", k: 
 def select_from_features(features, offsets, budget, lam: float = 1.0, algorithm: str = "lazy", seed: int = 0,
                          epsilon: float = 0.1, rule: str = "celf", device=None):
     """FisherSFT on in-memory features under a `Budget` (examples and/or tokens; a sentence costs its rows)."""
-    from tasks.selectors.base import SelectionResult
+    from sftcurate.core.selectors.base import SelectionResult
 
     features, offsets = check_features(features, offsets)
     lengths = np.diff(offsets)

@@ -1,0 +1,199 @@
+"""Evaluation of the base and fine-tuned targets: held-out loss / perplexity and held-out generations.
+
+- **Held-out loss**: the token-weighted mean of the per-token loss over every loss token of the held-out split
+  (the same `encode_example` tokenization training uses), perplexity = exp(loss).
+- **Generations**: for plain text (prompt == "") the paper's protocol: the model sees the first
+  `prompt_words` words of a held-out passage and continues it; the rest of the passage is the reference. For
+  instruction data the model sees the prompt. Greedy (deterministic) by default, batched with left padding,
+  the same seeded prompt sample for every model.
+Tasks return artifact URIs (kind `heldout_eval`: metrics.json; kind `generations`: generations.parquet).
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+
+from sftcurate.data_contracts import GENERATIONS, UserError
+from sftcurate.infra import tracking
+from sftcurate.infra.stages import Built, build_once
+from sftcurate.infra.store import join, read_bytes, read_manifest, read_table
+from sftcurate.core.config import GenerationConfig
+from sftcurate.core.tokenize import encode_example, length_grouped_batches
+
+EVAL_KIND = "heldout_eval"
+GEN_KIND = "generations"
+
+
+def _load(model_uri: str | None, target_spec: str, dtype: str | None = None):
+    if model_uri:
+        from sftcurate.core.finetune import load_finetuned
+
+        return load_finetuned(model_uri)
+    from sftcurate.infra.models import default_device, resolve_model
+
+    loaded = resolve_model(target_spec, dtype=dtype, device=default_device())
+    return loaded.model, loaded.tokenizer
+
+
+def heldout_rows(examples_uri: str) -> list[tuple[str, str, str]]:
+    """(id, prompt, response) of the held-out split."""
+    from sftcurate.core.ingest import load_split
+
+    t = load_split(examples_uri, "heldout")
+    return list(zip(t.column("id").to_pylist(), t.column("prompt").to_pylist(), t.column("response").to_pylist()))
+
+
+# ---------------------------------------------------------------- held-out loss
+
+def heldout_loss(model, tokenizer, rows: list[tuple[str, str]], max_length: int, batch_tokens: int = 8192) -> dict:
+    """Token-weighted mean loss over all loss tokens of `rows` ((prompt, response) pairs)."""
+    import torch
+
+    from sftcurate.core.training import collate, token_loss_sum
+
+    if not rows:
+        raise UserError("held-out split is empty; raise source.heldout_fraction or add data")
+    encoded = [encode_example(tokenizer, p, r, max_length) for p, r in rows]
+    lengths = np.array([len(e.input_ids) for e in encoded])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        for idx in length_grouped_batches(lengths, batch_tokens):
+            ids, attn, labels = (t.to(device) for t in collate([encoded[i] for i in idx], pad_id))
+            s, n = token_loss_sum(model, ids, attn, labels)
+            total += float(s)
+            count += n
+    loss = total / max(count, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count, "examples": len(rows)}
+
+
+def evaluate_heldout(examples_uri: str, model_uri: str | None, target_spec: str, target_fingerprint: str,
+                     max_length: int, run_id: str | None = None, store_root: str | None = None) -> Built:
+    """The held-out loss of the fine-tuned model (or of the base model when `model_uri` is None)."""
+
+    def build(writer) -> None:
+        model, tokenizer = _load(model_uri, target_spec)
+        metrics = heldout_loss(model, tokenizer, [(p, r) for _, p, r in heldout_rows(examples_uri)], max_length)
+        writer.write_json("metrics.json", metrics)
+        writer.meta.update({**metrics, "model_uri": model_uri, "target_spec": target_spec,
+                            "examples_uri": examples_uri, "max_length": max_length})
+
+    uri = build_once(EVAL_KIND, __name__, {"target": target_fingerprint, "max_length": max_length}, build,
+                     upstream={"examples": examples_uri, "model": model_uri}, store_root=store_root)
+    metrics = read_eval(uri)
+    if run_id:
+        prefix = "heldout" if model_uri else "base_heldout"
+        tracking.log_metrics(run_id, {f"{prefix}/loss": metrics["loss"], f"{prefix}/ppl": metrics["ppl"],
+                                      f"{prefix}/tokens": metrics["tokens"]})
+    return uri
+
+
+def read_eval(eval_uri: str) -> dict:
+    return json.loads(read_bytes(join(eval_uri, "metrics.json")))
+
+
+# ---------------------------------------------------------------- generations
+
+def generation_prompts(examples_uri: str, cfg: GenerationConfig) -> list[dict]:
+    """The seeded held-out prompt sample: [{prompt_id, prompt, reference}], identical for every model."""
+    rows = sorted(heldout_rows(examples_uri))
+    out = []
+    for eid, prompt, response in rows:
+        if prompt:
+            out.append({"prompt_id": eid, "prompt": prompt, "reference": response})
+            continue
+        words = response.split(" ")
+        if len([w for w in words if w]) < cfg.prompt_words + 4:
+            continue  # too short to leave anything worth continuing
+        kept, seen = [], 0
+        for w in words:
+            kept.append(w)
+            seen += bool(w)
+            if seen >= cfg.prompt_words:
+                break
+        head = " ".join(kept)
+        out.append({"prompt_id": eid, "prompt": head, "reference": response[len(head):]})
+    if not out:
+        raise UserError(f"{examples_uri}: no held-out example can serve as a generation prompt; "
+                        "raise source.heldout_fraction or add data")
+    rng = np.random.default_rng(cfg.seed)
+    if len(out) > cfg.max_prompts:
+        keep = np.sort(rng.choice(len(out), size=cfg.max_prompts, replace=False))
+        out = [out[i] for i in keep]
+    return out
+
+
+def generate_texts(model, tokenizer, prompts: list[str], cfg: GenerationConfig) -> list[str]:
+    """Continuations of `prompts` (new text only), batched with left padding; greedy unless told otherwise."""
+    import torch
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    keep = max(1, cfg.max_length - cfg.max_new_tokens)
+    n_positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if n_positions:
+        keep = max(1, min(keep, n_positions - cfg.max_new_tokens))
+    encoded = []
+    for p in prompts:
+        ids = tokenizer(p, add_special_tokens=False)["input_ids"] if p else []
+        encoded.append((ids or [tokenizer.eos_token_id])[-keep:])
+    order = np.argsort([len(e) for e in encoded], kind="stable")  # similar lengths share a batch
+    texts: list[str] = [""] * len(prompts)
+    torch.manual_seed(cfg.seed)
+    device = next(model.parameters()).device
+    model.eval()
+    for start in range(0, len(order), cfg.batch_size):
+        idx = order[start:start + cfg.batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            e = encoded[i]
+            ids[row, width - len(e):] = torch.tensor(e, dtype=torch.long)
+            attn[row, width - len(e):] = 1
+        kwargs = {"do_sample": cfg.decoding == "sample"}
+        if cfg.decoding == "sample":
+            kwargs["temperature"] = cfg.temperature
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                 max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id,
+                                 eos_token_id=tokenizer.eos_token_id, **kwargs)
+        for row, i in enumerate(idx):
+            texts[i] = tokenizer.decode(out[row, width:].tolist(), skip_special_tokens=True).strip()
+    return texts
+
+
+def generate(examples_uri: str, model_uri: str | None, target_spec: str, target_fingerprint: str,
+             cfg: GenerationConfig, run_id: str | None = None, store_root: str | None = None) -> Built:
+    """The generations of a fine-tuned (or, with `model_uri` None, the base) model for held-out prompts."""
+
+    def build(writer) -> None:
+        prompts = generation_prompts(examples_uri, cfg)
+        model, tokenizer = _load(model_uri, target_spec)
+        texts = generate_texts(model, tokenizer, [p["prompt"] for p in prompts], cfg)
+        table = pa.table({"prompt_id": [p["prompt_id"] for p in prompts], "prompt": [p["prompt"] for p in prompts],
+                          "reference": [p["reference"] for p in prompts], "text": texts})
+        writer.write_table("generations.parquet", table, GENERATIONS)
+        writer.meta.update({"model_uri": model_uri, "target_spec": target_spec, "examples_uri": examples_uri,
+                            "config": cfg.model_dump(), "n": table.num_rows,
+                            "empty": sum(1 for t in texts if not t),
+                            "mean_chars": float(np.mean([len(t) for t in texts])) if texts else 0.0})
+
+    uri = build_once(GEN_KIND, __name__, {"target": target_fingerprint, "generation": cfg}, build,
+                     upstream={"examples": examples_uri, "model": model_uri}, store_root=store_root)
+    if run_id:
+        meta = read_manifest(uri)["meta"]
+        tracking.log_metrics(run_id, {"generations/n": meta["n"], "generations/mean_chars": meta["mean_chars"]})
+    return uri
+
+
+def load_generations(generations_uri: str) -> pa.Table:
+    return read_table(join(generations_uri, "generations.parquet"), GENERATIONS)
+
+
+__all__ = ["GenerationConfig", "heldout_loss", "evaluate_heldout", "read_eval",
+           "generation_prompts", "generate_texts", "generate", "load_generations"]

@@ -1,0 +1,90 @@
+"""Selection: run a selector by name on committed inputs and commit its selection manifest.
+
+Every selector goes through `run_selection`, so the flow, the CLI and the compare loop treat them alike. What a
+selector may require beyond the pool is read into `SelectorInputs` by the one loader table `LOADERS`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from sftcurate.core.ingest import load_pool
+from sftcurate.core.inputs import LOADERS
+from sftcurate.core.selectors.base import (
+    MODEL, Budget, SelectionResult, SelectorInputs, SelectorParams,
+    get_selector,
+)
+from sftcurate.data_contracts import SELECTION
+from sftcurate.infra.stages import Built, build_once
+from sftcurate.infra.store import join, read_manifest, read_table
+
+KIND = "selection"
+
+
+
+def selection_table(result: SelectionResult, pool: pa.Table, token_counts: np.ndarray) -> pa.Table:
+    idx = np.asarray(result.indices, dtype=np.int64)
+    ids = pool.column("id").to_pylist()
+    n = len(idx)
+
+    def optional(values, dtype):
+        return pa.array([None] * n, type=dtype) if values is None else pa.array(values, type=dtype)
+
+    return pa.table({
+        "index": idx, "rank": np.arange(n, dtype=np.int64), "id": [ids[i] for i in idx],
+        "tokens": token_counts[idx] if n else np.zeros(0, dtype=np.int64),
+        "gain": optional(result.gains, pa.float64()), "score": optional(result.scores, pa.float64()),
+        "cluster": optional(result.clusters, pa.int64()),
+    })
+
+
+def build_inputs(pool: pa.Table, requires: tuple[str, ...], input_uris: dict[str, str],
+                 model_spec: str | None = None) -> SelectorInputs:
+    inputs = SelectorInputs(pool=pool, token_counts=np.asarray(pool.column("response_tokens"), dtype=np.int64))
+    for requirement in requires:
+        if requirement == MODEL:
+            inputs.model_spec = model_spec
+        elif requirement in LOADERS:
+            LOADERS[requirement](input_uris[requirement], inputs)
+    return inputs
+
+
+def run_selection(examples_uri: str, method: str, budget: Budget, seed: int, params: SelectorParams | dict | None,
+                  input_uris: dict[str, str], model_spec: str | None = None, store_root: str | None = None) -> Built:
+    """The selection artifact of `method` on the pool (computed and committed unless it already is).
+
+    `input_uris` maps each requirement the selector has (token features, trajectories) to its committed
+    artifact; `model_spec` is the model of a selector that scores with one (Ask-LLM)."""
+    from sftcurate.infra.models import model_fingerprint
+
+    selector = get_selector(method, params)
+
+    def build(writer) -> None:
+        pool = load_pool(examples_uri)
+        inputs = build_inputs(pool, selector.requires, input_uris, model_spec)
+        budget.check(inputs.size, int(inputs.token_counts.sum()))
+        result = selector.select(inputs, budget, seed)
+        if len(set(result.indices)) != len(result.indices):
+            raise RuntimeError(f"selector '{method}' picked an example twice")
+        table = selection_table(result, pool, inputs.token_counts)
+        writer.write_table("selection.parquet", table, SELECTION)
+        writer.meta.update({
+            "method": method, "budget": budget.examples, "token_budget": budget.tokens, "seed": seed,
+            "params": selector.params.model_dump(mode="json"), "inputs": input_uris, "model": model_spec,
+            "examples_uri": examples_uri, "pool_size": inputs.size,
+            "pool_tokens": int(inputs.token_counts.sum()), "selected": table.num_rows,
+            "selected_tokens": int(np.asarray(table.column("tokens")).sum()) if table.num_rows else 0,
+            "objective": result.objective, "info": result.info,
+        })
+
+    key_params = {"method": method, "budget": budget.examples, "token_budget": budget.tokens, "seed": seed,
+                  "params": selector.params,
+                  "model": model_fingerprint(model_spec) if MODEL in selector.requires else None}
+    upstream = {"examples": examples_uri, **{r: u for r, u in input_uris.items() if r in selector.requires}}
+    return build_once(KIND, (__name__, type(selector).__module__), key_params, build, upstream=upstream,
+                      store_root=store_root)
+
+
+def load_selection(selection_uri: str) -> tuple[pa.Table, dict]:
+    """The selection table and its manifest meta (method, budget, objective, ...)."""
+    return read_table(join(selection_uri, "selection.parquet"), SELECTION), read_manifest(selection_uri)["meta"]

@@ -1,0 +1,175 @@
+"""The artifact store is the only cache: keys follow the code a stage really reaches, a missing artifact is
+rebuilt (and only it and what depends on it), and nothing is ever unpickled from a results folder."""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sftcurate.core.config import CurateConfig, FinetuneConfig
+from sftcurate.infra import hashing, progress
+from sftcurate.infra.store import filesystem_for
+
+TINY = "tiny-gpt2"
+SELECTORS = ("uniform", "fishersft", "s2l", "density", "askllm")
+
+
+def small_config(method: str, **selection) -> CurateConfig:
+    return CurateConfig.model_validate({
+        "name": f"cache-{method}", "source": {"uri": "builtin:python-docs", "limit": 60, "passage_chars": 400},
+        "selection": {"method": method, "budget": 8, "seed": 1, **selection},
+        "models": {"target": TINY, "proxy": TINY, "max_length": 64},
+        "embedding": {"shard_size": 20, "batch_tokens": 1024},
+        "proxy": {"steps": 8, "checkpoints": 2, "batch_size": 8, "shard_size": 20},
+    })
+
+
+class Events:
+    """Artifacts reused and built while the block runs, by kind."""
+
+    def __init__(self):
+        self.built: list[str] = []
+        self.reused: list[str] = []
+
+    def __enter__(self):
+        def listen(name: str, event: str, detail: dict) -> None:
+            if event in ("built", "reused"):
+                getattr(self, event).append(name)
+
+        self._unsubscribe = progress.subscribe(listen)
+        return self
+
+    def __exit__(self, *exc):
+        self._unsubscribe()
+
+
+def manifests(root: str) -> set[str]:
+    """Every committed artifact folder under the store, relative to it."""
+    fs, path = filesystem_for(root)
+    return {p[len(path):].rsplit("/", 1)[0] for p in fs.find(path) if p.endswith("_MANIFEST.json")}
+
+
+def picks(selection_uri: str) -> list[str]:
+    from sftcurate.core.selection import load_selection
+
+    return load_selection(selection_uri)[0].column("id").to_pylist()
+
+
+def curate_once(cfg: CurateConfig) -> tuple[str, Events]:
+    from sftcurate.flows.curate import select_pipeline
+
+    with Events() as events:
+        _, selection_uri = select_pipeline(cfg, None)
+    return selection_uri, events
+
+
+@pytest.mark.parametrize("method", SELECTORS)
+def test_wiped_store_deleted_shard_and_deleted_final_artifact_are_rebuilt(method, store_root):
+    cfg = small_config(method)
+    first, events = curate_once(cfg)
+    before, chosen = manifests(store_root), picks(first)
+    assert events.built and not events.reused
+
+    again, events = curate_once(cfg)  # everything committed: nothing is built
+    assert again == first and not events.built
+
+    shutil.rmtree(store_root)  # the whole store
+    again, events = curate_once(cfg)
+    assert again == first and manifests(store_root) == before and not events.reused
+    assert picks(again) == chosen
+
+    shard_kind = {"fishersft": "token_features_shard", "density": "token_features_shard",
+                  "s2l": "trajectory_shard"}.get(method)
+    final_kind = {"fishersft": "token_features", "density": "token_features", "s2l": "trajectories"}.get(method)
+    if shard_kind:
+        # one shard and the final artifact gone: exactly those two are rebuilt, under the same keys
+        shard = next(k for k in before if k.startswith(f"/{shard_kind}/"))
+        final = next(k for k in before if k.startswith(f"/{final_kind}/"))
+        shutil.rmtree(store_root + shard)
+        shutil.rmtree(store_root + final)
+        again, events = curate_once(cfg)
+        assert again == first and manifests(store_root) == before
+        assert sorted(events.built) == sorted([shard_kind, final_kind])
+        # the final artifact alone gone, then a new budget: the new selection is built on a rebuilt input
+        shutil.rmtree(store_root + final)
+        other, events = curate_once(small_config(method, budget=5))
+        assert other != first and set(events.built) == {final_kind, "selection"}
+    else:
+        selection = next(k for k in before if k.startswith("/selection/"))
+        shutil.rmtree(store_root + selection)
+        again, events = curate_once(cfg)
+        assert again == first and events.built == ["selection"]
+
+
+def test_a_transitively_reached_code_change_rebuilds_that_stage_and_its_dependents_only(store_root, monkeypatch):
+    """Held-out evaluation reaches the training loss (core.training) through an import; editing it must rebuild
+    the fine-tune and the evaluation, and leave ingest and selection reused."""
+    from sftcurate.core.evaluate import evaluate_heldout
+    from sftcurate.core.finetune import finetune
+    from sftcurate.flows.curate import select_pipeline
+    from sftcurate.infra.models import model_fingerprint
+
+    cfg = small_config("uniform")
+    ft = FinetuneConfig(steps=2, batch_size=4, max_length=64)
+
+    def pipeline():
+        with Events() as events:
+            examples, selection = select_pipeline(cfg, None)
+            model = finetune(examples, selection, TINY, model_fingerprint(TINY), ft)
+            evaluate_heldout(examples, model, TINY, model_fingerprint(TINY), 64)
+        return events
+
+    assert sorted(pipeline().built) == ["examples", "finetuned", "heldout_eval", "selection"]
+    assert pipeline().built == []
+
+    source = hashing.module_source
+
+    def edited(name: str) -> str:
+        return source(name) + ("\n# an edit of the training loss\n" if name == "sftcurate.core.training" else "")
+
+    monkeypatch.setattr(hashing, "module_source", edited)
+    hashing.forget_code_keys()
+    try:
+        events = pipeline()
+    finally:
+        monkeypatch.undo()
+        hashing.forget_code_keys()
+    assert sorted(events.built) == ["finetuned", "heldout_eval"]
+    assert sorted(events.reused) == ["examples", "selection"]
+
+
+def test_no_task_caches_or_persists_results_and_a_planted_pickle_never_runs(prefect_harness, store_root, tmp_path):
+    from prefect.cache_policies import NO_CACHE
+
+    from sftcurate.flows.curate import curate
+    from sftcurate.tasks import curate as curate_tasks, evaluate as evaluate_tasks
+
+    tasks = [obj for module in (curate_tasks, evaluate_tasks) for obj in vars(module).values()
+             if hasattr(obj, "persist_result") and hasattr(obj, "cache_policy")]
+    assert len(tasks) >= 12
+    assert all(t.persist_result is False and t.cache_policy is NO_CACHE for t in tasks)
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    home = Path(os.environ["SFTCURATE_HOME"])
+    prefect_home = Path(os.environ["PREFECT_HOME"])
+    planted = [home / "prefect-results" / "x", prefect_home / "storage" / "x"]
+    for path in planted:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = small_config("uniform")
+    first = curate(cfg)
+    result_files = {p for p in (prefect_home / "storage").rglob("*") if p.is_file()} if (
+        prefect_home / "storage").exists() else set()
+    for path in planted:  # overwrite anything a run may have left where results would live, then rerun
+        path.write_bytes(pickle.dumps(Payload()))
+    assert not result_files - set(planted), f"task results were persisted: {sorted(result_files)[:3]}"
+    second = curate(cfg)
+    assert second["selection_uri"] == first["selection_uri"]
+    assert not marker.exists()
