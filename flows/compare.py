@@ -5,8 +5,8 @@
 
 then one table shaped like the papers' (win rate vs Uniform per budget, plus held-out loss) as markdown, CSV,
 an EVAL_RESULTS parquet and a PNG plot, a Prefect markdown artifact, and an MLflow parent run with one child
-run per cell. Every stage is a cached task keyed on URIs and fingerprints, so adding a budget or a method
-runs only what is new.
+run per cell. Every stage is an artifact keyed on its inputs and code (`infra.stages`), so adding a budget or a
+method runs only what is new, and a rerun that reuses every stage reuses the report too.
 """
 from __future__ import annotations
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import os
 
+from sftcurate.data_contracts.errors import UserError
 from sftcurate.infra.settings import load_settings
 
 
-class TaskRunnerError(ValueError):
-    pass
+class TaskRunnerError(UserError):
+    """SFTCURATE_TASK_RUNNER names a runner that is unknown or not installed."""
 
 
 def dask_task_runner(address: str | None = None, workers: int | None = None, processes: bool | None = None):

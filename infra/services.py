@@ -79,7 +79,6 @@ def client_env(ports: Ports, root: Path, home: Path | None = None) -> dict[str, 
         "MLFLOW_S3_ENDPOINT_URL": u["s3"],
         **MOTO_KEYS,
         "SFTCURATE_HOME": str(home),
-        "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect-results"),
         "SFTCURATE_REPO": str(REPO),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "true",
@@ -92,12 +91,8 @@ ENV_SH_HEADER = """\
 # Prefect API (flow runs, deployments, UI at {prefect}), MLflow tracking server (UI at {mlflow}, artifacts
 # proxied to s3://{mlflow_bucket}/), the artifact store on the S3 API at {s3} (moto, test credentials).
 #
-# Prefect results (the task cache) are files under PREFECT_LOCAL_STORAGE_PATH; every process on this machine
-# (CLI, worker, flow subprocesses) shares them because the worker's flow runs inherit this environment.
-# Several machines: keep results in S3 too, e.g.
-#   prefect block register -m prefect.filesystems  # then save a RemoteFileSystem(basepath="s3://.../results")
-#   export PREFECT_DEFAULT_RESULT_STORAGE_BLOCK=remote-file-system/sftcurate-results
-# (a cache miss is still cheap: artifacts are content-addressed in SFTCURATE_STORE and reused.)
+# The artifact store (SFTCURATE_STORE) is the only cache: every process and machine that points at it reuses
+# what is committed there. Prefect keeps no task results (nothing is pickled or unpickled).
 """
 
 
