@@ -96,3 +96,27 @@ def test_compare_flow_end_to_end_and_adding_a_budget_reruns_only_what_is_new(tmp
             assert again["cells"][k].get(stage) == summary["cells"][k].get(stage)
 
 
+
+
+def test_compare_rerun_commits_nothing_new_and_a_wiped_store_comes_back_the_same(tmp_path, store_root,
+                                                                                  prefect_harness):
+    import shutil
+
+    from sftcurate.flows.compare import compare
+    from tests.conftest import committed_manifests
+
+    cfg = config(tmp_path, [8])
+    first = compare(cfg)
+    committed = committed_manifests(store_root)
+    created = {m: read_bytes(m) for m in committed}
+
+    again = compare(cfg)  # every stage reused: not even the report is committed again
+    assert again["report_uri"] == first["report_uri"] and again["rows"] == first["rows"]
+    assert committed_manifests(store_root) == committed
+    assert all(read_bytes(m) == data for m, data in created.items())
+
+    shutil.rmtree(store_root)
+    rebuilt = compare(cfg)
+    assert rebuilt["report_uri"] == first["report_uri"] and committed_manifests(store_root) == committed
+    assert {k: c["selection_uri"] for k, c in rebuilt["cells"].items()} == \
+        {k: c["selection_uri"] for k, c in first["cells"].items()}

@@ -1,0 +1,117 @@
+"""The statistics of a comparison, on per-example held-out losses: means with intervals over held-out examples and
+replicates, paired differences to the baseline, verdicts only where an interval excludes zero, per-group losses
+and the selection's group coverage.
+
+Inputs are arrays: `loss[r, i]` the summed token loss of held-out example i under replicate r of a cell, and
+`tokens[i]` its loss-token count (the same for every cell: one held-out split, one tokenizer). A cell's loss is
+token-weighted, sum(loss) / sum(tokens), as in training. An interval covers both the finite held-out set (a
+bootstrap over examples) and the run-to-run noise of selection and fine-tuning seeds (the spread over
+replicates); a paired difference subtracts the baseline example by example and replicate by replicate
+(replicate r of both shares its fine-tuning seed), which removes the noise they share.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+
+    @property
+    def width(self) -> float:
+        return self.high - self.low
+
+
+def _check(loss: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    loss = np.atleast_2d(np.asarray(loss, dtype=np.float64))
+    tokens = np.asarray(tokens, dtype=np.float64)
+    if loss.shape[1] != tokens.shape[0]:
+        raise ValueError(f"{loss.shape[1]} held-out examples in the losses but {tokens.shape[0]} token counts")
+    return loss, tokens
+
+
+def token_mean(loss: np.ndarray, tokens: np.ndarray) -> float:
+    """Token-weighted mean loss, averaged over replicates."""
+    loss, tokens = _check(loss, tokens)
+    return float(np.mean(loss.sum(axis=1) / max(tokens.sum(), 1.0)))
+
+
+def bootstrap(loss: np.ndarray, tokens: np.ndarray, n_boot: int = 2000, seed: int = 0,
+              level: float = LEVEL) -> Interval:
+    """Mean token-weighted loss over replicates with a `level` interval that adds the two independent sources
+    of noise: which held-out examples were drawn (a bootstrap over examples of the replicate-averaged mean) and
+    which seeds were drawn (the spread of the R replicate means, with Student's t at R-1 degrees of freedom, so
+    two replicates give a wide interval and more replicates a narrower one). Pass a difference of two cells'
+    losses (same examples, paired replicates) to get the interval of the difference."""
+    from scipy import stats
+
+    loss, tokens = _check(loss, tokens)
+    n_rep, n = loss.shape
+    per_rep = loss.sum(axis=1) / max(tokens.sum(), 1.0)
+    mean = float(per_rep.mean())
+    rng = np.random.default_rng(seed)
+    averaged = loss.mean(axis=0)
+    boots = np.empty(n_boot)
+    for b in range(n_boot):
+        idx = rng.integers(n, size=n)
+        boots[b] = averaged[idx].sum() / max(tokens[idx].sum(), 1.0)
+    variance = float(boots.var(ddof=1)) + (float(per_rep.var(ddof=1)) / n_rep if n_rep > 1 else 0.0)
+    q = stats.t.ppf(0.5 + level / 2, n_rep - 1) if n_rep > 1 else stats.norm.ppf(0.5 + level / 2)
+    half = float(q * np.sqrt(variance))
+    return Interval(mean, mean - half, mean + half)
+
+
+def paired_difference(loss: np.ndarray, baseline: np.ndarray, tokens: np.ndarray, n_boot: int = 2000,
+                      seed: int = 0, level: float = LEVEL) -> Interval:
+    """Interval of (method - baseline) token-weighted loss; negative means the method's loss is lower."""
+    loss, tokens = _check(loss, tokens)
+    baseline, _ = _check(baseline, tokens)
+    reps = min(loss.shape[0], baseline.shape[0])
+    return bootstrap(loss[:reps] - baseline[:reps], tokens, n_boot, seed, level)
+
+
+def verdict(diff: Interval) -> str:
+    """For a loss difference: "better" when the whole interval is below 0, "worse" when above, else no call."""
+    if diff.high < 0:
+        return "better"
+    if diff.low > 0:
+        return "worse"
+    return "no difference"
+
+
+def group_losses(loss: np.ndarray, tokens: np.ndarray, groups: list[str]) -> dict[str, float]:
+    """Token-weighted loss per group (averaged over replicates)."""
+    loss, tokens = _check(loss, tokens)
+    groups_arr = np.asarray(groups, dtype=object)
+    out = {}
+    for g in sorted(set(groups)):
+        mask = groups_arr == g
+        out[g] = token_mean(loss[:, mask], tokens[mask])
+    return out
+
+
+def worst_group(per_group: dict[str, float]) -> tuple[str | None, float | None]:
+    if not per_group:
+        return None, None
+    g = max(per_group, key=per_group.get)
+    return g, per_group[g]
+
+
+def coverage(picked_groups: list[str], pool_groups: list[str]) -> dict:
+    """How a selection covers the pool's groups: groups with at least one pick, and how far the picks' group
+    shares are from the pool's (total variation distance: 0 = the pool's mix, 1 = disjoint)."""
+    pool = np.asarray(pool_groups, dtype=object)
+    picks = np.asarray(picked_groups, dtype=object)
+    names = sorted(set(pool_groups))
+    pool_share = np.array([(pool == g).mean() for g in names]) if len(pool) else np.zeros(0)
+    pick_share = np.array([(picks == g).mean() for g in names]) if len(picks) else np.zeros(len(names))
+    return {"groups": len(names), "groups_covered": int(sum(1 for g in names if (picks == g).any())),
+            "share_distance": float(0.5 * np.abs(pick_share - pool_share).sum()) if names else 0.0,
+            "picks_per_group": {g: int((picks == g).sum()) for g in names}}

@@ -1,0 +1,58 @@
+"""The comparison's statistics on synthetic per-example losses whose truth is known."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sftcurate.core import evidence
+
+
+def synthetic(n_rep: int, shift: float = 0.0, n: int = 200, rep_noise: float = 0.05, seed: int = 0):
+    """loss[r, i] = tokens[i] * (2 + shift + replicate offset + example noise)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(5, 40, size=n).astype(np.float64)
+    per_token = 2.0 + shift + rng.normal(0, rep_noise, size=(n_rep, 1)) + rng.normal(0, 0.3, size=(n_rep, n))
+    return per_token * tokens, tokens
+
+
+def test_token_weighted_mean_and_interval_cover_the_truth():
+    loss, tokens = synthetic(4)
+    ci = evidence.bootstrap(loss, tokens, n_boot=500)
+    assert ci.low < ci.mean < ci.high
+    assert ci.low < 2.0 < ci.high
+    assert ci.mean == pytest.approx(np.mean(loss.sum(1) / tokens.sum()))
+
+
+def test_interval_narrows_with_more_replicates():
+    widths = {}
+    for reps in (2, 8):
+        w = [evidence.bootstrap(*synthetic(reps, rep_noise=0.2, seed=s), n_boot=400, seed=s).width for s in range(6)]
+        widths[reps] = float(np.mean(w))
+    assert widths[8] < widths[2]
+
+
+def test_paired_difference_calls_only_what_its_interval_supports():
+    base, tokens = synthetic(3, seed=1)
+    rng = np.random.default_rng(7)
+    better = base - 0.2 * tokens + rng.normal(0, 0.05, size=base.shape) * tokens   # clearly lower loss
+    same = base + rng.normal(0, 0.05, size=base.shape) * tokens                    # noise only
+    d_better = evidence.paired_difference(better, base, tokens, n_boot=500)
+    d_same = evidence.paired_difference(same, base, tokens, n_boot=500)
+    assert evidence.verdict(d_better) == "better" and d_better.high < 0
+    assert evidence.verdict(d_same) == "no difference" and d_same.low < 0 < d_same.high
+    assert evidence.verdict(evidence.paired_difference(base, better, tokens, n_boot=500)) == "worse"
+
+
+def test_group_losses_worst_group_and_coverage_of_a_rare_group():
+    tokens = np.full(6, 10.0)
+    loss = np.array([[10, 10, 10, 10, 40, 40]], dtype=np.float64)  # group "rare" has loss 4 per token
+    groups = ["common"] * 4 + ["rare"] * 2
+    per_group = evidence.group_losses(loss, tokens, groups)
+    assert per_group == {"common": pytest.approx(1.0), "rare": pytest.approx(4.0)}
+    assert evidence.worst_group(per_group) == ("rare", pytest.approx(4.0))
+    pool = ["common"] * 95 + ["rare"] * 5
+    missing = evidence.coverage(["common"] * 10, pool)
+    covered = evidence.coverage(["common"] * 9 + ["rare"], pool)
+    assert missing["groups_covered"] == 1 and covered["groups_covered"] == 2 and missing["groups"] == 2
+    assert covered["share_distance"] < missing["share_distance"]
+    assert covered["picks_per_group"] == {"common": 9, "rare": 1}
