@@ -32,6 +32,8 @@ class SourceConfig(Section):
     hf_split: str = Field("train", description="split of a Hugging Face dataset")
     hf_config: str | None = Field(None, description="config name of a Hugging Face dataset")
     limit: int | None = Field(None, description="keep only the first N records (after reading)")
+    group_field: str | None = Field(None, description="record field that names each example's group (e.g. "
+                                    "category) for per-group metrics; default: where the record came from")
     heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of examples held out, by id hash")
     passage_chars: int = Field(800, gt=0, description="target passage length when splitting plain text")
 
@@ -260,10 +262,8 @@ class FinetuneConfig(BaseModel):
         "random: pad to the batch's longest; pad_to_max: pad every batch to max_length (baseline)")
     checkpoint_every: int = Field(50, gt=0, description="commit a resumable checkpoint every N steps")
     dtype: Literal["float32", "bfloat16"] = Field("float32")
-
-
-
-# ---------------------------------------------------------------- data
+    train_tokens: int | None = Field(None, gt=0, description="loss tokens to train on: the steps are derived "
+                                     "from it (overriding steps), so every selection gets the same token compute")
 
 
 BASELINE = "uniform"
@@ -275,10 +275,18 @@ class CompareConfig(PoolConfig):
                                   description="selectors to compare; uniform (the baseline) is always added")
     params: SelectorParamsConfig = Field(default_factory=SelectorParamsConfig,
                                          description="each selector's parameters")
-    budgets: list[int] = Field(default_factory=lambda: [64, 128], description="budgets to compare at")
-    budget_unit: Literal["examples", "tokens"] = Field("examples", description="what a budget counts")
+    budgets: list[int] = Field(default_factory=lambda: [8192, 16384], description="budgets to compare at")
+    budget_unit: Literal["tokens", "examples"] = Field(
+        "tokens", description="what a budget counts: loss tokens (what a user pays for) or examples")
+    epochs: float = Field(2.0, gt=0, description="token compute of every cell at a budget: epochs x the budget's "
+                          "loss tokens (for example budgets, x the uniform selection's loss tokens); every "
+                          "method, and the full-pool reference, trains on exactly that many tokens")
+    replicates: int = Field(1, ge=1, description="repeat every cell with other seeds (selection and fine-tuning); "
+                            "intervals cover the replicates")
+    reference_full: bool = Field(True, description="also train on the whole pool with the same token compute")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig,
-                                     description="one recipe for every cell (max_length defaults to models')")
+                                     description="one recipe for every cell (max_length defaults to models'); "
+                                     "its steps are derived from the token compute")
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     seed: int = Field(0, description="seed of selection, prompt sampling and bootstrap")
 
@@ -298,12 +306,18 @@ class CompareConfig(PoolConfig):
     def all_methods(self) -> list[str]:
         return [BASELINE] + [m for m in dict.fromkeys(self.methods) if m != BASELINE]
 
-    def curate_config(self, method: str, budget: int) -> CurateConfig:
-        examples, tokens = (budget, None) if self.budget_unit == "examples" else (None, budget)
+    def curate_config(self, method: str, budget: int, replicate: int = 0, unit: str | None = None) -> CurateConfig:
+        """The curation of one cell; replicate r draws with seed + r."""
+        examples, tokens = (budget, None) if (unit or self.budget_unit) == "examples" else (None, budget)
         return CurateConfig(
             name=f"{self.name}:{method}@{budget}", **self.pool_sections(),
-            selection=SelectionConfig(method=method, budget=examples, token_budget=tokens, seed=self.seed,
-                                      params=self.params))
+            selection=SelectionConfig(method=method, budget=examples, token_budget=tokens,
+                                      seed=self.seed + replicate, params=self.params))
+
+    def finetune_config(self, train_tokens: int, replicate: int = 0) -> FinetuneConfig:
+        """The one recipe, at the budget's token compute; replicate r trains with seed + r."""
+        return self.finetune.model_copy(update={"train_tokens": int(train_tokens),
+                                                "seed": self.finetune.seed + replicate})
 
     def generation_config(self) -> GenerationConfig:
         return GenerationConfig(max_prompts=self.judge.max_prompts, max_new_tokens=self.judge.max_new_tokens,

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from sftcurate.data_contracts import GENERATIONS, UserError
+from sftcurate.data_contracts import GENERATIONS, HELDOUT_LOSSES, UserError
 from sftcurate.infra import tracking
 from sftcurate.infra.stages import Built, build_once
 from sftcurate.infra.store import join, read_bytes, read_manifest, read_table
@@ -48,38 +48,55 @@ def heldout_rows(examples_uri: str) -> list[tuple[str, str, str]]:
 
 # ---------------------------------------------------------------- held-out loss
 
-def heldout_loss(model, tokenizer, rows: list[tuple[str, str]], max_length: int, batch_tokens: int = 8192) -> dict:
-    """Token-weighted mean loss over all loss tokens of `rows` ((prompt, response) pairs)."""
+def heldout_losses(model, tokenizer, rows: list[tuple[str, str]], max_length: int,
+                   batch_tokens: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """(summed token loss, loss tokens) of every (prompt, response) pair, in input order."""
     import torch
 
-    from sftcurate.core.training import collate, token_loss_sum
+    from sftcurate.core.training import collate, row_loss_sums
 
     if not rows:
         raise UserError("held-out split is empty; raise source.heldout_fraction or add data")
     encoded = [encode_example(tokenizer, p, r, max_length) for p, r in rows]
     lengths = np.array([len(e.input_ids) for e in encoded])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    total, count = 0.0, 0
+    sums, counts = np.zeros(len(rows)), np.zeros(len(rows), dtype=np.int64)
     device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
         for idx in length_grouped_batches(lengths, batch_tokens):
             ids, attn, labels = (t.to(device) for t in collate([encoded[i] for i in idx], pad_id))
-            s, n = token_loss_sum(model, ids, attn, labels)
-            total += float(s)
-            count += n
-    loss = total / max(count, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count, "examples": len(rows)}
+            s, n = row_loss_sums(model, ids, attn, labels)
+            sums[idx], counts[idx] = s.double().cpu().numpy(), n.cpu().numpy()
+    return sums, counts
+
+
+def loss_metrics(sums: np.ndarray, counts: np.ndarray) -> dict:
+    loss = float(sums.sum()) / max(int(counts.sum()), 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(counts.sum()), "examples": len(sums)}
+
+
+def heldout_loss(model, tokenizer, rows: list[tuple[str, str]], max_length: int, batch_tokens: int = 8192) -> dict:
+    """Token-weighted mean loss over all loss tokens of `rows` ((prompt, response) pairs)."""
+    return loss_metrics(*heldout_losses(model, tokenizer, rows, max_length, batch_tokens))
 
 
 def evaluate_heldout(examples_uri: str, model_uri: str | None, target_spec: str, target_fingerprint: str,
                      max_length: int, run_id: str | None = None, store_root: str | None = None) -> Built:
-    """The held-out loss of the fine-tuned model (or of the base model when `model_uri` is None)."""
+    """The held-out loss of the fine-tuned model (or of the base model when `model_uri` is None): the total in
+    `metrics.json`, every example's in `losses.parquet` (for intervals and per-group metrics)."""
 
     def build(writer) -> None:
+        from sftcurate.core.ingest import load_split
+
+        heldout = load_split(examples_uri, "heldout")
         model, tokenizer = _load(model_uri, target_spec)
-        metrics = heldout_loss(model, tokenizer, [(p, r) for _, p, r in heldout_rows(examples_uri)], max_length)
+        rows = list(zip(heldout.column("prompt").to_pylist(), heldout.column("response").to_pylist()))
+        sums, counts = heldout_losses(model, tokenizer, rows, max_length)
+        metrics = loss_metrics(sums, counts)
         writer.write_json("metrics.json", metrics)
+        writer.write_table("losses.parquet", pa.table({"id": heldout.column("id"), "group": heldout.column("group"),
+                                                       "loss_sum": sums, "tokens": counts}), HELDOUT_LOSSES)
         writer.meta.update({**metrics, "model_uri": model_uri, "target_spec": target_spec,
                             "examples_uri": examples_uri, "max_length": max_length})
 
@@ -91,6 +108,10 @@ def evaluate_heldout(examples_uri: str, model_uri: str | None, target_spec: str,
         tracking.log_metrics(run_id, {f"{prefix}/loss": metrics["loss"], f"{prefix}/ppl": metrics["ppl"],
                                       f"{prefix}/tokens": metrics["tokens"]})
     return uri
+
+
+def read_heldout_losses(eval_uri: str) -> pa.Table:
+    return read_table(join(eval_uri, "losses.parquet"), HELDOUT_LOSSES)
 
 
 def read_eval(eval_uri: str) -> dict:

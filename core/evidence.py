@@ -77,8 +77,11 @@ def paired_difference(loss: np.ndarray, baseline: np.ndarray, tokens: np.ndarray
     return bootstrap(loss[:reps] - baseline[:reps], tokens, n_boot, seed, level)
 
 
-def verdict(diff: Interval) -> str:
-    """For a loss difference: "better" when the whole interval is below 0, "worse" when above, else no call."""
+def verdict(diff: Interval, replicates: int = 2) -> str:
+    """For a loss difference: "better" when the whole interval is below 0, "worse" when above, else no call.
+    With one replicate the interval cannot cover seed noise, so nothing is called."""
+    if replicates < 2:
+        return "not called (1 replicate)"
     if diff.high < 0:
         return "better"
     if diff.low > 0:

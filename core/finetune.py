@@ -29,7 +29,8 @@ from sftcurate.infra.models import default_device
 from sftcurate.infra.store import ArtifactStore, is_committed, join, read_bytes, read_manifest, remove_tree, write_bytes
 from sftcurate.core.config import FinetuneConfig
 from sftcurate.core.tokenize import Encoded, encode_pairs
-from sftcurate.core.training import Recipe, TrainStats, restore_training_state, training_state_bytes
+from sftcurate.core.training import (Recipe, TrainStats, restore_training_state, steps_for_tokens,
+                                     training_state_bytes)
 from sftcurate.core.training import train as run_training
 
 log = logging.getLogger("sftcurate.finetune")
@@ -52,8 +53,16 @@ LORA_TARGETS = {
 }
 
 
-def recipe(cfg: FinetuneConfig) -> Recipe:
-    return Recipe(steps=cfg.steps, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, seed=cfg.seed,
+def recipe(cfg: FinetuneConfig, encoded: list[Encoded] | None = None) -> Recipe:
+    """The training recipe; with `cfg.train_tokens`, its steps are those whose batches first hold that many loss
+    tokens of `encoded` (so every selection of a comparison trains on the same tokens, within one batch)."""
+    steps = cfg.steps
+    if cfg.train_tokens is not None:
+        if not encoded:
+            raise UserError("finetune: the selection is empty; nothing to train on")
+        steps = steps_for_tokens(np.array([e.n_loss for e in encoded]), np.array([len(e.input_ids) for e in encoded]),
+                                 cfg.batch_size, cfg.seed, cfg.train_tokens, cfg.batching)
+    return Recipe(steps=steps, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, seed=cfg.seed,
                   warmup_ratio=cfg.warmup_ratio, decay="linear", weight_decay=cfg.weight_decay,
                   max_grad_norm=cfg.max_grad_norm, batching=cfg.batching, max_length=cfg.max_length)
 
@@ -162,10 +171,11 @@ class Checkpoints:
 
 def train(model, tokenizer, encoded: list[Encoded], cfg: FinetuneConfig, *, checkpoints: Checkpoints | None = None,
           run_id: str | None = None) -> TrainStats:
-    """Train `model` (already prepared) in place for exactly `cfg.steps` steps; resumes from `checkpoints`."""
+    """Train `model` (already prepared) in place for the recipe's steps; resumes from `checkpoints`."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return run_training(model, pad_id, encoded, recipe(cfg), checkpoints=checkpoints,
-                        save_at=lambda step: step % cfg.checkpoint_every == 0 and step < cfg.steps,
+    plan = recipe(cfg, encoded)
+    return run_training(model, pad_id, encoded, plan, checkpoints=checkpoints,
+                        save_at=lambda step: step % cfg.checkpoint_every == 0 and step < plan.steps,
                         run_id=run_id, metric_prefix="finetune/", log=log, section="finetune")
 
 
@@ -213,6 +223,7 @@ def finetune(examples_uri: str, selection_uri: str, target_spec: str, target_fin
             "target_spec": target_spec, "target_fingerprint": target_fingerprint,
             "mode": "full" if cfg.full else "lora", "config": cfg.model_dump(), "examples_uri": examples_uri,
             "selection_uri": selection_uri, "train_examples": len(rows), "steps_done": stats.steps,
+            "train_tokens": cfg.train_tokens,
             "tokens_seen": stats.tokens_seen,
             "final_loss": float(np.mean(stats.losses[-max(1, len(stats.losses) // 10):])) if stats.losses else None,
             "resumed_from": stats.resumed_from, "seconds": round(stats.seconds, 3),

@@ -218,7 +218,7 @@ class IngestStats:
 def build_examples(source: SourceConfig, tokenizer, max_length: int) -> tuple[pa.Table, IngestStats]:
     records = read_records(source)
     stats = IngestStats(records=len(records))
-    prompts, responses, sources, ids, seen = [], [], [], [], set()
+    prompts, responses, sources, groups, ids, seen = [], [], [], [], [], set()
     fmt_by_file: dict[str, str] = {}
     for raw in records:
         fmt = source.format
@@ -250,6 +250,7 @@ def build_examples(source: SourceConfig, tokenizer, max_length: int) -> tuple[pa
         prompts.append(prompt)
         responses.append(response)
         sources.append(raw.where)
+        groups.append(record_group(raw, source.group_field))
     prompt_tokens = count_tokens(tokenizer, prompts)
     loss_tokens = loss_token_count(prompt_tokens, count_tokens(tokenizer, responses), max_length)
     heldout = is_heldout(ids, source.heldout_fraction)
@@ -257,11 +258,22 @@ def build_examples(source: SourceConfig, tokenizer, max_length: int) -> tuple[pa
         raise IngestError(f"{source.uri}: every example fell into the held-out split; lower source.heldout_fraction "
                           "or add data")
     table = pa.table({
-        "id": ids, "prompt": prompts, "response": responses, "source": sources,
+        "id": ids, "prompt": prompts, "response": responses, "source": sources, "group": groups,
         "prompt_tokens": prompt_tokens, "response_tokens": loss_tokens,
         "split": np.where(heldout, "heldout", "train").tolist(),
     })
     return table, stats
+
+
+def record_group(raw: RawRecord, field: str | None) -> str:
+    """The group an example belongs to for per-group metrics: the record's `field`, or where it came from."""
+    if field is None:
+        return raw.where
+    value = raw.record.get(field) if isinstance(raw.record, dict) else None
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise IngestError(f"{raw.where}: {raw.row}: field '{field}' (source.group_field) is missing or empty; "
+                          "fill it, or unset source.group_field to group by file")
+    return str(value)
 
 
 def examples_fingerprint(table: pa.Table) -> str:

@@ -234,10 +234,53 @@ def run_judge(gens_a_uri: str, gens_b_uri: str, method_a: str, method_b: str, cf
     return uri
 
 
+SANITY_KIND = "judge_sanity"
+TRUSTED_ACCURACY = 0.8   # below this, a win rate from this judge is not evidence
+
+
+def degraded(references: list[str], i: int, rng: np.random.Generator) -> str:
+    """A worse text for prompt i whose better side is known: another prompt's reference, the reference cut to
+    its first third, or its words shuffled (one kind after the other)."""
+    words = references[i].split()
+    kind = i % 3
+    if kind == 0 and len(references) > 1:
+        return references[(i + 1) % len(references)]
+    if kind == 1 and len(words) > 3:
+        return " ".join(words[: len(words) // 3])
+    return " ".join(words[j] for j in rng.permutation(len(words))) if len(words) > 1 else references[i][::-1]
+
+
+def judge_sanity(gens_uri: str, cfg: JudgeConfig, seed: int = 0, store_root: str | None = None,
+                 backend=None) -> Built:
+    """Before any win rate: the judge on pairs whose better side is known (each held-out prompt's reference
+    continuation against a degraded one), both orders. Accuracy = share of valid prompts where the reference
+    won in both orders; with position bias it says whether this judge's win rates can be trusted."""
+    from sftcurate.core.evaluate import load_generations
+
+    def build(writer) -> None:
+        gens = load_generations(gens_uri)
+        references = gens.column("reference").to_pylist()
+        rng = np.random.default_rng(seed)
+        good = gens.set_column(gens.schema.get_field_index("text"), "text", pa.array(references))
+        bad = gens.set_column(gens.schema.get_field_index("text"), "text",
+                              pa.array([degraded(references, i, rng) for i in range(len(references))]))
+        table = judge_pairs(backend or make_backend(cfg), good, bad, "reference", "degraded", cfg)
+        summary = summarize(table, cfg.n_bootstrap, seed)
+        valid = summary["prompts"] - summary["errors"]
+        accuracy = summary["wins"] / valid if valid else float("nan")
+        writer.write_table("judgments.parquet", table, JUDGMENTS)
+        writer.meta.update({"accuracy": accuracy, "pairs": summary["prompts"], "errors": summary["errors"],
+                            "position_bias": summary["position_bias"], "trusted": bool(accuracy >= TRUSTED_ACCURACY),
+                            "threshold": TRUSTED_ACCURACY, "judge": cfg.identity(), "summary": summary})
+
+    return build_once(SANITY_KIND, __name__, {"judge": cfg.identity(), "seed": seed}, build,
+                      upstream={"generations": gens_uri}, store_root=store_root)
+
+
 def load_judgments(uri: str) -> tuple[pa.Table, dict]:
     return read_table(join(uri, "judgments.parquet"), JUDGMENTS), read_manifest(uri)["meta"]
 
 
 __all__ = ["WEAK_JUDGES", "HFJudge", "JudgeBackend", "JudgeHTTPError", "OpenAIJudge", "Verdict", "as_verdict",
            "make_backend", "parse_answer", "JudgeConfig", "judge_pairs", "summarize", "run_judge", "load_judgments",
-           "judge_note", "build_prompt"]
+           "judge_note", "build_prompt", "judge_sanity", "TRUSTED_ACCURACY"]

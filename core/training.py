@@ -81,6 +81,22 @@ def batch_schedule(lengths: np.ndarray, batch_size: int, steps: int, seed: int,
     return out[:steps]
 
 
+def steps_for_tokens(loss_tokens: np.ndarray, lengths: np.ndarray, batch_size: int, seed: int, train_tokens: int,
+                     batching: Batching = "length_grouped", megabatch: int = 16) -> int:
+    """The number of steps whose batches (`batch_schedule` of the same arguments) hold the closest number of loss
+    tokens to `train_tokens` (at least one step): every selection trained this way sees the same token compute,
+    to within half a batch."""
+    loss_tokens = np.asarray(loss_tokens, dtype=np.int64)
+    per_epoch = int(loss_tokens.sum())
+    if per_epoch <= 0:
+        raise UserError("finetune.train_tokens: the selection has no loss tokens to train on")
+    batches_per_epoch = -(-len(loss_tokens) // max(1, min(batch_size, len(loss_tokens))))
+    steps = batches_per_epoch * (-(-int(train_tokens) // per_epoch) + 1)  # whole epochs, one more than needed
+    seen = np.cumsum([int(loss_tokens[b].sum()) for b in batch_schedule(lengths, batch_size, steps, seed, batching,
+                                                                         megabatch)])
+    return int(np.argmin(np.abs(seen - train_tokens)) + 1)
+
+
 def collate(encoded: list[Encoded], pad_id: int, pad_to: int | None = None):
     """(input_ids, attention_mask, labels) right-padded; labels are -100 except on loss tokens."""
     ids, attn, loss_mask = pad_batch(encoded, pad_id, pad_to)
@@ -96,6 +112,16 @@ def token_loss_sum(model, ids, attn, labels):
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1), ignore_index=-100,
                            reduction="sum")
     return loss, int((target != -100).sum())
+
+
+def row_loss_sums(model, ids, attn, labels):
+    """(sum of token losses, number of loss tokens) of every row of a batch: per-example held-out losses."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    target = labels[:, 1:]
+    loss = F.cross_entropy(logits.transpose(1, 2).float(), target, ignore_index=-100, reduction="none")
+    return loss.sum(dim=1), (target != -100).sum(dim=1)
 
 
 # ---------------------------------------------------------------- the loop

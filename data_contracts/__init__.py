@@ -10,6 +10,7 @@ from sftcurate.data_contracts.schemas import (
     TRAJECTORIES_IDS,
     JUDGMENTS,
     GENERATIONS,
+    HELDOUT_LOSSES,
     EVAL_RESULTS,
     validate_table,
 )
@@ -18,6 +19,6 @@ from sftcurate.data_contracts.tensors import TensorContract, TOKEN_FEATURES, TRA
 __all__ = [
     "UserError",
     "CONTRACTS", "Contract", "ContractError", "EXAMPLES", "SELECTION", "TOKEN_FEATURES_IDS",
-    "TRAJECTORIES_IDS", "JUDGMENTS", "GENERATIONS", "EVAL_RESULTS", "validate_table", "TensorContract",
+    "TRAJECTORIES_IDS", "JUDGMENTS", "GENERATIONS", "HELDOUT_LOSSES", "EVAL_RESULTS", "validate_table", "TensorContract",
     "TOKEN_FEATURES", "TRAJECTORIES", "validate_tensors",
 ]

@@ -63,17 +63,18 @@ def validate_table(table: pa.Table, contract: Contract, where: str = "<memory>")
 
 EXAMPLES = Contract(
     name="examples",
-    version=1,
+    version=2,
     schema=pa.schema([
         ("id", pa.string()),            # stable content hash; drives the held-out split
         ("prompt", pa.string()),        # "" for plain text
         ("response", pa.string()),      # loss tokens come from here
         ("source", pa.string()),        # file / dataset / builtin the row came from (used for stratification)
+        ("group", pa.string()),         # the record's group for per-group metrics: source.group_field, or source
         ("prompt_tokens", pa.int64()),
         ("response_tokens", pa.int64()),
         ("split", pa.string()),         # "train" (the pool) or "heldout"
     ]),
-    non_null=("id", "prompt", "response", "source", "prompt_tokens", "response_tokens", "split"),
+    non_null=("id", "prompt", "response", "source", "group", "prompt_tokens", "response_tokens", "split"),
 )
 
 SELECTION = Contract(
@@ -135,14 +136,40 @@ GENERATIONS = Contract(
     non_null=("prompt_id", "prompt", "reference", "text"),
 )
 
+HELDOUT_LOSSES = Contract(
+    name="heldout_losses",
+    version=1,
+    schema=pa.schema([
+        ("id", pa.string()),            # held-out example id
+        ("group", pa.string()),         # its group (examples contract)
+        ("loss_sum", pa.float64()),     # summed token loss over its loss tokens
+        ("tokens", pa.int64()),         # its loss tokens
+    ]),
+    non_null=("id", "group", "loss_sum", "tokens"),
+)
+
 EVAL_RESULTS = Contract(
     name="eval_results",
-    version=1,
+    version=2,
     schema=pa.schema([
         ("method", pa.string()),
         ("budget", pa.int64()),
-        ("heldout_loss", pa.float64()),
+        ("heldout_loss", pa.float64()),       # token-weighted, mean over replicates
         ("heldout_ppl", pa.float64()),
+        ("loss_ci_low", pa.float64()),        # 95% over held-out examples and replicates
+        ("loss_ci_high", pa.float64()),
+        ("delta_vs_uniform", pa.float64()),   # held-out loss minus uniform's at the budget (negative = better)
+        ("delta_ci_low", pa.float64()),       # 95% paired interval
+        ("delta_ci_high", pa.float64()),
+        ("verdict", pa.string()),             # better / worse only when the interval excludes 0
+        ("worst_group", pa.string()),
+        ("worst_group_loss", pa.float64()),
+        ("groups_covered", pa.int64()),       # pool groups with at least one pick
+        ("groups", pa.int64()),
+        ("share_distance", pa.float64()),     # total variation between the picks' and the pool's group shares
+        ("trained_tokens", pa.float64()),     # loss tokens the fine-tune trained on (mean over replicates)
+        ("steps", pa.float64()),
+        ("replicates", pa.int64()),
         ("win_rate_vs_uniform", pa.float64()),
         ("win_rate_ci_low", pa.float64()),
         ("win_rate_ci_high", pa.float64()),
@@ -155,4 +182,4 @@ EVAL_RESULTS = Contract(
 )
 
 CONTRACTS = {c.name: c for c in (EXAMPLES, SELECTION, TOKEN_FEATURES_IDS, TRAJECTORIES_IDS, JUDGMENTS, GENERATIONS,
-                                  EVAL_RESULTS)}
+                                  HELDOUT_LOSSES, EVAL_RESULTS)}

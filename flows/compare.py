@@ -3,174 +3,37 @@
     select (the curate pieces)  ->  fine-tune the target  ->  held-out loss  ->  generations
     ->  pairwise judge against Uniform at the same budget
 
-then one table shaped like the papers' (win rate vs Uniform per budget, plus held-out loss) as markdown, CSV,
-an EVAL_RESULTS parquet and a PNG plot, a Prefect markdown artifact, and an MLflow parent run with one child
-run per cell. Every stage is an artifact keyed on its inputs and code (`infra.stages`), so adding a budget or a
+at equal token compute (every cell of a budget trains on epochs x the budget's loss tokens), R replicates,
+and the full pool as a reference; then the report of `core.report` (held-out loss with intervals, paired
+differences to uniform with verdicts, worst group and coverage, win rates) as markdown, CSV, an EVAL_RESULTS
+parquet and a PNG, a Prefect markdown artifact, and an MLflow parent run with one child run per cell. Every stage is an artifact keyed on its inputs and code (`infra.stages`), so adding a budget or a
 method runs only what is new, and a rerun that reuses every stage reuses the report too.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
 
-import pyarrow as pa
 import sftcurate.infra  # noqa: F401  (environment defaults before Prefect reads its settings)
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from sftcurate.core.config import BASELINE, CompareConfig, load_compare_config
+from sftcurate.core.config import BASELINE, CompareConfig, load_compare_config  # noqa: F401  (re-exported)
 from sftcurate.core.evaluate import read_eval
-from sftcurate.core.finetune import fairness_params, finetune_meta
+from sftcurate.core.finetune import finetune_meta
+from sftcurate.core.ingest import examples_meta
 from sftcurate.core.judge import judge_note
-from sftcurate.data_contracts import EVAL_RESULTS
-from sftcurate.flows.curate import select_pipeline
+from sftcurate.core.report import FULL, commit_report, markdown_table, result_rows
+from sftcurate.core.selection import load_selection
+from sftcurate.flows.curate import ingest_pool, select_pipeline
 from sftcurate.infra import progress, tracking
 from sftcurate.infra.env import ensure_home
 from sftcurate.infra.runners import task_runner_from_settings
-from sftcurate.infra.stages import build_once
 from sftcurate.infra.store import join, read_bytes, read_manifest
 from sftcurate.tasks.common import call
-from sftcurate.tasks.evaluate import finetune_task, generate_task, heldout_task, judge_task
-
-REPORT_KIND = "compare_report"
-
+from sftcurate.tasks.evaluate import finetune_task, generate_task, heldout_task, judge_sanity_task, judge_task
 
 # ---------------------------------------------------------------- report
-
-def _ratio(x, scale: float = 1.0, spec: str = ".2f") -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(scale * x, spec)
-
-
-def _pct(x) -> str:
-    return _ratio(x, 100.0, ".1f")
-
-
-def result_rows(cfg: CompareConfig, cells: dict, base: dict) -> list[dict]:
-    rows = [{"method": "base", "budget": 0, "heldout_loss": base["loss"], "heldout_ppl": base["ppl"],
-             "win_rate_vs_uniform": None, "win_rate_ci_low": None, "win_rate_ci_high": None, "wins": None,
-             "losses": None, "ties": None, "errors": None, "position_bias": None, "longer_won": None,
-             "lc_win_rate": None}]
-    for budget in cfg.budgets:
-        for method in cfg.all_methods:
-            c = cells[(method, budget)]
-            j = c.get("judge") or {}
-            rows.append({"method": method, "budget": budget, "heldout_loss": c["heldout"]["loss"],
-                         "heldout_ppl": c["heldout"]["ppl"], "win_rate_vs_uniform": j.get("win_rate"),
-                         "win_rate_ci_low": j.get("ci_low"), "win_rate_ci_high": j.get("ci_high"),
-                         "wins": j.get("wins"), "losses": j.get("losses"), "ties": j.get("ties"),
-                         "errors": j.get("errors"), "position_bias": j.get("position_bias"),
-                         "longer_won": j.get("longer_won"), "lc_win_rate": j.get("lc_win_rate")})
-    return rows
-
-
-def markdown_table(cfg: CompareConfig, rows: list[dict], note: str | None) -> str:
-    unit = "examples" if cfg.budget_unit == "examples" else "loss tokens"
-    by = {(r["method"], r["budget"]): r for r in rows}
-    head = "| Method | " + " | ".join(str(b) for b in cfg.budgets) + " |\n|---|" + "---|" * len(cfg.budgets)
-    ft = cfg.finetune
-    recipe = (f"{'full fine-tuning' if ft.full else f'LoRA r={ft.lora_r} alpha={ft.lora_alpha}'}, {ft.steps} steps, "
-              f"batch {ft.batch_size}, lr {ft.learning_rate:g}, max length {ft.max_length}, seed {ft.seed}")
-    lines = [f"# Comparison `{cfg.name}`", "",
-             f"Target `{cfg.models.target}`, {recipe}: the same recipe for every cell. Budgets in {unit}.", "",
-             f"## Win rate vs Uniform (%), 95% bootstrap CI over prompts (judge: {cfg.judge.backend} "
-             f"`{cfg.judge.model or 'default'}`, both orders, disagreement = tie)", "", head]
-    for m in cfg.all_methods[1:]:
-        cells = []
-        for b in cfg.budgets:
-            r = by[(m, b)]
-            cells.append(f"{_pct(r['win_rate_vs_uniform'])} [{_pct(r['win_rate_ci_low'])}, "
-                         f"{_pct(r['win_rate_ci_high'])}]")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    if len(cfg.all_methods) == 1:
-        lines.append("| (only uniform) | " + " | ".join("-" for _ in cfg.budgets) + " |")
-    base = by[("base", 0)]
-    lines += ["", f"## Held-out loss (perplexity); base model without fine-tuning: {base['heldout_loss']:.4f} "
-              f"({base['heldout_ppl']:.2f})", "", head]
-    for m in cfg.all_methods:
-        lines.append(f"| {m} | " + " | ".join(f"{by[(m, b)]['heldout_loss']:.4f} ({by[(m, b)]['heldout_ppl']:.2f})"
-                                               for b in cfg.budgets) + " |")
-    lines += ["", "## Judge diagnostics", "",
-              "| Method | Budget | wins | losses | ties | judge errors | position bias (slot 1 picked) "
-              "| length bias (longer text won) | length-controlled win rate (%) |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for m in cfg.all_methods[1:]:
-        for b in cfg.budgets:
-            r = by[(m, b)]
-            lines.append(f"| {m} | {b} | {r['wins']} | {r['losses']} | {r['ties']} | {r['errors']} | "
-                         f"{_ratio(r['position_bias'])} | {_ratio(r.get('longer_won'))} | "
-                         f"{_pct(r.get('lc_win_rate'))} |")
-    if note:
-        lines += ["", f"**Judge caveat:** {note}."]
-    return "\n".join(lines) + "\n"
-
-
-def csv_bytes(rows: list[dict]) -> bytes:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue().encode()
-
-
-def plot_png(cfg: CompareConfig, rows: list[dict]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for m in cfg.all_methods:
-        rs = [r for r in rows if r["method"] == m]
-        x = [r["budget"] for r in rs]
-        ax2.plot(x, [r["heldout_loss"] for r in rs], marker="o", label=m)
-        if m != BASELINE:
-            y = [100 * (r["win_rate_vs_uniform"] if r["win_rate_vs_uniform"] is not None else float("nan"))
-                 for r in rs]
-            lo = [yy - 100 * (r["win_rate_ci_low"] if r["win_rate_ci_low"] is not None else float("nan"))
-                  for yy, r in zip(y, rs)]
-            hi = [100 * (r["win_rate_ci_high"] if r["win_rate_ci_high"] is not None else float("nan")) - yy
-                  for yy, r in zip(y, rs)]
-            ax1.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=m)
-    base = next(r for r in rows if r["method"] == "base")
-    ax2.axhline(base["heldout_loss"], color="grey", linestyle="--", label="base model")
-    ax1.axhline(50, color="grey", linestyle="--", label="uniform (50%)")
-    unit = "examples" if cfg.budget_unit == "examples" else "loss tokens"
-    ax1.set(xlabel=f"budget ({unit})", ylabel="win rate vs uniform (%)", title="LLM judge")
-    ax2.set(xlabel=f"budget ({unit})", ylabel="held-out loss", title="held-out loss")
-    for ax in (ax1, ax2):
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-ARTIFACT_KEYS = ("selection_uri", "model_uri", "eval_uri", "generations_uri", "judgments_uri")
-
-
-def commit_report(cfg: CompareConfig, rows: list[dict], cells: dict, base_uri: str, markdown: str,
-                  summary: dict) -> str:
-    """The report artifact: keyed on the config and every cell's artifacts, so a rerun that reuses every stage
-    reuses the report too (MLflow run ids and timings are not part of it)."""
-
-    def build(writer) -> None:
-        writer.write_bytes("results.md", markdown.encode())
-        writer.write_bytes("results.csv", csv_bytes(rows))
-        writer.write_table("results.parquet", pa.Table.from_pylist([{k: r[k] for k in EVAL_RESULTS.schema.names}
-                                                                    for r in rows]), EVAL_RESULTS)
-        writer.write_bytes("results.png", plot_png(cfg, rows))
-        writer.write_json("summary.json", summary)
-        writer.meta.update({"name": cfg.name, "methods": cfg.all_methods, "budgets": cfg.budgets})
-
-    upstream = {"base": base_uri, **{f"{m}@{b}": {k: c[k] for k in ARTIFACT_KEYS if k in c}
-                                     for (m, b), c in cells.items()}}
-    return build_once(REPORT_KIND, __name__, {"config": cfg}, build, upstream=upstream)
-
 
 # ---------------------------------------------------------------- the flow
 
@@ -180,70 +43,100 @@ def _public_params(cfg: CompareConfig) -> dict:
     return d
 
 
+def run_cell(cfg: CompareConfig, method: str, budget: int, replicate: int, train_tokens: int | None,
+             parent: str, timings: dict, baseline: dict | None) -> dict:
+    """One cell: select, fine-tune on the budget's token compute, held-out loss; on replicate 0 also generate
+    and, for a method other than uniform, judge against uniform. `train_tokens` None: uniform of an example
+    budget, which fixes the budget's token compute from its own selection."""
+    name = f"{method}@{budget}" + (f"#{replicate}" if replicate else "")
+    selector, unit, size = method, None, budget
+    if method == FULL:  # every pool example; the token compute, not the selection, is what is held equal
+        selector, unit, size = BASELINE, "examples", None
+    tags = {"method": method, "budget": budget, "budget_unit": cfg.budget_unit, "replicate": replicate,
+            "prefect.flow": "compare"}
+    with tracking.start_run(name, tags=tags, parent_run_id=parent) as child:
+        with progress.stage(f"{name} select", timings):
+            if size is None:
+                size = pool_size(cfg)
+            examples_uri, selection_uri = select_pipeline(cfg.curate_config(selector, size, replicate, unit), child)
+        if train_tokens is None:
+            train_tokens = round(cfg.epochs * load_selection(selection_uri)[1]["selected_tokens"])
+        ft = cfg.finetune_config(train_tokens, replicate)
+        with progress.stage(f"{name} finetune", timings):
+            model_uri = call(finetune_task, examples_uri, selection_uri, cfg.models.target, ft, child)
+        with progress.stage(f"{name} evaluate", timings):
+            eval_uri = call(heldout_task, examples_uri, model_uri, cfg.models.target, cfg.models.max_length, child)
+        cell = {"examples_uri": examples_uri, "selection_uri": selection_uri, "model_uri": model_uri,
+                "eval_uri": eval_uri, "heldout": read_eval(eval_uri), "train_tokens": train_tokens,
+                "steps_done": finetune_meta(model_uri)["steps_done"], "mlflow_run_id": child}
+        if replicate == 0 and method != FULL:
+            with progress.stage(f"{name} generate", timings):
+                cell["generations_uri"] = call(generate_task, examples_uri, model_uri, cfg.models.target,
+                                               cfg.generation_config(), child)
+            if baseline is not None:
+                with progress.stage(f"{name} judge", timings):
+                    cell["judgments_uri"] = call(judge_task, cell["generations_uri"], baseline["generations_uri"],
+                                                 method, BASELINE, cfg.judge, cfg.seed, child)
+                cell["judge"] = read_manifest(cell["judgments_uri"])["meta"]["summary"]
+    return cell
+
+
+def pool_size(cfg: CompareConfig) -> int:
+    return examples_meta(ingest_pool(cfg.curate_config(BASELINE, 1)))["n_train"]
+
+
 @flow(name="compare", log_prints=True, task_runner=task_runner_from_settings())
 def compare(config: CompareConfig = CompareConfig()) -> dict:
-    """Fine-tune the target on each selection (methods x budgets) and compare held-out loss and judge win rate."""
+    """Fine-tune the target on each selection (methods x budgets x replicates) at equal token compute; compare
+    held-out loss (intervals, paired differences to uniform, groups) and the judge's win rate."""
     cfg = config if isinstance(config, CompareConfig) else CompareConfig.model_validate(config)
     ensure_home()
-    target = cfg.models.target
+    methods = cfg.all_methods + ([FULL] if cfg.reference_full else [])
     timings: dict[str, float] = {}
-    cells: dict[tuple[str, int], dict] = {}
-    runs: dict[str, str] = {}
-    examples_uri = None
+    cells: dict[tuple[str, int], list[dict]] = {}
+    train_tokens: dict[int, int] = {}
     tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow": "compare"}
     with tracking.start_run(cfg.name, tags=tags, params=_public_params(cfg)) as parent:
         for budget in cfg.budgets:
-            for method in cfg.all_methods:  # uniform first: its generations are what the others are judged against
-                cell_name = f"{method}@{budget}"
-                child_tags = {"method": method, "budget": budget, "budget_unit": cfg.budget_unit,
-                              "prefect.flow": "compare"}
-                child_params = {"method": method, "budget": budget, "budget_unit": cfg.budget_unit,
-                                **fairness_params(cfg.finetune, target)}
-                with tracking.start_run(cell_name, tags=child_tags, params=child_params,
-                                        parent_run_id=parent) as child:
-                    with progress.stage(f"{cell_name} select", timings):
-                        examples_uri, selection_uri = select_pipeline(cfg.curate_config(method, budget), child)
-                    with progress.stage(f"{cell_name} finetune", timings):
-                        model_uri = call(finetune_task, examples_uri, selection_uri, target, cfg.finetune, child)
-                    with progress.stage(f"{cell_name} evaluate", timings):
-                        eval_uri = call(heldout_task, examples_uri, model_uri, target, cfg.models.max_length, child)
-                        gens_uri = call(generate_task, examples_uri, model_uri, target, cfg.generation_config(),
-                                        child)
-                    runs[cell_name] = child
-                    cell = {"selection_uri": selection_uri, "model_uri": model_uri, "eval_uri": eval_uri,
-                            "generations_uri": gens_uri, "heldout": read_eval(eval_uri),
-                            "steps_done": finetune_meta(model_uri)["steps_done"]}
-                    if method != BASELINE:
-                        with progress.stage(f"{cell_name} judge", timings):
-                            j_uri = call(judge_task, gens_uri, cells[(BASELINE, budget)]["generations_uri"],
-                                         method, BASELINE, cfg.judge, cfg.seed, child)
-                        cell["judgments_uri"] = j_uri
-                        cell["judge"] = read_manifest(j_uri)["meta"]["summary"]
-                    cells[(method, budget)] = cell
+            tokens = round(cfg.epochs * budget) if cfg.budget_unit == "tokens" else None
+            for method in methods:  # uniform first: its generations are what the others are judged against
+                baseline = cells[(BASELINE, budget)][0] if method != BASELINE else None
+                cells[(method, budget)] = [run_cell(cfg, method, budget, r, tokens, parent, timings, baseline)
+                                           for r in range(cfg.replicates)]
+                tokens = train_tokens[budget] = cells[(method, budget)][0]["train_tokens"]
+        first = cells[(BASELINE, cfg.budgets[0])][0]
+        examples_uri = first["examples_uri"]
         with progress.stage("base model", timings):
-            base_uri = call(heldout_task, examples_uri, None, target, cfg.models.max_length, parent)
-        base = read_eval(base_uri)
+            base_uri = call(heldout_task, examples_uri, None, cfg.models.target, cfg.models.max_length, parent)
+        with progress.stage("judge sanity", timings):  # known pairs: is this judge's win rate evidence at all?
+            sanity_uri = call(judge_sanity_task, first["generations_uri"], cfg.judge, cfg.seed)
+        sanity = read_manifest(sanity_uri)["meta"]
+        tracking.log_metrics(parent, {"judge_sanity/accuracy": sanity["accuracy"],
+                                      "judge_sanity/position_bias": sanity["position_bias"]})
         note = judge_note(cfg.judge)
-        rows = result_rows(cfg, cells, base)
-        markdown = markdown_table(cfg, rows, note)
+        with progress.stage("report", timings):
+            rows = result_rows(cfg, cells, base_uri, examples_uri, methods)
+            markdown = markdown_table(cfg, rows, methods, train_tokens, note, sanity)
         summary = {
             "name": cfg.name, "mlflow_run_id": parent, "flow_run_id": str(flow_run.id or ""),
-            "examples_uri": examples_uri, "methods": cfg.all_methods, "budgets": cfg.budgets,
-            "budget_unit": cfg.budget_unit, "target_model": target, "base_heldout_loss": base["loss"],
+            "examples_uri": examples_uri, "methods": methods, "budgets": cfg.budgets,
+            "budget_unit": cfg.budget_unit, "replicates": cfg.replicates, "train_tokens": train_tokens,
+            "target_model": cfg.models.target, "base_heldout_loss": read_eval(base_uri)["loss"],
             "base_eval_uri": base_uri, "judge_backend": cfg.judge.backend, "judge_note": note,
-            "cells": {f"{m}@{b}": {k: v for k, v in c.items()} for (m, b), c in cells.items()},
-            "rows": rows, "timings": timings, "mlflow_runs": runs,
+            "judge_sanity": {k: sanity[k] for k in ("accuracy", "pairs", "errors", "position_bias", "trusted")},
+            "judge_sanity_uri": sanity_uri,
+            "cells": {f"{m}@{b}" + (f"#{r}" if r else ""): {k: v for k, v in c.items() if k != "mlflow_run_id"}
+                      for (m, b), reps in cells.items() for r, c in enumerate(reps)},
+            "rows": rows,
         }
-        report_uri = commit_report(cfg, rows, cells, base_uri, markdown,
-                                   {k: v for k, v in summary.items()
-                                    if k not in ("timings", "flow_run_id", "mlflow_run_id", "mlflow_runs")})
-        summary["report_uri"] = report_uri
-        summary["table_markdown"] = markdown
+        report_uri = commit_report(cfg, rows, cells, base_uri, sanity_uri, markdown, summary, methods)
+        summary.update({"report_uri": report_uri, "table_markdown": markdown, "timings": timings,
+                        "mlflow_runs": {f"{m}@{b}#{r}": c["mlflow_run_id"]
+                                        for (m, b), reps in cells.items() for r, c in enumerate(reps)}})
         for name in ("results.md", "results.csv", "results.parquet", "results.png"):
             tracking.log_bytes(parent, read_bytes(join(report_uri, name)), name, "report")
-        tracking.log_metrics(parent, {"base_heldout_loss": base["loss"], "cells": len(cells)})
+        tracking.log_metrics(parent, {"base_heldout_loss": summary["base_heldout_loss"], "cells": len(cells)})
         create_markdown_artifact(markdown, key="compare-results", description=f"sftcurate comparison {cfg.name}")
-    print(markdown)
     return json.loads(json.dumps(summary, default=str))
 
 

@@ -21,6 +21,11 @@ from sftcurate.tasks.common import call
 from sftcurate.tasks.curate import ingest_task, produce_inputs, select_task
 
 
+def ingest_pool(cfg: CurateConfig) -> str:
+    """The examples artifact of the configured source (ingested unless it is committed)."""
+    return call(ingest_task, cfg.source, source_fingerprint(cfg.source), cfg.models.target, cfg.models.max_length)
+
+
 def select_pipeline(cfg: CurateConfig, run_id: str | None, timings: dict | None = None) -> tuple[str, str]:
     """Ingest, produce the selector's inputs, select. Returns (examples_uri, selection_uri)."""
     timings = {} if timings is None else timings
@@ -28,8 +33,7 @@ def select_pipeline(cfg: CurateConfig, run_id: str | None, timings: dict | None 
     budget.check(pool_size=2**62)  # <= 0 budgets fail before anything is read or committed
     requires = selector_class(cfg.selection.method).requires
     with progress.stage("ingest", timings):
-        examples_uri = call(ingest_task, cfg.source, source_fingerprint(cfg.source), cfg.models.target,
-                            cfg.models.max_length)
+        examples_uri = ingest_pool(cfg)
     meta = examples_meta(examples_uri)
     budget.check(meta["n_train"], meta["train_tokens"])
     input_uris = produce_inputs(requires, examples_uri, cfg, run_id, lambda name: progress.stage(name, timings))

@@ -28,6 +28,11 @@ def generate_task(examples_uri: str, model_uri: str | None, target_spec: str, cf
     return evaluate.generate(examples_uri, model_uri, target_spec, model_fingerprint(target_spec), cfg, run_id)
 
 
+@stage_task("judge-sanity")
+def judge_sanity_task(gens_uri: str, cfg: JudgeConfig, seed: int = 0) -> str:
+    return judge.judge_sanity(gens_uri, cfg, seed)
+
+
 @stage_task("judge")
 def judge_task(gens_a_uri: str, gens_b_uri: str, method_a: str, method_b: str, cfg: JudgeConfig, seed: int = 0,
                run_id: str | None = None) -> str:

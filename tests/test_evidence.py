@@ -41,6 +41,7 @@ def test_paired_difference_calls_only_what_its_interval_supports():
     assert evidence.verdict(d_better) == "better" and d_better.high < 0
     assert evidence.verdict(d_same) == "no difference" and d_same.low < 0 < d_same.high
     assert evidence.verdict(evidence.paired_difference(base, better, tokens, n_boot=500)) == "worse"
+    assert evidence.verdict(d_better, replicates=1) == "not called (1 replicate)"
 
 
 def test_group_losses_worst_group_and_coverage_of_a_rare_group():

@@ -328,3 +328,64 @@ def test_openai_backend_gives_up_as_errors_not_ties(monkeypatch):
     assert server.auth == {""}  # no key configured -> no Authorization header
 
 
+
+
+class ScriptedChat:
+    """A chat-completions endpoint on 127.0.0.1 whose answer is `decide(prompt, text_1, text_2)` ("1" or "2")."""
+
+    def __init__(self, decide):
+        def answer(content: str) -> str:
+            prompt = content.split("Prompt:")[1].split("Text 1:")[0].strip()
+            t1 = content.split("Text 1:")[1].split("Text 2:")[0].strip()
+            t2 = content.split("Text 2:")[1].split("Which text")[0].strip()
+            return decide(prompt, t1, t2)
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                data = json.dumps({"choices": [{"message": {"role": "assistant",
+                                                            "content": answer(body["messages"][0]["content"])}}]})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data.encode())
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_judge_sanity_passes_a_judge_that_knows_better_and_fails_one_that_picks_slot_1(store_root, monkeypatch):
+    from sftcurate.core.judge import TRUSTED_ACCURACY, judge_sanity
+
+    ids = [f"p{i}" for i in range(9)]
+    references = {f"Explain Python lists {i}": f"the true continuation of prompt {i} says lists keep order and "
+                  f"grow as needed, case {i}" for i in ids}
+    table = pa.table({"prompt_id": ids, "prompt": [f"Explain Python lists {i}" for i in ids],
+                      "reference": [references[f"Explain Python lists {i}"] for i in ids],
+                      "text": ["a model's text"] * len(ids)})
+    gens_uri = commit_gens("sanity", table)
+    knows = ScriptedChat(lambda prompt, t1, t2: "1" if t1 == references[prompt] else "2")
+    slot_1 = ScriptedChat(lambda prompt, t1, t2: "1")
+    results = {}
+    for name, server in (("knows", knows), ("slot_1", slot_1)):
+        with server:
+            monkeypatch.setenv("SFTCURATE_JUDGE_BASE_URL", server.url)
+            cfg = JudgeConfig(backend="openai", model=f"scripted-{name}", timeout_s=5, max_retries=0, logprobs=False)
+            results[name] = read_manifest(judge_sanity(gens_uri, cfg, seed=0))["meta"]
+    assert results["knows"]["accuracy"] == 1.0 and results["knows"]["trusted"]
+    assert results["knows"]["position_bias"] == 0.5 and results["knows"]["pairs"] == 9
+    assert results["slot_1"]["accuracy"] == 0.0 < TRUSTED_ACCURACY and not results["slot_1"]["trusted"]
+    assert results["slot_1"]["position_bias"] == 1.0
