@@ -57,7 +57,7 @@ def result_rows(cfg: CompareConfig, cells: dict, base_uri: str, examples_uri: st
     base_ci = evidence.bootstrap(base_loss, tokens, n_boot, cfg.seed)
     base_groups = evidence.group_losses(base_loss, tokens, groups)
     pool_groups = load_pool(examples_uri).column("group").to_pylist()
-    rows = [_row("base", 0, base_ci, None, base_groups, None, {}, 0, 0, 1, base_uri)]
+    rows = [_row("base", 0, base_ci, None, base_groups, None, {}, 0, 0, 1)]
     for budget in cfg.budgets:
         baseline, _, _ = _losses(cells[(BASELINE, budget)])
         for method in methods:
@@ -70,11 +70,11 @@ def result_rows(cfg: CompareConfig, cells: dict, base_uri: str, examples_uri: st
             metas = [finetune_meta(r["model_uri"]) for r in reps]
             rows.append(_row(method, budget, ci, diff, evidence.group_losses(loss, tokens, groups), cover,
                              reps[0].get("judge") or {}, float(np.mean([m["tokens_seen"] for m in metas])),
-                             float(np.mean([m["steps_done"] for m in metas])), len(reps), None))
+                             float(np.mean([m["steps_done"] for m in metas])), len(reps)))
     return rows
 
 
-def _row(method, budget, ci, diff, per_group, cover, judge, tokens_seen, steps, replicates, _uri) -> dict:
+def _row(method, budget, ci, diff, per_group, cover, judge, tokens_seen, steps, replicates) -> dict:
     worst, worst_loss = evidence.worst_group(per_group)
     return {
         "method": method, "budget": budget, "heldout_loss": ci.mean, "heldout_ppl": math.exp(min(ci.mean, 50.0)),
