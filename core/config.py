@@ -31,7 +31,10 @@ class SourceConfig(Section):
                                     "{prompt: question, response: answer}")
     hf_split: str = Field("train", description="split of a Hugging Face dataset")
     hf_config: str | None = Field(None, description="config name of a Hugging Face dataset")
-    limit: int | None = Field(None, description="keep only the first N records (after reading)")
+    limit: int | None = Field(None, gt=0, description="keep only the first N records (after reading)")
+    sample: int | None = Field(None, gt=0, description="keep a seeded random sample of N records (after limit), "
+                               "in file order: a fair subset of a file sorted by category")
+    sample_seed: int = Field(0, description="seed of source.sample")
     group_field: str | None = Field(None, description="record field that names each example's group (e.g. "
                                     "category) for per-group metrics; default: where the record came from")
     heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of examples held out, by id hash")
@@ -395,3 +398,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def load_compare_config(path: str | Path | None = None, overrides: list[str] | None = None) -> CompareConfig:
     return load_config(path, overrides, model=CompareConfig)
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The configuration as YAML, every field included (what `sftcurate config show` prints)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

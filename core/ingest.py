@@ -193,6 +193,9 @@ def read_records(source: SourceConfig) -> list[RawRecord]:
         records = [r for uri in resolve_files(source.uri) for r in read_file_records(uri, source.passage_chars)]
     if source.limit is not None:
         records = records[: source.limit]
+    if source.sample is not None and source.sample < len(records):
+        keep = np.sort(np.random.default_rng(source.sample_seed).choice(len(records), source.sample, replace=False))
+        records = [records[i] for i in keep]
     if not records:
         raise IngestError(f"{source.uri}: the data set is empty; point source.uri at a file with records")
     return records
@@ -218,7 +221,9 @@ class IngestStats:
 def build_examples(source: SourceConfig, tokenizer, max_length: int) -> tuple[pa.Table, IngestStats]:
     records = read_records(source)
     stats = IngestStats(records=len(records))
-    prompts, responses, sources, groups, ids, seen = [], [], [], [], [], set()
+    columns: dict[str, list] = {name: [] for name in ("id", "prompt", "response", "source", "group", "origin",
+                                                       "format", "raw")}
+    seen: set[str] = set()
     fmt_by_file: dict[str, str] = {}
     for raw in records:
         fmt = source.format
@@ -246,23 +251,27 @@ def build_examples(source: SourceConfig, tokenizer, max_length: int) -> tuple[pa
             stats.duplicates_removed += 1
             continue
         seen.add(eid)
-        ids.append(eid)
-        prompts.append(prompt)
-        responses.append(response)
-        sources.append(raw.where)
-        groups.append(record_group(raw, source.group_field))
-    prompt_tokens = count_tokens(tokenizer, prompts)
-    loss_tokens = loss_token_count(prompt_tokens, count_tokens(tokenizer, responses), max_length)
-    heldout = is_heldout(ids, source.heldout_fraction)
+        for name, value in (("id", eid), ("prompt", prompt), ("response", response), ("source", raw.where),
+                            ("group", record_group(raw, source.group_field)), ("origin", f"{raw.where}: {raw.row}"),
+                            ("format", fmt), ("raw", raw_json(raw))):
+            columns[name].append(value)
+    prompt_tokens = count_tokens(tokenizer, columns["prompt"])
+    loss_tokens = loss_token_count(prompt_tokens, count_tokens(tokenizer, columns["response"]), max_length)
+    heldout = is_heldout(columns["id"], source.heldout_fraction)
     if heldout.all():
         raise IngestError(f"{source.uri}: every example fell into the held-out split; lower source.heldout_fraction "
                           "or add data")
     table = pa.table({
-        "id": ids, "prompt": prompts, "response": responses, "source": sources, "group": groups,
-        "prompt_tokens": prompt_tokens, "response_tokens": loss_tokens,
+        **columns, "prompt_tokens": prompt_tokens, "response_tokens": loss_tokens,
         "split": np.where(heldout, "heldout", "train").tolist(),
     })
     return table, stats
+
+
+def raw_json(raw: RawRecord) -> str:
+    """The user's record exactly as read (every field, in order), for export; values JSON cannot hold (bytes,
+    dates in parquet) become their string form."""
+    return json.dumps(raw.record, ensure_ascii=False, default=str)
 
 
 def record_group(raw: RawRecord, field: str | None) -> str:
@@ -294,7 +303,7 @@ def ingest(source: SourceConfig, source_fp: str, tokenizer_spec: str, max_length
             "records": stats.records, "duplicates_removed": stats.duplicates_removed, "formats": stats.formats,
             "n_examples": table.num_rows, "n_train": int(train.sum()), "n_heldout": int((~train).sum()),
             "train_tokens": int(np.asarray(table.column("response_tokens"))[train].sum()),
-            "tokenizer": tokenizer_spec, "max_length": max_length,
+            "tokenizer": tokenizer_spec, "max_length": max_length, "columns": source.columns,
         })
 
     params = {"source": source, "source_fingerprint": source_fp, "tokenizer": model_fingerprint(tokenizer_spec),

@@ -7,6 +7,7 @@ how inputs are read, not on how they were computed.
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 
@@ -84,8 +85,12 @@ def load_sentence_embeddings_into(uri: str, inputs) -> None:
 
 def load_features_file(path: str, expected_d: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(features float32 [T, d], offsets int64 [N+1]) from a `.safetensors` file or a token-features artifact
-    folder, validated by the TOKEN_FEATURES contract (shapes, dtypes, monotone offsets, finite rows)."""
+    folder, validated by the TOKEN_FEATURES contract (shapes, dtypes, monotone offsets, finite rows). A shard
+    file of a committed artifact (`.../features-00000.safetensors`) stands for the whole artifact."""
     path = str(path)
+    folder = path.rsplit("/", 1)[0] if "/" in path else "."
+    if re.search(r"(^|/)features-\d{5}\.safetensors$", path) and exists(join(folder, "_MANIFEST.json")):
+        path = folder
     if path.endswith(".safetensors"):
         tensors, _ = read_tensors(path, TOKEN_FEATURES_CONTRACT)
         feats, offsets = tensors["features"], tensors["offsets"]

@@ -63,18 +63,22 @@ def validate_table(table: pa.Table, contract: Contract, where: str = "<memory>")
 
 EXAMPLES = Contract(
     name="examples",
-    version=2,
+    version=3,
     schema=pa.schema([
         ("id", pa.string()),            # stable content hash; drives the held-out split
         ("prompt", pa.string()),        # "" for plain text
         ("response", pa.string()),      # loss tokens come from here
         ("source", pa.string()),        # file / dataset / builtin the row came from (used for stratification)
         ("group", pa.string()),         # the record's group for per-group metrics: source.group_field, or source
+        ("origin", pa.string()),        # file (or data set) and line / row of the record
+        ("format", pa.string()),        # the record's format (text, prompt_response, alpaca, messages, sharegpt)
+        ("raw", pa.string()),           # the record exactly as read, as JSON (what export gives back)
         ("prompt_tokens", pa.int64()),
         ("response_tokens", pa.int64()),
         ("split", pa.string()),         # "train" (the pool) or "heldout"
     ]),
-    non_null=("id", "prompt", "response", "source", "group", "prompt_tokens", "response_tokens", "split"),
+    non_null=("id", "prompt", "response", "source", "group", "origin", "format", "raw", "prompt_tokens",
+              "response_tokens", "split"),
 )
 
 SELECTION = Contract(

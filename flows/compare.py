@@ -85,7 +85,7 @@ def pool_size(cfg: CompareConfig) -> int:
     return examples_meta(ingest_pool(cfg.curate_config(BASELINE, 1)))["n_train"]
 
 
-@flow(name="compare", log_prints=True, task_runner=task_runner_from_settings())
+@flow(name="compare", log_prints=True, persist_result=False, task_runner=task_runner_from_settings())
 def compare(config: CompareConfig = CompareConfig()) -> dict:
     """Fine-tune the target on each selection (methods x budgets x replicates) at equal token compute; compare
     held-out loss (intervals, paired differences to uniform, groups) and the judge's win rate."""

@@ -18,7 +18,7 @@ from sftcurate.infra.models import model_fingerprint
 from sftcurate.infra.runners import task_runner_from_settings
 from sftcurate.infra.store import join, read_bytes
 from sftcurate.tasks.common import call
-from sftcurate.tasks.curate import ingest_task, produce_inputs, select_task
+from sftcurate.tasks.curate import curated_task, ingest_task, produce_inputs, select_task
 
 
 def ingest_pool(cfg: CurateConfig) -> str:
@@ -50,7 +50,7 @@ def summary_markdown(summary: dict) -> str:
     return f"# Curation `{summary['name']}`\n\n| field | value |\n|---|---|\n{rows}\n\nStage timings: {timings}\n"
 
 
-@flow(name="curate", log_prints=True, task_runner=task_runner_from_settings())
+@flow(name="curate", log_prints=True, persist_result=False, task_runner=task_runner_from_settings())
 def curate(config: CurateConfig = CurateConfig()) -> dict:
     """Select the most informative subset of a data set and commit it as a selection manifest."""
     cfg = config if isinstance(config, CurateConfig) else CurateConfig.model_validate(config)
@@ -59,6 +59,8 @@ def curate(config: CurateConfig = CurateConfig()) -> dict:
     tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow": "curate", "method": cfg.selection.method}
     with tracking.start_run(cfg.name, tags=tags, params=cfg.model_dump()) as run_id:
         examples_uri, selection_uri = select_pipeline(cfg, run_id, timings)
+        with progress.stage("records", timings):
+            curated_uri = call(curated_task, examples_uri, selection_uri)
         table, meta = load_selection(selection_uri)
         ex_meta = examples_meta(examples_uri)
         summary = {
@@ -68,7 +70,8 @@ def curate(config: CurateConfig = CurateConfig()) -> dict:
             "selected": meta["selected"], "pool_tokens": meta["pool_tokens"], "tokens_kept": meta["selected_tokens"],
             "objective": meta.get("objective"), "target_model": cfg.models.target,
             "target_fingerprint": model_fingerprint(cfg.models.target),
-            "examples_uri": examples_uri, "selection_uri": selection_uri, "mlflow_run_id": run_id,
+            "examples_uri": examples_uri, "selection_uri": selection_uri, "curated_uri": curated_uri,
+            "mlflow_run_id": run_id,
             "flow_run_id": str(flow_run.id or ""), "timings": timings,
         }
         metrics = {"pool_size": meta["pool_size"], "selected": meta["selected"], "pool_tokens": meta["pool_tokens"],

@@ -129,7 +129,7 @@ def report_markdown(report: dict) -> str:
             f"**Added:** {_ids_line(report['added_ids'])}\n\n**Removed:** {_ids_line(report['removed_ids'])}\n")
 
 
-@flow(name="refresh", log_prints=True)
+@flow(name="refresh", log_prints=True, persist_result=False)
 def refresh(config: CurateConfig = CurateConfig()) -> dict:
     """Re-run the curation if the source data changed (cache hits otherwise) and report what changed."""
     from sftcurate.flows.curate import curate

@@ -14,10 +14,12 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(no_args_is_help=True,
                   help="Pick the most informative subset of an SFT data set, fine-tune on it, prove the gain.")
 reproduce_app = typer.Typer(no_args_is_help=True, help="Reproduce experiments from the papers.")
 app.add_typer(reproduce_app, name="reproduce")
+config_app = typer.Typer(no_args_is_help=True, help="Show or start a configuration (every field, with defaults).")
+app.add_typer(config_app, name="config")
 console = Console(stderr=True)
 out = Console()
 
@@ -114,13 +116,13 @@ def print_summary(title: str, summary: dict) -> None:
 @app.command()
 def run(config: Path = typer.Argument(..., help="run configuration (YAML)"),
         set_: List[str] = typer.Option([], "--set", help="override a setting: section.key=value"),
-        json_out: Optional[Path] = typer.Option(None, "--json", help="also write the summary as JSON here")):
+        json_out: Optional[str] = typer.Option(None, "--json", help="also write the summary as JSON (- for stdout)")):
     """Run the `curate` flow: ingest -> select -> commit a selection manifest."""
     cfg, summary = run_config_flow("curate", config, set_, json_out)
     print_summary(f"curation {cfg.name}", summary)
 
 
-def run_config_flow(name: str, config: Path, overrides: list[str], json_out: Optional[Path]):
+def run_config_flow(name: str, config: Path, overrides: list[str], json_out: Optional[str]):
     """Load a CurateConfig, run flows.<name>.<name> on it with progress; one-line errors; optional JSON."""
     import importlib
 
@@ -132,14 +134,14 @@ def run_config_flow(name: str, config: Path, overrides: list[str], json_out: Opt
     except user_errors() as exc:
         fail(exc)
     if json_out:
-        json_out.write_text(json.dumps(result, indent=2, default=str))
+        _write_json(json_out, result)
     return cfg, result
 
 
 @app.command()
 def refresh(config: Path = typer.Argument(..., help="run configuration (YAML)"),
             set_: List[str] = typer.Option([], "--set", help="override a setting: section.key=value"),
-            json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON here")):
+            json_out: Optional[str] = typer.Option(None, "--json", help="also write the report as JSON (- for stdout)")):
     """Run the `refresh` flow: re-curate if the source data changed (all cache hits if not), report the change."""
     cfg, report = run_config_flow("refresh", config, set_, json_out)
     shown = {k: (v if not isinstance(v, list) else f"{len(v)} ids: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}")
@@ -160,7 +162,8 @@ def select(method: str = typer.Argument(..., help="selector name (uniform, fishe
            algorithm: Optional[str] = typer.Option(None, help="fishersft: lazy, naive or stochastic"),
            clusters: Optional[int] = typer.Option(None, help="s2l: number of K-means clusters (default 100)"),
            seed: int = typer.Option(0, help="seed of every random choice"),
-           param: List[str] = typer.Option([], help="other selector parameter: key=value")):
+           param: List[str] = typer.Option([], help="other selector parameter: key=value"),
+           json_out: Optional[str] = typer.Option(None, "--json", help="also write the result as JSON (- for stdout)")):
     """Run one selector on files and write its selection manifest (the same interface for every method)."""
     from sftcurate.selectcli import select_from_files
 
@@ -175,12 +178,15 @@ def select(method: str = typer.Argument(..., help="selector name (uniform, fishe
                                  trajectories=trajectories, examples=examples, model=model)
     except user_errors() as exc:
         fail(exc)
+    if json_out:
+        _write_json(json_out, meta)
     print_summary(f"selection {method}", meta)
 
 
 @app.command()
 def compare(config: Path = typer.Argument(..., help="comparison configuration (YAML)"),
-            set_: List[str] = typer.Option([], "--set", help="override a setting: section.key=value")):
+            set_: List[str] = typer.Option([], "--set", help="override a setting: section.key=value"),
+            json_out: Optional[str] = typer.Option(None, "--json", help="also write the summary as JSON (- for stdout)")):
     """Run the `compare` flow: selectors x budgets, fine-tune, held-out loss, pairwise judge."""
     try:
         from sftcurate.core.config import load_compare_config
@@ -190,10 +196,39 @@ def compare(config: Path = typer.Argument(..., help="comparison configuration (Y
         summary = run_with_progress(compare_flow, cfg)
     except user_errors() as exc:
         fail(exc)
+    if json_out:
+        _write_json(json_out, summary)
     print_summary("comparison", {k: v for k, v in summary.items()
                                  if not isinstance(v, (list, dict)) and k != "table_markdown"})
-    if "table_markdown" in summary:
-        out.print(summary["table_markdown"])
+    out.print(summary["table_markdown"])
+
+
+@app.command()
+def export(selection: str = typer.Argument(..., help="selection URI (the selection_uri a run printed)"),
+           out_path: str = typer.Option(..., "--out", help="where to write: a local path or s3://"),
+           fmt: str = typer.Option("jsonl", "--format",
+                                   help="jsonl or parquet: your records as they were; messages: OpenAI chat "
+                                        "messages (jsonl); hf: a Hugging Face datasets folder"),
+           push_to_hub: Optional[str] = typer.Option(None, help="also push to this Hugging Face dataset repo"),
+           json_out: Optional[str] = typer.Option(None, "--json", help="also write the result as JSON (- for stdout)")):
+    """Write the selected records out, in pick order, in the format your trainer reads."""
+    from sftcurate.core.export import export as export_records
+
+    try:
+        result = export_records(selection, out_path, fmt, push_to_hub)
+    except user_errors() as exc:
+        fail(exc)
+    if json_out:
+        _write_json(json_out, result)
+    print_summary("export", result)
+
+
+def _write_json(target: str, obj) -> None:
+    text = json.dumps(obj, indent=2, default=str)
+    if target == "-":
+        out.print(text, highlight=False, soft_wrap=True)
+    else:
+        Path(target).write_text(text)
 
 
 @reproduce_app.command("synthetic")
@@ -205,6 +240,46 @@ def reproduce_synthetic(out_dir: Path = typer.Option(..., "--out", help="folder 
 
     result = run_with_progress(run_synthetic, str(out_dir), runs=runs, seed=seed)
     print_summary("FisherSFT synthetic reproduction", {k: v for k, v in result.items() if not isinstance(v, list)})
+
+
+@config_app.command("show")
+def config_show(config: Optional[Path] = typer.Argument(None, help="configuration (YAML); none: the defaults"),
+                set_: List[str] = typer.Option([], "--set", help="override a setting: section.key=value"),
+                compare_config: bool = typer.Option(False, "--compare", help="a comparison configuration")):
+    """Print the effective configuration: the file, the --set overrides and every default."""
+    from sftcurate.core.config import dump_config, load_compare_config, load_config
+
+    try:
+        cfg = load_compare_config(config, set_) if compare_config else load_config(config, set_)
+    except user_errors() as exc:
+        fail(exc)
+    out.print(dump_config(cfg), highlight=False, soft_wrap=True)
+
+
+@config_app.command("init")
+def config_init(out_path: Path = typer.Option(..., "--out", help="file to write (YAML)"),
+                compare_config: bool = typer.Option(False, "--compare", help="a comparison configuration")):
+    """Write a configuration with every field at its default, to edit."""
+    from sftcurate.core.config import CompareConfig, CurateConfig, dump_config
+
+    if out_path.exists():
+        fail(FileExistsError(f"{out_path}: exists; choose another --out or remove it"))
+    out_path.write_text(dump_config(CompareConfig() if compare_config else CurateConfig()))
+    console.print(f"wrote {out_path}")
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        from sftcurate import __version__
+
+        out.print(f"sftcurate {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                              help="print the version and exit")):
+    """Pick the most informative subset of an SFT data set, fine-tune on it, prove the gain."""
 
 
 def main() -> None:  # pragma: no cover

@@ -2,7 +2,7 @@
 a selector needs beyond the pool (token features, loss trajectories), mapped over shards on the task runner."""
 from __future__ import annotations
 
-from sftcurate.core import embedding, ingest, proxy, selection, trajectories
+from sftcurate.core import embedding, export, ingest, proxy, selection, trajectories
 from sftcurate.core.config import CurateConfig, EmbeddingConfig, ProxyConfig, SourceConfig
 from sftcurate.core.inputs import LOADERS
 from sftcurate.core.selectors.base import MODEL, SENTENCE_EMBEDDINGS, TOKEN_FEATURES, TRAJECTORIES, Budget
@@ -71,6 +71,12 @@ def trajectory_commit_task(proxy_uri: str, examples_uri: str, shard_uris: list[s
     return uri
 
 
+@stage_task("curated-records")
+def curated_task(examples_uri: str, selection_uri: str) -> str:
+    """The selected records as the user gave them, in pick order (what `sftcurate export` writes out)."""
+    return export.commit_curated(examples_uri, selection_uri)
+
+
 @stage_task("select")
 def select_task(examples_uri: str, method: str, budget: Budget, seed: int, params, input_uris: dict[str, str],
                 model_spec: str | None = None) -> str:
@@ -122,4 +128,4 @@ def produce_inputs(requires: tuple[str, ...], examples_uri: str, cfg: CurateConf
     return uris
 
 
-__all__ = ["ingest_task", "select_task", "produce_inputs", "PRODUCERS", "MODEL"]
+__all__ = ["ingest_task", "select_task", "curated_task", "produce_inputs", "PRODUCERS", "MODEL"]

@@ -159,17 +159,21 @@ def test_no_task_caches_or_persists_results_and_a_planted_pickle_never_runs(pref
             return (Path.touch, (marker,))
 
     home = Path(os.environ["SFTCURATE_HOME"])
-    prefect_home = Path(os.environ["PREFECT_HOME"])
-    planted = [home / "prefect-results" / "x", prefect_home / "storage" / "x"]
+    storage = Path(os.environ["PREFECT_HOME"]) / "storage"  # Prefect's default local result storage
+
+    def stored() -> set[Path]:
+        return {p for p in storage.rglob("*") if p.is_file()} if storage.exists() else set()
+
+    # Prefect pickles the exception of a FAILED run there (written, never read back); a successful run must
+    # leave nothing, and nothing planted where results would live may ever be loaded.
+    planted = [home / "prefect-results" / "x", storage / "x"]
     for path in planted:
         path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps(Payload()))
+    before = stored()
     cfg = small_config("uniform")
     first = curate(cfg)
-    result_files = {p for p in (prefect_home / "storage").rglob("*") if p.is_file()} if (
-        prefect_home / "storage").exists() else set()
-    for path in planted:  # overwrite anything a run may have left where results would live, then rerun
-        path.write_bytes(pickle.dumps(Payload()))
-    assert not result_files - set(planted), f"task results were persisted: {sorted(result_files)[:3]}"
     second = curate(cfg)
+    assert stored() == before, f"task results were persisted: {sorted(stored() - before)[:3]}"
     assert second["selection_uri"] == first["selection_uri"]
     assert not marker.exists()

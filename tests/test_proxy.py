@@ -39,7 +39,8 @@ def make_examples(rows, store_root: str | None = None) -> str:
     ids = [fingerprint(p, r, i) for i, (p, r, _) in enumerate(rows)]
     table = pa.table({
         "id": ids, "prompt": [p for p, _, _ in rows], "response": [r for _, r, _ in rows],
-        "source": [g for _, _, g in rows], "group": [g for _, _, g in rows],
+        "source": [g for _, _, g in rows], "group": [g for _, _, g in rows], "origin": ["t"] * len(rows),
+        "format": ["prompt_response"] * len(rows), "raw": ["{}"] * len(rows),
         "prompt_tokens": np.array([len(p.split()) for p, _, _ in rows], dtype=np.int64),
         "response_tokens": np.array([len(r.split()) + 1 for _, r, _ in rows], dtype=np.int64),
         "split": ["train"] * len(rows),
