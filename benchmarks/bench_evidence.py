@@ -185,6 +185,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--work", default=str(REPO / ".sftcurate" / "evidence"), help="corpora and cached data")
+    parser.add_argument("--corpora", nargs="*", choices=list(CORPORA), help="only these corpora")
+    parser.add_argument("--write-only", action="store_true",
+                        help="write docs/EVIDENCE.md from the summaries a previous run saved, run nothing")
     args = parser.parse_args()
 
     import torch
@@ -195,6 +198,8 @@ def main() -> int:
 
     gpu = torch.cuda.is_available() or os.environ.get("SFTCURATE_DEVICE", "").startswith("cuda")
     s = settings(args.quick, gpu)
+    if args.corpora:
+        s["corpora"] = args.corpora
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     src = doc_sources(work)
@@ -202,15 +207,23 @@ def main() -> int:
     parts = []
     for name in s["corpora"]:
         records = CORPORA[name](src)
-        data = work / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in records))
-        print(f"{name}: {len(records)} records -> {data}", flush=True)
-        summary = compare(compare_config(name, data, s))
-        (REPO / "docs" / f"evidence-{name}.png").write_bytes(read_bytes(join(summary["report_uri"], "results.png")))
-        (work / f"{name}-summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        print(summary["table_markdown"], flush=True)
+        saved = work / f"{name}-summary.json"
+        if args.write_only:
+            if not saved.exists():
+                print(f"{name}: no saved summary ({saved}); skipped", flush=True)
+                continue
+            summary = json.loads(saved.read_text())
+        else:
+            data = work / f"{name}.jsonl"
+            data.write_text("".join(json.dumps(r) + "\n" for r in records))
+            print(f"{name}: {len(records)} records -> {data}", flush=True)
+            summary = compare(compare_config(name, data, s))
+            (REPO / "docs" / f"evidence-{name}.png").write_bytes(read_bytes(join(summary["report_uri"],
+                                                                                   "results.png")))
+            saved.write_text(json.dumps(summary, indent=2, default=str))
+            print(summary["table_markdown"], flush=True)
         parts.append(corpus_summary(name, records, summary))
-    out = write_evidence(parts, s, time.time() - start, args.quick)
+        out = write_evidence(parts, s, time.time() - start, args.quick)  # after every corpus: partial runs count
     print(f"wrote {out}")
     return 0
 
