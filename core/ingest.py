@@ -22,7 +22,7 @@ from sftcurate.data_contracts import EXAMPLES, UserError
 from sftcurate.core.config import SourceConfig
 from sftcurate.infra.hashing import fingerprint
 from sftcurate.infra.stages import Built, build_once
-from sftcurate.infra.store import filesystem_for, join, read_manifest, read_table
+from sftcurate.infra.store import filesystem_for, join, read_bytes, read_manifest, read_table, retrying
 from sftcurate.core.formats import RecordError, detect_format, normalize
 from sftcurate.core.tokenize import count_tokens, loss_token_count
 
@@ -53,6 +53,10 @@ def source_kind(uri: str) -> str:
 
 
 def resolve_files(uri: str) -> list[str]:
+    return retrying(uri, lambda: _resolve_files(uri))
+
+
+def _resolve_files(uri: str) -> list[str]:
     fs, path = filesystem_for(uri)
     if any(c in path for c in "*?["):
         paths = sorted(fs.glob(path))
@@ -82,12 +86,18 @@ def source_fingerprint(source: SourceConfig) -> str:
         return fingerprint("hf", source.uri, source.hf_config, source.hf_split)
     h = hashlib.sha256()
     for uri in resolve_files(source.uri):
-        fs, path = filesystem_for(uri)
         h.update(uri.encode())
-        with fs.open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        h.update(retrying(uri, lambda: _file_digest(uri)))
     return h.hexdigest()[:16]
+
+
+def _file_digest(uri: str) -> bytes:
+    fs, path = filesystem_for(uri)
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.digest()
 
 
 def split_passages(text: str, target_chars: int) -> list[str]:
@@ -122,9 +132,8 @@ def _decode(uri: str, data: bytes) -> str:
 
 
 def read_file_records(uri: str, passage_chars: int) -> list[RawRecord]:
-    fs, path = filesystem_for(uri)
-    with fs.open(path, "rb") as f:
-        data = f.read()
+    _, path = filesystem_for(uri)
+    data = read_bytes(uri)
     suffix = PurePosixPath(path).suffix.lower()
     if suffix == ".parquet":
         try:

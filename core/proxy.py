@@ -31,10 +31,10 @@ from pathlib import Path
 
 import pyarrow as pa
 from sftcurate.data_contracts import UserError
-from sftcurate.infra.models import resolve_device
+from sftcurate.infra.models import loading_lock, resolve_device
 from sftcurate.infra.stages import Built, build_once
 from sftcurate.infra.store import (
-    ArtifactWriter, MANIFEST, filesystem_for, is_committed, join, read_bytes, read_manifest,
+    ArtifactWriter, MANIFEST, filesystem_for, is_committed, join, read_bytes, read_manifest, retrying,
 )
 from sftcurate.core.config import ProxyConfig
 from sftcurate.core.ingest import load_pool
@@ -51,9 +51,6 @@ MIN_LR_FRACTION = 0.1
 
 class ProxyError(UserError):
     """A proxy setting that cannot work (more checkpoints than steps, an empty pool): fix the config."""
-
-
-_NO_LOCK = threading.Lock()
 
 
 def disable_dropout(model) -> None:
@@ -114,13 +111,17 @@ def local_dir(uri: str) -> Path:
     if (target / ".complete").exists():
         return target
     tmp = target.with_name(f"{target.name}.tmp{os.getpid()}-{threading.get_ident()}")  # shards may race here
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    root = path.rstrip("/")
-    for remote in fs.find(root):
-        rel = remote[len(root):].lstrip("/")
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(remote, str(tmp / rel))
+
+    def copy() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        root = path.rstrip("/")
+        for remote in fs.find(root):
+            rel = remote[len(root):].lstrip("/")
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(remote, str(tmp / rel))
+
+    retrying(uri, copy)
     (tmp / ".complete").write_text(uri)
     try:
         tmp.rename(target)
@@ -169,45 +170,43 @@ def build_fresh(proxy_spec: str, cfg: ProxyConfig, corpus: tuple[str, ...], prox
     if cfg.lora:
         if proxy_spec.startswith(TINY):
             save_pretrained_folder(model, join(proxy_uri, "base"), "proxy_base", {"spec": proxy_spec})
-        from sftcurate.infra import models as infra_models
-
-        # LoRA init draws from torch's global RNG: hold the lock infra.models uses for seeded init
-        with getattr(infra_models, "_SEEDED_INIT", _NO_LOCK), torch.random.fork_rng(devices=[]):
+        # LoRA init draws from torch's global RNG: seeded under the one model-construction lock
+        with loading_lock(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             model = _wrap_lora(model)
     return model, tokenizer
 
 
 def load_tokenizer(proxy_uri: str):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(local_dir(join(proxy_uri, "tokenizer"))))
+    folder = str(local_dir(join(proxy_uri, "tokenizer")))
+    with loading_lock() as tf:
+        tok = tf.AutoTokenizer.from_pretrained(folder)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
 def load_base(proxy_uri: str, proxy_spec: str):
-    from transformers import AutoModelForCausalLM
-
     from sftcurate.infra.models import resolve_model
 
     if is_committed(join(proxy_uri, "base")):
-        return AutoModelForCausalLM.from_pretrained(str(local_dir(join(proxy_uri, "base"))))
+        folder = str(local_dir(join(proxy_uri, "base")))
+        with loading_lock() as tf:
+            return tf.AutoModelForCausalLM.from_pretrained(folder)
     return resolve_model(proxy_spec).model
 
 
 def load_checkpoint_model(proxy_uri: str, ckpt_uri: str, proxy_spec: str, lora: bool, trainable: bool = False):
-    """The model of one committed checkpoint (LoRA adapters merged for inference unless `trainable`)."""
-    from transformers import AutoModelForCausalLM
-
+    """The model of one committed checkpoint (LoRA adapters merged for inference unless `trainable`). Under the
+    model-loading lock: shard tasks on a thread runner load checkpoints at the same time."""
     folder = str(local_dir(ckpt_uri))
-    if not lora:
-        return AutoModelForCausalLM.from_pretrained(folder)
-    from peft import PeftModel
+    with loading_lock() as tf:
+        if not lora:
+            return tf.AutoModelForCausalLM.from_pretrained(folder)
+        from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_base(proxy_uri, proxy_spec), folder, is_trainable=trainable)
-    return model if trainable else model.merge_and_unload()
+        model = PeftModel.from_pretrained(load_base(proxy_uri, proxy_spec), folder, is_trainable=trainable)
+        return model if trainable else model.merge_and_unload()
 
 
 # ---------------------------------------------------------------- training

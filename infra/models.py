@@ -15,9 +15,11 @@ import json
 import os
 import shutil
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 
 from sftcurate.data_contracts.errors import UserError
 from sftcurate.infra.settings import load_settings
@@ -25,14 +27,36 @@ from sftcurate.infra.settings import load_settings
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = "tiny-gpt2"
-# Seeded init uses torch's global RNG: two threads building at once (shard tasks on a thread runner) would
-# interleave draws and get different weights.
-_SEEDED_INIT = threading.Lock()
+# One lock for every model construction and load in this process (shard tasks on a thread runner load at once):
+# - transformers' from_pretrained builds on the meta device by patching torch process-wide, so a model built or
+#   loaded in another thread meanwhile comes out with meta tensors ("Cannot copy out of meta tensor");
+# - transformers' lazy module fails ("cannot import name ...") when threads resolve a name for the first time,
+#   so `loading_lock` resolves the names the project uses once, under the lock (later imports find them set);
+# - seeded init uses torch's global RNG: threads interleaving draws would get different weights.
+# Re-entrant: a caller holding it (core.proxy.load_checkpoint_model) may build its base model through here.
+_LOADING = threading.RLock()
+TRANSFORMERS_NAMES = ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "GPT2Config", "GPT2LMHeadModel",
+                      "PreTrainedTokenizerFast")
 TINY_DEFAULTS = {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab": 512, "n_positions": 512, "seed": 0}
 
 
 class ModelSpecError(UserError):
     pass
+
+
+@contextmanager
+def loading_lock():
+    """Hold the process-wide model-loading lock; yields transformers' classes (resolved once, under the lock)."""
+    with _LOADING:
+        yield transformers_classes()
+
+
+@lru_cache(maxsize=1)
+def transformers_classes() -> SimpleNamespace:
+    """Call under `loading_lock`: the first call resolves the names, which also sets them on the module."""
+    import transformers
+
+    return SimpleNamespace(**{name: getattr(transformers, name) for name in TRANSFORMERS_NAMES})
 
 
 @dataclass
@@ -60,7 +84,6 @@ def parse_tiny_spec(spec: str) -> dict:
 def train_bpe_tokenizer(vocab: int, corpus_key: str = "builtin", corpus: tuple[str, ...] | None = None):
     """Byte-level BPE trained in-process; deterministic for the same corpus and vocab size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     if corpus is None:
         from pydoc_data.topics import topics
@@ -72,8 +95,9 @@ def train_bpe_tokenizer(vocab: int, corpus_key: str = "builtin", corpus: tuple[s
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(list(corpus), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>")
+    with loading_lock() as tf:
+        fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                          pad_token="<|endoftext|>", bos_token="<|endoftext|>")
     fast.padding_side = "right"
     return fast
 
@@ -81,16 +105,16 @@ def train_bpe_tokenizer(vocab: int, corpus_key: str = "builtin", corpus: tuple[s
 def build_tiny_gpt2(spec: str = TINY, corpus: tuple[str, ...] | None = None) -> LoadedModel:
     """A small GPT-2 from config. `corpus` trains the tokenizer on the caller's text (e.g. the pool)."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     p = parse_tiny_spec(spec)
     tokenizer = train_bpe_tokenizer(p["vocab"], "custom" if corpus else "builtin", corpus)
-    config = GPT2Config(n_layer=p["n_layer"], n_embd=p["n_embd"], n_head=p["n_head"], vocab_size=len(tokenizer),
-                        n_positions=p["n_positions"], bos_token_id=tokenizer.eos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    with _SEEDED_INIT, torch.random.fork_rng(devices=[]):
+    with loading_lock() as tf, torch.random.fork_rng(devices=[]):
+        config = tf.GPT2Config(n_layer=p["n_layer"], n_embd=p["n_embd"], n_head=p["n_head"],
+                               vocab_size=len(tokenizer), n_positions=p["n_positions"],
+                               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id)
         torch.manual_seed(p["seed"])
-        model = GPT2LMHeadModel(config)
+        model = tf.GPT2LMHeadModel(config)
     model.eval()
     corpus_fp = hashlib.sha256("\x00".join(corpus).encode()).hexdigest()[:12] if corpus else "builtin"
     return LoadedModel(model, tokenizer, spec, f"tiny-gpt2:{json.dumps(p, sort_keys=True)}:{corpus_fp}")
@@ -108,18 +132,29 @@ def smollm2_gguf_folder() -> Path:
 def builtin_smollm2_folder() -> Path:
     """Convert the quantized GGUF once into a plain fp32 safetensors folder (trainable and saveable)."""
     target = load_settings().model_cache / "smollm2-135m-instruct"
-    if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
+    if _converted(target):
         return target
+    with loading_lock() as tf:  # one conversion per process: a thread that waited here finds the folder done
+        if not _converted(target):
+            _convert_smollm2(target, tf)
+    return target
+
+
+def _converted(target: Path) -> bool:
+    return (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists()
+
+
+def _convert_smollm2(target: Path, tf: SimpleNamespace) -> None:
+    """Call under `loading_lock` (`tf`: its transformers classes)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf_dir = smollm2_gguf_folder()
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    tokenizer = tf.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    quantized = tf.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = tf.AutoConfig.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict(), strict=False)
     model.tie_weights()
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
@@ -128,7 +163,6 @@ def builtin_smollm2_folder() -> Path:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)  # atomic: a crash mid-conversion never leaves a folder that looks complete
-    return target
 
 
 def _folder_fingerprint(folder: Path) -> str:
@@ -143,14 +177,18 @@ def _folder_fingerprint(folder: Path) -> str:
 
 
 def _s3_folder(uri: str) -> Path:
-    from sftcurate.infra.store import filesystem_for
+    from sftcurate.infra.store import filesystem_for, retrying
 
     fs, path = filesystem_for(uri)
     target = load_settings().model_cache / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if not (target / ".complete").exists():
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir(parents=True)
-        fs.get(path.rstrip("/") + "/", str(target), recursive=True)
+
+        def copy() -> None:
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir(parents=True)
+            fs.get(path.rstrip("/") + "/", str(target), recursive=True)
+
+        retrying(uri, copy)
         (target / ".complete").write_text(uri)
     return target
 
@@ -188,10 +226,9 @@ def model_fingerprint(spec: str) -> str:
 def resolve_tokenizer(spec: str):
     if spec.startswith(TINY):
         return train_bpe_tokenizer(parse_tiny_spec(spec)["vocab"])
-    from transformers import AutoTokenizer
-
-    folder = local_folder(spec)
-    tok = AutoTokenizer.from_pretrained(str(folder) if folder else spec)
+    with loading_lock() as tf:  # local_folder too: two threads would download or convert into one folder
+        folder = local_folder(spec)
+        tok = tf.AutoTokenizer.from_pretrained(str(folder) if folder else spec)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -217,11 +254,10 @@ def resolve_model(spec: str, dtype: str | None = None, device: str | None = None
     if spec.startswith(TINY):
         loaded = build_tiny_gpt2(spec)
     else:
-        from transformers import AutoModelForCausalLM
-
-        folder = local_folder(spec)
         torch_dtype = getattr(torch, dtype) if dtype else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(str(folder) if folder else spec, dtype=torch_dtype)
+        with loading_lock() as tf:  # local_folder too: two threads would download or convert into one folder
+            folder = local_folder(spec)
+            model = tf.AutoModelForCausalLM.from_pretrained(str(folder) if folder else spec, dtype=torch_dtype)
         model.eval()
         loaded = LoadedModel(model, resolve_tokenizer(spec), spec, model_fingerprint(spec))
     if device:

@@ -6,6 +6,7 @@
 | SFTCURATE_STORE | $SFTCURATE_HOME/artifacts | artifact root: a local folder or s3://bucket/prefix |
 | SFTCURATE_S3_ENDPOINT_URL / AWS_ENDPOINT_URL | unset | S3 API endpoint (MinIO, moto, ...) |
 | AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_REGION | unset | S3 credentials (never logged) |
+| SFTCURATE_STORAGE_RETRY_SECONDS | 120 | how long an unreachable S3 endpoint is retried (backoff) before the run stops |
 | MLFLOW_TRACKING_URI | sqlite:///$SFTCURATE_HOME/mlflow.db | tracking store or server |
 | SFTCURATE_TASK_RUNNER | threads | threads, dask (local cluster or SFTCURATE_DASK_ADDRESS), ray (infra/runners.py) |
 | SFTCURATE_DASK_ADDRESS | unset | scheduler address for an existing Dask cluster |
@@ -19,7 +20,20 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sftcurate.data_contracts.errors import UserError
 from sftcurate.infra.env import project_home
+
+STORAGE_RETRY_SECONDS = 120.0
+# Per request: botocore's defaults (60 s connect and read timeouts, several attempts each, inside s3fs's own five
+# tries) made one store call against a dead endpoint take minutes; infra.store.retrying is the one retry loop
+# over whole calls, so a single request is kept short.
+CONNECT_TIMEOUT_SECONDS = 5.0
+READ_TIMEOUT_SECONDS = 20.0
+REQUEST_ATTEMPTS = 2  # botocore's own, for a throttled or 5xx answer
+
+
+class SettingsError(UserError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -28,9 +42,16 @@ class S3Settings:
     region: str | None = None
     key: str | None = field(default=None, repr=False)
     secret: str | None = field(default=None, repr=False)
+    retry_seconds: float = STORAGE_RETRY_SECONDS
+
+    def request_config(self) -> dict:
+        """botocore Config keywords: short timeouts (never longer than the whole retry budget), few attempts."""
+        return {"connect_timeout": max(1.0, min(CONNECT_TIMEOUT_SECONDS, self.retry_seconds)),
+                "read_timeout": max(1.0, min(READ_TIMEOUT_SECONDS, self.retry_seconds)),
+                "retries": {"total_max_attempts": REQUEST_ATTEMPTS, "mode": "standard"}}
 
     def storage_options(self) -> dict:
-        opts: dict = {}
+        opts: dict = {"config_kwargs": self.request_config()}
         if self.key:
             opts["key"] = self.key
         if self.secret:
@@ -76,5 +97,19 @@ def load_settings() -> Settings:
             region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
             key=env.get("AWS_ACCESS_KEY_ID"),
             secret=env.get("AWS_SECRET_ACCESS_KEY"),
+            retry_seconds=seconds_setting("SFTCURATE_STORAGE_RETRY_SECONDS", STORAGE_RETRY_SECONDS),
         ),
     )
+
+
+def seconds_setting(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise SettingsError(f"{name}={raw!r}: expected a number of seconds >= 0, e.g. {name}={default:g}")
+    return value

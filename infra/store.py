@@ -7,13 +7,16 @@ re-run with the same inputs find the artifact already committed.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import logging
 import math
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import Callable, TypeVar
 
 import fsspec
 import numpy as np
@@ -21,9 +24,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sftcurate.data_contracts import Contract, ContractError, TensorContract, validate_table, validate_tensors
+from sftcurate.data_contracts.errors import DependencyError
 from sftcurate.infra.settings import load_settings
 
 MANIFEST = "_MANIFEST.json"
+FIRST_BACKOFF_SECONDS = 0.5
+MAX_BACKOFF_SECONDS = 15.0
+# s3fs retries timeouts five times inside every call, each try up to the read timeout: `retrying` is the one
+# retry loop, so s3fs makes one try.
+S3FS_TRIES = 1
+_NETWORK_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH,
+                   errno.ENETUNREACH, errno.ENETDOWN, errno.ETIMEDOUT, errno.EPIPE}
+
+log = logging.getLogger("sftcurate.store")
+T = TypeVar("T")
+
+
+class StorageUnavailable(DependencyError):
+    """The S3 endpoint stayed unreachable for SFTCURATE_STORAGE_RETRY_SECONDS: an outage, not bad input."""
 
 
 def storage_options_for(uri: str) -> dict:
@@ -35,7 +53,53 @@ def storage_options_for(uri: str) -> dict:
 def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and bare path for any URI (local path, file://, s3://, memory://)."""
     fs, path = fsspec.core.url_to_fs(uri, **storage_options_for(uri))
+    if uri.startswith("s3://"):
+        fs.retries = S3FS_TRIES
     return fs, path
+
+
+def unreachable(exc: BaseException | None) -> bool:
+    """Whether an error (or the error it was raised from) says the endpoint did not answer: refused, reset,
+    timed out, no route. A missing file, a denied request or a bad bucket name are answers, not outages."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+
+    network = (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)
+    while exc is not None:
+        if isinstance(exc, network) or (isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def retrying(uri: str, operation: Callable[[], T]) -> T:
+    """`operation()` (fsspec calls on `uri`), tried again with exponential backoff while an S3 endpoint cannot be
+    reached, until SFTCURATE_STORAGE_RETRY_SECONDS have passed; then StorageUnavailable. Every operation wrapped
+    here may run more than once, so each one writes or reads a whole object. Local paths get one try: an OSError
+    on a local disk is not an outage that waiting cures."""
+    if not uri.startswith("s3://"):
+        return operation()
+    budget = load_settings().s3.retry_seconds
+    start, tries, delay = time.monotonic(), 0, FIRST_BACKOFF_SECONDS
+    while True:
+        tries += 1
+        try:
+            return operation()
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            elapsed = time.monotonic() - start
+            if elapsed >= budget:
+                raise StorageUnavailable(unavailable_message(uri, tries, elapsed)) from exc
+            wait = min(delay, budget - elapsed)
+            log.info("%s: storage endpoint unreachable (%s); try %d in %.1f s", uri, exc, tries + 1, wait)
+            time.sleep(wait)
+            delay = min(2 * delay, MAX_BACKOFF_SECONDS)
+
+
+def unavailable_message(uri: str, tries: int, elapsed: float) -> str:
+    endpoint = load_settings().s3.endpoint_url or "(the AWS default for the region)"
+    return (f"{uri}: storage endpoint {endpoint} unreachable after {tries} {'try' if tries == 1 else 'tries'} "
+            f"over {elapsed:.0f} s; check SFTCURATE_S3_ENDPOINT_URL and the network")
 
 
 def join(base: str, *parts: str) -> str:
@@ -46,23 +110,32 @@ def join(base: str, *parts: str) -> str:
 
 
 def read_bytes(uri: str) -> bytes:
-    fs, path = filesystem_for(uri)
-    with fs.open(path, "rb") as f:
-        return f.read()
+    def read() -> bytes:
+        fs, path = filesystem_for(uri)
+        with fs.open(path, "rb") as f:
+            return f.read()
+
+    return retrying(uri, read)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    fs, path = filesystem_for(uri)
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(data)
+    def write() -> None:
+        fs, path = filesystem_for(uri)
+        parent = path.rsplit("/", 1)[0]
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        with fs.open(path, "wb") as f:
+            f.write(data)
+
+    retrying(uri, write)
 
 
 def exists(uri: str) -> bool:
-    fs, path = filesystem_for(uri)
-    return fs.exists(path)
+    def check() -> bool:
+        fs, path = filesystem_for(uri)
+        return fs.exists(path)
+
+    return retrying(uri, check)
 
 
 # ---------------------------------------------------------------- typed file IO (validated on write and read)
@@ -128,12 +201,18 @@ def read_tensors(uri: str, contract: TensorContract) -> tuple[dict[str, np.ndarr
 # ---------------------------------------------------------------- committed artifacts
 
 def remove_tree(uri: str) -> None:
-    """Delete a folder (local or s3://) and everything under it; a folder already gone is fine."""
-    fs, path = filesystem_for(uri)
-    try:
+    """Delete a folder (local or s3://) and everything under it; a folder already gone is fine. An unreachable
+    endpoint is retried and then raised (StorageUnavailable is no OSError): skipping the delete would mix a
+    crashed attempt's files into the next one."""
+
+    def remove() -> None:
+        fs, path = filesystem_for(uri)
         if fs.exists(path):
             fs.rm(path, recursive=True)
-    except (FileNotFoundError, OSError):
+
+    try:
+        retrying(uri, remove)
+    except OSError:
         pass
 
 

@@ -7,29 +7,59 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
-from contextlib import contextmanager
+import threading
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from sftcurate.infra.settings import load_settings
 
 EXPERIMENT = "sftcurate"
+PID_TAG, HOST_TAG, PIDNS_TAG = "sftcurate.pid", "sftcurate.host", "sftcurate.pidns"
+_opened: set[str] = set()
+_opening = threading.Lock()
 
 
 def configure() -> str:
     import mlflow
 
     uri = load_settings().tracking_uri
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
+    if uri not in _opened:
+        _open_store_once(uri)
     return uri
+
+
+def _open_store_once(uri: str) -> None:
+    """Open the tracking store once per process, a new SQLite file under a lock file: MLflow creates and migrates
+    the tables on first open without locking, so two runs started together in a fresh SFTCURATE_HOME both ran
+    the migrations and one died ("table ... already exists", "Online migration expected to match one row")."""
+    from mlflow.tracking import MlflowClient
+
+    with _opening:
+        if uri in _opened:
+            return
+        with store_lock(uri):
+            MlflowClient(uri)  # creates the tables when the file is new; the store is cached per URI from here on
+        _opened.add(uri)
+
+
+def store_lock(uri: str):
+    """A cross-process lock beside a SQLite tracking database (a server needs none: it serialises itself)."""
+    if not uri.startswith("sqlite:///"):
+        return nullcontext()
+    from filelock import FileLock
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(db) + ".lock")
 
 
 def experiment_id(name: str = EXPERIMENT) -> str:
     import mlflow
 
-    configure()
+    uri = configure()
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -38,10 +68,14 @@ def experiment_id(name: str = EXPERIMENT) -> str:
     if settings.tracking_uri.startswith("sqlite:") or settings.tracking_uri.startswith("file:"):
         # Otherwise MLflow drops artifacts into ./mlruns of whatever directory the process runs in.
         location = (settings.home / "mlruns").as_uri()
-    try:
-        return mlflow.create_experiment(name, artifact_location=location)
-    except Exception:  # another process created it first
-        return mlflow.get_experiment_by_name(name).experiment_id
+    with store_lock(uri):  # one process creates it, the others wait and find it
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return mlflow.create_experiment(name, artifact_location=location)
+        except Exception:  # another machine created it first (a tracking server)
+            return mlflow.get_experiment_by_name(name).experiment_id
 
 
 def client():
@@ -70,21 +104,72 @@ def _is_secret(key: str) -> bool:
 @contextmanager
 def start_run(run_name: str, tags: dict | None = None, params: dict | None = None,
               parent_run_id: str | None = None, experiment: str = EXPERIMENT):
-    """A run that ends FINISHED on success and FAILED on an exception. Yields the run id."""
+    """A run that ends FINISHED on success, FAILED on an exception and KILLED on Ctrl-C (or another interrupt of
+    the process). Yields the run id. A top-level run first ends as KILLED the runs a dead process on this machine
+    left RUNNING (`kill -9`, an OOM kill), found by the process id and host they record."""
     c = client()
-    all_tags = dict(tags or {})
+    exp_id = experiment_id(experiment)
+    if not parent_run_id:
+        end_orphans(exp_id)
+    all_tags = {**dict(tags or {}), **process_tags()}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = c.create_run(experiment_id(experiment), run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
+    run = c.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
     run_id = run.info.run_id
     if params:
         log_params(run_id, params)
     try:
         yield run_id
-    except BaseException:
+    except Exception:
         c.set_terminated(run_id, status="FAILED")
         raise
+    except BaseException:  # KeyboardInterrupt, SystemExit, Prefect's TerminationSignal: stopped, not broken
+        c.set_terminated(run_id, status="KILLED")
+        raise
     c.set_terminated(run_id, status="FINISHED")
+
+
+def process_tags() -> dict[str, str]:
+    """Who owns a run: this process on this machine. The pid namespace tells containers that share a host name
+    (host networking) apart, whose pids mean different processes."""
+    tags = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+    namespace = pid_namespace()
+    if namespace:
+        tags[PIDNS_TAG] = namespace
+    return tags
+
+
+def pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def end_orphans(exp_id: str) -> list[str]:
+    """End as KILLED the RUNNING runs of an experiment whose owning process on this machine is gone. Runs of other
+    machines are left alone: their processes cannot be checked from here. Returns the ids it ended."""
+    mine = process_tags()
+    query = f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{mine[HOST_TAG]}'"
+    ended = []
+    for run in client().search_runs([exp_id], filter_string=query, max_results=1000):
+        tags = run.data.tags
+        if tags.get(PIDNS_TAG) != mine.get(PIDNS_TAG) or not tags.get(PID_TAG, "").isdigit():
+            continue
+        if not pid_alive(int(tags[PID_TAG])):
+            client().set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+    return ended
 
 
 def log_params(run_id: str, params: dict) -> None:

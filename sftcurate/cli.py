@@ -24,26 +24,29 @@ console = Console(stderr=True)
 out = Console()
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    from sftcurate.data_contracts.errors import UserError
+def one_line_errors() -> tuple[type[BaseException], ...]:
+    """Errors the CLI prints as one line, no traceback: a user's mistake (exit 2) and a dependency that stayed
+    unreachable through its retry budget, such as the artifact store's endpoint (exit 1)."""
+    from sftcurate.data_contracts.errors import DependencyError, UserError
 
-    return (UserError,)
+    return (UserError, DependencyError)
 
 
-class _QuietUserErrors(logging.Filter):
-    """Prefect logs a failed run's traceback; for a user's mistake the CLI's one line says it better."""
+class _QuietOneLineErrors(logging.Filter):
+    """Prefect logs a failed run's traceback and its final state ("Finished in state Failed('... IngestError:
+    ...')"); for these errors the CLI's one line says it better, once."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if exc is None and record.levelno >= logging.ERROR:
-            return "UserError" not in record.getMessage() and not _mentions_user_error(record.getMessage())
-        return not isinstance(exc, user_errors())
+        if exc is None:
+            return not _mentions_one_line_error(record.getMessage())
+        return not isinstance(exc, one_line_errors())
 
 
-def _mentions_user_error(message: str) -> bool:
-    from sftcurate.data_contracts.errors import UserError
-
-    names = {cls.__name__ for cls in _subclasses(UserError)}
+def _mentions_one_line_error(message: str) -> bool:
+    if any(base.__name__ in message for base in one_line_errors()):
+        return True
+    names = {cls.__name__ for base in one_line_errors() for cls in _subclasses(base)}
     return any(f"{name}:" in message or f"{name}(" in message for name in names)
 
 
@@ -53,19 +56,21 @@ def _subclasses(cls):
         yield from _subclasses(sub)
 
 
-def quiet_user_errors_in_logs() -> None:
+def quiet_one_line_errors_in_logs() -> None:
     import prefect.logging  # noqa: F401  (makes sure Prefect's handlers exist)
 
-    quiet = _QuietUserErrors()
+    quiet = _QuietOneLineErrors()
     for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
         for handler in logging.getLogger(name).handlers:
             handler.addFilter(quiet)
 
 
 def fail(exc: BaseException) -> None:
+    from sftcurate.data_contracts.errors import DependencyError
+
     message = str(exc)
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    raise typer.Exit(1 if isinstance(exc, DependencyError) else 2)
 
 
 def run_with_progress(fn, *args, **kwargs):
@@ -96,7 +101,7 @@ def run_with_progress(fn, *args, **kwargs):
             console.print(f"  [green]done[/] {name} ({time.perf_counter() - started.get(name, 0):.1f}s{note})")
 
     unsubscribe = progress.subscribe(on_event)
-    quiet_user_errors_in_logs()
+    quiet_one_line_errors_in_logs()
     try:
         with status:
             return fn(*args, **kwargs)
@@ -127,11 +132,13 @@ def run_config_flow(name: str, config: Path, overrides: list[str], json_out: Opt
     import importlib
 
     from sftcurate.core.config import load_config
+    from sftcurate.infra.env import ensure_home
 
+    ensure_home()  # before Prefect is imported: it makes its home (inside ours) without parents, or fails
     try:
         cfg = load_config(config, overrides)
         result = run_with_progress(getattr(importlib.import_module(f"sftcurate.flows.{name}"), name), cfg)
-    except user_errors() as exc:
+    except one_line_errors() as exc:
         fail(exc)
     if json_out:
         _write_json(json_out, result)
@@ -176,7 +183,7 @@ def select(method: str = typer.Argument(..., help="selector name (uniform, fishe
     try:
         meta = select_from_files(method, budget, token_budget, seed, params, str(out_path), features=features,
                                  trajectories=trajectories, examples=examples, model=model)
-    except user_errors() as exc:
+    except one_line_errors() as exc:
         fail(exc)
     if json_out:
         _write_json(json_out, meta)
@@ -188,13 +195,16 @@ def compare(config: Path = typer.Argument(..., help="comparison configuration (Y
             set_: List[str] = typer.Option([], "--set", help="override a setting: section.key=value"),
             json_out: Optional[str] = typer.Option(None, "--json", help="also write the summary as JSON (- for stdout)")):
     """Run the `compare` flow: selectors x budgets, fine-tune, held-out loss, pairwise judge."""
+    from sftcurate.infra.env import ensure_home
+
+    ensure_home()  # before Prefect is imported: it makes its home (inside ours) without parents, or fails
     try:
         from sftcurate.core.config import load_compare_config
         from sftcurate.flows.compare import compare as compare_flow
 
         cfg = load_compare_config(config, set_)
         summary = run_with_progress(compare_flow, cfg)
-    except user_errors() as exc:
+    except one_line_errors() as exc:
         fail(exc)
     if json_out:
         _write_json(json_out, summary)
@@ -216,7 +226,7 @@ def export(selection: str = typer.Argument(..., help="selection URI (the selecti
 
     try:
         result = export_records(selection, out_path, fmt, push_to_hub)
-    except user_errors() as exc:
+    except one_line_errors() as exc:
         fail(exc)
     if json_out:
         _write_json(json_out, result)
@@ -251,7 +261,7 @@ def config_show(config: Optional[Path] = typer.Argument(None, help="configuratio
 
     try:
         cfg = load_compare_config(config, set_) if compare_config else load_config(config, set_)
-    except user_errors() as exc:
+    except one_line_errors() as exc:
         fail(exc)
     out.print(dump_config(cfg), highlight=False, soft_wrap=True)
 

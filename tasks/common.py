@@ -15,16 +15,18 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.states import Completed
 
-from sftcurate.data_contracts.errors import UserError
+from sftcurate.data_contracts.errors import DependencyError, UserError
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:
-    """Retry crashes and flaky IO, never bad input: a bad file fails the same way every time."""
+    """Retry crashes and flaky IO, never bad input (a bad file fails the same way every time) nor a dependency
+    that stayed down through its own retry budget (infra.store.StorageUnavailable): Prefect's retries on top
+    would multiply SFTCURATE_STORAGE_RETRY_SECONDS."""
     try:
         exc = state.result(raise_on_failure=False)
     except Exception:  # the result itself may be unreadable; retrying is the safe choice
         return True
-    return not isinstance(exc, UserError)
+    return not isinstance(exc, (UserError, DependencyError))
 
 
 RETRIES = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": retry_unless_user_error}
