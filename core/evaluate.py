@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from sftcurate.data_contracts import GENERATIONS, HELDOUT_LOSSES, UserError
-from sftcurate.infra import tracking
+from sftcurate.infra import progress, tracking
 from sftcurate.infra.stages import Built, build_once
 from sftcurate.infra.store import join, read_bytes, read_manifest, read_table
 from sftcurate.core.config import GenerationConfig
@@ -63,11 +63,14 @@ def heldout_losses(model, tokenizer, rows: list[tuple[str, str]], max_length: in
     sums, counts = np.zeros(len(rows)), np.zeros(len(rows), dtype=np.int64)
     device = next(model.parameters()).device
     model.eval()
+    done = 0
     with torch.no_grad():
         for idx in length_grouped_batches(lengths, batch_tokens):
             ids, attn, labels = (t.to(device) for t in collate([encoded[i] for i in idx], pad_id))
             s, n = row_loss_sums(model, ids, attn, labels)
             sums[idx], counts[idx] = s.double().cpu().numpy(), n.cpu().numpy()
+            done = done + len(idx)
+            progress.step("held-out loss", done, len(rows), unit="examples")
     return sums, counts
 
 
@@ -185,6 +188,7 @@ def generate_texts(model, tokenizer, prompts: list[str], cfg: GenerationConfig) 
                                  eos_token_id=tokenizer.eos_token_id, **kwargs)
         for row, i in enumerate(idx):
             texts[i] = tokenizer.decode(out[row, width:].tolist(), skip_special_tokens=True).strip()
+        progress.step("generate", min(start + cfg.batch_size, len(order)), len(order), unit="prompts")
     return texts
 
 

@@ -244,7 +244,8 @@ def _record(run_id: str | None, meta: dict, cfg: FinetuneConfig, target_spec: st
     tracking.log_params(run_id, fairness_params(cfg, target_spec))
     tracking.log_metrics(run_id, {f"finetune/{k}": meta[k] for k in (
         "steps_done", "train_examples", "tokens_seen", "final_loss", "tokens_per_s", "padding_fraction",
-        "trainable_parameters") if meta.get(k) is not None})
+        "trainable_parameters") if meta.get(k) is not None}, step=meta.get("steps_done"))  # at the last step: a
+    # total logged at step 0 would draw a false dip under the training curve's finetune/tokens_seen
 
 
 # ---------------------------------------------------------------- loading

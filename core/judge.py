@@ -17,6 +17,7 @@ Backends (anything with `judge(prompt_text) -> Verdict`):
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,7 +29,7 @@ from sftcurate.core.judge_backends import (  # re-exported: the protocol and its
     WEAK_JUDGES, HFJudge, JudgeBackend, JudgeHTTPError, OpenAIJudge, Verdict, as_verdict, make_backend, parse_answer,
 )
 from sftcurate.data_contracts import JUDGMENTS, UserError
-from sftcurate.infra import tracking
+from sftcurate.infra import progress, tracking
 from sftcurate.infra.stages import Built, build_once
 from sftcurate.infra.store import join, read_manifest, read_table
 
@@ -76,11 +77,15 @@ def judge_pairs(backend, gens_a: pa.Table, gens_b: pa.Table, method_a: str, meth
         jobs.append((pid, "ba", build_prompt(cfg.template, prompt, b[pid]["text"], a[pid]["text"], cfg.domain,
                                              cfg.max_chars)))
 
+    judged = itertools.count(1)
+
     def one(job):
         try:
             return as_verdict(backend.judge(job[2]))
         except Exception as exc:  # a backend bug must not turn into a silent tie
             return Verdict("error", None, f"{type(exc).__name__}: {exc}"[:300])
+        finally:
+            progress.step("judge", next(judged), len(jobs), unit="verdicts")
 
     workers = max(1, int(getattr(backend, "concurrency", 1) or 1))
     if workers == 1:

@@ -20,6 +20,7 @@ from sftcurate.data_contracts import TRAJECTORIES, TRAJECTORIES_IDS, ContractErr
 from sftcurate.core.ingest import load_pool, shard_bounds
 from sftcurate.core.inputs import load_trajectories_file  # noqa: F401  (re-exported)
 from sftcurate.core.proxy import load_checkpoint_model, load_tokenizer, pool_texts, proxy_checkpoints, proxy_info
+from sftcurate.infra import progress
 from sftcurate.infra.stages import Built, build_once
 from sftcurate.infra.store import join, read_manifest, read_tensors
 from sftcurate.core.tokenize import Encoded, encode_pairs, length_grouped_batches, pad_batch
@@ -69,6 +70,7 @@ def example_losses(model, encoded: list[Encoded], batch_tokens: int, device: str
     lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
     pad_id = 0
     model.eval()
+    done = 0
     with torch.inference_mode():
         for batch in length_grouped_batches(lengths, batch_tokens, max_batch):
             ids, attn, lmask = (t.to(device) for t in pad_batch([encoded[i] for i in batch], pad_id))
@@ -79,6 +81,8 @@ def example_losses(model, encoded: list[Encoded], batch_tokens: int, device: str
             sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, ce.double())
             counts = sel.sum(1).clamp(min=1)
             out[batch] = (sums / counts).float().cpu().numpy()
+            done += len(batch)
+            progress.step("losses", done, len(encoded), unit="examples")
     return out
 
 

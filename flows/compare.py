@@ -25,13 +25,14 @@ from sftcurate.core.ingest import examples_meta
 from sftcurate.core.judge import judge_note
 from sftcurate.core.report import FULL, commit_report, markdown_table, result_rows
 from sftcurate.core.selection import load_selection
-from sftcurate.flows.curate import ingest_pool, select_pipeline
+from sftcurate.flows.curate import ingest_pool, log_datasets, select_pipeline
 from sftcurate.infra import progress, tracking
 from sftcurate.infra.env import ensure_home
 from sftcurate.infra.runners import task_runner_from_settings
 from sftcurate.infra.store import join, read_bytes, read_manifest
 from sftcurate.tasks.common import call
 from sftcurate.tasks.evaluate import finetune_task, generate_task, heldout_task, judge_sanity_task, judge_task
+from sftcurate.tasks.links import flow_run_name, link_runs
 
 # ---------------------------------------------------------------- report
 
@@ -78,14 +79,25 @@ def run_cell(cfg: CompareConfig, method: str, budget: int, replicate: int, train
                     cell["judgments_uri"] = call(judge_task, cell["generations_uri"], baseline["generations_uri"],
                                                  method, BASELINE, cfg.judge, cfg.seed, child)
                 cell["judge"] = read_manifest(cell["judgments_uri"])["meta"]["summary"]
+        log_cell_artifacts(child, cell)
     return cell
+
+
+def log_cell_artifacts(run_id: str, cell: dict) -> None:
+    """A cell's MLflow run holds what it produced, so its selection, generations and verdicts can be read there."""
+    log_datasets(run_id, cell["examples_uri"], cell["selection_uri"])
+    for key, name in (("selection_uri", "selection.parquet"), ("eval_uri", "losses.parquet"),
+                      ("generations_uri", "generations.parquet"), ("judgments_uri", "judgments.parquet")):
+        if cell.get(key):
+            tracking.log_bytes(run_id, read_bytes(join(cell[key], name)), name, "cell")
 
 
 def pool_size(cfg: CompareConfig) -> int:
     return examples_meta(ingest_pool(cfg.curate_config(BASELINE, 1)))["n_train"]
 
 
-@flow(name="compare", log_prints=True, persist_result=False, task_runner=task_runner_from_settings())
+@flow(name="compare", flow_run_name=flow_run_name, log_prints=True, persist_result=False,
+      task_runner=task_runner_from_settings())
 def compare(config: CompareConfig = CompareConfig()) -> dict:
     """Fine-tune the target on each selection (methods x budgets x replicates) at equal token compute; compare
     held-out loss (intervals, paired differences to uniform, groups) and the judge's win rate."""
@@ -97,6 +109,7 @@ def compare(config: CompareConfig = CompareConfig()) -> dict:
     train_tokens: dict[int, int] = {}
     tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow": "compare"}
     with tracking.start_run(cfg.name, tags=tags, params=_public_params(cfg)) as parent:
+        link_runs(parent)
         for budget in cfg.budgets:
             tokens = round(cfg.epochs * budget) if cfg.budget_unit == "tokens" else None
             for method in methods:  # uniform first: its generations are what the others are judged against

@@ -9,6 +9,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from sftcurate.core.config import CurateConfig
+from sftcurate.core.curation_report import curation_report
 from sftcurate.core.ingest import examples_meta, source_fingerprint
 from sftcurate.core.selection import load_selection
 from sftcurate.core.selectors.base import MODEL, Budget, BudgetError, selector_class
@@ -16,9 +17,10 @@ from sftcurate.infra import progress, tracking
 from sftcurate.infra.env import ensure_home
 from sftcurate.infra.models import model_fingerprint
 from sftcurate.infra.runners import task_runner_from_settings
-from sftcurate.infra.store import join, read_bytes
+from sftcurate.infra.store import join, read_bytes, read_manifest
 from sftcurate.tasks.common import call
 from sftcurate.tasks.curate import curated_task, ingest_task, produce_inputs, select_task
+from sftcurate.tasks.links import flow_run_name, link_runs
 
 
 def ingest_pool(cfg: CurateConfig) -> str:
@@ -44,13 +46,23 @@ def select_pipeline(cfg: CurateConfig, run_id: str | None, timings: dict | None 
     return examples_uri, selection_uri
 
 
+def log_datasets(run_id: str, examples_uri: str, selection_uri: str) -> None:
+    """The pool and the selection in the MLflow run's Datasets column, by URI and content key."""
+    ex, sel = read_manifest(examples_uri), read_manifest(selection_uri)
+    tracking.log_dataset(run_id, "pool", examples_uri, ex["key"], "pool", rows=ex["meta"]["n_train"],
+                         tokens=ex["meta"].get("train_tokens"))
+    tracking.log_dataset(run_id, "selection", selection_uri, sel["key"], "training", rows=sel["meta"]["selected"],
+                         tokens=sel["meta"].get("selected_tokens"))
+
+
 def summary_markdown(summary: dict) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in summary.items() if k != "timings")
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in summary.get("timings", {}).items())
     return f"# Curation `{summary['name']}`\n\n| field | value |\n|---|---|\n{rows}\n\nStage timings: {timings}\n"
 
 
-@flow(name="curate", log_prints=True, persist_result=False, task_runner=task_runner_from_settings())
+@flow(name="curate", flow_run_name=flow_run_name, log_prints=True, persist_result=False,
+      task_runner=task_runner_from_settings())
 def curate(config: CurateConfig = CurateConfig()) -> dict:
     """Select the most informative subset of a data set and commit it as a selection manifest."""
     cfg = config if isinstance(config, CurateConfig) else CurateConfig.model_validate(config)
@@ -58,6 +70,7 @@ def curate(config: CurateConfig = CurateConfig()) -> dict:
     timings: dict[str, float] = {}
     tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow": "curate", "method": cfg.selection.method}
     with tracking.start_run(cfg.name, tags=tags, params=cfg.model_dump()) as run_id:
+        link_runs(run_id)
         examples_uri, selection_uri = select_pipeline(cfg, run_id, timings)
         with progress.stage("records", timings):
             curated_uri = call(curated_task, examples_uri, selection_uri)
@@ -81,10 +94,14 @@ def curate(config: CurateConfig = CurateConfig()) -> dict:
         if meta.get("objective") is not None:
             metrics["objective"] = meta["objective"]
         tracking.log_metrics(run_id, metrics)
+        log_datasets(run_id, examples_uri, selection_uri)
         tracking.log_bytes(run_id, read_bytes(join(selection_uri, "selection.parquet")), "selection.parquet", "selection")
         tracking.log_bytes(run_id, read_bytes(join(selection_uri, "_MANIFEST.json")), "selection_manifest.json", "selection")
         tracking.log_bytes(run_id, json.dumps(summary, indent=2, default=str).encode(), "summary.json")
-        create_markdown_artifact(summary_markdown(summary), key="curation-summary",
+        report, png = curation_report(examples_uri, selection_uri, cfg.name)
+        tracking.log_bytes(run_id, report.encode(), "report.md", "report")
+        tracking.log_bytes(run_id, png, "report.png", "report")
+        create_markdown_artifact(summary_markdown(summary) + "\n" + report, key="curation-summary",
                                  description=f"sftcurate selection ({cfg.selection.method})")
     return summary
 

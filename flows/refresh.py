@@ -26,6 +26,7 @@ from sftcurate.infra.store import ArtifactStore, exists, is_committed, join, rea
 from sftcurate.core.config import CurateConfig
 from sftcurate.core.ingest import examples_meta, load_examples, source_fingerprint
 from sftcurate.core.selection import load_selection
+from sftcurate.tasks.links import flow_run_name, link_runs
 
 STATE_DIR = "refresh-state"
 SHOW_IDS = 20  # ids listed in the markdown artifact and on the terminal (all of them go to MLflow)
@@ -129,7 +130,7 @@ def report_markdown(report: dict) -> str:
             f"**Added:** {_ids_line(report['added_ids'])}\n\n**Removed:** {_ids_line(report['removed_ids'])}\n")
 
 
-@flow(name="refresh", log_prints=True, persist_result=False)
+@flow(name="refresh", flow_run_name=flow_run_name, log_prints=True, persist_result=False)
 def refresh(config: CurateConfig = CurateConfig()) -> dict:
     """Re-run the curation if the source data changed (cache hits otherwise) and report what changed."""
     from sftcurate.flows.curate import curate
@@ -160,6 +161,7 @@ def refresh(config: CurateConfig = CurateConfig()) -> dict:
                                      "examples_fingerprint_after", "examples_uri", "selection_uri")}
     with tracking.start_run(f"refresh-{cfg.name}", tags=tags, params=params) as run_id:
         report["mlflow_run_id"] = run_id
+        link_runs(run_id)
         tracking.log_metrics(run_id, {
             "source_changed": int(report["source_changed"]), "examples_changed": int(report["examples_changed"]),
             "selection_changed": int(report["selection_changed"]), "first_refresh": int(report["first_refresh"]),

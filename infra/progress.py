@@ -3,7 +3,7 @@ report their steps; the CLI (if any) shows them with rich.
 
 Listeners get (name, event, detail): "start" / "end" / "fail" for a stage; "reused" / "built" for an
 artifact (name is its kind, detail {"uri"}); "step" for a loop (name is its section, detail {"step", "steps",
-"loss"}). A listener that raises stops the work that reported (tests use this to simulate a crash).
+"loss", "unit"}: steps, examples, picks, pairs). A listener that raises stops the work that reported (tests use this to simulate a crash).
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ def artifact(kind: str, uri: str, reused: bool) -> None:
     _emit(kind, "reused" if reused else "built", uri=uri)
 
 
-def step(section: str, step: int, steps: int, loss: float | None = None) -> None:
-    _emit(section, "step", step=step, steps=steps, loss=loss)
+def step(section: str, step: int, steps: int, loss: float | None = None, unit: str = "steps") -> None:
+    _emit(section, "step", step=step, steps=steps, loss=loss, unit=unit)
 
 
 @contextmanager

@@ -202,3 +202,32 @@ def log_bytes(run_id: str, data: bytes, name: str, artifact_path: str | None = N
 
 def log_file(run_id: str, path: str, artifact_path: str | None = None) -> None:
     client().log_artifact(run_id, path, artifact_path)
+
+
+def set_tags(run_id: str, tags: dict) -> None:
+    from mlflow.entities import RunTag
+
+    items = [RunTag(k, str(v)) for k, v in tags.items() if v not in (None, "")]
+    if items:
+        client().log_batch(run_id, tags=items)
+
+
+def run_url(run_id: str) -> str | None:
+    """The run's page in the MLflow UI when tracking goes to a server; a SQLite file has no page of its own."""
+    uri = load_settings().tracking_uri
+    if not uri.startswith(("http://", "https://")):
+        return None
+    exp_id = client().get_run(run_id).info.experiment_id
+    return f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+
+
+def log_dataset(run_id: str, name: str, uri: str, digest: str, context: str, rows: int | None = None,
+                tokens: int | None = None) -> None:
+    """Fill the run's Datasets column: the artifact (not its bytes) by URI and content key, so the MLflow UI shows
+    which pool and which selection a run used and two runs on the same data show the same digest."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    profile = json.dumps({k: v for k, v in {"num_rows": rows, "loss_tokens": tokens}.items() if v is not None})
+    dataset = Dataset(name=name, digest=digest[:36], source_type="sftcurate-artifact",
+                      source=json.dumps({"uri": uri}), profile=profile)
+    client().log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -22,6 +21,7 @@ config_app = typer.Typer(no_args_is_help=True, help="Show or start a configurati
 app.add_typer(config_app, name="config")
 console = Console(stderr=True)
 out = Console()
+VERBOSE = False  # set by `-v`
 
 
 def one_line_errors() -> tuple[type[BaseException], ...]:
@@ -74,39 +74,19 @@ def fail(exc: BaseException) -> None:
 
 
 def run_with_progress(fn, *args, **kwargs):
-    """Run a flow while showing its stages in the terminal."""
+    """Run a flow while showing its stages, and the loops inside them, in the terminal."""
     from sftcurate.infra import progress
+    from sftcurate.terminal import StageDisplay, quiet_prefect_console
 
-    status = console.status("starting Prefect", spinner="dots")
-    started: dict[str, float] = {}
-
-    artifacts = {"reused": 0, "built": 0}
-
-    def on_event(name: str, event: str, detail: dict) -> None:
-        if event == "start":
-            started[name] = time.perf_counter()
-            artifacts.update(reused=0, built=0)
-            status.update(f"[bold]{name}[/] ...")
-        elif event in artifacts:
-            artifacts[event] += 1
-        elif event == "step":
-            status.update(f"[bold]{name}[/] step {detail['step']}/{detail['steps']}"
-                          + (f" loss {detail['loss']:.3f}" if detail.get("loss") is not None else ""))
-        elif event == "fail":
-            console.print(f"  [red]failed[/] {name}")
-        elif event == "end":
-            reuse = ("reused" if artifacts["reused"] and not artifacts["built"] else
-                     f"{artifacts['built']} built, {artifacts['reused']} reused" if artifacts["reused"] else "")
-            note = f", {reuse}" if reuse else ""
-            console.print(f"  [green]done[/] {name} ({time.perf_counter() - started.get(name, 0):.1f}s{note})")
-
-    unsubscribe = progress.subscribe(on_event)
     quiet_one_line_errors_in_logs()
-    try:
-        with status:
+    if not VERBOSE:
+        quiet_prefect_console()
+    with StageDisplay(console) as display:
+        unsubscribe = progress.subscribe(display.on_event)
+        try:
             return fn(*args, **kwargs)
-    finally:
-        unsubscribe()
+        finally:
+            unsubscribe()
 
 
 def print_summary(title: str, summary: dict) -> None:
@@ -288,8 +268,16 @@ def version_callback(value: bool) -> None:
 
 @app.callback()
 def main_options(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
-                                              help="print the version and exit")):
+                                              help="print the version and exit"),
+                 verbose: bool = typer.Option(False, "--verbose", "-v",
+                                              help="show library warnings, progress bars and Prefect's log lines")):
     """Pick the most informative subset of an SFT data set, fine-tune on it, prove the gain."""
+    global VERBOSE
+    VERBOSE = verbose
+    if not verbose:
+        from sftcurate.terminal import quiet_libraries
+
+        quiet_libraries()
 
 
 def main() -> None:  # pragma: no cover

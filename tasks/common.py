@@ -7,8 +7,11 @@ what was reused.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import threading
+import time
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -16,6 +19,7 @@ from prefect.context import FlowRunContext
 from prefect.states import Completed
 
 from sftcurate.data_contracts.errors import DependencyError, UserError
+from sftcurate.infra import progress
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:
@@ -40,7 +44,8 @@ def stage_task(name: str):
         @task(name=name, **TASK_DEFAULTS)
         @functools.wraps(fn)
         def run(*args, **kwargs):
-            built = fn(*args, **kwargs)
+            with progress_in_run_log(name):
+                built = fn(*args, **kwargs)
             if getattr(built, "reused", False):
                 return Completed(data=str(built), name="Reused", message=f"reused {built}")
             return Completed(data=str(built), message=f"built {built}")
@@ -49,6 +54,34 @@ def stage_task(name: str):
         return run
 
     return wrap
+
+
+LOG_EVERY_SECONDS = 15.0
+
+
+@contextlib.contextmanager
+def progress_in_run_log(name: str, every: float = LOG_EVERY_SECONDS):
+    """The loop progress the terminal shows as a bar, as a line in the Prefect run log every `every` seconds
+    (and at the end of each loop), so the UI shows where a long task is. Only this thread's loops: under the
+    thread runner other tasks report to their own loggers."""
+    logger, thread, last = task_logger(name), threading.get_ident(), [0.0]
+
+    def on_event(section: str, event: str, detail: dict) -> None:
+        if event != "step" or threading.get_ident() != thread:
+            return
+        now, done = time.monotonic(), detail["step"] >= detail["steps"]
+        if now - last[0] < every and not done:
+            return
+        last[0] = now
+        loss = detail.get("loss")
+        logger.info("%s: %d/%d %s%s", section, detail["step"], detail["steps"], detail.get("unit") or "steps",
+                    f", loss {loss:.4f}" if loss is not None else "")
+
+    unsubscribe = progress.subscribe(on_event)
+    try:
+        yield
+    finally:
+        unsubscribe()
 
 
 def call(task_fn, *args, **kwargs) -> str:

@@ -52,9 +52,18 @@ def test_curate_tracks_in_mlflow_and_caches_across_runs(store_root):
     artifacts = {a.path for a in tracking.client().list_artifacts(first["mlflow_run_id"], "selection")}
     assert {"selection/selection.parquet", "selection/selection_manifest.json"} <= artifacts
 
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}  # the MLflow UI's Datasets column
+    assert json.loads(inputs["selection"].dataset.source)["uri"] == first["selection_uri"]
+    assert inputs["selection"].dataset.digest == read_manifest(first["selection_uri"])["key"][:36]
+    assert json.loads(inputs["pool"].dataset.source)["uri"] == first["examples_uri"]
+    assert {t.value for t in inputs["selection"].tags} == {"training"}
+
     with get_client(sync_client=True) as client:
         keys = [a.key for a in client.read_artifacts()]
-    assert "curation-summary" in keys
+        flow_run = client.read_flow_run(first["flow_run_id"])
+    assert "curation-summary" in keys and "mlflow-run" in keys  # the flow run leads to its MLflow run
+    assert flow_run.name == "test-curation-uniform"  # named after the config, not random words
+    assert run.data.tags["prefect.flow_run_name"] == "test-curation-uniform" and run.data.tags["method"] == "uniform"
 
     second = curate(small_config())
     assert second["selection_uri"] == first["selection_uri"]

@@ -78,6 +78,8 @@ def test_fair_across_methods_recorded_in_mlflow(tmp_path, store_root):
         metrics.append(run.data.metrics)
         history = tracking.client().get_metric_history(run_id, "finetune/loss")
         assert history and max(m.step for m in history) == cfg.steps  # the training curve is there
+        seen = sorted((m.step, m.value) for m in tracking.client().get_metric_history(run_id, "finetune/tokens_seen"))
+        assert seen[0][0] > 0 and [v for _, v in seen] == sorted(v for _, v in seen)  # no total at step 0: no dip
     assert params[0] == params[1] and params[0]["finetune.steps"] == "6" and params[0]["finetune.batch_size"] == "4"
     assert metrics[0]["finetune/steps_done"] == metrics[1]["finetune/steps_done"] == 6
 

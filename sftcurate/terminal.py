@@ -1,0 +1,110 @@
+"""What a run shows on the terminal: one line per finished stage, live bars with counts, rate and ETA inside the
+long ones, and nothing else unless `-v` asks for it.
+
+Quiet means library chatter (warnings, tqdm bars, transformers' notices, MLflow's database set-up, Prefect's
+per-task lines) stays off the terminal; Prefect's lines still reach its API, so the UI's run log keeps them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+CHATTY_LOGGERS = ("mlflow", "alembic", "transformers", "datasets", "httpx", "httpcore", "urllib3", "botocore",
+                  "s3fs", "aiobotocore", "peft", "accelerate", "torch", "distributed", "numexpr")
+_QUIET_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+              "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def quiet_libraries() -> None:
+    """Before any library is imported: environment switches they read at import time, then warnings and
+    loggers. A user's explicit environment setting wins."""
+    for key, value in _QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    warnings.filterwarnings("ignore")
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def quiet_prefect_console() -> None:
+    """Prefect's console handlers show errors only; its API handler (the UI's run log) keeps every line."""
+    import prefect.logging  # noqa: F401  (makes sure Prefect's handlers exist)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for name in ("", "prefect", "uvicorn", "fastapi", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.setLevel(logging.ERROR)
+
+
+class StageDisplay:
+    """Listens to `infra.progress`: a row per running stage (indented by nesting), a bar with count, rate and
+    ETA once the stage's loop reports steps, and a `done` line with the wall time when the stage ends."""
+
+    def __init__(self, console: Console):
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=24),
+                                 MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                                 TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[extra]}"),
+                                 console=console, transient=True)
+        self.console = console
+        self.rows: dict[str, TaskID] = {}
+        self.started: dict[str, float] = {}
+        self.running: list[str] = []
+        self.counts: dict[str, dict[str, int]] = {}
+
+    def __enter__(self) -> "StageDisplay":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def on_event(self, name: str, event: str, detail: dict) -> None:
+        if event == "start":
+            self._start(name)
+        elif event in ("reused", "built"):
+            for stage in self.running:
+                self.counts[stage][event] += 1
+        elif event == "step":
+            self._step(detail)
+        elif event in ("end", "fail"):
+            self._finish(name, failed=event == "fail")
+
+    def _start(self, name: str) -> None:
+        indent = "  " * len(self.running)
+        self.running.append(name)
+        self.started[name] = time.perf_counter()
+        self.counts[name] = {"reused": 0, "built": 0}
+        self.rows[name] = self.progress.add_task(f"{indent}[bold]{name}[/]", total=None, rate="", extra="")
+
+    def _step(self, detail: dict) -> None:
+        if not self.running:
+            return
+        stage = self.running[-1]  # the innermost running stage owns the loop that reports
+        elapsed = max(time.perf_counter() - self.started[stage], 1e-6)
+        unit = detail.get("unit") or "steps"
+        loss = detail.get("loss")
+        self.progress.update(self.rows[stage], total=detail["steps"], completed=detail["step"],
+                             rate=f"{detail['step'] / elapsed:.1f} {unit}/s",
+                             extra=f"loss {loss:.3f}" if loss is not None else "")
+
+    def _finish(self, name: str, failed: bool) -> None:
+        if name not in self.rows:
+            return
+        depth = self.running.index(name) if name in self.running else 0
+        self.running = [s for s in self.running if s != name]
+        self.progress.remove_task(self.rows.pop(name))
+        seconds = time.perf_counter() - self.started.pop(name)
+        counts = self.counts.pop(name)
+        if failed:
+            self.console.print(f"{'  ' * depth}  [red]failed[/] {name} ({seconds:.1f}s)")
+            return
+        reuse = ("reused" if counts["reused"] and not counts["built"] else
+                 f"{counts['built']} built, {counts['reused']} reused" if counts["reused"] else "")
+        self.console.print(f"{'  ' * depth}  [green]done[/] {name} ({seconds:.1f}s{', ' + reuse if reuse else ''})",
+                           highlight=False)
