@@ -26,7 +26,7 @@ from sftcurate.core.ingest import load_pool, shard_bounds
 from sftcurate.core.inputs import load_features_file, mean_pool, read_features_artifact  # noqa: F401  (re-exported)
 from sftcurate.infra.stages import Built, build_once
 from sftcurate.infra.store import join, read_bytes, read_manifest, read_tensors
-from sftcurate.core.tokenize import Encoded, encode_example, encode_pairs, length_grouped_batches, pad_batch
+from sftcurate.core.tokenize import Encoded, encode_pairs, example_rows, length_grouped_batches, pad_batch
 
 log = logging.getLogger("sftcurate.embedding")
 
@@ -125,8 +125,7 @@ def embed_one_by_one(model, tokenizer, examples, max_length: int, device: str | 
     dev, _ = resolve_device_dtype(device, "float32")
     feats, counts = [], []
     with torch.inference_mode():
-        for p, r in examples:
-            e = encode_example(tokenizer, p, r, max_length)
+        for e in encode_pairs(tokenizer, examples, max_length):
             ids = torch.tensor([e.input_ids], device=dev)
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
             sel = torch.tensor(e.loss_mask[1:], dtype=torch.bool, device=dev)
@@ -158,8 +157,8 @@ def pca_projection(sample: np.ndarray, d_proj: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- pool access
 
-def pool_pairs(pool: pa.Table) -> list[tuple[str, str]]:
-    return list(zip(pool.column("prompt").to_pylist(), pool.column("response").to_pylist()))
+def pool_pairs(pool: pa.Table) -> list[tuple[str, str, str]]:
+    return example_rows(pool)
 
 
 # ---------------------------------------------------------------- stages (infra.stages.build_once)

@@ -21,7 +21,7 @@ from sftcurate.infra import progress, tracking
 from sftcurate.infra.stages import Built, build_once
 from sftcurate.infra.store import join, read_bytes, read_manifest, read_table
 from sftcurate.core.config import GenerationConfig
-from sftcurate.core.tokenize import encode_example, length_grouped_batches
+from sftcurate.core.tokenize import encode_pairs, example_rows, length_grouped_batches
 
 EVAL_KIND = "heldout_eval"
 GEN_KIND = "generations"
@@ -57,7 +57,7 @@ def heldout_losses(model, tokenizer, rows: list[tuple[str, str]], max_length: in
 
     if not rows:
         raise UserError("held-out split is empty; raise source.heldout_fraction or add data")
-    encoded = [encode_example(tokenizer, p, r, max_length) for p, r in rows]
+    encoded = encode_pairs(tokenizer, rows, max_length)
     lengths = np.array([len(e.input_ids) for e in encoded])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sums, counts = np.zeros(len(rows)), np.zeros(len(rows), dtype=np.int64)
@@ -94,7 +94,7 @@ def evaluate_heldout(examples_uri: str, model_uri: str | None, target_spec: str,
 
         heldout = load_split(examples_uri, "heldout")
         model, tokenizer = _load(model_uri, target_spec)
-        rows = list(zip(heldout.column("prompt").to_pylist(), heldout.column("response").to_pylist()))
+        rows = example_rows(heldout)
         sums, counts = heldout_losses(model, tokenizer, rows, max_length)
         metrics = loss_metrics(sums, counts)
         writer.write_json("metrics.json", metrics)

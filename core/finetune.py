@@ -2,7 +2,7 @@
 
 Fair by construction: every selection of the same budget trains with exactly one `FinetuneConfig` (same
 steps, batch size, learning rate, schedule, seed); only the data differ. The loss is on response tokens only
-(`tasks.tokenize.encode_example`), batches are grouped by length so little compute goes to padding, and the
+(`core.tokenize.encode_example`), batches are grouped by length so little compute goes to padding, and the
 batch schedule is a pure function of (selection, seed, step), so a run resumed from a checkpoint takes the
 same batches the uninterrupted run would have taken. The loop itself is `tasks.training.train`, the one the
 S2L proxy uses too; this module adds LoRA, the checkpoint layout and the committed result.
@@ -28,7 +28,7 @@ from sftcurate.infra.stages import Built, build_once, stage_key
 from sftcurate.infra.models import default_device
 from sftcurate.infra.store import ArtifactStore, is_committed, join, read_bytes, read_manifest, remove_tree, write_bytes
 from sftcurate.core.config import FinetuneConfig
-from sftcurate.core.tokenize import Encoded, encode_pairs
+from sftcurate.core.tokenize import Encoded, encode_pairs, example_rows
 from sftcurate.core.training import (Recipe, TrainStats, restore_training_state, steps_for_tokens,
                                      training_state_bytes)
 from sftcurate.core.training import train as run_training
@@ -67,22 +67,22 @@ def recipe(cfg: FinetuneConfig, encoded: list[Encoded] | None = None) -> Recipe:
                   max_grad_norm=cfg.max_grad_norm, batching=cfg.batching, max_length=cfg.max_length)
 
 
-def training_rows(examples_uri: str, selection_uri: str) -> list[tuple[str, str]]:
-    """(prompt, response) of the selected examples, in pick order (joined on example id)."""
+def training_rows(examples_uri: str, selection_uri: str) -> list[tuple[str, str, str]]:
+    """(prompt, response, turns) of the selected examples, in pick order (joined on example id)."""
     from sftcurate.core.ingest import load_pool
     from sftcurate.core.selection import load_selection
 
     pool = load_pool(examples_uri)
     by_id = {i: k for k, i in enumerate(pool.column("id").to_pylist())}
     table, _ = load_selection(selection_uri)
-    prompts, responses = pool.column("prompt").to_pylist(), pool.column("response").to_pylist()
+    pool_rows = example_rows(pool)
     rows = []
     for eid in table.column("id").to_pylist():
         if eid not in by_id:
             raise UserError(f"{selection_uri}: example id {eid} is not in the train split of {examples_uri}; "
                             "the selection was made on another pool: re-run the selection")
         k = by_id[eid]
-        rows.append((prompts[k], responses[k]))
+        rows.append(pool_rows[k])
     if not rows:
         raise UserError(f"{selection_uri}: the selection is empty; raise the budget")
     return rows

@@ -1,9 +1,14 @@
-"""Record formats -> the canonical (prompt, response) pair.
+"""Record formats -> the canonical (prompt, response, turns) example.
+
+`turns` is "" unless a chat has more than one assistant turn; then it is the whole chat as JSON segments
+`[[text, is_loss], ...]` whose concatenation is prompt + response, so the loss covers every assistant turn.
 
 Supported: plain text, prompt/response, Alpaca (instruction/input/output), OpenAI chat `messages`,
 ShareGPT `conversations`. Column names are configurable through `columns` (canonical name -> column).
 """
 from __future__ import annotations
+
+import json
 
 FORMAT_COLUMNS = {
     "text": ("text",),
@@ -53,7 +58,7 @@ def _render_turns(turns: list[tuple[str, str]]) -> str:
     return "\n".join(f"{role.capitalize()}: {text}" for role, text in turns)
 
 
-def _chat(record: dict, columns: dict[str, str], name: str, role_key: str, text_key: str) -> tuple[str, str]:
+def _chat(record: dict, columns: dict[str, str], name: str, role_key: str, text_key: str) -> tuple[str, str, str]:
     key = column(columns, name)
     turns = record.get(key)
     if turns is None:
@@ -73,21 +78,39 @@ def _chat(record: dict, columns: dict[str, str], name: str, role_key: str, text_
     last = max((i for i, (role, _) in enumerate(parsed) if role == "assistant"), default=None)
     if last is None:
         raise RecordError(f"field '{key}' has no assistant turn to learn from")
-    # The loss is on the last assistant turn; everything before it is the prompt.
-    return _render_turns(parsed[:last]) + ("\nAssistant:" if last else ""), parsed[last][1]
+    # The prompt is everything before the last assistant turn (what generation and the judge see).
+    prompt = _render_turns(parsed[:last]) + ("\nAssistant:" if last else "")
+    return prompt, parsed[last][1], chat_segments(parsed[:last + 1])
 
 
-def normalize(record: dict, fmt: str, columns: dict[str, str]) -> tuple[str, str]:
+def chat_segments(turns: list[tuple[str, str]]) -> str:
+    """Every assistant turn a loss segment, everything else context; "" when only the last turn is a loss turn
+    (the plain prompt/response split says the same)."""
+    if sum(role == "assistant" for role, _ in turns) < 2:
+        return ""
+    segments: list[list] = []
+    context = ""
+    for i, (role, text) in enumerate(turns):
+        head = ("\n" if i else "") + f"{role.capitalize()}:"
+        if role == "assistant":
+            segments += [[context + head + " ", False], [text, True]]
+            context = ""
+        else:
+            context += f"{head} {text}"
+    return json.dumps(segments, ensure_ascii=False)
+
+
+def normalize(record: dict, fmt: str, columns: dict[str, str]) -> tuple[str, str, str]:
     if not isinstance(record, dict):
         raise RecordError(f"record must be an object, got {type(record).__name__}")
     if fmt == "text":
-        return "", _text(record, columns, "text")
+        return "", _text(record, columns, "text"), ""
     if fmt == "prompt_response":
-        return _text(record, columns, "prompt"), _text(record, columns, "response")
+        return _text(record, columns, "prompt"), _text(record, columns, "response"), ""
     if fmt == "alpaca":
         instruction = _text(record, columns, "instruction")
         extra = _text(record, columns, "input", required=False)
-        return instruction + (f"\n\n{extra}" if extra else ""), _text(record, columns, "output")
+        return instruction + (f"\n\n{extra}" if extra else ""), _text(record, columns, "output"), ""
     if fmt == "messages":
         return _chat(record, columns, "messages", "role", "content")
     if fmt == "sharegpt":

@@ -24,7 +24,7 @@ from sftcurate.infra.hashing import fingerprint
 from sftcurate.infra.stages import Built, build_once
 from sftcurate.infra.store import filesystem_for, join, read_bytes, read_manifest, read_table, retrying
 from sftcurate.core.formats import RecordError, detect_format, normalize
-from sftcurate.core.tokenize import count_tokens, loss_token_count
+from sftcurate.core.tokenize import count_tokens, encode_turns, loss_token_count
 
 BUILTIN_PYTHON_DOCS = "builtin:python-docs"
 KIND = "examples"
@@ -230,7 +230,7 @@ class IngestStats:
 def build_examples(source: SourceConfig, tokenizer, max_length: int) -> tuple[pa.Table, IngestStats]:
     records = read_records(source)
     stats = IngestStats(records=len(records))
-    columns: dict[str, list] = {name: [] for name in ("id", "prompt", "response", "source", "group", "origin",
+    columns: dict[str, list] = {name: [] for name in ("id", "prompt", "response", "turns", "source", "group", "origin",
                                                        "format", "raw")}
     seen: set[str] = set()
     fmt_by_file: dict[str, str] = {}
@@ -249,7 +249,7 @@ def build_examples(source: SourceConfig, tokenizer, max_length: int) -> tuple[pa
                 fmt_by_file[raw.where] = detected
             fmt = fmt_by_file[raw.where]
         try:
-            prompt, response = normalize(raw.record, fmt, source.columns)
+            prompt, response, turns = normalize(raw.record, fmt, source.columns)
         except RecordError as exc:
             raise IngestError(f"{raw.where}: {raw.row}: {exc}; fix or drop this record") from None
         if not response.strip():
@@ -260,12 +260,16 @@ def build_examples(source: SourceConfig, tokenizer, max_length: int) -> tuple[pa
             stats.duplicates_removed += 1
             continue
         seen.add(eid)
-        for name, value in (("id", eid), ("prompt", prompt), ("response", response), ("source", raw.where),
+        for name, value in (("id", eid), ("prompt", prompt), ("response", response), ("turns", turns),
+                            ("source", raw.where),
                             ("group", record_group(raw, source.group_field)), ("origin", f"{raw.where}: {raw.row}"),
                             ("format", fmt), ("raw", raw_json(raw))):
             columns[name].append(value)
     prompt_tokens = count_tokens(tokenizer, columns["prompt"])
     loss_tokens = loss_token_count(prompt_tokens, count_tokens(tokenizer, columns["response"]), max_length)
+    for i, turns in enumerate(columns["turns"]):  # a chat with several assistant turns: count what training sees
+        if turns:
+            loss_tokens[i] = encode_turns(tokenizer, turns, max_length).n_loss
     heldout = is_heldout(columns["id"], source.heldout_fraction)
     if heldout.all():
         raise IngestError(f"{source.uri}: every example fell into the held-out split; lower source.heldout_fraction "

@@ -38,7 +38,7 @@ from sftcurate.infra.store import (
 )
 from sftcurate.core.config import ProxyConfig
 from sftcurate.core.ingest import load_pool
-from sftcurate.core.tokenize import encode_example
+from sftcurate.core.tokenize import encode_pairs, example_rows
 from sftcurate.core.training import Recipe, restore_training_state, train, training_state_bytes
 
 log = logging.getLogger("sftcurate.proxy")
@@ -64,10 +64,6 @@ def disable_dropout(model) -> None:
 
 
 # ---------------------------------------------------------------- pool and keys
-
-def pool_texts(pool: pa.Table) -> tuple[list[str], list[str]]:
-    return pool.column("prompt").to_pylist(), pool.column("response").to_pylist()
-
 
 def as_proxy_config(proxy: ProxyConfig | dict) -> ProxyConfig:
     return proxy if isinstance(proxy, ProxyConfig) else ProxyConfig.model_validate(proxy)
@@ -224,7 +220,7 @@ def train_proxy(examples_uri: str, proxy_spec: str, proxy: ProxyConfig | dict, m
         pool = load_pool(examples_uri)
         if pool.num_rows == 0:
             raise ProxyError(f"{examples_uri}: the pool (train split) is empty; nothing to train the proxy on")
-        prompts, responses = pool_texts(pool)
+        rows = example_rows(pool)
         resumed_from = 0
         for s in steps_at:
             if not is_committed(checkpoint_uri(uri, s)):
@@ -232,7 +228,7 @@ def train_proxy(examples_uri: str, proxy_spec: str, proxy: ProxyConfig | dict, m
             resumed_from = s
         last_loss = float("nan")
         if resumed_from != steps_at[-1]:
-            resumed_from, last_loss = _train(uri, writer.key, proxy_spec, cfg, prompts, responses, max_length,
+            resumed_from, last_loss = _train(uri, writer.key, proxy_spec, cfg, rows, max_length,
                                              resumed_from, steps_at, resolve_device(device), run_id)
         listing = [{"step": s, "uri": checkpoint_uri(uri, s)} for s in steps_at]
         writer.write_json("checkpoints.json", listing)
@@ -278,7 +274,7 @@ class ProxyCheckpoints:
                                       optimizer)
 
 
-def _train(uri: str, key: str, proxy_spec: str, cfg: ProxyConfig, prompts: list[str], responses: list[str],
+def _train(uri: str, key: str, proxy_spec: str, cfg: ProxyConfig, rows: list[tuple[str, str, str]],
            max_length: int, resumed_from: int, steps_at: list[int], device: str, run_id: str | None
            ) -> tuple[int, float]:
     """Build (or reload) the proxy and run the shared training loop to cfg.steps. Returns (resumed_from, last loss)."""
@@ -288,11 +284,11 @@ def _train(uri: str, key: str, proxy_spec: str, cfg: ProxyConfig, prompts: list[
         model = load_checkpoint_model(uri, checkpoint_uri(uri, resumed_from), proxy_spec, cfg.lora, trainable=True)
     else:
         resumed_from = 0
-        corpus = tuple(f"{p}\n{r}" if p else r for p, r in zip(prompts, responses))
+        corpus = tuple(f"{p}\n{r}" if p else r for p, r, _ in rows)
         model, tokenizer = build_fresh(proxy_spec, cfg, corpus, uri)
     disable_dropout(model)
     model.to(device)
-    encoded = [encode_example(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
+    encoded = encode_pairs(tokenizer, rows, max_length)
     saves = set(steps_at)
     stats = train(model, tokenizer.pad_token_id, encoded, recipe(cfg),
                   checkpoints=ProxyCheckpoints(uri, proxy_spec, cfg.lora, resumed_from), save_at=saves.__contains__,

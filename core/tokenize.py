@@ -2,9 +2,12 @@
 
 An example is `prompt ids + response ids + eos`; the loss is on the response ids and the eos. Plain text has
 an empty prompt, so every token is a loss token. Truncation cuts the response tail, never the prompt head.
+A chat with several assistant turns comes with `turns` (see `core.formats.chat_segments`): every assistant turn
+and its eos are loss tokens, the rest is context, and truncation cuts the tail.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +23,9 @@ class Encoded:
         return int(sum(self.loss_mask))
 
 
-def encode_example(tokenizer, prompt: str, response: str, max_length: int | None = None) -> Encoded:
+def encode_example(tokenizer, prompt: str, response: str, max_length: int | None = None, turns: str = "") -> Encoded:
+    if turns:
+        return encode_turns(tokenizer, turns, max_length)
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
     r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if max_length is not None and len(p) + len(r) > max_length:
@@ -32,9 +37,31 @@ def encode_example(tokenizer, prompt: str, response: str, max_length: int | None
     return Encoded(p + r, mask)
 
 
-def encode_pairs(tokenizer, pairs, max_length: int | None = None) -> list[Encoded]:
-    """`encode_example` over (prompt, response) pairs."""
-    return [encode_example(tokenizer, p, r, max_length) for p, r in pairs]
+def encode_turns(tokenizer, turns: str, max_length: int | None = None) -> Encoded:
+    ids: list[int] = []
+    mask: list[int] = []
+    for text, is_loss in json.loads(turns):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        if is_loss:
+            piece = piece + [tokenizer.eos_token_id]
+        ids += piece
+        mask += [int(bool(is_loss))] * len(piece)
+    if max_length is not None:
+        ids, mask = ids[:max_length], mask[:max_length]
+    if mask:
+        mask[0] = 0
+    return Encoded(ids, mask)
+
+
+def encode_pairs(tokenizer, rows, max_length: int | None = None) -> list[Encoded]:
+    """`encode_example` over (prompt, response) or (prompt, response, turns) rows."""
+    return [encode_example(tokenizer, row[0], row[1], max_length, row[2] if len(row) > 2 else "") for row in rows]
+
+
+def example_rows(table) -> list[tuple[str, str, str]]:
+    """(prompt, response, turns) of every row of an examples table, the input of `encode_pairs`."""
+    turns = table.column("turns").to_pylist() if "turns" in table.column_names else [""] * table.num_rows
+    return list(zip(table.column("prompt").to_pylist(), table.column("response").to_pylist(), turns))
 
 
 def loss_token_count(prompt_len: np.ndarray, response_len: np.ndarray, max_length: int | None = None) -> np.ndarray:

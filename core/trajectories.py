@@ -19,11 +19,11 @@ import pyarrow as pa
 from sftcurate.data_contracts import TRAJECTORIES, TRAJECTORIES_IDS, ContractError
 from sftcurate.core.ingest import load_pool, shard_bounds
 from sftcurate.core.inputs import load_trajectories_file  # noqa: F401  (re-exported)
-from sftcurate.core.proxy import load_checkpoint_model, load_tokenizer, pool_texts, proxy_checkpoints, proxy_info
+from sftcurate.core.proxy import load_checkpoint_model, load_tokenizer, proxy_checkpoints, proxy_info
 from sftcurate.infra import progress
 from sftcurate.infra.stages import Built, build_once
 from sftcurate.infra.store import join, read_manifest, read_tensors
-from sftcurate.core.tokenize import Encoded, encode_pairs, length_grouped_batches, pad_batch
+from sftcurate.core.tokenize import Encoded, encode_pairs, example_rows, length_grouped_batches, pad_batch
 
 log = logging.getLogger("sftcurate.trajectories")
 
@@ -110,8 +110,7 @@ def shard_losses(proxy_uri: str, examples_uri: str, shard_index: int, shard_size
     device = device or default_device()
     pool = load_pool(examples_uri)
     lo, hi = shard_bounds(pool.num_rows, shard_index, shard_size)
-    prompts, responses = pool_texts(pool.slice(lo, hi - lo))
-    encoded = encode_pairs(load_tokenizer(proxy_uri), zip(prompts, responses), int(info["max_length"]))
+    encoded = encode_pairs(load_tokenizer(proxy_uri), example_rows(pool.slice(lo, hi - lo)), int(info["max_length"]))
     ckpts = proxy_checkpoints(proxy_uri)
     losses = np.zeros((len(encoded), len(ckpts)), dtype=np.float32)
     for t, (_step, ckpt_uri) in enumerate(ckpts):

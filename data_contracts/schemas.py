@@ -63,11 +63,12 @@ def validate_table(table: pa.Table, contract: Contract, where: str = "<memory>")
 
 EXAMPLES = Contract(
     name="examples",
-    version=3,
+    version=4,
     schema=pa.schema([
         ("id", pa.string()),            # stable content hash; drives the held-out split
         ("prompt", pa.string()),        # "" for plain text
         ("response", pa.string()),      # loss tokens come from here
+        ("turns", pa.string()),         # "" or a chat's segments [[text, is_loss], ...]: loss on every assistant turn
         ("source", pa.string()),        # file / dataset / builtin the row came from (used for stratification)
         ("group", pa.string()),         # the record's group for per-group metrics: source.group_field, or source
         ("origin", pa.string()),        # file (or data set) and line / row of the record
@@ -77,7 +78,7 @@ EXAMPLES = Contract(
         ("response_tokens", pa.int64()),
         ("split", pa.string()),         # "train" (the pool) or "heldout"
     ]),
-    non_null=("id", "prompt", "response", "source", "group", "origin", "format", "raw", "prompt_tokens",
+    non_null=("id", "prompt", "response", "turns", "source", "group", "origin", "format", "raw", "prompt_tokens",
               "response_tokens", "split"),
 )
 

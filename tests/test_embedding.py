@@ -66,7 +66,7 @@ def _examples_artifact(root: str, pairs) -> str:
     n = len(pairs)
     table = pa.table({"id": [f"ex{i}" for i in range(n)], "prompt": [p for p, _ in pairs],
                       "response": [r for _, r in pairs], "source": ["t"] * n, "group": ["t"] * n,
-                      "origin": ["t"] * n, "format": ["prompt_response"] * n, "raw": ["{}"] * n,
+                      "turns": [""] * n, "origin": ["t"] * n, "format": ["prompt_response"] * n, "raw": ["{}"] * n,
                       "prompt_tokens": [1] * n, "response_tokens": [1] * n,
                       "split": ["heldout" if i == 2 else "train" for i in range(n)]})
     w = ArtifactStore(root).begin("examples", "test")

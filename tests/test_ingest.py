@@ -45,6 +45,31 @@ def test_formats_normalise_to_one_schema(tmp_path, store_root):
     assert all(r["response_tokens"] > 0 for r in rows.values())
 
 
+def test_a_chat_with_several_assistant_turns_has_the_loss_on_every_one(tmp_path, store_root):
+    from sftcurate.core.tokenize import encode_pairs, example_rows
+    from sftcurate.infra.models import resolve_tokenizer
+
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "first question"},
+                         {"role": "assistant", "content": "first answer here"},
+                         {"role": "user", "content": "second question"},
+                         {"role": "assistant", "content": "second answer"}]}
+    single = {"messages": [{"role": "user", "content": "only question"}, {"role": "assistant", "content": "only"}]}
+    write_jsonl(tmp_path / "chat.jsonl", [chat, single])
+    pool = load_pool(run_ingest(str(tmp_path / "chat.jsonl"), heldout_fraction=0.0))
+    rows = {r["response"]: r for r in pool.to_pylist()}
+    multi = rows["second answer"]
+    assert multi["prompt"].endswith("User: second question\nAssistant:") and rows["only"]["turns"] == ""
+    tok = resolve_tokenizer(TOK)
+    encoded = dict(zip(pool.column("response").to_pylist(), encode_pairs(tok, example_rows(pool), 128)))
+    e = encoded["second answer"]
+    loss_ids = [t for t, m in zip(e.input_ids, e.loss_mask) if m]
+    answers = [tok(" ".join(a.split()), add_special_tokens=False)["input_ids"] for a in ("first answer here",
+                                                                                        "second answer")]
+    assert loss_ids == answers[0] + [tok.eos_token_id] + answers[1] + [tok.eos_token_id]  # both turns, nothing else
+    assert multi["response_tokens"] == e.n_loss  # budgets count what training sees
+    assert rows["only"]["response_tokens"] == encoded["only"].n_loss
+
+
 def test_file_types_and_globs(tmp_path, store_root):
     recs = qa_records(6)
     write_jsonl(tmp_path / "a.jsonl", recs[:2])

@@ -39,7 +39,8 @@ def make_examples(rows, store_root: str | None = None) -> str:
     ids = [fingerprint(p, r, i) for i, (p, r, _) in enumerate(rows)]
     table = pa.table({
         "id": ids, "prompt": [p for p, _, _ in rows], "response": [r for _, r, _ in rows],
-        "source": [g for _, _, g in rows], "group": [g for _, _, g in rows], "origin": ["t"] * len(rows),
+        "source": [g for _, _, g in rows], "group": [g for _, _, g in rows], "turns": [""] * len(rows),
+        "origin": ["t"] * len(rows),
         "format": ["prompt_response"] * len(rows), "raw": ["{}"] * len(rows),
         "prompt_tokens": np.array([len(p.split()) for p, _, _ in rows], dtype=np.int64),
         "response_tokens": np.array([len(r.split()) + 1 for _, r, _ in rows], dtype=np.int64),
@@ -155,7 +156,8 @@ def small_proxy(tmp_path_factory):
 
 def test_trajectories_batched_match_one_by_one_and_shards_join_in_pool_order(small_proxy):
     from sftcurate.core.ingest import load_pool
-    from sftcurate.core.proxy import load_checkpoint_model, load_tokenizer, pool_texts, proxy_checkpoints
+    from sftcurate.core.proxy import load_checkpoint_model, load_tokenizer, proxy_checkpoints
+    from sftcurate.core.tokenize import example_rows
     from sftcurate.core.tokenize import encode_pairs
     from sftcurate.core.selectors.base import SelectorInputs
     from sftcurate.core.inputs import load_trajectories_file, load_trajectories_into as load_into
@@ -176,7 +178,7 @@ def test_trajectories_batched_match_one_by_one_and_shards_join_in_pool_order(sma
     np.testing.assert_allclose(load_trajectories_file(whole)[0], losses, rtol=1e-5, atol=1e-5)
 
     tok = load_tokenizer(proxy)
-    enc = encode_pairs(tok, zip(*pool_texts(pool)), 64)
+    enc = encode_pairs(tok, example_rows(pool), 64)
     model = load_checkpoint_model(proxy, proxy_checkpoints(proxy)[-1][1], TINY, False)
     np.testing.assert_allclose(example_losses(model, enc, 128), example_losses_one_by_one(model, enc),
                                rtol=1e-4, atol=1e-4)
