@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from sftcurate.core.fisher_features import prepare_features
 from sftcurate.core.selectors.params import FisherSFTParams
 from sftcurate.core.selectors.base import (EXAMPLES, TOKEN_FEATURES, Budget, Selector, SelectionResult, SelectorInputs,
                                   register)
@@ -30,5 +31,6 @@ class FisherSFTSelector(Selector):
             raise ValueError(f"fishersft: token features cover {len(offsets) - 1} examples but the pool has "
                              f"{inputs.size}; re-run the embedding stage for this pool")
         p = self.params
-        return select_from_features(features, offsets, budget, lam=p.lam, algorithm=p.algorithm, seed=seed,
+        features, lam = prepare_features(features, p.lam, p.token_norm, p.lam_mode, p.whiten)
+        return select_from_features(features, offsets, budget, lam=lam, algorithm=p.algorithm, seed=seed,
                                     epsilon=p.epsilon, rule=p.rule, device=p.device)

@@ -20,6 +20,12 @@ class FisherSFTParams(SelectorParams):
         "celf", description="under a token budget: celf (the better of ratio and gain), ratio (gain per token), "
         "or gain")
     device: str = Field("auto", description=DEVICE)
+    token_norm: Literal["none", "unit"] = Field(
+        "none", description="none: the paper's features; unit: every token's feature scaled to norm 1")
+    lam_mode: Literal["absolute", "relative"] = Field(
+        "absolute", description="absolute: lam as given; relative: lam times the features' mean variance per "
+        "direction (scale-free)")
+    whiten: bool = Field(False, description="whiten the features by the pool's token covariance first")
 
 
 class S2LParams(SelectorParams):

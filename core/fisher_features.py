@@ -1,0 +1,84 @@
+"""Principled variants of FisherSFT's token features, applied before the greedy (issue 10, item 6).
+
+Real pre-logit hidden states are not the isotropic features of the paper's analysis: their norms vary by an
+order of magnitude between tokens, and their scale is arbitrary relative to a fixed `lam`. Each variant answers
+one of those:
+
+- `token_norm="unit"`: every token's feature scaled to norm 1, so a few outlier-norm tokens (often the first
+  token of a response, or rare tokens) cannot dominate log det and the sentences that hold them.
+- `lam_mode="relative"`: lam is multiplied by the pool's mean squared feature norm over d, the average
+  variance per direction, so `lam: 1` means "one average token's worth of prior" whatever the model's scale.
+- `whiten=True`: features multiplied by the inverse square root of the pool's token covariance, so every
+  direction the pool varies in counts the same and the objective prefers what the pool rarely shows.
+
+The defaults leave the features untouched (the paper's objective). Each variant copies the features, once.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+CHUNK_ROWS = 1 << 18  # statistics are accumulated in chunks: the features may be memory-mapped and large
+
+
+def second_moment(features) -> np.ndarray:
+    """The pool's uncentred token covariance E[x x^T] (float64, d x d), accumulated chunk by chunk."""
+    rows, d = features.shape
+    total = np.zeros((d, d), dtype=np.float64)
+    for lo in range(0, rows, CHUNK_ROWS):
+        chunk = np.asarray(features[lo:lo + CHUNK_ROWS], dtype=np.float64)
+        total += chunk.T @ chunk
+    return total / max(rows, 1)
+
+
+def inverse_sqrt(matrix: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
+    values, vectors = np.linalg.eigh(matrix)
+    floor = ridge * max(float(values.max()), 1e-12)
+    return (vectors / np.sqrt(np.maximum(values, floor))) @ vectors.T
+
+
+def prepare_features(features, lam: float, token_norm: str = "none", lam_mode: str = "absolute",
+                     whiten: bool = False) -> tuple[np.ndarray, float]:
+    """(features to run the greedy on, the lam to use). Untouched, and not copied, with the defaults."""
+    if token_norm == "none" and lam_mode == "absolute" and not whiten:
+        return features, lam
+    x = np.asarray(features, dtype=np.float32)
+    if whiten:
+        x = (x.astype(np.float64) @ inverse_sqrt(second_moment(x))).astype(np.float32)
+    if token_norm == "unit":
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        x = x / np.maximum(norms, 1e-12)
+    elif token_norm != "none":
+        raise ValueError(f"token_norm must be 'none' or 'unit', got {token_norm!r}")
+    if lam_mode == "relative":
+        mean_sq = float(np.einsum("ij,ij->", x, x, dtype=np.float64)) / max(x.shape[0], 1)
+        lam = lam * mean_sq / x.shape[1]
+    elif lam_mode != "absolute":
+        raise ValueError(f"lam_mode must be 'absolute' or 'relative', got {lam_mode!r}")
+    return x, lam
+
+
+def feature_diagnostics(features, offsets: np.ndarray, lam: float) -> dict:
+    """What the raw features look like against the objective's assumptions: token-norm spread, lam against the
+    per-direction variance, the spectrum's concentration, and how much of a sentence's log det its largest
+    token carries."""
+    x = np.asarray(features, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1)
+    moment = second_moment(x)
+    spectrum = np.sort(np.linalg.eigvalsh(moment))[::-1]
+    per_direction = float(np.trace(moment)) / x.shape[1]
+    lengths = np.diff(offsets)
+    top_share = []
+    for lo, hi in zip(offsets[:-1], offsets[1:]):
+        if hi > lo:
+            sq = norms[lo:hi] ** 2
+            top_share.append(float(sq.max() / sq.sum()))
+    return {
+        "tokens": int(x.shape[0]), "d": int(x.shape[1]), "sentences": int(len(lengths)),
+        "norm_median": float(np.median(norms)), "norm_p99": float(np.percentile(norms, 99)),
+        "norm_max": float(norms.max()), "norm_max_over_median": float(norms.max() / max(np.median(norms), 1e-12)),
+        "lam_over_direction_variance": float(lam / max(per_direction, 1e-12)),
+        "top1_eigen_share": float(spectrum[0] / spectrum.sum()),
+        "effective_rank": float(spectrum.sum() ** 2 / (spectrum ** 2).sum()),
+        "largest_token_share_median": float(np.median(top_share)) if top_share else float("nan"),
+        "length_median": float(np.median(lengths)),
+    }

@@ -1,0 +1,56 @@
+"""FisherSFT's feature variants: what each one promises, checked on synthetic features."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sftcurate.core.fisher import run_greedy
+from sftcurate.core.fisher_features import feature_diagnostics, prepare_features, second_moment
+
+
+def pool(seed: int = 0, n: int = 60, d: int = 8):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, 9, size=n)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    scales = np.linspace(0.2, 3.0, d)  # anisotropic, like real hidden states
+    x = (rng.standard_normal((offsets[-1], d)) * scales).astype(np.float32)
+    x[rng.integers(0, offsets[-1], size=5)] *= 40  # a few outlier tokens
+    return x, offsets
+
+
+def test_defaults_leave_the_features_alone():
+    x, _ = pool()
+    out, lam = prepare_features(x, 1.0)
+    assert out is x and lam == 1.0
+
+
+def test_unit_norm_and_whitening_do_what_they_say():
+    x, _ = pool()
+    unit, _ = prepare_features(x, 1.0, token_norm="unit")
+    assert np.allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+    white, _ = prepare_features(x, 1.0, whiten=True)
+    assert np.allclose(second_moment(white), np.eye(x.shape[1]), atol=1e-3)
+
+
+def test_relative_lam_makes_the_picks_scale_free():
+    x, offsets = pool(1)
+    picks = []
+    for scale in (1.0, 25.0):
+        feats, lam = prepare_features(x * scale, 1.0, lam_mode="relative")
+        picks.append(run_greedy(feats, offsets, lam=lam, k=12).picks)
+    assert list(picks[0]) == list(picks[1])
+    absolute = [run_greedy(x * s, offsets, lam=1.0, k=12).picks for s in (0.05, 25.0)]
+    assert list(absolute[0]) != list(absolute[1])  # what relative fixes: a fixed lam depends on the scale
+
+
+def test_diagnostics_see_the_outliers():
+    x, offsets = pool(2)
+    report = feature_diagnostics(x, offsets, lam=1.0)
+    assert report["norm_max_over_median"] > 20 and report["tokens"] == offsets[-1]
+    assert 1.0 <= report["effective_rank"] <= x.shape[1]
+
+
+def test_unknown_variant_is_refused():
+    x, _ = pool()
+    with pytest.raises(ValueError, match="token_norm"):
+        prepare_features(x, 1.0, token_norm="l1")
