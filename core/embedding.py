@@ -24,6 +24,7 @@ import pyarrow as pa
 from sftcurate.data_contracts import TOKEN_FEATURES, TOKEN_FEATURES_IDS, ContractError, TensorContract
 from sftcurate.core.ingest import load_pool, shard_bounds
 from sftcurate.core.inputs import load_features_file, mean_pool, read_features_artifact  # noqa: F401  (re-exported)
+from sftcurate.infra import progress
 from sftcurate.infra.stages import Built, build_once
 from sftcurate.infra.store import join, read_bytes, read_manifest, read_tensors
 from sftcurate.core.tokenize import Encoded, encode_pairs, example_rows, length_grouped_batches, pad_batch
@@ -81,8 +82,11 @@ def embed_encoded(model, encoded: list[Encoded], batch_tokens: int, device=None,
     if projection is not None:
         proj = torch.as_tensor(np.asarray(projection, dtype=np.float32), device=device)
     lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
+    done = 0
     with torch.inference_mode():
         for batch in length_grouped_batches(lengths, batch_tokens):
+            done += len(batch)
+            progress.step("token features", done, len(encoded), unit="examples")
             ids, attn, lmask = (t.to(device) for t in pad_batch([encoded[i] for i in batch], pad_id))
             sel = lmask[:, 1:].bool()            # position t-1 predicts the loss token at t
             if not bool(sel.any()):
