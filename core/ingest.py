@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sftcurate.data_contracts import EXAMPLES, UserError
 from sftcurate.core.config import SourceConfig
+from sftcurate.infra import progress
 from sftcurate.infra.hashing import fingerprint
 from sftcurate.infra.stages import Built, build_once
 from sftcurate.infra.store import filesystem_for, join, read_bytes, read_manifest, read_table, retrying
@@ -33,6 +34,9 @@ FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 
 class IngestError(UserError):
     """Bad input: the message is one line naming the file, row and field."""
+
+
+PROGRESS_EVERY = 500  # records between progress reports
 
 
 # ---------------------------------------------------------------- where records come from
@@ -234,7 +238,9 @@ def build_examples(source: SourceConfig, tokenizer, max_length: int) -> tuple[pa
                                                        "format", "raw")}
     seen: set[str] = set()
     fmt_by_file: dict[str, str] = {}
-    for raw in records:
+    for n_read, raw in enumerate(records, 1):
+        if n_read % PROGRESS_EVERY == 0 or n_read == len(records):
+            progress.step("ingest", n_read, len(records), unit="records")
         fmt = source.format
         if fmt == "auto":
             if raw.where not in fmt_by_file:
