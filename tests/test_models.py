@@ -61,3 +61,15 @@ def test_builtin_smollm2_converts_to_a_trainable_pre_logit_model():
         assert torch.allclose(loaded.model.lm_head(out.hidden_states[-1]), out.logits, atol=1e-4)
     assert all(p.requires_grad for p in loaded.model.parameters())
     assert (local_folder(BUILTIN_SMOLLM2) / "model.safetensors").exists()
+
+
+def test_any_gguf_file_converts_once_and_matches_the_builtin():
+    from sftcurate.infra.models import SMOLLM2_GGUF, smollm2_gguf_folder
+
+    with pytest.raises(ModelSpecError, match="GGUF file not found"):
+        resolve_model("gguf:/no/such/model.gguf")
+    spec = f"gguf:{smollm2_gguf_folder() / SMOLLM2_GGUF}"
+    loaded, builtin = resolve_model(spec), resolve_model(BUILTIN_SMOLLM2)
+    assert local_folder(spec) != local_folder(BUILTIN_SMOLLM2) and (local_folder(spec) / "model.safetensors").exists()
+    assert model_fingerprint(spec).startswith("gguf:SmolLM2-135M-Instruct")
+    assert torch.equal(loaded.model.lm_head.weight, builtin.model.lm_head.weight)
