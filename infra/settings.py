@@ -7,6 +7,7 @@
 | SFTCURATE_S3_ENDPOINT_URL / AWS_ENDPOINT_URL | unset | S3 API endpoint (MinIO, moto, ...) |
 | AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_REGION | unset | S3 credentials (never logged) |
 | SFTCURATE_STORAGE_RETRY_SECONDS | 120 | how long an unreachable S3 endpoint is retried (backoff) before the run stops |
+| SFTCURATE_SERVICE_RETRY_SECONDS | 120 | how long an unreachable MLflow tracking server or Prefect API is retried (backoff) |
 | MLFLOW_TRACKING_URI | sqlite:///$SFTCURATE_HOME/mlflow.db | tracking store or server |
 | SFTCURATE_TASK_RUNNER | threads | threads, dask (local cluster or SFTCURATE_DASK_ADDRESS), ray (infra/runners.py) |
 | SFTCURATE_DASK_ADDRESS | unset | scheduler address for an existing Dask cluster |
@@ -24,6 +25,7 @@ from sftcurate.data_contracts.errors import UserError
 from sftcurate.infra.env import project_home
 
 STORAGE_RETRY_SECONDS = 120.0
+SERVICE_RETRY_SECONDS = 120.0  # an MLflow tracking server or a Prefect API (infra/reachability.py)
 # Per request: botocore's defaults (60 s connect and read timeouts, several attempts each, inside s3fs's own five
 # tries) made one store call against a dead endpoint take minutes; infra.store.retrying is the one retry loop
 # over whole calls, so a single request is kept short.
@@ -75,6 +77,7 @@ class Settings:
     dask_address: str | None
     model_cache: Path
     s3: S3Settings
+    service_retry_seconds: float = SERVICE_RETRY_SECONDS
 
     def __repr__(self) -> str:  # credentials stay out of logs even when the object is printed
         return (f"Settings(home={self.home}, store_uri={self.store_uri}, tracking_uri={self.tracking_uri}, "
@@ -99,6 +102,7 @@ def load_settings() -> Settings:
             secret=env.get("AWS_SECRET_ACCESS_KEY"),
             retry_seconds=seconds_setting("SFTCURATE_STORAGE_RETRY_SECONDS", STORAGE_RETRY_SECONDS),
         ),
+        service_retry_seconds=seconds_setting("SFTCURATE_SERVICE_RETRY_SECONDS", SERVICE_RETRY_SECONDS),
     )
 
 

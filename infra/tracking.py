@@ -2,9 +2,16 @@
 
 Tasks log to the flow's run by id (`MlflowClient`), never through the thread-local active run, so tasks on
 thread or Dask workers log to the right place.
+
+A tracking server that cannot be reached (down, restarting, stalled) is waited for: before the first call its
+`/health` is probed, and every client call is retried with backoff, for SFTCURATE_SERVICE_RETRY_SECONDS; then
+`infra.reachability.ServiceUnavailable`, one line naming the URL and MLFLOW_TRACKING_URI (the CLI exits 1).
+MLflow's own HTTP retries (7 with backoff factor 2 and a 120 s timeout: minutes per call) are cut to a few
+quick ones, so the budget, not MLflow, decides how long a run waits.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -13,12 +20,36 @@ import threading
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from sftcurate.infra import reachability
+from sftcurate.infra.reachability import ServiceUnavailable
 from sftcurate.infra.settings import load_settings
 
 EXPERIMENT = "sftcurate"
 PID_TAG, HOST_TAG, PIDNS_TAG = "sftcurate.pid", "sftcurate.host", "sftcurate.pidns"
 _opened: set[str] = set()
 _opening = threading.Lock()
+SETTING = "MLFLOW_TRACKING_URI"
+WHAT = "MLflow tracking server"
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def _bound_mlflow_http_retries(budget: float) -> None:
+    """MLflow's own retries for one request, kept short (a user's explicit setting wins): the retry loop over
+    whole calls is `reachability.retrying`, bounded by the budget."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(5, min(30, budget)))))
+
+
+def check_reachable(uri: str | None = None) -> None:
+    """Wait for a tracking server's health endpoint within the budget (ServiceUnavailable otherwise); a SQLite or
+    file store needs no wait. The CLI calls it before a flow starts, so an outage costs no flow run."""
+    uri = uri or load_settings().tracking_uri
+    if is_server(uri):
+        reachability.wait_reachable(uri.rstrip("/") + "/health", what=WHAT, url=uri, setting=SETTING)
 
 
 def configure() -> str:
@@ -40,6 +71,9 @@ def _open_store_once(uri: str) -> None:
     with _opening:
         if uri in _opened:
             return
+        if is_server(uri):
+            _bound_mlflow_http_retries(load_settings().service_retry_seconds)
+            check_reachable(uri)
         with store_lock(uri):
             MlflowClient(uri)  # creates the tables when the file is new; the store is cached per URI from here on
         _opened.add(uri)
@@ -57,10 +91,9 @@ def store_lock(uri: str):
 
 
 def experiment_id(name: str = EXPERIMENT) -> str:
-    import mlflow
-
     uri = configure()
-    exp = mlflow.get_experiment_by_name(name)
+    c = client()
+    exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     settings = load_settings()
@@ -69,20 +102,43 @@ def experiment_id(name: str = EXPERIMENT) -> str:
         # Otherwise MLflow drops artifacts into ./mlruns of whatever directory the process runs in.
         location = (settings.home / "mlruns").as_uri()
     with store_lock(uri):  # one process creates it, the others wait and find it
-        exp = mlflow.get_experiment_by_name(name)
+        exp = c.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
         try:
-            return mlflow.create_experiment(name, artifact_location=location)
+            return c.create_experiment(name, artifact_location=location)
+        except ServiceUnavailable:
+            raise
         except Exception:  # another machine created it first (a tracking server)
-            return mlflow.get_experiment_by_name(name).experiment_id
+            return c.get_experiment_by_name(name).experiment_id
+
+
+class _Patient:
+    """An MlflowClient whose calls wait out an unreachable tracking server (`reachability.retrying`). A call may
+    run twice when the server went away after doing it but before answering: a repeated `log_batch` is
+    harmless, a repeated `create_run` leaves a RUNNING run with this process's id, which the next run ends."""
+
+    def __init__(self, inner, uri: str):
+        self._inner, self._uri = inner, uri
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            return reachability.retrying(lambda: attr(*args, **kwargs), what=WHAT, url=self._uri, setting=SETTING)
+
+        return call
 
 
 def client():
     from mlflow.tracking import MlflowClient
 
-    configure()
-    return MlflowClient()
+    uri = configure()
+    inner = MlflowClient(uri)
+    return _Patient(inner, uri) if is_server(uri) else inner
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -120,6 +176,8 @@ def start_run(run_name: str, tags: dict | None = None, params: dict | None = Non
         log_params(run_id, params)
     try:
         yield run_id
+    except ServiceUnavailable:  # the server is gone: the run stays RUNNING until the next run ends it KILLED
+        raise
     except Exception:
         c.set_terminated(run_id, status="FAILED")
         raise

@@ -66,11 +66,28 @@ def quiet_one_line_errors_in_logs() -> None:
 
 
 def fail(exc: BaseException) -> None:
+    from rich.markup import escape
+
     from sftcurate.data_contracts.errors import DependencyError
 
-    message = str(exc)
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    message = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the message holds
+    # escaped: messages quote the user's text ("expected a 2-d [examples, checkpoints] array", "[bold]" in a
+    # file name), which rich would otherwise read as markup and drop
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1 if isinstance(exc, DependencyError) else 2)
+
+
+def wait_for_services() -> None:
+    """Before a flow starts: the Prefect API (when PREFECT_API_URL names a server) and the MLflow tracking server
+    (when MLFLOW_TRACKING_URI names one) must answer within SFTCURATE_SERVICE_RETRY_SECONDS, or the command stops
+    with one line naming the URL and the setting (exit 1) instead of Prefect's or MLflow's tracebacks."""
+    from prefect.settings import PREFECT_API_URL
+
+    from sftcurate.infra import tracking
+    from sftcurate.infra.reachability import wait_for_prefect_api
+
+    wait_for_prefect_api(PREFECT_API_URL.value())
+    tracking.check_reachable()
 
 
 def run_with_progress(fn, *args, **kwargs):
@@ -117,6 +134,7 @@ def run_config_flow(name: str, config: Path, overrides: list[str], json_out: Opt
     ensure_home()  # before Prefect is imported: it makes its home (inside ours) without parents, or fails
     try:
         cfg = load_config(config, overrides)
+        wait_for_services()
         result = run_with_progress(getattr(importlib.import_module(f"sftcurate.flows.{name}"), name), cfg)
     except one_line_errors() as exc:
         fail(exc)
@@ -183,6 +201,7 @@ def compare(config: Path = typer.Argument(..., help="comparison configuration (Y
         from sftcurate.flows.compare import compare as compare_flow
 
         cfg = load_compare_config(config, set_)
+        wait_for_services()
         summary = run_with_progress(compare_flow, cfg)
     except one_line_errors() as exc:
         fail(exc)

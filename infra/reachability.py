@@ -1,0 +1,130 @@
+"""Servers a run needs besides the artifact store: an MLflow tracking server and a Prefect API.
+
+An unreachable server (connection refused or reset, no route, a timeout: a server that is down, restarting or
+stalled) is retried with exponential backoff for SFTCURATE_SERVICE_RETRY_SECONDS (default 120), then the run
+stops with `ServiceUnavailable`, one line naming the URL and the setting to check (the CLI exits 1). A server
+that answers, even with an error status, is reachable: a 401 or a 500 is an answer that waiting does not change.
+
+Prefect-free: the CLI reads PREFECT_API_URL from Prefect's settings and passes it in.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import time
+import urllib.error
+import urllib.request
+from typing import Callable, TypeVar
+
+from sftcurate.data_contracts.errors import DependencyError
+from sftcurate.infra.settings import load_settings
+
+FIRST_BACKOFF_SECONDS = 0.5
+MAX_BACKOFF_SECONDS = 15.0
+PROBE_TIMEOUT_SECONDS = 10.0  # one health request: a stalled server accepts the connection and never answers
+_NETWORK_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH,
+                   errno.ENETUNREACH, errno.ENETDOWN, errno.ETIMEDOUT, errno.EPIPE}
+
+log = logging.getLogger("sftcurate.reachability")
+T = TypeVar("T")
+
+
+class ServiceUnavailable(DependencyError):
+    """A tracking server or Prefect API stayed unreachable for SFTCURATE_SERVICE_RETRY_SECONDS."""
+
+
+def _network_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        import requests
+
+        types += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import urllib3
+
+        types += [urllib3.exceptions.NewConnectionError, urllib3.exceptions.MaxRetryError,
+                  urllib3.exceptions.ProtocolError, urllib3.exceptions.TimeoutError]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import httpx
+
+        types += [httpx.TransportError]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def unreachable(exc: BaseException | None) -> bool:
+    """Whether an error, or any error it was raised from or while handling, says the server did not answer.
+    MLflow raises its own exception while handling the `requests` one, so the implicit context counts too."""
+    network, seen = _network_types(), set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, urllib.error.HTTPError):  # a status code: the server answered
+            return False
+        if isinstance(exc, network) or (isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS):
+            return True
+        if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, (OSError, TimeoutError)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def message(what: str, url: str, tries: int, elapsed: float, setting: str) -> str:
+    return (f"{what} {url} unreachable after {tries} {'try' if tries == 1 else 'tries'} over {elapsed:.0f} s; "
+            f"check {setting} and the network")
+
+
+def retrying(operation: Callable[[], T], *, what: str, url: str, setting: str, budget: float | None = None) -> T:
+    """`operation()`, tried again with exponential backoff while the server cannot be reached, until `budget`
+    seconds (SFTCURATE_SERVICE_RETRY_SECONDS) have passed; then ServiceUnavailable. Any other error is raised
+    at once. The operation may run more than once."""
+    budget = load_settings().service_retry_seconds if budget is None else budget
+    start, tries, delay = time.monotonic(), 0, FIRST_BACKOFF_SECONDS
+    while True:
+        tries += 1
+        try:
+            return operation()
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            elapsed = time.monotonic() - start
+            if elapsed >= budget:
+                raise ServiceUnavailable(message(what, url, tries, elapsed, setting)) from exc
+            wait = min(delay, budget - elapsed)
+            log.info("%s %s unreachable (%s); try %d in %.1f s", what, url, type(exc).__name__, tries + 1, wait)
+            time.sleep(wait)
+            delay = min(2 * delay, MAX_BACKOFF_SECONDS)
+
+
+def probe(url: str, timeout: float = PROBE_TIMEOUT_SECONDS) -> None:
+    """One GET of a health URL; returns when the server answers anything (an error status included)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            response.read(1)
+    except urllib.error.HTTPError:
+        return
+
+
+def wait_reachable(health_url: str, *, what: str, url: str, setting: str, budget: float | None = None) -> None:
+    """Probe `health_url` until the server answers, within the budget; ServiceUnavailable naming `url` and
+    `setting` otherwise. No request waits longer than what is left of the budget (at least 1 s)."""
+    budget = load_settings().service_retry_seconds if budget is None else budget
+    deadline = time.monotonic() + budget
+
+    def once() -> None:
+        probe(health_url, timeout=max(1.0, min(PROBE_TIMEOUT_SECONDS, deadline - time.monotonic())))
+
+    retrying(once, what=what, url=url, setting=setting, budget=budget)
+
+
+def wait_for_prefect_api(api_url: str | None, budget: float | None = None) -> None:
+    """A run against a Prefect server (PREFECT_API_URL set) first waits for its health endpoint; an ephemeral
+    Prefect (no URL) has nothing to wait for here."""
+    if not api_url:
+        return
+    wait_reachable(api_url.rstrip("/") + "/health", what="Prefect API", url=api_url, setting="PREFECT_API_URL",
+                   budget=budget)

@@ -1,0 +1,232 @@
+"""Issue 11, fault 3 for the other servers: an unreachable MLflow tracking server or Prefect API.
+
+Measured before the fix: MLFLOW_TRACKING_URI on a closed port gave up after 4 min 41 s (MLflow's 7 retries with
+backoff, per request) with a boxed traceback; PREFECT_API_URL on a closed port failed in 4 s with three chained
+tracebacks (`RuntimeError: Failed to reach API`). Now both wait with backoff for SFTCURATE_SERVICE_RETRY_SECONDS,
+then print one line naming the URL and the setting, exit 1; a server that comes back within the budget is used.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from sftcurate.data_contracts.errors import DependencyError, UserError
+from tests.conftest import free_port, wait_http
+
+pytestmark = pytest.mark.faults
+
+CONFIG = """name: service-outage
+source: {uri: 'builtin:python-docs', limit: 40}
+selection: {method: uniform, budget: 5}
+models: {target: tiny-gpt2, max_length: 64}
+"""
+# A real HTTP server in its own process, so a test can stop (SIGSTOP) and continue it like a stalled host.
+HEALTH_SERVER = """
+import http.server, sys
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path.endswith("/health") else 404)
+        self.end_headers()
+        self.wfile.write(b"OK")
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
+"""
+
+
+MLFLOW_HTTP_VARS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_http_settings():
+    """A tracking server URI makes infra.tracking set MLflow's per-request retry settings for the process."""
+    saved = {k: os.environ.get(k) for k in MLFLOW_HTTP_VARS}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def start_health_server(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HEALTH_SERVER, str(port)])
+    wait_http(f"http://127.0.0.1:{port}/health", timeout=30)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGCONT)
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_a_closed_port_raises_service_unavailable_after_the_budget(monkeypatch):
+    from sftcurate.infra.reachability import ServiceUnavailable, wait_reachable
+
+    url = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("SFTCURATE_SERVICE_RETRY_SECONDS", "2")
+    start = time.perf_counter()
+    with pytest.raises(ServiceUnavailable) as info:
+        wait_reachable(url + "/health", what="MLflow tracking server", url=url, setting="MLFLOW_TRACKING_URI")
+    took = time.perf_counter() - start
+    assert 2.0 <= took < 10, took
+    message = str(info.value)
+    assert message.startswith(f"MLflow tracking server {url} unreachable after ") and " tries over 2 s; " in message
+    assert message.endswith("check MLFLOW_TRACKING_URI and the network") and "\n" not in message
+    assert isinstance(info.value, DependencyError) and not isinstance(info.value, UserError)
+
+
+def test_a_server_answering_with_an_error_status_is_reachable(monkeypatch):
+    """A 404 (or a 401 from a server that wants a key) is an answer: no waiting, no ServiceUnavailable."""
+    from sftcurate.infra.reachability import wait_reachable
+
+    port = free_port()
+    proc = start_health_server(port)
+    try:
+        start = time.perf_counter()
+        wait_reachable(f"http://127.0.0.1:{port}/not-health", what="x", url="x", setting="X", budget=30)
+        assert time.perf_counter() - start < 5
+    finally:
+        stop(proc)
+
+
+def test_a_stall_shorter_than_the_budget_is_survived_and_a_longer_one_is_not(monkeypatch):
+    """SIGSTOP the server: it still accepts connections (the kernel does) but never answers, like a hung host."""
+    from sftcurate.infra.reachability import ServiceUnavailable, wait_reachable
+
+    port = free_port()
+    proc = start_health_server(port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.send_signal(signal.SIGSTOP)
+        resume = threading.Timer(2.0, proc.send_signal, (signal.SIGCONT,))
+        resume.start()
+        start = time.perf_counter()
+        wait_reachable(url + "/health", what="Prefect API", url=url, setting="PREFECT_API_URL", budget=20)
+        took = time.perf_counter() - start
+        resume.join()
+        assert 1.9 <= took < 15, f"the probe did not wait for the stalled server ({took:.1f}s)"
+
+        proc.send_signal(signal.SIGSTOP)  # stalled for longer than a 3 s budget
+        start = time.perf_counter()
+        with pytest.raises(ServiceUnavailable, match=f"Prefect API {url} unreachable after"):
+            wait_reachable(url + "/health", what="Prefect API", url=url, setting="PREFECT_API_URL", budget=3)
+        took = time.perf_counter() - start
+        assert 3.0 <= took < 10, took
+    finally:
+        stop(proc)
+
+
+def test_a_server_that_comes_back_within_the_budget_is_used(monkeypatch):
+    from sftcurate.infra.reachability import wait_reachable
+
+    port = free_port()
+    procs: list[subprocess.Popen] = []
+    restart = threading.Timer(1.5, lambda: procs.append(subprocess.Popen([sys.executable, "-c", HEALTH_SERVER,
+                                                                           str(port)])))
+    restart.start()
+    try:
+        start = time.perf_counter()
+        wait_reachable(f"http://127.0.0.1:{port}/health", what="x", url="x", setting="X", budget=60)
+        assert time.perf_counter() - start >= 1.4
+    finally:
+        restart.join()
+        for proc in procs:
+            stop(proc)
+
+
+def test_tracking_calls_wait_out_an_outage_mid_run_then_stop_within_the_budget(monkeypatch):
+    """After the first contact every MlflowClient call is retried for the budget, and MLflow's own per-request
+    retries (minutes by default) are cut short, so the budget bounds a call."""
+    from sftcurate.infra import tracking
+    from sftcurate.infra.reachability import ServiceUnavailable
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("SFTCURATE_SERVICE_RETRY_SECONDS", "3")
+    for var in MLFLOW_HTTP_VARS:
+        monkeypatch.delenv(var, raising=False)
+    start = time.perf_counter()
+    with pytest.raises(ServiceUnavailable, match=f"MLflow tracking server {uri} unreachable"):
+        tracking.client()  # the first contact probes /health
+    assert 3.0 <= time.perf_counter() - start < 10
+    tracking._opened.add(uri)  # as if the server went away after the run started
+    tracking._bound_mlflow_http_retries(3)
+    start = time.perf_counter()
+    with pytest.raises(ServiceUnavailable) as info:
+        tracking.log_metrics("0" * 32, {"loss": 1.0})
+    took = time.perf_counter() - start
+    assert 3.0 <= took < 25, took
+    assert str(info.value).endswith("check MLFLOW_TRACKING_URI and the network")
+
+
+def run_cli(tmp_path, env_updates: dict) -> tuple[subprocess.CompletedProcess, float]:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(CONFIG)
+    env = {**os.environ, "SFTCURATE_STORE": str(tmp_path / "artifacts"), "COLUMNS": "200", **env_updates}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", "from sftcurate.cli import app; app()", "run", str(config)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return proc, time.perf_counter() - start
+
+
+def assert_one_line(proc: subprocess.CompletedProcess, starts: str, setting: str) -> None:
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-4000:]
+    assert errors[0].startswith(starts) and f"check {setting} and the network" in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr + proc.stdout and "╭" not in proc.stderr, proc.stderr[-4000:]
+
+
+def test_cli_one_line_exit_1_when_the_prefect_api_is_unreachable(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/api"
+    proc, took = run_cli(tmp_path, {"PREFECT_API_URL": url, "SFTCURATE_SERVICE_RETRY_SECONDS": "3"})
+    assert_one_line(proc, f"error: Prefect API {url} unreachable after ", "PREFECT_API_URL")
+    assert took < 60, f"{took:.0f}s"
+    assert not (tmp_path / "artifacts").exists()  # nothing ran
+
+
+def test_cli_one_line_exit_1_when_the_tracking_server_is_unreachable(prefect_harness, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    proc, took = run_cli(tmp_path, {"MLFLOW_TRACKING_URI": uri, "SFTCURATE_SERVICE_RETRY_SECONDS": "3",
+                                    "PREFECT_API_URL": PREFECT_API_URL.value() or ""})
+    assert_one_line(proc, f"error: MLflow tracking server {uri} unreachable after ", "MLFLOW_TRACKING_URI")
+    assert took < 60, f"{took:.0f}s"
+
+
+def test_a_tracking_server_lost_after_the_cli_checked_it_still_ends_in_one_line(prefect_harness, tmp_path,
+                                                                               store_root, monkeypatch):
+    """The server goes away between the CLI's check and the flow's first tracking call: the flow's own wait
+    raises ServiceUnavailable, and the CLI prints it as one line, exit 1."""
+    from typer.testing import CliRunner
+
+    import sftcurate.cli as cli
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("SFTCURATE_SERVICE_RETRY_SECONDS", "2")
+    monkeypatch.setattr(cli, "wait_for_services", lambda: None)  # it was up when the CLI looked
+    config = tmp_path / "tiny.yaml"
+    config.write_text(CONFIG)
+    result = CliRunner().invoke(cli.app, ["run", str(config)], env={"COLUMNS": "200"})
+    assert result.exit_code == 1, (result.output[-3000:], result.exception)
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: MLflow tracking server {uri} unreachable after")
+    assert "Traceback" not in result.output
+
+
+def test_bad_service_budget_setting_is_a_user_error(monkeypatch):
+    from sftcurate.infra.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("SFTCURATE_SERVICE_RETRY_SECONDS", "-1")
+    with pytest.raises(SettingsError, match="SFTCURATE_SERVICE_RETRY_SECONDS='-1'"):
+        load_settings()
