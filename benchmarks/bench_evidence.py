@@ -144,15 +144,18 @@ def corpus_summary(name: str, records: list[dict], summary: dict) -> str:
     groups = sorted({r["group"] for r in records})
     lines = [f"### `{name}`: {len(records)} records, {len(groups)} groups ({', '.join(groups)})", "",
              "| budget (loss tokens) | method | held-out loss [95%] | vs uniform [95%] | verdict | worst group: loss "
-             "| groups covered |", "|---|---|---|---|---|---|---|"]
+             "| vs uniform on its worst group [95%] | groups covered |", "|---|---|---|---|---|---|---|---|"]
     for b in summary["budgets"]:
         for m in summary["methods"]:
             r = rows[(m, b)]
             delta = ("-" if r["delta_vs_uniform"] is None else
                      f"{r['delta_vs_uniform']:+.4f} [{r['delta_ci_low']:+.4f}, {r['delta_ci_high']:+.4f}]")
+            worst = ("-" if r.get("worst_group_delta") is None else
+                     f"{r['uniform_worst_group']}: {r['worst_group_delta']:+.4f} [{r['worst_group_delta_ci_low']:+.4f}, "
+                     f"{r['worst_group_delta_ci_high']:+.4f}] {r['worst_group_verdict']}")
             lines.append(f"| {b} | {m} | {r['heldout_loss']:.4f} [{r['loss_ci_low']:.4f}, {r['loss_ci_high']:.4f}] "
                          f"| {delta} | {r['verdict'] or '-'} | {r['worst_group']}: {r['worst_group_loss']:.4f} "
-                         f"| {r['groups_covered']}/{r['groups']} |")
+                         f"| {worst} | {r['groups_covered']}/{r['groups']} |")
     base = rows[("base", 0)]
     sanity = summary["judge_sanity"]
     lines += ["", f"Base model: {base['heldout_loss']:.4f} [{base['loss_ci_low']:.4f}, {base['loss_ci_high']:.4f}]. "

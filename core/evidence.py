@@ -77,6 +77,18 @@ def paired_difference(loss: np.ndarray, baseline: np.ndarray, tokens: np.ndarray
     return bootstrap(loss[:reps] - baseline[:reps], tokens, n_boot, seed, level)
 
 
+def group_difference(loss: np.ndarray, baseline: np.ndarray, tokens: np.ndarray, groups: list[str], group: str,
+                     n_boot: int = 2000, seed: int = 0, level: float = LEVEL) -> Interval | None:
+    """The paired difference on one group's held-out examples: with `group` the baseline's worst group (fixed
+    before the method is looked at), this tests "better on the worst group". None when the group is empty."""
+    mask = np.asarray(groups, dtype=object) == group
+    if not mask.any():
+        return None
+    loss, tokens = _check(loss, tokens)
+    baseline, _ = _check(baseline, tokens)
+    return paired_difference(loss[:, mask], baseline[:, mask], tokens[mask], n_boot, seed, level)
+
+
 def verdict(diff: Interval, replicates: int = 2) -> str:
     """For a loss difference: "better" when the whole interval is below 0, "worse" when above, else no call.
     With one replicate the interval cannot cover seed noise, so nothing is called."""

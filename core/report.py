@@ -57,21 +57,34 @@ def result_rows(cfg: CompareConfig, cells: dict, base_uri: str, examples_uri: st
     base_ci = evidence.bootstrap(base_loss, tokens, n_boot, cfg.seed)
     base_groups = evidence.group_losses(base_loss, tokens, groups)
     pool_groups = load_pool(examples_uri).column("group").to_pylist()
-    rows = [_row("base", 0, base_ci, None, base_groups, None, {}, 0, 0, 1)]
+    rows = [{**_row("base", 0, base_ci, None, base_groups, None, {}, 0, 0, 1), **worst_group_columns(None, None, 1)}]
     for budget in cfg.budgets:
         baseline, _, _ = _losses(cells[(BASELINE, budget)])
+        baseline_worst, _ = evidence.worst_group(evidence.group_losses(baseline, tokens, groups))
         for method in methods:
             reps = cells[(method, budget)]
             loss, _, _ = _losses(reps)
             ci = evidence.bootstrap(loss, tokens, n_boot, cfg.seed)
             diff = None if method == BASELINE else evidence.paired_difference(loss, baseline, tokens, n_boot, cfg.seed)
+            worst_diff = None if method == BASELINE else evidence.group_difference(
+                loss, baseline, tokens, groups, baseline_worst, n_boot, cfg.seed)
             picks = load_selection(reps[0]["selection_uri"])[0].column("index").to_pylist()
             cover = evidence.coverage([pool_groups[i] for i in picks], pool_groups)
             metas = [finetune_meta(r["model_uri"]) for r in reps]
-            rows.append(_row(method, budget, ci, diff, evidence.group_losses(loss, tokens, groups), cover,
-                             reps[0].get("judge") or {}, float(np.mean([m["tokens_seen"] for m in metas])),
-                             float(np.mean([m["steps_done"] for m in metas])), len(reps)))
+            row = _row(method, budget, ci, diff, evidence.group_losses(loss, tokens, groups), cover,
+                       reps[0].get("judge") or {}, float(np.mean([m["tokens_seen"] for m in metas])),
+                       float(np.mean([m["steps_done"] for m in metas])), len(reps))
+            row.update(worst_group_columns(baseline_worst, worst_diff, len(reps)))
+            rows.append(row)
     return rows
+
+
+def worst_group_columns(group: str | None, diff, replicates: int) -> dict:
+    """The difference to uniform on uniform's worst group: FisherSFT's claim is a lower maximum error."""
+    return {"uniform_worst_group": group, "worst_group_delta": diff.mean if diff else None,
+            "worst_group_delta_ci_low": diff.low if diff else None,
+            "worst_group_delta_ci_high": diff.high if diff else None,
+            "worst_group_verdict": evidence.verdict(diff, replicates) if diff else None}
 
 
 def _row(method, budget, ci, diff, per_group, cover, judge, tokens_seen, steps, replicates) -> dict:
@@ -119,6 +132,14 @@ def markdown_table(cfg: CompareConfig, rows: list[dict], methods: list[str], tra
         lines.append(f"| {m} | " + " | ".join(
             f"{_fmt(by[(m, b)]['delta_vs_uniform'], signed=True)} [{_fmt(by[(m, b)]['delta_ci_low'], signed=True)}, "
             f"{_fmt(by[(m, b)]['delta_ci_high'], signed=True)}] **{by[(m, b)]['verdict']}**" for b in cfg.budgets) + " |")
+    lines += ["", "## Difference to uniform on uniform's worst group (negative = better), 95% paired interval", "",
+              head]
+    for m in methods[1:]:
+        lines.append(f"| {m} | " + " | ".join(
+            f"{by[(m, b)]['uniform_worst_group']}: {_fmt(by[(m, b)]['worst_group_delta'], signed=True)} "
+            f"[{_fmt(by[(m, b)]['worst_group_delta_ci_low'], signed=True)}, "
+            f"{_fmt(by[(m, b)]['worst_group_delta_ci_high'], signed=True)}] **{by[(m, b)]['worst_group_verdict']}**"
+            for b in cfg.budgets) + " |")
     lines += ["", "## Groups: the worst group's held-out loss, and the selection's coverage of the pool's groups", "",
               "| Method | Budget | worst group | its loss | groups with a pick | share distance to the pool "
               "(0 = the pool's mix) | loss tokens trained | steps |", "|---|---|---|---|---|---|---|---|"]

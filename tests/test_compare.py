@@ -71,7 +71,8 @@ def test_compare_flow_end_to_end_and_adding_a_budget_reruns_only_what_is_new(tmp
     csv_text = read_bytes(join(report, "results.csv")).decode()
     header = csv_text.splitlines()[0]
     assert header.startswith("method,budget,heldout_loss,heldout_ppl,loss_ci_low,loss_ci_high,delta_vs_uniform")
-    assert header.endswith("position_bias,longer_won,lc_win_rate")
+    assert header.endswith("position_bias,longer_won,lc_win_rate,uniform_worst_group,worst_group_delta,"
+                           "worst_group_delta_ci_low,worst_group_delta_ci_high,worst_group_verdict")
     table = read_table(join(report, "results.parquet"), EVAL_RESULTS)
     assert table.num_rows == 3
 

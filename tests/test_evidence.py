@@ -57,3 +57,21 @@ def test_group_losses_worst_group_and_coverage_of_a_rare_group():
     assert missing["groups_covered"] == 1 and covered["groups_covered"] == 2 and missing["groups"] == 2
     assert covered["share_distance"] < missing["share_distance"]
     assert covered["picks_per_group"] == {"common": 9, "rare": 1}
+
+
+def test_worst_group_difference_sees_a_gain_the_mean_hides():
+    base, tokens = synthetic(3, n=300, seed=2)
+    groups = ["rare" if i % 10 == 0 else "common" for i in range(300)]
+    rare = np.array([g == "rare" for g in groups])
+    base[:, rare] += 1.0 * tokens[rare]                                      # uniform's worst group
+    rng = np.random.default_rng(3)
+    method = base + rng.normal(0, 0.02, size=base.shape) * tokens
+    method[:, rare] -= 0.4 * tokens[rare]                                     # better on the rare group only
+    method[:, ~rare] += 0.045 * tokens[~rare]                                 # slightly worse elsewhere
+    worst, _ = evidence.worst_group(evidence.group_losses(base, tokens, groups))
+    assert worst == "rare"
+    on_worst = evidence.group_difference(method, base, tokens, groups, worst, n_boot=500)
+    assert evidence.verdict(on_worst) == "better" and on_worst.mean == pytest.approx(-0.4, abs=0.05)
+    overall = evidence.paired_difference(method, base, tokens, n_boot=500)
+    assert overall.mean > on_worst.mean
+    assert evidence.group_difference(method, base, tokens, groups, "absent") is None
