@@ -89,9 +89,12 @@ def diagnostics(data: Path) -> dict:
 
 def row_line(label: str, method: str, row: dict, pick_tokens: float) -> str:
     delta = f"{row['delta_vs_uniform']:+.4f} [{row['delta_ci_low']:+.4f}, {row['delta_ci_high']:+.4f}]"
+    worst = ("-" if row.get("worst_group_delta") is None else
+             f"{row['worst_group_delta']:+.4f} [{row['worst_group_delta_ci_low']:+.4f}, "
+             f"{row['worst_group_delta_ci_high']:+.4f}] {row['worst_group_verdict']}")
     return (f"| {method} | {label} | {row['heldout_loss']:.4f} | {delta} | {row['verdict']} | "
-            f"{row['worst_group']}: {row['worst_group_loss']:.4f} | {row['groups_covered']}/{row['groups']} | "
-            f"{pick_tokens:.0f} |")
+            f"{row['worst_group']}: {row['worst_group_loss']:.4f} | {worst} | {row['groups_covered']}/{row['groups']} "
+            f"| {pick_tokens:.0f} |")
 
 
 def mean_pick_tokens(summary: dict, method: str, budget: int) -> float:
@@ -110,8 +113,8 @@ def write(lines: list[str], diag: dict, s: dict, seconds: float) -> Path:
                  f"{s['groups']} groups. Budget {s['budget']} loss tokens, epochs {s['epochs']}, {s['replicates']} "
                  f"replicates, SmolLM2-135M-Instruct with LoRA.\n\n### Token features of the target (lam = 1)\n\n"
                  f"| statistic | value |\n|---|---|\n{diag_rows}\n\n### Variants against uniform\n\n"
-                 "| method | variant | held-out loss | vs uniform [95%] | verdict | worst group | groups covered "
-                 "| mean loss tokens per pick |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + f"\n{END}\n")
+                 "| method | variant | held-out loss | vs uniform [95%] | verdict | worst group | vs uniform on its worst "
+                 "group [95%] | groups covered | mean loss tokens per pick |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + f"\n{END}\n")
     text = out.read_text() if out.exists() else "# Variants\n\n"
     if START in text and END in text:
         text = text[:text.index(START)] + generated + text[text.index(END) + len(END) + 1:]
