@@ -26,7 +26,6 @@ by the lowest index, so naive and lazy greedy agree pick for pick.
 """
 from __future__ import annotations
 
-import heapq
 import math
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 QUANTUM = 2.0 ** -36
+EPS32 = float(np.finfo(np.float32).eps)
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -63,25 +63,69 @@ def check_features(features, offsets, where: str = "features") -> tuple[np.ndarr
     return features, offsets.astype(np.int64)
 
 
+class ShardedRows:
+    """Feature rows [T, d] held as consecutive blocks (memory-mapped shard files, or one array), read in place.
+
+    `take(idx)` gathers rows by global index (any shape) without ever concatenating the blocks, so a pool whose
+    features do not fit in memory twice is read straight from its shard files."""
+
+    def __init__(self, blocks: list, starts: np.ndarray):
+        self.blocks = blocks
+        self.starts = np.asarray(starts, dtype=np.int64)   # first global row of every block
+        d = {int(b.shape[1]) for b in blocks}
+        if len(d) != 1:
+            raise ValueError(f"feature blocks disagree on d ({sorted(d)})")
+        self.shape = (int(self.starts[-1]) + int(blocks[-1].shape[0]), d.pop())
+        self.ndim = 2
+        self.dtype = blocks[0].dtype
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        if len(self.blocks) == 1:
+            return self.blocks[0][idx]
+        out = np.empty(idx.shape + (self.shape[1],), dtype=self.dtype)
+        which = np.searchsorted(self.starts, idx, side="right") - 1
+        for b in np.unique(which):
+            m = which == b
+            out[m] = self.blocks[b][idx[m] - self.starts[b]]
+        return out
+
+    def chunks(self, rows: int = 1 << 18):
+        """(global start, block slice) pieces of at most `rows` rows, in order: for one streaming pass."""
+        for start, block in zip(self.starts.tolist(), self.blocks):
+            for lo in range(0, block.shape[0], rows):
+                yield start + lo, block[lo:lo + rows]
+
+
 class LogDetObjective:
     """f(S) = log det(lam*I + sum_{i in S} X_i^T X_i) over sentences given as (features [T, d], offsets [N+1])."""
 
     def __init__(self, features, offsets, lam: float = 1.0, device=None, dtype: torch.dtype = torch.float64,
-                 refresh_every: int = 64, batch_rows: int = 1 << 16):
+                 refresh_every: int = 64, batch_rows: int = 1 << 16, trace_cache_bytes: int = 1 << 30):
         if lam <= 0:
             raise ValueError(f"lam must be > 0, got {lam}")
         features, offsets = check_features(features, offsets)
         self.device = pick_device(device)
         self.dtype = dtype
         self.lam = float(lam)
-        feats = torch.as_tensor(features)
-        if feats.dtype not in (torch.float32, torch.float64):
-            feats = feats.float()
-        self.X = feats.to(self.device)  # storage dtype kept (float32 halves memory); batches are upcast
+        # Storage is never copied on the CPU: numpy arrays, memory-maps and `ShardedRows` are gathered from in
+        # place, a block at a time (a 10^6-sentence pool is 8 GB of float32); tensors go to the device as before.
+        self.rows: ShardedRows | None = None
+        self.X: torch.Tensor | None = None
+        if isinstance(features, ShardedRows):
+            self.rows = features
+        elif isinstance(features, np.ndarray) and self.device.type == "cpu":
+            arr = features if features.dtype in (np.float32, np.float64) else features.astype(np.float32)
+            self.rows = ShardedRows([arr], np.array([0], dtype=np.int64))
+        else:
+            feats = torch.as_tensor(features)
+            if feats.dtype not in (torch.float32, torch.float64):
+                feats = feats.float()
+            self.X = feats.to(self.device)  # storage dtype kept (float32 halves memory); batches are upcast
         self.offsets = offsets
         self.lengths = np.diff(offsets)
         self.n = len(self.lengths)
-        self.d = int(self.X.shape[1])
+        self.d = int(features.shape[1])
         self.refresh_every = refresh_every
         self.batch_rows = batch_rows
         eye = torch.eye(self.d, dtype=dtype, device=self.device)
@@ -90,18 +134,28 @@ class LogDetObjective:
         self.U: torch.Tensor | None = None  # None: A = lam*I, so U = I/sqrt(lam) is a scale
         self.picked: list[int] = []
         self.n_evals = 0
+        self.n_screens = 0              # float32 trace-bound screens (see `screen32`)
+        self.ainv_bound = 1.0 / self.lam  # an upper bound on ||A^-1||_2, for the float32 error margin
+        self.kappa = 4.0 * math.sqrt(self.d) + 16.0  # float32 margin factor; widened if a recheck exceeds it
+        self._U32: torch.Tensor | None = None
+        self._sq_norms: np.ndarray | None = None
+        self.trace_cache_bytes = trace_cache_bytes
+        self._C: np.ndarray | None = None
 
     # ------------------------------------------------------------------ evaluation
-    def _gather(self, cand: np.ndarray, width: int) -> torch.Tensor:
-        """Zero-padded [B, width, d] float64 features of the sentences `cand`."""
+    def _gather(self, cand: np.ndarray, width: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Zero-padded [B, width, d] features of the sentences `cand` (float64 unless `dtype` says otherwise)."""
+        dtype = dtype or self.dtype
         lens = self.lengths[cand]
         ar = np.arange(width)
         mask = ar[None, :] < lens[:, None]
         idx = np.where(mask, self.offsets[cand][:, None] + ar[None, :], 0)
-        idx_t = torch.from_numpy(idx).to(self.device)
-        out = self.X[idx_t].to(self.dtype)
+        if self.rows is not None:  # numpy / memory-mapped / sharded storage: gather on the host
+            out = torch.from_numpy(np.ascontiguousarray(self.rows.take(idx))).to(self.device, dtype)
+        else:
+            out = self.X[torch.from_numpy(idx).to(self.device)].to(dtype)
         if not mask.all():
-            out = out * torch.from_numpy(mask).to(self.device, self.dtype).unsqueeze(-1)
+            out = out * torch.from_numpy(mask).to(self.device, dtype).unsqueeze(-1)
         return out
 
     def _batch_gains(self, cand: np.ndarray, form: str) -> torch.Tensor:
@@ -126,13 +180,8 @@ class LogDetObjective:
             out[bad] = torch.linalg.slogdet(G[bad])[1]
         return out
 
-    def gains(self, candidates) -> np.ndarray:
-        """Marginal gains of many sentences given the current A, in batches grouped by length."""
-        cand = np.asarray(candidates, dtype=np.int64).reshape(-1)
-        out = np.zeros(len(cand), dtype=np.float64)
-        if len(cand) == 0:
-            return out
-        self.n_evals += len(cand)
+    def _chunks(self, cand: np.ndarray):
+        """(form, positions into cand) batches grouped by length, each at most `batch_rows` padded rows."""
         lens = self.lengths[cand]
         order = np.argsort(lens, kind="stable")
         for form, sel in (("L", order[lens[order] <= self.d]), ("d", order[lens[order] > self.d])):
@@ -142,10 +191,137 @@ class LogDetObjective:
                 stop = min(len(sel), start + max(1, self.batch_rows // max(int(lens[sel[start]]), 1)))
                 while stop > start + 1 and int(lens[sel[stop - 1]]) * (stop - start) > self.batch_rows:
                     stop = start + max(1, self.batch_rows // int(lens[sel[stop - 1]]))
-                chunk = sel[start:stop]
-                out[chunk] = self._batch_gains(cand[chunk], form).cpu().numpy()
+                yield form, sel[start:stop]
                 start = stop
+
+    def gains(self, candidates) -> np.ndarray:
+        """Marginal gains (float64) of many sentences given the current A, in batches grouped by length."""
+        cand = np.asarray(candidates, dtype=np.int64).reshape(-1)
+        out = np.zeros(len(cand), dtype=np.float64)
+        self.n_evals += len(cand)
+        for form, chunk in self._chunks(cand):
+            out[chunk] = self._batch_gains(cand[chunk], form).cpu().numpy()
         return out
+
+    # ------------------------------------------------------------------ float32 screening
+    @property
+    def sq_norms(self) -> np.ndarray:
+        """||X_i||_F^2 of every sentence (one streaming pass, float64 sums), for the float32 error margin."""
+        if self._sq_norms is None:
+            T = int(self.offsets[-1])
+            row = np.zeros(T + 1, dtype=np.float64)
+            if self.rows is not None:
+                for lo, block in self.rows.chunks():
+                    b = np.asarray(block, dtype=np.float64)
+                    row[lo + 1:lo + 1 + len(b)] = np.einsum("ij,ij->i", b, b)
+            else:
+                row[1:] = self.X.double().square().sum(1).cpu().numpy()
+            cs = np.cumsum(row, out=row)
+            self._sq_norms = cs[self.offsets[1:]] - cs[self.offsets[:-1]]
+        return self._sq_norms
+
+    def margin(self, cand: np.ndarray) -> np.ndarray:
+        """A bound on |float32 gain - float64 gain| (and on the float32 trace's error) of each candidate.
+
+        Rounding U and X to float32 perturbs M = X A^-1 X^T by about u * ||X||_F^2 * ||A^-1||_2 (entrywise
+        relative errors, summed over d terms); the Cholesky of I + M (eigenvalues >= 1) adds about u per row.
+        `kappa` (4 sqrt(d) + 16) is far above the errors measured (tests and benchmarks check the ratio) and is
+        widened 4x for the rest of a run if a float64 re-check ever exceeds half of it."""
+        L = self.lengths[cand]
+        return self.kappa * EPS32 * (self.sq_norms[cand] * self.ainv_bound + np.sqrt(L) + 1.0)
+
+    def screen32(self, candidates, tau: float = -math.inf, div=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Float32 evaluation in two stages: (gains32, upper bounds, margins) of `candidates`.
+
+        Stage 1 (Y = X_i U, about half the cost) gives t = tr(X_i A^-1 X_i^T) and Jensen's bound
+        gain <= r log(1 + t / r), r = min(L_i, d) (log det(I + M) = sum of log(1 + eigenvalue) over at most r
+        eigenvalues, concave). Only candidates whose bound key (bound / div, quantized) reaches `tau` get stage 2
+        (Gram + Cholesky): gains32 is NaN for the others. Upper bounds are valid for the float64 gain (margins
+        added) and stay valid as A grows (both the gain and t only shrink)."""
+        cand = np.asarray(candidates, dtype=np.int64).reshape(-1)
+        div = np.ones(len(cand)) if div is None else np.asarray(div, dtype=np.float64)
+        g = np.full(len(cand), np.nan)
+        ub = np.zeros(len(cand))
+        eps = self.margin(cand) if len(cand) else np.zeros(0)
+        for form, chunk in self._chunks(cand):
+            g[chunk], ub[chunk] = self._screen_chunk(cand[chunk], form, eps[chunk], tau, div[chunk])
+        self.n_screens += len(cand)
+        self.n_evals += int(np.isfinite(g).sum())
+        return g, ub, eps
+
+    def _U32_factor(self) -> torch.Tensor | None:
+        if self.U is not None and self._U32 is None:
+            self._U32 = self.U.to(torch.float32)
+        return self._U32
+
+    def _Y32(self, cand: np.ndarray) -> torch.Tensor:
+        """[B, width, d] float32 X_i U (A^-1 = U U^T) of the sentences `cand`."""
+        width = int(self.lengths[cand].max())
+        Y = self._gather(cand, width, torch.float32)
+        U32 = self._U32_factor()
+        if U32 is None:
+            return Y * (1.0 / math.sqrt(self.lam))
+        return (Y.reshape(-1, self.d) @ U32).reshape(Y.shape[0], width, self.d)
+
+    def _gains32(self, cand: np.ndarray, form: str, Y: torch.Tensor) -> np.ndarray:
+        G = Y @ Y.transpose(1, 2) if form == "L" else Y.transpose(1, 2) @ Y
+        G.diagonal(dim1=1, dim2=2).add_(1.0)
+        chol, info = torch.linalg.cholesky_ex(G)
+        g = (2.0 * chol.diagonal(dim1=1, dim2=2).log().sum(-1)).double().cpu().numpy()
+        bad = (info != 0).cpu().numpy()
+        if bad.any():  # float32 rounding broke positive definiteness: take float64 for those few
+            g[bad] = self._batch_gains(cand[bad], form).cpu().numpy()
+        return g
+
+    def _screen_chunk(self, cand, form, eps, tau, div) -> tuple[np.ndarray, np.ndarray]:
+        lens = self.lengths[cand]
+        if not len(cand) or int(lens.max()) == 0:
+            return np.zeros(len(cand)), eps.copy()
+        C = self._trace_cache()
+        Y = None
+        if C is not None:  # t = <A^-1, X_i^T X_i> from the cached packed Grams: d^2/2 work, not L d^2
+            t = C[cand] @ self._packed_ainv().astype(np.float32)
+            # float32 storage (built from float32 products) and a float32 dot over p = d(d+1)/2 terms: each
+            # perturbs t by at most (L resp. p/8 blocked partial sums) * u * ||A^-1||_Gershgorin * ||X_i||_F^2
+            p = C.shape[1]
+            eps = eps + EPS32 * (p / 8 + lens) * self.sq_norms[cand] * self.ainv_bound
+        else:
+            Y = self._Y32(cand)
+            t = Y.square().sum((1, 2)).double().cpu().numpy()
+        r = np.maximum(np.minimum(lens, self.d), 1)
+        ub = r * np.log1p(np.maximum(t, 0.0) / r) + eps
+        need = quantize(ub / div) >= tau
+        g = np.full(len(cand), np.nan)
+        if need.any():
+            pos = np.flatnonzero(need)
+            Yn = self._Y32(cand[pos]) if Y is None else Y[torch.from_numpy(pos).to(self.device)]
+            g[pos] = self._gains32(cand[pos], form, Yn)
+            ub[pos] = np.minimum(ub[pos], g[pos] + eps[pos])
+        return g, ub
+
+    def _packed_ainv(self) -> np.ndarray:
+        iu = np.triu_indices(self.d)
+        return self.Ainv.cpu().numpy()[iu]
+
+    def _trace_cache(self) -> np.ndarray | None:
+        """Packed upper triangles of every X_i^T X_i (off-diagonals doubled), float32 [N, d(d+1)/2], built once
+        when they fit in `trace_cache_bytes`: then a trace screen reads d(d+1)/2 numbers instead of computing
+        X_i U. Storing C in float32 perturbs t by at most u ||A^-1||_2-Gershgorin ||X_i||_F^2, inside `margin`."""
+        p = self.d * (self.d + 1) // 2
+        if self._C is not None or self.n * p * 4 > self.trace_cache_bytes or self.device.type != "cpu":
+            return self._C
+        iu = np.triu_indices(self.d)
+        weight = torch.from_numpy(np.where(iu[0] == iu[1], 1.0, 2.0)).to(torch.float32)
+        C = np.empty((self.n, p), dtype=np.float32)
+        for form, chunk in self._chunks(np.arange(self.n)):
+            cand = np.arange(self.n)[chunk]
+            if int(self.lengths[cand].max()) == 0:
+                C[cand] = 0.0
+                continue
+            X = self._gather(cand, int(self.lengths[cand].max()), torch.float32)
+            C[cand] = ((X.transpose(1, 2) @ X)[:, iu[0], iu[1]] * weight).numpy()
+        self._C = C
+        return C
 
     def gain(self, i: int) -> float:
         return float(self.gains([i])[0])
@@ -162,7 +338,7 @@ class LogDetObjective:
         self.picked.append(i)
         if L == 0:
             return 0.0
-        Xi = self.X[int(self.offsets[i]):int(self.offsets[i + 1])].to(self.dtype)
+        Xi = self._gather(np.array([i]), L)[0]
         Z = Xi @ self.Ainv                                   # [L, d]
         S = Xi @ Z.T                                         # X A^-1 X^T
         S.diagonal().add_(1.0)
@@ -180,6 +356,9 @@ class LogDetObjective:
         else:
             self._refactor()
         self.U = torch.linalg.cholesky(self.Ainv)
+        self._U32 = None
+        # Gershgorin: ||A^-1||_2 <= max absolute row sum (d^2 work, a bound, unlike a power iteration)
+        self.ainv_bound = min(1.0 / self.lam, float(self.Ainv.abs().sum(1).max()))
         return gain
 
     def value(self) -> float:
@@ -270,59 +449,159 @@ def naive_greedy(obj: LogDetObjective, k: int | None = None, token_budget: int |
                         time.perf_counter() - t0, "naive", {"rule": rule, "tokens": used})
 
 
-def lazy_greedy(obj: LogDetObjective, k: int | None = None, token_budget: int | None = None,
-                costs=None, rule: str = "ratio", batch: int = 8, max_batch: int = 1024) -> GreedyResult:
-    """Lazy greedy (Minoux 1978) with a max-heap of stale upper bounds, re-evaluated in batches.
+class _Front:
+    """The alive candidates with the `size` highest upper-bound keys, ascending by index; every other alive
+    candidate's bound is at most `outside`. A step decides within the front while its best key exceeds
+    `outside` (then no outside candidate can win or tie), so per-round work is O(size), not O(N)."""
 
-    The heap holds (-key, index). Each step: if the top entry was evaluated against the current set, it is at
-    least every other entry's upper bound (ties: lowest index, the heap order), so it is exactly the naive
-    greedy's pick. Otherwise the top `b` stale entries are popped, re-evaluated in one batched call and pushed
-    back; `b` doubles on every failed round of the same step (8, 16, ..., max_batch). Evaluating more than
-    strictly needed never changes the pick: fresh gains are still valid upper bounds.
+    def __init__(self, size: int):
+        self.size = size
+        self.idx = np.zeros(0, dtype=np.int64)
+        self.outside = math.inf
+
+    def refill(self, ub: np.ndarray, affordable: np.ndarray | None) -> None:
+        ok = ub > -math.inf if affordable is None else (ub > -math.inf) & affordable
+        alive = np.flatnonzero(ok)
+        if len(alive) <= self.size:
+            self.idx, self.outside = alive, -math.inf
+            return
+        vals = ub[alive]
+        cut = np.partition(vals, len(vals) - self.size)[len(vals) - self.size]
+        inside = vals >= cut
+        self.idx, self.outside = alive[inside], float(vals[~inside].max())
+
+
+class _LazyState:
+    """Upper/lower bound keys of every candidate and what is known about each at the current step.
+
+    ub: an upper bound of the candidate's exact (float64, quantized) key: a stale key, a Jensen trace bound or a
+    float32 gain plus its margin. At the current step a candidate may be `fresh` (float32 gain known, lb a lower
+    bound of the key) and then `exact` (float64 key known, ub == lb == key)."""
+
+    def __init__(self, obj: LogDetObjective, costs: np.ndarray, rule: str, fits: np.ndarray, front: int,
+                 batch: int, max_batch: int):
+        n = obj.n
+        self.obj, self.costs, self.batch, self.max_batch = obj, costs, batch, max_batch
+        self.div = np.maximum(costs, 1).astype(np.float64) if rule == "ratio" else np.ones(n)
+        self.ub = np.where(fits, math.inf, -math.inf)
+        self.lb = np.full(n, -math.inf)
+        self.g32 = np.full(n, np.nan)
+        self.eps = np.zeros(n)
+        self.fresh = np.full(n, -1, dtype=np.int64)
+        self.exact = np.zeros(n, dtype=bool)
+        self.affordable: np.ndarray | None = None
+        self.front = _Front(front)
+        self.tau = self._evaluate(np.flatnonzero(fits), 0, -math.inf)  # every gain at A = lam I, in float32
+        self.last_block = batch
+        self.screened_bounds: list[np.ndarray] = []
+        self.stats = {"rounds": 0, "rechecks": 0, "margin_violations": 0, "max_error_over_margin": 0.0}
+
+    def _evaluate(self, cand: np.ndarray, step: int, tau: float) -> float:
+        """Screen `cand` in float32 against `tau`; returns the best lower-bound key found (or tau)."""
+        if len(cand) == 0:
+            return tau
+        g, ub, eps = self.obj.screen32(cand, tau, self.div[cand])
+        self.ub[cand] = np.minimum(self.ub[cand], quantize(ub / self.div[cand]))
+        full = np.isfinite(g)
+        idx = cand[full]
+        if len(idx) == 0:
+            return tau
+        self.g32[idx], self.eps[idx] = g[full], eps[full]
+        self.lb[idx] = quantize((g[full] - eps[full]) / self.div[idx])
+        self.fresh[idx], self.exact[idx] = step, False
+        return max(tau, float(self.lb[idx].max()))
+
+    def _recheck(self, F: np.ndarray, step: int) -> None:
+        """Float64 gains of the fresh float32 candidates that can still win (ub >= tau)."""
+        idx = F[(self.fresh[F] == step) & ~self.exact[F] & (self.ub[F] >= self.tau)]
+        g64 = self.obj.gains(idx)
+        ratio = np.abs(g64 - self.g32[idx]) / np.maximum(self.eps[idx], 1e-300)
+        self.stats["max_error_over_margin"] = max(self.stats["max_error_over_margin"], float(ratio.max()))
+        if (ratio > 0.5).any():  # closer to the margin than ever measured: widen it for the rest of the run
+            self.stats["margin_violations"] += int((ratio > 0.5).sum())
+            self.obj.kappa *= 4.0
+        keys = quantize(g64 / self.div[idx])
+        self.ub[idx] = self.lb[idx] = keys
+        self.exact[idx] = True
+        self.tau = max(self.tau, float(keys.max()))
+        self.stats["rechecks"] += len(idx)
+
+    def _block(self, F: np.ndarray, step: int, size: int) -> None:
+        """Screen the `size` stale candidates with the highest bounds; the first few in full to set tau."""
+        cand = F[(self.fresh[F] != step) & (self.ub[F] > -math.inf)]
+        if size < len(cand):
+            cand = cand[np.argpartition(-self.ub[cand], size - 1)[:size]]
+        self.screened_bounds.append(self.ub[cand].copy())
+        if self.tau == -math.inf:
+            head = np.argsort(-self.ub[cand], kind="stable")[:8]
+            self.tau = self._evaluate(cand[head], step, -math.inf)
+            cand = np.delete(cand, head)
+        self.tau = self._evaluate(cand, step, self.tau)
+        self.stats["rounds"] += 1
+
+    def next_pick(self, step: int, remaining: int | None) -> int | None:
+        """The naive greedy's pick at this step (best exact key, lowest index on ties), or None."""
+        if remaining is not None:
+            self.affordable = self.costs <= remaining
+            F = self.front.idx
+            self.ub[F[~self.affordable[F]]] = -math.inf  # can never fit again: the budget only shrinks
+        if step > 0:
+            self.tau = -math.inf
+        size, self.screened_bounds = self.last_block, []
+        while True:
+            F = self.front.idx
+            u = self.ub[F]
+            j = int(np.argmax(u)) if len(F) else 0
+            if not len(F) or u[j] <= self.front.outside:  # the front no longer decides: take the next best
+                if not len(F) and self.front.outside == -math.inf and step > 0:
+                    return None
+                self.front.refill(self.ub, self.affordable)
+                if not len(self.front.idx):
+                    return None
+                continue
+            top = int(F[j])
+            if u[j] == -math.inf:
+                return None
+            if self.fresh[top] == step and self.exact[top]:
+                # next step's first block: as many as had to be screened here (bounds at least the pick's key)
+                needed = sum(int((b >= u[j]).sum()) for b in self.screened_bounds)
+                self.last_block = int(np.clip(needed + needed // 4, self.batch, self.max_batch))
+                return top
+            if self.fresh[top] == step:
+                self._recheck(F, step)
+            else:
+                self._block(F, step, size)
+                size = min(2 * size, self.max_batch)
+
+
+def lazy_greedy(obj: LogDetObjective, k: int | None = None, token_budget: int | None = None,
+                costs=None, rule: str = "ratio", batch: int = 64, max_batch: int = 8192,
+                front: int = 1 << 16) -> GreedyResult:
+    """Lazy greedy (Minoux 1978) with float32 screening and float64 decisions: exactly the naive greedy's picks.
+
+    Every candidate keeps an upper bound of its exact key (stale gains only shrink: submodularity). A step
+    screens blocks of the highest-bound stale candidates in float32: a trace (Jensen) bound first, which drops
+    most of them at half the cost, then the float32 gain with a rounding margin for the rest; the float32
+    candidates that can still win are re-evaluated in float64, and a candidate is picked only when its float64
+    key is at least every other bound (ties: lowest index, as in naive greedy). Block sizes follow the previous
+    step's work (`batch` .. `max_batch`); all bookkeeping is on numpy arrays over the `front` best bounds.
     """
     t0 = time.perf_counter()
     rule = _check_rule(rule, token_budget)
     k, costs, fits = _setup(obj, k, token_budget, costs)
-    cand = np.flatnonzero(fits)
-    keys0 = _keys(obj.gains(cand), cand, costs, rule)
-    heap = list(zip((-keys0).tolist(), cand.tolist()))
-    heapq.heapify(heap)
-    stamp = np.full(obj.n, 0, dtype=np.int64)  # step at which the entry's key was computed
-    used, picks, gains, rounds = 0, [], [], 0
-    while heap and len(picks) < k:
-        step = len(picks)
-        b = batch
-        while heap:
-            negkey, i = heap[0]
-            if token_budget is not None and costs[i] > token_budget - used:
-                heapq.heappop(heap)  # can never fit again: the remaining budget only shrinks
-                continue
-            if stamp[i] == step:
-                break
-            popped_fresh, stale = [], []
-            while heap and len(stale) < b:
-                entry = heapq.heappop(heap)
-                j = entry[1]
-                if token_budget is not None and costs[j] > token_budget - used:
-                    continue
-                (popped_fresh if stamp[j] == step else stale).append(entry)
-            idx = np.array([e[1] for e in stale], dtype=np.int64)
-            new = _keys(obj.gains(idx), idx, costs, rule)
-            stamp[idx] = step
-            for entry in popped_fresh:
-                heapq.heappush(heap, entry)
-            for key, j in zip((-new).tolist(), idx.tolist()):
-                heapq.heappush(heap, (key, j))
-            b = min(2 * b, max_batch)
-            rounds += 1
-        if not heap:
+    st = _LazyState(obj, costs, rule, fits, front, batch, max_batch)
+    used, picks, gains = 0, [], []
+    while len(picks) < k:
+        i = st.next_pick(len(picks), None if token_budget is None else token_budget - used)
+        if i is None:
             break
-        _, i = heapq.heappop(heap)
         gains.append(obj.add(i))
         picks.append(i)
         used += int(costs[i])
+        st.ub[i] = -math.inf
+    info = {"rule": rule, "tokens": used, "screens": obj.n_screens, **st.stats}
     return GreedyResult(picks, gains, obj.value(), obj.initial_value(), obj.n_evals,
-                        time.perf_counter() - t0, "lazy", {"rule": rule, "tokens": used, "rounds": rounds})
+                        time.perf_counter() - t0, "lazy", info)
 
 
 def stochastic_greedy(obj: LogDetObjective, k: int | None = None, token_budget: int | None = None,

@@ -153,3 +153,47 @@ def test_bad_in_memory_inputs_rejected():
         LogDetObjective(x[:-1], off, 1.0)
     with pytest.raises(ValueError, match="lam"):
         run_greedy(x, off, lam=0.0, k=2)
+
+
+def near_isotropic(seed: int, n: int = 120, L: int = 6, d: int = 8):
+    """Every sentence alike (iid standard-normal tokens, per-dimension scale): stale bounds prune little, gains
+    sit close together, so the float32 screen and the float64 re-check decide most picks."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n * L, d)) * np.arange(1, d + 1) ** -0.5).astype(np.float32)
+    return x, np.arange(n + 1, dtype=np.int64) * L
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lazy_equals_naive_near_isotropic_and_with_trace_cache_off(seed):
+    x, off = near_isotropic(seed)
+    naive = naive_greedy(LogDetObjective(x, off, 1.0), k=30)
+    for cache in (1 << 30, 0):  # packed-Gram trace screen, and the X U screen
+        lazy = lazy_greedy(LogDetObjective(x, off, 1.0, trace_cache_bytes=cache), k=30, batch=4)
+        assert lazy.picks == naive.picks
+        assert lazy.info["margin_violations"] == 0
+
+
+def test_float32_screen_within_margin_on_ill_conditioned_features():
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((400 * 5, 7)) * np.logspace(0, 3, 7)).astype(np.float32)  # variances 1 .. 1e6
+    off = np.arange(401, dtype=np.int64) * 5
+    obj = LogDetObjective(x, off, 0.5)
+    for i in (0, 1, 2, 3):
+        obj.add(i)
+    g32, ub, eps = obj.screen32(np.arange(400))
+    g64 = obj.gains(np.arange(400))
+    assert (np.abs(g32 - g64) <= 0.5 * eps).all()
+    assert (ub >= g64).all()
+
+
+def test_sharded_rows_give_the_same_picks():
+    from sftcurate.core.fisher import ShardedRows
+
+    x, off = instance(4, n=90, d=5)
+    cut = int(off[40])
+    rows = ShardedRows([x[:cut], x[cut:]], np.array([0, cut]))
+    assert np.array_equal(rows.take(np.array([[0, cut], [cut + 1, 2]])), x[[[0, cut], [cut + 1, 2]]])
+    a = lazy_greedy(LogDetObjective(x, off, 1.0), k=12).picks
+    assert lazy_greedy(LogDetObjective(rows, off, 1.0), k=12).picks == a
+    assert stochastic_greedy(LogDetObjective(rows, off, 1.0), k=5, seed=1).picks == \
+        stochastic_greedy(LogDetObjective(x, off, 1.0), k=5, seed=1).picks
