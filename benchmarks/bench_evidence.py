@@ -150,7 +150,7 @@ def corpus_summary(name: str, records: list[dict], summary: dict) -> str:
             r = rows[(m, b)]
             delta = ("-" if r["delta_vs_uniform"] is None else
                      f"{r['delta_vs_uniform']:+.4f} [{r['delta_ci_low']:+.4f}, {r['delta_ci_high']:+.4f}]")
-            worst = ("-" if r.get("worst_group_delta") is None else
+            worst = ((r.get("worst_group_verdict") or "-") if r.get("worst_group_delta") is None else
                      f"{r['uniform_worst_group']}: {r['worst_group_delta']:+.4f} [{r['worst_group_delta_ci_low']:+.4f}, "
                      f"{r['worst_group_delta_ci_high']:+.4f}] {r['worst_group_verdict']}")
             lines.append(f"| {b} | {m} | {r['heldout_loss']:.4f} [{r['loss_ci_low']:.4f}, {r['loss_ci_high']:.4f}] "

@@ -89,7 +89,7 @@ def diagnostics(data: Path) -> dict:
 
 def row_line(label: str, method: str, row: dict, pick_tokens: float) -> str:
     delta = f"{row['delta_vs_uniform']:+.4f} [{row['delta_ci_low']:+.4f}, {row['delta_ci_high']:+.4f}]"
-    worst = ("-" if row.get("worst_group_delta") is None else
+    worst = ((row.get("worst_group_verdict") or "-") if row.get("worst_group_delta") is None else
              f"{row['worst_group_delta']:+.4f} [{row['worst_group_delta_ci_low']:+.4f}, "
              f"{row['worst_group_delta_ci_high']:+.4f}] {row['worst_group_verdict']}")
     return (f"| {method} | {label} | {row['heldout_loss']:.4f} | {delta} | {row['verdict']} | "

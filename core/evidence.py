@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 LEVEL = 0.95
+MIN_GROUP_EXAMPLES = 5  # a bootstrap over fewer held-out examples of one group has no width worth reporting
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,13 @@ def paired_difference(loss: np.ndarray, baseline: np.ndarray, tokens: np.ndarray
 
 
 def group_difference(loss: np.ndarray, baseline: np.ndarray, tokens: np.ndarray, groups: list[str], group: str,
-                     n_boot: int = 2000, seed: int = 0, level: float = LEVEL) -> Interval | None:
+                     n_boot: int = 2000, seed: int = 0, level: float = LEVEL,
+                     min_examples: int = MIN_GROUP_EXAMPLES) -> Interval | None:
     """The paired difference on one group's held-out examples: with `group` the baseline's worst group (fixed
-    before the method is looked at), this tests "better on the worst group". None when the group is empty."""
+    before the method is looked at), this tests "better on the worst group". None when the group has fewer
+    than `min_examples` held-out examples: the interval would only show the seed noise of one or two texts."""
     mask = np.asarray(groups, dtype=object) == group
-    if not mask.any():
+    if mask.sum() < min_examples:
         return None
     loss, tokens = _check(loss, tokens)
     baseline, _ = _check(baseline, tokens)

@@ -84,7 +84,8 @@ def worst_group_columns(group: str | None, diff, replicates: int) -> dict:
     return {"uniform_worst_group": group, "worst_group_delta": diff.mean if diff else None,
             "worst_group_delta_ci_low": diff.low if diff else None,
             "worst_group_delta_ci_high": diff.high if diff else None,
-            "worst_group_verdict": evidence.verdict(diff, replicates) if diff else None}
+            "worst_group_verdict": (evidence.verdict(diff, replicates) if diff else
+                                    f"too few held-out examples in {group}" if group else None)}
 
 
 def _row(method, budget, ci, diff, per_group, cover, judge, tokens_seen, steps, replicates) -> dict:

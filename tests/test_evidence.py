@@ -75,3 +75,5 @@ def test_worst_group_difference_sees_a_gain_the_mean_hides():
     overall = evidence.paired_difference(method, base, tokens, n_boot=500)
     assert overall.mean > on_worst.mean
     assert evidence.group_difference(method, base, tokens, groups, "absent") is None
+    tiny = ["tiny"] * 3 + ["common"] * 297  # three examples: no interval worth calling
+    assert evidence.group_difference(method, base, tokens, tiny, "tiny") is None
