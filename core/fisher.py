@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from sftcurate.infra import progress
+
 QUANTUM = 2.0 ** -36
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -415,6 +417,14 @@ def _check_rule(rule: str, token_budget) -> str:
     return rule if token_budget is not None else "gain"
 
 
+def report_pick(n_picks: int, k: int, used: int, token_budget: int | None) -> None:
+    """Progress of a greedy: tokens spent of a token budget, else picks of k."""
+    if token_budget is not None:
+        progress.step("greedy", min(used, token_budget), token_budget, unit="tokens")
+    else:
+        progress.step("greedy", n_picks, k, unit="picks")
+
+
 def _sampled_greedy(obj: LogDetObjective, k, token_budget, costs, rule: str, fits, candidates) -> tuple:
     """The greedy loop naive and stochastic greedy share: each step drops what no longer fits the budget,
     evaluates `candidates(remaining)` (positions into `remaining`, ascending) and takes the best key, lowest
@@ -435,6 +445,7 @@ def _sampled_greedy(obj: LogDetObjective, k, token_budget, costs, rule: str, fit
         picks.append(i)
         used += int(costs[i])
         remaining = np.delete(remaining, positions[j])
+        report_pick(len(picks), k, used, token_budget)
     return picks, gains, used
 
 
@@ -599,6 +610,7 @@ def lazy_greedy(obj: LogDetObjective, k: int | None = None, token_budget: int | 
         picks.append(i)
         used += int(costs[i])
         st.ub[i] = -math.inf
+        report_pick(len(picks), k, used, token_budget)
     info = {"rule": rule, "tokens": used, "screens": obj.n_screens, **st.stats}
     return GreedyResult(picks, gains, obj.value(), obj.initial_value(), obj.n_evals,
                         time.perf_counter() - t0, "lazy", info)
