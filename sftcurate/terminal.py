@@ -18,6 +18,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
 CHATTY_LOGGERS = ("mlflow", "alembic", "transformers", "datasets", "httpx", "httpcore", "urllib3", "botocore",
                   "s3fs", "aiobotocore", "peft", "accelerate", "torch", "distributed", "numexpr")
 _QUIET_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+              "MLFLOW_LOGGING_LEVEL": "ERROR",  # MLflow resets its loggers when imported; it reads this
               "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONWARNINGS": "ignore"}
 
 

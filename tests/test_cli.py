@@ -53,19 +53,18 @@ NOISE = ("Warning", "warning", "Task run", "Finished in state", "Creating initia
          "Traceback")
 
 
-def test_a_default_run_is_quiet_and_verbose_shows_everything(tmp_path, store_root):
-    """FisherSFT loads a model (transformers' notices, tqdm) and runs several Prefect tasks: by default the
-    terminal shows the stages and the summary, nothing else; `-v` brings Prefect's lines back."""
-    data = write_jsonl(tmp_path / "pool.jsonl", qa_records(30))
-    cfg = write_config(tmp_path / "c.yaml", data)
-    proc = run_cli("run", str(cfg), "--set", "selection.method=fishersft", "--set", "selection.budget=4",
-                   store=store_root)
+def test_a_default_run_of_the_demo_config_is_quiet_and_verbose_shows_everything(tmp_path, store_root):
+    """The demo's FisherSFT config (SmolLM2 from its GGUF: transformers' notices, tqdm; several Prefect tasks) on a
+    smaller pool: by default the terminal shows the stages and the summary, nothing else; `-v` brings Prefect's
+    lines back."""
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    proc = run_cli("run", str(demo), "--set", "source.limit=24", "--set", "selection.budget=4", store=store_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines and all(line.strip().startswith("done ") for line in lines), proc.stderr[-3000:]
     assert any("done embedding" in line or "done token_features" in line for line in lines), lines
     assert not [n for n in NOISE if n in proc.stderr + proc.stdout], proc.stderr[-3000:]
-    verbose = run_cli("-v", "run", str(cfg), "--set", "selection.method=fishersft", "--set", "selection.budget=4",
+    verbose = run_cli("-v", "run", str(demo), "--set", "source.limit=24", "--set", "selection.budget=4",
                       store=store_root)
     assert verbose.returncode == 0 and "Finished in state" in verbose.stderr, verbose.stderr[-3000:]
 
