@@ -5,11 +5,11 @@ norm, so `lm_head(feature)` is the logit vector that predicts token t). The forw
 transformer only (no vocabulary projection), in length-grouped batches, under `torch.inference_mode`, bf16 on
 GPU, and the output is streamed shard by shard (`cfg.embedding.shard_size` examples), so memory stays bounded.
 
-Artifact "token_features" (one folder): per shard `features-00000.safetensors` (`features` float32 [T, d],
-`offsets` int64 [n+1]; contract TOKEN_FEATURES) and `ids-00000.parquet` (contract TOKEN_FEATURES_IDS), in pool
-order. Every shard is its own stage (`embed_shard`, a "token_features_shard" artifact, mapped over the task
-runner by `tasks.curate`); `commit_features` copies the shards into the final artifact and writes its manifest
-last. With `d_proj` set, features are reduced by a seeded Gaussian random projection or by PCA (top
+Every shard is its own stage (`embed_shard`, a "token_features_shard" artifact holding `features.safetensors`:
+`features` float32 [T, d], `offsets` int64 [n+1], contract TOKEN_FEATURES; and `ids.parquet`, contract
+TOKEN_FEATURES_IDS), mapped over the task runner by `tasks.curate`. The final artifact "token_features"
+(`commit_features`) holds `shards.json`, the shards in pool order by reference (no copy of their bytes), and
+its manifest, written last; `core.inputs` memory-maps the shard files. With `d_proj` set, features are reduced by a seeded Gaussian random projection or by PCA (top
 right-singular vectors of the uncentred features of a sample), fitted once by `fit_projection`.
 
 The same artifact serves "sentence_embeddings" (DensitySampling): the mean of an example's token features.
@@ -23,10 +23,10 @@ import numpy as np
 import pyarrow as pa
 from sftcurate.data_contracts import TOKEN_FEATURES, TOKEN_FEATURES_IDS, ContractError, TensorContract
 from sftcurate.core.ingest import load_pool, shard_bounds
-from sftcurate.core.inputs import load_features_file, mean_pool, read_features_artifact  # noqa: F401  (re-exported)
+from sftcurate.core.inputs import SHARD_REFS, load_features_file, mean_pool, read_features_artifact  # noqa: F401  (re-exported)
 from sftcurate.infra import progress
 from sftcurate.infra.stages import Built, build_once
-from sftcurate.infra.store import join, read_bytes, read_manifest, read_tensors
+from sftcurate.infra.store import join, read_manifest, read_tensors
 from sftcurate.core.tokenize import Encoded, encode_pairs, example_rows, length_grouped_batches, pad_batch
 
 log = logging.getLogger("sftcurate.embedding")
@@ -233,11 +233,16 @@ def embed_shard(examples_uri: str, shard_index: int, shard_size: int, model_spec
 
 
 def commit_features(examples_uri: str, shard_uris: list[str], store_root: str | None = None) -> Built:
-    """Copy the shards (in order) into one "token_features" artifact; checks they tile the pool."""
+    """The "token_features" artifact: `shards.json` referencing the committed shards (in order), never a copy of
+    their bytes (a 10^6-sentence pool is 8 GB; the store keeps it once and readers memory-map the shard files).
+    Checks the shards tile the pool and agree on d. A reference names the shard by its store-relative folder
+    `<kind>/<key>`, so a moved or synced store still resolves it; the shard's key is content-addressed like
+    this artifact's, so a wiped shard comes back under the same name and the reference stays valid."""
 
     def build(writer) -> None:
         n_pool = load_pool(examples_uri).num_rows
-        metas = [read_manifest(u)["meta"] for u in shard_uris]
+        manifests = [read_manifest(u) for u in shard_uris]
+        metas = [m["meta"] for m in manifests]
         rows = sum(m["rows"] for m in metas)
         if rows != n_pool:
             raise ContractError(f"{examples_uri}: the pool has {n_pool} examples but the feature shards hold {rows}; "
@@ -245,10 +250,19 @@ def commit_features(examples_uri: str, shard_uris: list[str], store_root: str | 
         dims = {m["d"] for m in metas}
         if len(dims) > 1:
             raise ContractError(f"feature shards disagree on d ({sorted(dims)}); re-run the embedding stage")
-        for k, u in enumerate(shard_uris):
-            writer.write_bytes(f"features-{k:05d}.safetensors", read_bytes(join(u, "features.safetensors")))
-            writer.write_bytes(f"ids-{k:05d}.parquet", read_bytes(join(u, "ids.parquet")))
+        root = writer.uri.rstrip("/").rsplit("/", 2)[0]  # artifacts live at <root>/<kind>/<key>
+        refs = []
+        for k, (u, man) in enumerate(zip(shard_uris, manifests)):
+            ref = {"index": k, "key": man["key"], "rows": man["meta"]["rows"], "tokens": man["meta"]["tokens"]}
+            u = str(u).rstrip("/")
+            if u.startswith(root + "/"):
+                ref["artifact"] = u[len(root) + 1:]
+            else:  # a shard kept in another store: referenced by its full URI
+                ref["uri"] = u
+            refs.append(ref)
+        writer.write_json(SHARD_REFS, {"shards": refs})
         writer.meta.update({"examples_uri": examples_uri, "n_examples": n_pool, "shards": len(shard_uris),
+                            "layout": "shard_refs",
                             "tokens": int(sum(m["tokens"] for m in metas)), "d": dims.pop() if dims else None,
                             "model": metas[0]["model"] if metas else None,
                             "projection_uri": metas[0]["projection_uri"] if metas else None})

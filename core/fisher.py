@@ -98,6 +98,33 @@ class ShardedRows:
             for lo in range(0, block.shape[0], rows):
                 yield start + lo, block[lo:lo + rows]
 
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        """Rows by a slice, an index or an index array (a copy of just those rows), as a numpy array would."""
+        if isinstance(key, tuple):
+            return self[key[0]][(slice(None),) + key[1:]] if len(key) > 1 else self[key[0]]
+        if isinstance(key, slice):
+            return self.take(np.arange(*key.indices(self.shape[0])))
+        idx = np.asarray(key, dtype=np.int64)
+        return self.take(np.where(idx < 0, idx + self.shape[0], idx))
+
+    def __array__(self, dtype=None, copy=None):
+        """The rows as one in-memory array: a full copy, for callers that transform every row anyway (feature
+        variants, diagnostics, tests). The greedy never calls it."""
+        out = np.concatenate(self.blocks) if len(self.blocks) > 1 else np.array(self.blocks[0])
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def row_chunks(features, rows: int = 1 << 18):
+    """(global start, rows) pieces of a [T, d] array or `ShardedRows`, in order, each at most `rows` rows."""
+    if isinstance(features, ShardedRows):
+        yield from features.chunks(rows)
+        return
+    for lo in range(0, features.shape[0], rows):
+        yield lo, features[lo:lo + rows]
+
 
 class LogDetObjective:
     """f(S) = log det(lam*I + sum_{i in S} X_i^T X_i) over sentences given as (features [T, d], offsets [N+1])."""

@@ -7,6 +7,7 @@ how inputs are read, not on how they were computed.
 from __future__ import annotations
 
 import io
+import json
 import re
 
 import numpy as np
@@ -16,38 +17,173 @@ from sftcurate.data_contracts import (
     TOKEN_FEATURES as TOKEN_FEATURES_CONTRACT, TOKEN_FEATURES_IDS, TRAJECTORIES as TRAJECTORIES_CONTRACT,
     TRAJECTORIES_IDS, ContractError,
 )
-from sftcurate.infra.store import exists, join, read_bytes, read_manifest, read_table, read_tensors
+from sftcurate.core.fisher import ShardedRows, row_chunks
+from sftcurate.data_contracts import validate_tensors
+from sftcurate.infra.store import exists, is_committed, join, read_bytes, read_manifest, read_table, read_tensors
 
 
-def mean_pool(features: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """One vector per example: the mean of its token features (zeros for an example with none)."""
+def mean_pool(features, offsets: np.ndarray, chunk_rows: int = 1 << 18) -> np.ndarray:
+    """One vector per example: the mean of its token features (zeros for an example with none). Streams the
+    rows a block at a time (float64 prefix sums), so memory-mapped shards are never loaded whole."""
     offsets = np.asarray(offsets, dtype=np.int64)
     counts = np.diff(offsets)
-    x = np.asarray(features, dtype=np.float64)
-    cs = np.concatenate([np.zeros((1, x.shape[1])), np.cumsum(x, axis=0)])
-    sums = cs[offsets[1:]] - cs[offsets[:-1]]
+    d = int(features.shape[1])
+    prefix = np.zeros((len(offsets), d), dtype=np.float64)  # prefix[j] = sum of the rows before offsets[j]
+    carry = np.zeros(d, dtype=np.float64)
+    for lo, block in row_chunks(features, chunk_rows):
+        hi = lo + len(block)
+        cs = np.cumsum(np.asarray(block, dtype=np.float64), axis=0)
+        inside = np.flatnonzero((offsets > lo) & (offsets <= hi))
+        prefix[inside] = carry + cs[offsets[inside] - lo - 1]
+        carry = carry + cs[-1]
+    sums = prefix[1:] - prefix[:-1]
     return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
 
 
 # ---------------------------------------------------------------- token features
+#
+# A "token_features" artifact holds no feature bytes of its own: `shards.json` lists the committed
+# "token_features_shard" artifacts (store-relative `artifact` paths, so a moved or synced store still resolves),
+# and the reader memory-maps every shard's `features.safetensors` in place. A 10^6-sentence pool is 8 GB of
+# float32: the store keeps it once, and a reader never holds it in anonymous memory. Artifacts committed before
+# this layout (`features-00000.safetensors` copies inside the folder) are read the same way.
 
-def _shard_names(uri: str) -> list[int]:
+SHARD_REFS = "shards.json"
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def _local_file(uri: str, sha256: str | None = None) -> str:
+    """A local path holding the bytes of `uri`: the file itself when local, else a copy in the shard cache
+    (`$SFTCURATE_HOME/cache/tensors/<sha256>.safetensors`, written whole then renamed, so a crash never leaves
+    a partial file that a later run trusts). Without a known sha256 the download is named by the URI's hash and
+    re-fetched every time."""
+    if _is_local(uri):
+        return uri[len("file://"):] if uri.startswith("file://") else uri
+    import hashlib
+    import os
+
+    from sftcurate.infra.settings import load_settings
+    from sftcurate.infra.store import filesystem_for, retrying
+
+    cache = load_settings().home / "cache" / "tensors"
+    cache.mkdir(parents=True, exist_ok=True)
+    name = sha256 or "uri-" + hashlib.sha256(uri.encode()).hexdigest()
+    target = cache / f"{name}.safetensors"
+    if sha256 and target.exists():
+        return str(target)
+    tmp = cache / f".{name}.{os.getpid()}.part"
+
+    def fetch() -> None:
+        fs, path = filesystem_for(uri)
+        fs.get(path, str(tmp))
+
+    try:
+        retrying(uri, fetch)
+    except FileNotFoundError as exc:
+        raise ContractError(f"{uri}: file not found") from exc
+    if sha256:
+        h = hashlib.sha256()
+        with open(tmp, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        if h.hexdigest() != sha256:
+            tmp.unlink(missing_ok=True)
+            raise ContractError(f"{uri}: downloaded bytes do not match the sha256 its manifest records; "
+                                "the artifact was altered after it was committed: delete it and re-run")
+    os.replace(tmp, target)
+    return str(target)
+
+
+def map_tensors(uri: str, contract=TOKEN_FEATURES_CONTRACT, sha256: str | None = None
+                ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The tensors of a safetensors file as read-only arrays over a memory map (no copy; an s3:// file is first
+    downloaded to the local cache), validated by `contract`. Tensors of a dtype numpy lacks (bf16) are refused."""
+    import json
+    import mmap
+    import os
+    import struct
+
+    path = _local_file(uri, sha256)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if size < 8:
+                raise ValueError(f"{size} bytes, shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            header = json.loads(f.read(n))
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + n else None
+    except FileNotFoundError as exc:
+        raise ContractError(f"{uri}: file not found") from exc
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        raise ContractError(f"{uri}: not a readable safetensors file ({exc})") from exc
+    meta = header.pop("__metadata__", None) or {}
+    tensors = {}
+    for name, spec in header.items():
+        try:
+            dtype = np.dtype(_DTYPES[spec["dtype"]])
+            shape = tuple(int(s) for s in spec["shape"])
+            start, end = (int(v) for v in spec["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ContractError(f"{uri}: tensor '{name}' has an unreadable header entry {spec!r} "
+                                "(dtypes read: " + ", ".join(_DTYPES) + ")") from exc
+        count = int(np.prod(shape, dtype=np.int64))
+        if end - start != count * dtype.itemsize or start < 0 or 8 + n + end > size:
+            raise ContractError(f"{uri}: not a readable safetensors file (tensor '{name}' spans bytes "
+                                f"{start}..{end}, which do not hold shape {shape} of {dtype})")
+        if count == 0:
+            tensors[name] = np.zeros(shape, dtype=dtype)
+        else:
+            tensors[name] = np.frombuffer(mm, dtype=dtype, count=count, offset=8 + n + start).reshape(shape)
+    # the contract's checks (shapes, monotone offsets, finite rows) read the mapped features once, per shard
+    validate_tensors(tensors, contract, uri, meta)
+    return tensors, meta
+
+
+def _shard_sources(uri: str) -> tuple[list[tuple[str, str, str | None]], bool]:
+    """(features uri, ids uri, features sha256) of every shard of a token-features artifact, in pool order, and
+    whether they cover the whole pool (a final artifact) rather than one shard artifact's rows."""
     manifest = read_manifest(uri)
-    names = sorted(manifest.get("files", {}))
-    return sorted(int(n[len("features-"):-len(".safetensors")]) for n in names
-                  if n.startswith("features-") and n.endswith(".safetensors"))
+    files = manifest.get("files", {})
+    if SHARD_REFS in files:
+        root = uri.rstrip("/").rsplit("/", 2)[0]   # the store root: artifacts live at <root>/<kind>/<key>
+        out = []
+        for ref in json.loads(read_bytes(join(uri, SHARD_REFS)))["shards"]:
+            shard = join(root, ref["artifact"]) if "artifact" in ref else ref["uri"]
+            if not is_committed(shard):
+                raise ContractError(f"{uri}: its shard {ref.get('index')} ({shard}) is missing from the store "
+                                    "(wiped?); re-run the embedding stage (`sftcurate curate` rebuilds it)")
+            shard_files = read_manifest(shard).get("files", {})
+            sha = shard_files.get("features.safetensors", {}).get("sha256")
+            out.append((join(shard, "features.safetensors"), join(shard, "ids.parquet"), sha))
+        return out, True
+    if "features.safetensors" in files:  # a single shard artifact stands for its own rows
+        return [(join(uri, "features.safetensors"), join(uri, "ids.parquet"),
+                 files["features.safetensors"].get("sha256"))], False
+    shards = sorted(int(n[len("features-"):-len(".safetensors")]) for n in files
+                    if n.startswith("features-") and n.endswith(".safetensors"))
+    return [(join(uri, f"features-{k:05d}.safetensors"), join(uri, f"ids-{k:05d}.parquet"),
+             files[f"features-{k:05d}.safetensors"].get("sha256")) for k in shards], True
 
 
-def read_features_artifact(uri: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(features float32, offsets int64, ids) of every shard of a token-features artifact, in pool order."""
-    feats, offs, ids, d, base, next_index = [], [0], [], None, 0, 0
-    shards = _shard_names(uri)
-    if not shards:
-        raise ContractError(f"{uri}: token-features artifact has no features-*.safetensors shard")
-    for k in shards:
-        f_uri, i_uri = join(uri, f"features-{k:05d}.safetensors"), join(uri, f"ids-{k:05d}.parquet")
-        tensors, _ = read_tensors(f_uri, TOKEN_FEATURES_CONTRACT)
-        x, o = tensors["features"], tensors["offsets"]
+def read_features_artifact(uri: str) -> tuple[ShardedRows, np.ndarray, list[str]]:
+    """(features [T, d] as `ShardedRows` over the memory-mapped shard files, offsets int64 [N+1], ids) of a
+    token-features artifact, in pool order. Nothing is concatenated: the rows stay in the shard files."""
+    blocks, starts, offs, ids, d, base, next_index = [], [], [np.zeros(1, dtype=np.int64)], [], None, 0, 0
+    sources, whole_pool = _shard_sources(uri)
+    if not whole_pool:
+        next_index = None  # a single shard artifact: its rows start where the shard starts in the pool
+    if not sources:
+        raise ContractError(f"{uri}: token-features artifact references no features shard")
+    for f_uri, i_uri, sha in sources:
+        tensors, _ = map_tensors(f_uri, TOKEN_FEATURES_CONTRACT, sha)
+        x, o = tensors["features"], np.asarray(tensors["offsets"], dtype=np.int64)
         if d is None:
             d = x.shape[1]
         elif x.shape[1] != d:
@@ -57,20 +193,27 @@ def read_features_artifact(uri: str) -> tuple[np.ndarray, np.ndarray, list[str]]
         if table.num_rows != len(o) - 1:
             raise ContractError(f"{i_uri}: {table.num_rows} ids but {f_uri} holds {len(o) - 1} examples")
         pidx = np.asarray(table.column("pool_index"))
+        if next_index is None:
+            next_index = int(pidx[0]) if len(pidx) else 0
         if len(pidx) and not np.array_equal(pidx, np.arange(next_index, next_index + len(pidx))):
             raise ContractError(f"{i_uri}: pool_index does not continue at {next_index}; shards out of order")
         if not np.array_equal(np.asarray(table.column("n_tokens")), np.diff(o)):
             raise ContractError(f"{i_uri}: n_tokens disagree with the offsets of {f_uri}")
         next_index += len(pidx)
-        feats.append(x.astype(np.float32, copy=False))
+        if x.shape[0]:
+            # float32 is what the embedding stage writes; any other float dtype is converted (a copy, this shard)
+            blocks.append(x if x.dtype == np.float32 else x.astype(np.float32))
+            starts.append(base)
         offs.append(o[1:] + base)
         base += int(o[-1])
         ids.extend(table.column("id").to_pylist())
-    return np.concatenate(feats), np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in offs]), ids
+    if not blocks:  # every shard empty: one zero-row block keeps the shape [0, d]
+        blocks, starts = [np.zeros((0, d), dtype=np.float32)], [0]
+    return ShardedRows(blocks, np.asarray(starts, dtype=np.int64)), np.concatenate(offs), ids
 
 
 def load_token_features_into(uri: str, inputs) -> None:
-    """Set inputs.token_features = (features float32 [T, d], offsets int64 [N+1]) in pool order."""
+    """Set inputs.token_features = (features [T, d] float32 rows read in place, offsets int64 [N+1]), pool order."""
     feats, offsets, ids = read_features_artifact(uri)
     check_pool_alignment(uri, ids, inputs.pool, "token features")
     inputs.token_features = (feats, offsets)
@@ -83,25 +226,28 @@ def load_sentence_embeddings_into(uri: str, inputs) -> None:
     inputs.sentence_embeddings = mean_pool(feats, offsets)
 
 
-def load_features_file(path: str, expected_d: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(features float32 [T, d], offsets int64 [N+1]) from a `.safetensors` file or a token-features artifact
-    folder, validated by the TOKEN_FEATURES contract (shapes, dtypes, monotone offsets, finite rows). A shard
-    file of a committed artifact (`.../features-00000.safetensors`) stands for the whole artifact."""
+def load_features_file(path: str, expected_d: int | None = None):
+    """(features [T, d] float32, offsets int64 [N+1]) from a `.safetensors` file or a committed token-features
+    artifact folder (final or shard), memory-mapped and validated by the TOKEN_FEATURES contract (shapes,
+    dtypes, monotone offsets, finite rows). A `features-00000.safetensors` file inside a final artifact of the
+    earlier copying layout stands for the whole artifact; a shard artifact's `features.safetensors` is that
+    shard's rows only."""
     path = str(path)
     folder = path.rsplit("/", 1)[0] if "/" in path else "."
     if re.search(r"(^|/)features-\d{5}\.safetensors$", path) and exists(join(folder, "_MANIFEST.json")):
         path = folder
     if path.endswith(".safetensors"):
-        tensors, _ = read_tensors(path, TOKEN_FEATURES_CONTRACT)
+        tensors, _ = map_tensors(path, TOKEN_FEATURES_CONTRACT)
         feats, offsets = tensors["features"], tensors["offsets"]
-        ids_uri = path[: -len(".safetensors")].replace("features", "ids", 1) + ".parquet"
-        if "/" in path:
-            folder, name = path.rsplit("/", 1)
-            ids_uri = join(folder, name[: -len(".safetensors")].replace("features", "ids", 1) + ".parquet")
+        name = path.rsplit("/", 1)[-1]
+        ids_name = name[: -len(".safetensors")].replace("features", "ids", 1) + ".parquet"
+        ids_uri = join(folder, ids_name) if "/" in path else ids_name
         if ids_uri != path and exists(ids_uri):
             table = read_table(ids_uri, TOKEN_FEATURES_IDS)
             if table.num_rows != len(offsets) - 1:
                 raise ContractError(f"{ids_uri}: {table.num_rows} ids but {path} holds {len(offsets) - 1} examples")
+        if feats.dtype != np.float32:
+            feats = feats.astype(np.float32)
     else:
         if not exists(join(path, "_MANIFEST.json")):
             raise ContractError(f"{path}: not a .safetensors file nor a committed token-features artifact folder")
@@ -110,7 +256,7 @@ def load_features_file(path: str, expected_d: int | None = None) -> tuple[np.nda
         raise ContractError(f"{path}: 'features' has 0 columns; expected [tokens, d] with d >= 1")
     if expected_d is not None and feats.shape[1] != expected_d:
         raise ContractError(f"{path}: features have d={feats.shape[1]}, expected d={expected_d}")
-    return feats.astype(np.float32, copy=False), offsets.astype(np.int64, copy=False)
+    return feats, np.asarray(offsets, dtype=np.int64)
 
 
 # ---------------------------------------------------------------- loss trajectories

@@ -104,6 +104,74 @@ def test_shard_tasks_commit_and_load(tiny, tmp_path):
         load_into(uri, other)
 
 
+def test_final_artifact_references_memory_mapped_shards(tmp_path):
+    """commit_features writes references, not bytes; the reader maps the shard files in place (no copy), follows
+    the references in pool order, and names a wiped shard; a shard folder or file stands for its own rows."""
+    import mmap
+    import shutil
+
+    from sftcurate.core.embedding import SHARD_KIND
+    from sftcurate.core.fisher import ShardedRows
+    from sftcurate.core.inputs import read_features_artifact
+    from sftcurate.data_contracts import TOKEN_FEATURES, TOKEN_FEATURES_IDS
+    from sftcurate.infra.store import read_manifest
+
+    root = str(tmp_path / "store")
+    ex = _examples_artifact(root, EXAMPLES_QA)  # 14 train examples
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 5, size=14)
+    lengths[3] = 0  # a sentence without loss tokens
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    feats = rng.standard_normal((int(offsets[-1]), 3)).astype(np.float32)
+    shard_uris = []
+    for k, (lo, hi) in enumerate([(0, 5), (5, 6), (6, 14)]):
+        w = ArtifactStore(root).begin(SHARD_KIND, f"s{k}")
+        o = offsets[lo:hi + 1] - offsets[lo]
+        w.write_tensors("features.safetensors", {"features": feats[offsets[lo]:offsets[hi]], "offsets": o},
+                        TOKEN_FEATURES)
+        w.write_table("ids.parquet", pa.table({"id": [f"ex{i + (i >= 2)}" for i in range(lo, hi)],
+                                               "pool_index": np.arange(lo, hi), "n_tokens": np.diff(o)}),
+                      TOKEN_FEATURES_IDS)
+        w.meta.update({"rows": hi - lo, "tokens": int(o[-1]), "d": 3, "model": "m", "projection_uri": None})
+        shard_uris.append(w.commit())
+    uri = commit_features(ex, shard_uris, root)
+    assert sorted(read_manifest(uri)["files"]) == ["shards.json"]  # no feature bytes copied
+    x, o, ids = read_features_artifact(uri)
+    assert isinstance(x, ShardedRows) and len(x.blocks) == 3 and np.array_equal(o, offsets)
+    assert ids == [f"ex{i + (i >= 2)}" for i in range(14)]
+    for block in x.blocks:  # every block is a read-only view of a mapped file, not a copy
+        base = block
+        while base is not None and not isinstance(base, mmap.mmap):
+            base = getattr(base, "base", None) if not isinstance(base, memoryview) else base.obj
+        assert isinstance(base, mmap.mmap) and not block.flags.writeable
+    assert np.array_equal(x.take(np.arange(len(feats))), feats) and np.array_equal(np.asarray(x), feats)
+    assert np.allclose(mean_pool(x, o, chunk_rows=2), mean_pool(feats, offsets))
+    f1, o1 = load_features_file(shard_uris[2])  # a shard artifact: its own rows
+    assert np.array_equal(np.asarray(f1), feats[offsets[6]:]) and np.array_equal(o1, offsets[6:] - offsets[6])
+    f2, _ = load_features_file(shard_uris[0] + "/features.safetensors")
+    assert np.array_equal(f2, feats[:offsets[5]])
+    shutil.rmtree(shard_uris[1])
+    with pytest.raises(ContractError, match="shard 1 .* is missing from the store"):
+        read_features_artifact(uri)
+
+
+def test_s3_store_features_are_downloaded_once_and_mapped(tiny, s3_env, monkeypatch):
+    from sftcurate.infra.settings import load_settings
+
+    root = f"s3://{s3_env()}/sftcurate"
+    ex = _examples_artifact(root, EXAMPLES_QA[:8])
+    fp = model_fingerprint("tiny-gpt2")
+    shards = [embed_shard(ex, k, 4, "tiny-gpt2", fp, 48, 512, "float32", None, root) for k in range(2)]
+    uri = commit_features(ex, shards, root)
+    feats, offsets = load_features_file(uri)
+    ref_f, ref_o = embed_one_by_one(tiny.model, tiny.tokenizer, [p for i, p in enumerate(EXAMPLES_QA[:8]) if i != 2], 48)
+    assert np.array_equal(offsets, ref_o) and np.allclose(np.asarray(feats), ref_f, atol=1e-4)
+    cached = sorted((load_settings().home / "cache" / "tensors").glob("*.safetensors"))
+    assert len(cached) >= 2  # named by sha256: a second read maps the same files
+    load_features_file(uri)
+    assert sorted((load_settings().home / "cache" / "tensors").glob("*.safetensors")) == cached
+
+
 def _write(path, features, offsets):
     from safetensors.numpy import save_file  # written raw: the store's writer would refuse these
 
@@ -157,6 +225,9 @@ def test_produce_through_prefect(prefect_harness, tmp_path, monkeypatch):
     cfg = CurateConfig.model_validate({"models": {"target": "tiny-gpt2", "max_length": 48},
                                        "embedding": {"shard_size": 5, "batch_tokens": 512}})
     uri = produce_token_features(ex, cfg, None)
-    assert uri.startswith(root) and sorted(p.name for p in (tmp_path / "store" / "token_features").glob("*/features-*"))
+    # the final artifact references its shards (shards.json) and holds no copy of their features
+    final = next((tmp_path / "store" / "token_features").glob("*"))
+    assert uri.startswith(root) and (final / "shards.json").exists() and not list(final.glob("features*"))
+    assert len(list((tmp_path / "store" / "token_features_shard").glob("*/features.safetensors"))) == 3
     feats, offsets = load_features_file(uri)
     assert len(offsets) - 1 == len(EXAMPLES_QA) - 1 and feats.shape[1] == 64

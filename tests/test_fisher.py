@@ -193,6 +193,9 @@ def test_sharded_rows_give_the_same_picks():
     cut = int(off[40])
     rows = ShardedRows([x[:cut], x[cut:]], np.array([0, cut]))
     assert np.array_equal(rows.take(np.array([[0, cut], [cut + 1, 2]])), x[[[0, cut], [cut + 1, 2]]])
+    # numpy-like reads for callers that are not the greedy (variants, diagnostics): slices, indices, a full copy
+    assert np.array_equal(rows[cut - 3:cut + 4], x[cut - 3:cut + 4]) and np.array_equal(rows[[-1, 0]], x[[-1, 0]])
+    assert np.array_equal(rows[2:, 1], x[2:, 1]) and np.array_equal(np.asarray(rows), x) and len(rows) == len(x)
     a = lazy_greedy(LogDetObjective(x, off, 1.0), k=12).picks
     assert lazy_greedy(LogDetObjective(rows, off, 1.0), k=12).picks == a
     assert stochastic_greedy(LogDetObjective(rows, off, 1.0), k=5, seed=1).picks == \
