@@ -46,11 +46,11 @@ def proc_status() -> dict[str, float]:
     return out
 
 
-def write_store(root: str, n: int, L: int, d: int, shard_sentences: int) -> str:
+def write_store(root: str, n: int, L: int, d: int, shard_sentences: int, dist: str = "bench") -> str:
     """An examples artifact, the feature shards and the final (referencing) artifact; returns its URI."""
     import pyarrow as pa
 
-    from bench_fishersft import hidden_like
+    from bench_fishersft import DISTRIBUTIONS, hidden_like
     from sftcurate.core.embedding import SHARD_KIND, commit_features
     from sftcurate.data_contracts import EXAMPLES, TOKEN_FEATURES, TOKEN_FEATURES_IDS
     from sftcurate.infra.store import ArtifactStore
@@ -71,7 +71,7 @@ def write_store(root: str, n: int, L: int, d: int, shard_sentences: int) -> str:
     shard_uris = []
     for k, lo in enumerate(range(0, n, shard_sentences)):
         m = min(shard_sentences, n - lo)
-        x, off = hidden_like(m, L, d, seed=k)
+        x, off = hidden_like(m, L, d, seed=k, **DISTRIBUTIONS[dist])
         w = store.begin(SHARD_KIND, f"bench-{n}-{k:03d}")
         w.write_tensors("features.safetensors", {"features": x, "offsets": off}, TOKEN_FEATURES)
         w.write_table("ids.parquet", pa.table({"id": ids.slice(lo, m), "pool_index": np.arange(lo, lo + m),
@@ -123,6 +123,8 @@ def main(argv=None) -> int:
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--k", type=int, default=1000)
     ap.add_argument("--shard-sentences", type=int, default=62_500, help="sentences per shard (512 MB at L=32, d=64)")
+    ap.add_argument("--dist", default="bench", choices=("bench", "near-isotropic"),
+                    help="feature generator of bench_fishersft (near-isotropic: the lazy worst case)")
     ap.add_argument("--algorithms", default="lazy,stochastic", help="comma list; empty: only write the store")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the 2-core machine is shared)")
     ap.add_argument("--dir", default="/tmp/sftcurate-bench-million", help="store root for the shards (deleted)")
@@ -144,7 +146,7 @@ def main(argv=None) -> int:
         if need * 1.1 + 2 ** 30 > free:  # leave 1 GiB and 10% spare for the other jobs on this disk
             n = int((free - 2 ** 30) / 1.1 / (args.L * args.d * 4))
             print(f"NOTE: {need / 1e9:.1f} GB needed but {free / 1e9:.1f} GB free: N reduced to {n:,}")
-    print(f"N={n:,} L={args.L} d={args.d} K={args.k}: {n * args.L * args.d * 4 / 1e9:.2f} GB of float32 features "
+    print(f"N={n:,} L={args.L} d={args.d} K={args.k} ({args.dist} features): {n * args.L * args.d * 4 / 1e9:.2f} GB of float32 features "
           f"in shards of {args.shard_sentences:,} sentences under {args.dir}", flush=True)
     ok = True
     try:
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
         if args.reuse:
             final = (Path(root) / "final_uri.txt").read_text()
         else:
-            final = str(write_store(root, n, args.L, args.d, args.shard_sentences))
+            final = str(write_store(root, n, args.L, args.d, args.shard_sentences, args.dist))
             (Path(root) / "final_uri.txt").write_text(final)
             print(f"store written in {time.perf_counter() - t:.0f} s", flush=True)
         final_bytes = sum(p.stat().st_size for p in Path(final).rglob("*") if p.is_file())
