@@ -62,7 +62,7 @@ print(json.dumps({"picks": picks, "kernel_s": kernel_s, "maximize_s": maximize_s
 
 def install(subvenv: str) -> str | None:
     """Create the separate venv and install submodlib into it; None on success, else the reason."""
-    steps = [[sys.executable.replace(sys.executable, "python3"), "-m", "venv", subvenv],
+    steps = [["python3", "-m", "venv", subvenv],
              [f"{subvenv}/bin/pip", "install", "-q", "numpy", "submodlib-py"]]
     for cmd in steps:
         try:
