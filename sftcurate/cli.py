@@ -1,6 +1,7 @@
 """The `sftcurate` command line (typer)."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -40,10 +41,12 @@ class _QuietOneLineErrors(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if exc is None:
             return not _mentions_one_line_error(record.getMessage())
-        return not isinstance(exc, one_line_errors())
+        return not (isinstance(exc, one_line_errors()) or disk_full(exc))
 
 
 def _mentions_one_line_error(message: str) -> bool:
+    if DISK_FULL_TEXT in message:
+        return True
     if any(base.__name__ in message for base in one_line_errors()):
         return True
     names = {cls.__name__ for base in one_line_errors() for cls in _subclasses(base)}
@@ -63,6 +66,57 @@ def quiet_one_line_errors_in_logs() -> None:
     for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
         for handler in logging.getLogger(name).handlers:
             handler.addFilter(quiet)
+
+
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+DISK_FULL_TEXT = "No space left on device"
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """A write failed because the disk (or the user's quota) is full: the environment, not the input, not a bug."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _written_path(exc: BaseException) -> str | None:
+    """The file a failed write was writing: the error's own filename, else the innermost `uri` (or bare `path`)
+    that the writing frames held, such as `infra.store.write_bytes`'s (a write() on an open file names none)."""
+    if isinstance(exc, OSError) and exc.filename:
+        return str(exc.filename)
+    found = {"uri": None, "path": None}
+    tb = exc.__traceback__
+    while tb is not None:
+        names = tb.tb_frame.f_locals
+        for name in found:
+            if isinstance(names.get(name), str):
+                found[name] = names[name]
+        tb = tb.tb_next
+    return found["uri"] or found["path"]
+
+
+def stop(exc: BaseException) -> None:
+    """The CLI's handler for what it catches: one line for a user error, a dependency that stayed down, or a full
+    disk (exit 1: free space and run again; the artifact being written was not committed); any other OSError is a
+    bug and keeps its traceback."""
+    from sftcurate.data_contracts.errors import DependencyError
+
+    if isinstance(exc, one_line_errors()):
+        fail(exc)
+    if disk_full(exc):
+        where = _written_path(exc) or "a write"
+        fail(DependencyError(f"{where}: {DISK_FULL_TEXT.lower()} (the disk is full); free space there, or point "
+                             "SFTCURATE_STORE (artifacts) or SFTCURATE_HOME (local state) at a larger disk, and run "
+                             "again; nothing partly written was committed"))
+    raise exc
+
+
+def caught() -> tuple[type[BaseException], ...]:
+    return (*one_line_errors(), OSError)
 
 
 def fail(exc: BaseException) -> None:
@@ -136,8 +190,8 @@ def run_config_flow(name: str, config: Path, overrides: list[str], json_out: Opt
         cfg = load_config(config, overrides)
         wait_for_services()
         result = run_with_progress(getattr(importlib.import_module(f"sftcurate.flows.{name}"), name), cfg)
-    except one_line_errors() as exc:
-        fail(exc)
+    except caught() as exc:
+        stop(exc)
     if json_out:
         _write_json(json_out, result)
     return cfg, result
@@ -181,8 +235,8 @@ def select(method: str = typer.Argument(..., help="selector name (uniform, fishe
     try:
         meta = select_from_files(method, budget, token_budget, seed, params, str(out_path), features=features,
                                  trajectories=trajectories, examples=examples, model=model)
-    except one_line_errors() as exc:
-        fail(exc)
+    except caught() as exc:
+        stop(exc)
     if json_out:
         _write_json(json_out, meta)
     print_summary(f"selection {method}", meta)
@@ -203,8 +257,8 @@ def compare(config: Path = typer.Argument(..., help="comparison configuration (Y
         cfg = load_compare_config(config, set_)
         wait_for_services()
         summary = run_with_progress(compare_flow, cfg)
-    except one_line_errors() as exc:
-        fail(exc)
+    except caught() as exc:
+        stop(exc)
     if json_out:
         _write_json(json_out, summary)
     print_summary("comparison", {k: v for k, v in summary.items()
@@ -225,8 +279,8 @@ def export(selection: str = typer.Argument(..., help="selection URI (the selecti
 
     try:
         result = export_records(selection, out_path, fmt, push_to_hub)
-    except one_line_errors() as exc:
-        fail(exc)
+    except caught() as exc:
+        stop(exc)
     if json_out:
         _write_json(json_out, result)
     print_summary("export", result)
@@ -260,8 +314,8 @@ def config_show(config: Optional[Path] = typer.Argument(None, help="configuratio
 
     try:
         cfg = load_compare_config(config, set_) if compare_config else load_config(config, set_)
-    except one_line_errors() as exc:
-        fail(exc)
+    except caught() as exc:
+        stop(exc)
     out.print(dump_config(cfg), highlight=False, soft_wrap=True)
 
 

@@ -22,6 +22,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from tests.conftest import committed_manifests
+from tests.faults.full import when_full
 from tests.helpers import qa_records, write_jsonl
 
 pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("prefect_harness")]
@@ -291,8 +292,9 @@ def test_the_catalogue_covers_at_least_25_kinds():
 
 
 # In a real process Prefect's log handlers write to the terminal: a logged traceback would show there.
-PROCESS_CASES = ["jsonl-malformed-row", "budget-larger-than-pool", "features-wrong-shape", "export-not-a-selection",
-                 "model-folder-missing"]
+PROCESS_CASES = when_full(["jsonl-malformed-row"], ["jsonl-malformed-row", "budget-larger-than-pool",
+                                                   "features-wrong-shape", "export-not-a-selection",
+                                                   "model-folder-missing", "judge-template-without-slots"])
 
 
 @pytest.mark.parametrize("name", PROCESS_CASES)

@@ -1,0 +1,216 @@
+"""Issue 11, fault 6: a write failing mid-artifact (a full disk).
+
+Measured before the fix: `sftcurate run` with its store on a full disk printed Prefect's and Python's tracebacks
+ending in `OSError: [Errno 28] No space left on device` (the file's name appears nowhere). Now the CLI prints one
+line naming the file being written and what to do, exit status 1; the artifact being written has no manifest
+(nothing committed), and after space is freed a rerun reuses what was committed and finishes.
+
+Two disks: an fsspec filesystem that runs out of room after N bytes (the failure lands in a chosen artifact,
+mid-file), and, where this machine lets the test mount one, a real 8 KiB tmpfs.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from fsspec import register_implementation
+from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
+
+from tests.faults.full import full_only, when_full
+from tests.helpers import qa_records, write_jsonl
+
+pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("prefect_harness")]
+
+CONFIG = """name: disk-full
+source: {{uri: {data}, heldout_fraction: 0.1}}
+selection: {{method: uniform, budget: 6}}
+models: {{target: tiny-gpt2, max_length: 64}}
+"""
+
+
+class SmallDisk(MemoryFileSystem):
+    """An in-memory disk of `capacity` bytes (None: unlimited). A write that does not fit writes what fits and
+    raises ENOSPC, with no file name, as write(2) on a full disk does."""
+
+    protocol = "smalldisk"
+    store: dict = {}
+    pseudo_dirs = [""]
+    capacity: int | None = None
+
+    @classmethod
+    def used(cls) -> int:
+        return sum(f.getbuffer().nbytes for f in cls.store.values())
+
+    @classmethod
+    def reset(cls, capacity: int | None = None) -> None:
+        cls.store.clear()
+        cls.pseudo_dirs[:] = [""]
+        cls.capacity = capacity
+
+    def _open(self, path, mode="rb", block_size=None, autocommit=True, cache_options=None, **kwargs):
+        if mode in {"wb", "w+b", "xb", "x+b"}:
+            f = _SmallDiskFile(self, self._strip_protocol(path), None)
+            f.commit()  # like the memory filesystem (and a disk): the file exists from the open on
+            return f
+        return super()._open(path, mode, block_size, autocommit, cache_options, **kwargs)
+
+
+class _SmallDiskFile(MemoryFile):
+    def write(self, data) -> int:
+        if SmallDisk.capacity is not None:
+            room = SmallDisk.capacity - SmallDisk.used()
+            if len(data) > room:
+                super().write(bytes(memoryview(data)[:max(room, 0)]))
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(data)
+
+
+register_implementation(SmallDisk.protocol, SmallDisk, clobber=True)
+
+
+def invoke(*args: str):
+    from typer.testing import CliRunner
+
+    from sftcurate.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+
+
+def committed(root: str) -> dict[str, bytes]:
+    """Committed manifests under a store root (any fsspec URI) -> their bytes; checks each one is whole."""
+    from sftcurate.infra.store import filesystem_for
+
+    fs, path = filesystem_for(root)
+    out = {}
+    for manifest in (p for p in fs.find(path) if p.endswith("_MANIFEST.json")):
+        data = fs.cat_file(manifest)
+        folder = manifest.rsplit("/", 1)[0]
+        for name, info in json.loads(data)["files"].items():
+            body = fs.cat_file(f"{folder}/{name}")
+            assert hashlib.sha256(body).hexdigest() == info["sha256"], f"{folder}: committed but {name} is incomplete"
+        out[manifest[len(path):].lstrip("/")] = data
+    return out
+
+
+def capacities_mid_artifact(root: str) -> list[int]:
+    """For each artifact a complete run committed, in commit order: a disk size that fills up halfway through it
+    (everything committed before it fits)."""
+    prefix = SmallDisk._strip_protocol(root)
+    files = {p: f for p, f in SmallDisk.store.items() if p.startswith(prefix + "/")}
+    manifests = sorted((f.modified, p.rsplit("/", 1)[0]) for p, f in files.items() if p.endswith("/_MANIFEST.json"))
+    out, used = [], 0
+    for _, folder in manifests:
+        size = sum(f.getbuffer().nbytes for p, f in files.items() if p.startswith(folder + "/"))
+        out.append(used + size // 2)
+        used += size
+    return out
+
+
+def one_error_line(output: str) -> str:
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output[-3000:]
+    assert "Traceback" not in output
+    return errors[0]
+
+
+@pytest.fixture
+def config(tmp_path) -> Path:
+    path = tmp_path / "disk-full.yaml"
+    path.write_text(CONFIG.format(data=write_jsonl(tmp_path / "pool.jsonl", qa_records(40))))
+    return path
+
+
+@pytest.fixture
+def small_disk():
+    yield SmallDisk
+    SmallDisk.reset()
+
+
+def test_a_full_disk_mid_artifact_is_one_line_commits_nothing_and_a_rerun_finishes(config, small_disk, monkeypatch):
+    # a run with room to spare: how much a whole run writes, and what it commits
+    small_disk.reset()
+    root = f"smalldisk://{uuid.uuid4().hex[:8]}/store"
+    monkeypatch.setenv("SFTCURATE_STORE", root)
+    result = invoke("run", config)
+    assert result.exit_code == 0, result.output[-3000:]
+    reference = committed(root)
+    assert len(reference) >= 3  # examples, selection, curated records
+
+    capacities = capacities_mid_artifact(root)  # the disk fills halfway through each artifact in turn
+    for capacity in when_full(capacities[1:2], capacities):
+        small_disk.reset(capacity=capacity)
+        root = f"smalldisk://{uuid.uuid4().hex[:8]}/store"
+        monkeypatch.setenv("SFTCURATE_STORE", root)
+        result = invoke("run", config)
+        assert result.exit_code == 1, (capacity, result.output[-3000:], result.exception)
+        line = one_error_line(result.output)
+        assert "no space left on device (the disk is full)" in line and "SFTCURATE_STORE" in line, line
+        written = line.removeprefix("error: ").split(": no space left", 1)[0]
+        assert f"{root.split('://', 1)[1]}/" in written, line  # names the file in the store it was writing
+        left = committed(root)  # whatever was committed is whole
+        print(f"disk full at {capacity} bytes: failed writing {written}; {len(left)} committed before")
+        assert set(left) < set(reference), (capacity, sorted(left))
+        artifact = written.rsplit("/", 1)[0]
+        assert not SmallDisk().exists(f"{artifact}/_MANIFEST.json"), f"{artifact} was committed"
+
+        small_disk.capacity = None  # space freed: the rerun finishes and rebuilds nothing that was committed
+        result = invoke("run", config)
+        assert result.exit_code == 0, result.output[-3000:]
+        after = committed(root)
+        assert set(after) == set(reference)
+        assert all(after[rel] == data for rel, data in left.items()), "a committed artifact was rebuilt"
+
+
+def test_other_os_errors_keep_their_traceback(config, monkeypatch):
+    """Only a full disk becomes one line: an unexpected OSError is a bug and must show where it came from."""
+    import sftcurate.infra.store as store
+
+    def broken(uri, data):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(store, "write_bytes", broken)
+    monkeypatch.setenv("SFTCURATE_STORE", str(config.parent / "artifacts"))
+    result = invoke("run", config)
+    assert result.exit_code != 0 and isinstance(result.exception, OSError) and result.exception.errno == errno.EIO
+    assert not [line for line in result.output.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A real 8 KiB tmpfs: a disk that is full after two pages. Needs the right to mount (root in a container
+    with CAP_SYS_ADMIN); the fsspec disk above covers the same path everywhere else."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+@full_only
+def test_a_real_full_disk_in_a_real_process(config, tiny_tmpfs):
+    from prefect.settings import PREFECT_API_URL
+
+    store = tiny_tmpfs / "store"
+    env = {**os.environ, "SFTCURATE_STORE": str(store), "PREFECT_API_URL": PREFECT_API_URL.value() or "",
+           "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-c", "from sftcurate.cli import app; app()", "run", str(config)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=config.parent)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = one_error_line(proc.stderr)
+    assert line.startswith(f"error: {store}/examples/") and "no space left on device" in line, line
+    assert "╭" not in proc.stderr, proc.stderr[-3000:]
+    assert not list(store.rglob("_MANIFEST.json")), "an artifact was committed on a full disk"
