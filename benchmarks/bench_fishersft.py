@@ -16,6 +16,11 @@ other and stale bounds prune little: the worst case for lazy evaluation.
 
     python benchmarks/bench_fishersft.py            # full run (~10 min on 2 CPU cores)
     python benchmarks/bench_fishersft.py --quick    # small sizes, correctness checks only (~1 min)
+    python benchmarks/bench_fishersft.py --wide     # only the d=576 rows: old vs new lazy at N=2,000, K=100
+                                                    # (the old one alone would run far past 5 min at N=10,000,
+                                                    # K=500), new alone at N=10,000, K=500, and the d_proj table
+                                                    # (64/128/256, random and PCA) on the real SmolLM2 artifact
+                                                    # under .sftcurate/artifacts when present and on synthetic
 Exit status 1 when a target is missed.
 """
 from __future__ import annotations
@@ -42,6 +47,39 @@ def hidden_like(n: int, L: int, d: int, seed: int = 0, scale_sigma: float = 0.5,
         z = rng.standard_normal((m, L, d), dtype=np.float32).astype(dtype)
         out[lo * L:(lo + m) * L] = (s * (mu + z) * spec).reshape(m * L, d)
     return out, np.arange(n + 1, dtype=np.int64) * L
+
+
+def smollm_like(n: int, L: int = 32, d: int = 576, seed: int = 0, share: float = 0.54, aniso: float = 0.7,
+                topic: float = 0.5, norm: float = 49.0, chunk: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """Features shaped like SmolLM2-135M's pre-logit states (d=576): one shared direction u carrying ~56% of the
+    second moment, an orthogonal rest with a k^-0.7 spectrum (effective rank (tr M)^2/tr M^2 ~ 3), a per-sentence
+    topic mean, and every token rescaled to norm ~49 (+-3%). The real python-tutorial artifact measures 0.565
+    and 2.97; this generator 0.564 and 2.93."""
+    rng = np.random.default_rng(seed)
+    u = rng.standard_normal(d)
+    u /= np.linalg.norm(u)
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    q -= np.outer(u, u @ q)
+    spec = np.arange(1, d + 1) ** -aniso
+    basis = (q * spec * (np.sqrt((1 - share) / share) / np.sqrt((spec ** 2).sum() * (d - 1) / d))).T
+    basis = basis.astype(np.float32)
+    out = np.empty((n * L, d), dtype=np.float32)
+    for lo in range(0, n, chunk):
+        m = min(chunk, n - lo)
+        mu = rng.standard_normal((m, 1, d), dtype=np.float32) * topic
+        z = rng.standard_normal((m, L, d), dtype=np.float32)
+        x = u.astype(np.float32) + ((mu + z) / np.sqrt(1 + topic ** 2)).reshape(m * L, d) @ basis
+        scale = norm * (1 + 0.03 * rng.standard_normal((m * L, 1))).astype(np.float32)
+        out[lo * L:(lo + m) * L] = x * (scale / np.linalg.norm(x, axis=1, keepdims=True))
+    return out, np.arange(n + 1, dtype=np.int64) * L
+
+
+def spectrum_stats(x: np.ndarray) -> tuple[float, float, float]:
+    """(top direction's share of the uncentred second moment, effective rank (tr M)^2 / tr M^2, mean norm)."""
+    x = np.asarray(x)
+    m = x.astype(np.float64).T @ x
+    ev = np.linalg.eigvalsh(m)
+    return float(ev[-1] / ev.sum()), float(ev.sum() ** 2 / (ev ** 2).sum()), float(np.linalg.norm(x, axis=1).mean())
 
 
 NEAR_ISOTROPIC = {"scale_sigma": 0.0, "topic": 0.0, "aniso": 0.5}  # every sentence alike: the lazy worst case
@@ -78,10 +116,10 @@ def old_lazy_greedy(obj, k: int, batch: int = 8, max_batch: int = 1024):
     return picks, obj.n_evals
 
 
-def bench_old_vs_new(n, L, d, k, **gen):
+def bench_old_vs_new(n, L, d, k, features=None, **gen):
     from sftcurate.core.fisher import LogDetObjective, lazy_greedy
 
-    x, off = hidden_like(n, L, d, **gen)
+    x, off = features if features is not None else hidden_like(n, L, d, **gen)
     t = time.perf_counter()
     old_picks, old_evals = old_lazy_greedy(LogDetObjective(x, off, 1.0), k)
     t_old = time.perf_counter() - t
@@ -90,6 +128,51 @@ def bench_old_vs_new(n, L, d, k, **gen):
     t_new = time.perf_counter() - t
     return {"old_s": t_old, "new_s": t_new, "speedup": t_old / t_new, "identical": old_picks == new.picks,
             "old_evals": old_evals, "new_evals": new.evaluations, "screens": new.info["screens"]}
+
+
+def bench_dproj(x, off, k: int, d_projs=(64, 128, 256), lam: float = 1.0, pca_sentences: int = 256) -> list[dict]:
+    """Select K on projected features (the project's `random_projection` / `pca_projection`, the latter fitted on
+    the uncentred tokens of the first `pca_sentences` sentences, as `fit_projection` uses a 256-example sample),
+    then score the picks with the FULL-d objective: kept = (f(proj picks) - f(empty)) / (f(full picks) - f(empty))."""
+    from sftcurate.core.embedding import pca_projection, random_projection
+    from sftcurate.core.fisher import LogDetObjective, direct_logdet, lazy_greedy
+
+    x = np.asarray(x)
+    d = x.shape[1]
+    f0 = d * np.log(lam)
+    t = time.perf_counter()
+    full = lazy_greedy(LogDetObjective(x, off, lam), k=k)
+    rows = [{"proj": "none", "d_proj": d, "kept": 1.0, "select_s": time.perf_counter() - t}]
+    f_full = direct_logdet(x, off, full.picks, lam) - f0
+    rng = np.random.default_rng(0)
+    n = len(off) - 1
+    unif = float(np.mean([direct_logdet(x, off, rng.choice(n, k, replace=False), lam) - f0 for _ in range(5)]))
+    rows.append({"proj": "uniform picks (5 draws)", "d_proj": d, "kept": unif / f_full, "select_s": 0.0,
+                 "overlap": float("nan")})
+    sample = x[:int(off[min(pca_sentences, n)])]
+    for dp in d_projs:
+        for name in ("random", "pca"):
+            t = time.perf_counter()
+            p = random_projection(d, dp) if name == "random" else pca_projection(sample, dp)
+            xp = x @ p
+            res = lazy_greedy(LogDetObjective(xp, off, lam), k=k)
+            dt = time.perf_counter() - t
+            rows.append({"proj": name, "d_proj": dp, "select_s": dt, "overlap": len(set(res.picks) & set(full.picks)) / k,
+                         "kept": (direct_logdet(x, off, res.picks, lam) - f0) / f_full})
+    for r in rows:  # share of the full-d greedy's lead over uniform picks that the projected picks keep
+        r["lead"] = (r["kept"] - unif / f_full) / (1 - unif / f_full)
+    return rows
+
+
+def real_features(root: str = ".sftcurate/artifacts/token_features"):
+    """The first real d=576 token-features artifact with its own shard file (SmolLM2-135M, python-tutorial)."""
+    from sftcurate.core.inputs import read_features_artifact
+
+    for path in sorted(Path(root).glob("*/features-00000.safetensors")):
+        x, off = read_features_artifact(str(path.parent))[:2]
+        if np.asarray(x).shape[1] == 576:
+            return np.asarray(x, dtype=np.float32), np.asarray(off, dtype=np.int64), path.parent.name
+    return None
 
 
 def naive_evaluations(n: int, k: int) -> int:
@@ -175,7 +258,17 @@ def main(argv=None) -> int:
                          "other processes)")
     ap.add_argument("--embed-threads", type=int, default=2,
                     help="torch CPU threads for the embedding row (default 2, both cores, for both loops)")
-    ap.add_argument("--skip", default="", help="comma list of rows to skip: greedy,iso,old,large,embed,gpu")
+    ap.add_argument("--skip", default="", help="comma list of rows to skip: greedy,iso,old,large,embed,gpu "
+                    "(with --wide: wide-old,wide-large,dproj-real,dproj-synth)")
+    ap.add_argument("--wide", action="store_true",
+                    help="only the d=576 (SmolLM2-shaped) rows: old vs new lazy, new lazy at N=10,000, d_proj table")
+    ap.add_argument("--wide-n", type=int, default=10000, help="--wide: N for the new lazy alone")
+    ap.add_argument("--wide-k", type=int, default=500, help="--wide: K for the new lazy alone")
+    ap.add_argument("--wide-base-n", type=int, default=2000,
+                    help="--wide: N of the old-vs-new row (the old lazy needs far more than 5 min at N=10,000)")
+    ap.add_argument("--wide-base-k", type=int, default=100, help="--wide: K of the old-vs-new row")
+    ap.add_argument("--dproj-n", type=int, default=1000, help="--wide: N of the synthetic d_proj table")
+    ap.add_argument("--dproj-k", type=int, default=50, help="--wide: K of the synthetic d_proj table")
     args = ap.parse_args(argv)
 
     import torch
@@ -195,6 +288,8 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, threads {args.threads} (embedding {args.embed_threads}), "
           f"cuda {torch.cuda.is_available()}")
     print("\n".join(lines), flush=True)
+    if args.wide:
+        return wide(args, skip, add, lines, failures)
     if "greedy" not in skip:
         n, k = (2000, 50) if q else (20000, 200)
         r = bench_lazy_vs_naive(n, 32, 64, k)
@@ -242,6 +337,56 @@ def main(argv=None) -> int:
         else:
             add("GPU lazy", "N=1,000,000, L=32, d=256 projected, K=10,000", "not measured (no GPU in this session)",
                 "-", True)
+    print("\n" + "\n".join(lines))
+    if failures:
+        print(f"\nMISSED: {', '.join(failures)}")
+        return 1
+    return 0
+
+
+def wide(args, skip, add, lines, failures) -> int:
+    """d=576 rows. The old lazy is the in-run baseline at --wide-base-n (at N=10,000, K=500 it would run far
+    past 5 minutes); the new lazy alone at --wide-n."""
+    if "wide-old" not in skip:
+        n, k = args.wide_base_n, args.wide_base_k
+        feats = smollm_like(n)
+        share, erank, norm = spectrum_stats(feats[0][:min(len(feats[0]), 200000)])
+        print(f"SmolLM2-shaped features: top direction {share:.3f} of the second moment, effective rank "
+              f"{erank:.2f}, mean norm {norm:.1f}", flush=True)
+        r = bench_old_vs_new(n, 32, 576, k, features=feats)
+        add("new lazy vs old lazy, d=576", f"N={n} (old baseline's N), L=32, d=576, K={k}",
+            f"old {r['old_s']:.1f} s ({r['old_evals']} float64 evals), new {r['new_s']:.1f} s "
+            f"({r['screens']} float32 screens, {r['new_evals']} full evals), speedup {r['speedup']:.2f}x, "
+            f"identical picks {r['identical']}", "identical, >= 4x", r["identical"] and r["speedup"] >= 4)
+    if "wide-large" not in skip:
+        from sftcurate.core.fisher import LogDetObjective, lazy_greedy
+
+        n, k = args.wide_n, args.wide_k
+        x, off = smollm_like(n)
+        t = time.perf_counter()
+        res = lazy_greedy(LogDetObjective(x, off, 1.0), k=k)
+        add("new lazy alone, d=576", f"N={n}, L=32, d=576, K={k} (no old baseline at this N)",
+            f"{time.perf_counter() - t:.1f} s, {res.info['screens']} screens, {res.evaluations} full evals",
+            "reported", True)
+    tables = []
+    if "dproj-real" not in skip and (real := real_features()) is not None:
+        x, off, key = real
+        k = 20
+        tables.append((f"real SmolLM2-135M features ({key}: python-tutorial, {len(off) - 1} sentences, "
+                       f"{len(x)} tokens, d=576), K={k}", bench_dproj(x, off, k)))
+    if "dproj-synth" not in skip:
+        x, off = smollm_like(args.dproj_n, seed=1)
+        tables.append((f"SmolLM2-shaped synthetic, N={args.dproj_n}, L=32, d=576, K={args.dproj_k}",
+                       bench_dproj(x, off, args.dproj_k)))
+    for title, rows in tables:
+        print(f"\nd_proj table: {title}; kept = full-d objective gain of the picks / of the full-d greedy's picks; "
+              "lead kept = the same on the scale uniform picks = 0%, full-d greedy = 100%")
+        print("| projection | d_proj | objective kept | lead over uniform kept | picks shared with full d | "
+              "selection time (incl. projecting) |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['proj']} | {r['d_proj']} | {100 * r['kept']:.2f}% | {100 * r['lead']:.0f}% | "
+                  f"{100 * r.get('overlap', 1.0):.0f}% | {r['select_s']:.2f} s |", flush=True)
     print("\n" + "\n".join(lines))
     if failures:
         print(f"\nMISSED: {', '.join(failures)}")
