@@ -18,9 +18,12 @@ from sftcurate.infra import tracking
 
 pytestmark = pytest.mark.faults
 
-# Starts a run, says its id, then waits to be killed.
+# Starts a run, says its id, then waits to be killed. Python ignores SIGINT for good when it starts with SIGINT
+# ignored, as every process a non-interactive shell puts in the background does (`make test &`, nohup, some CI
+# runners): the child puts back the handler an interactive terminal gives, so SIGINT means Ctrl-C here.
 HOLD_RUN = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from sftcurate.infra import tracking
 with tracking.start_run("victim", experiment=sys.argv[1]) as run_id:
     print(run_id, flush=True)
