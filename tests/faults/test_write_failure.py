@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -123,64 +124,91 @@ def one_error_line(output: str) -> str:
 
 @pytest.fixture
 def config(tmp_path) -> Path:
-    path = tmp_path / "disk-full.yaml"
-    path.write_text(CONFIG.format(data=write_jsonl(tmp_path / "pool.jsonl", qa_records(40))))
+    return write_config(tmp_path)
+
+
+def write_config(folder: Path) -> Path:
+    path = folder / "disk-full.yaml"
+    path.write_text(CONFIG.format(data=write_jsonl(folder / "pool.jsonl", qa_records(40))))
     return path
 
 
-@pytest.fixture
-def small_disk():
-    yield SmallDisk
+@dataclass
+class DiskReference:
+    config: Path
+    manifests: dict[str, bytes]   # what a run with room to spare commits
+    capacities: list[int]         # per artifact, in commit order: a disk that fills up halfway through it
+
+
+@pytest.fixture(scope="module")
+def disk_reference(tmp_path_factory, prefect_harness) -> DiskReference:
+    config = write_config(tmp_path_factory.mktemp("disk-full"))
     SmallDisk.reset()
-
-
-def test_a_full_disk_mid_artifact_is_one_line_commits_nothing_and_a_rerun_finishes(config, small_disk, monkeypatch):
-    # a run with room to spare: how much a whole run writes, and what it commits
-    small_disk.reset()
     root = f"smalldisk://{uuid.uuid4().hex[:8]}/store"
-    monkeypatch.setenv("SFTCURATE_STORE", root)
-    result = invoke("run", config)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SFTCURATE_STORE", root)
+        result = invoke("run", config)
     assert result.exit_code == 0, result.output[-3000:]
     reference = committed(root)
     assert len(reference) >= 3  # examples, selection, curated records
-
-    capacities = capacities_mid_artifact(root)  # the disk fills halfway through each artifact in turn
-    for capacity in when_full(capacities[1:2], capacities):
-        small_disk.reset(capacity=capacity)
-        root = f"smalldisk://{uuid.uuid4().hex[:8]}/store"
-        monkeypatch.setenv("SFTCURATE_STORE", root)
-        result = invoke("run", config)
-        assert result.exit_code == 1, (capacity, result.output[-3000:], result.exception)
-        line = one_error_line(result.output)
-        assert "no space left on device (the disk is full)" in line and "SFTCURATE_STORE" in line, line
-        written = line.removeprefix("error: ").split(": no space left", 1)[0]
-        assert f"{root.split('://', 1)[1]}/" in written, line  # names the file in the store it was writing
-        left = committed(root)  # whatever was committed is whole
-        print(f"disk full at {capacity} bytes: failed writing {written}; {len(left)} committed before")
-        assert set(left) < set(reference), (capacity, sorted(left))
-        artifact = written.rsplit("/", 1)[0]
-        assert not SmallDisk().exists(f"{artifact}/_MANIFEST.json"), f"{artifact} was committed"
-
-        small_disk.capacity = None  # space freed: the rerun finishes and rebuilds nothing that was committed
-        result = invoke("run", config)
-        assert result.exit_code == 0, result.output[-3000:]
-        after = committed(root)
-        assert set(after) == set(reference)
-        assert all(after[rel] == data for rel, data in left.items()), "a committed artifact was rebuilt"
+    yield DiskReference(config, reference, capacities_mid_artifact(root))
+    SmallDisk.reset()
 
 
-def test_other_os_errors_keep_their_traceback(config, monkeypatch):
-    """Only a full disk becomes one line: an unexpected OSError is a bug and must show where it came from."""
+# the disk fills halfway through the n-th artifact a run commits (examples, selection, curated records)
+ARTIFACTS = when_full([1], [0, 1, 2])
+
+
+@pytest.mark.parametrize("artifact", ARTIFACTS, ids=[f"artifact-{n}" for n in ARTIFACTS])
+def test_a_full_disk_mid_artifact_is_one_line_commits_nothing_and_a_rerun_finishes(disk_reference, artifact,
+                                                                                   monkeypatch):
+    capacity = disk_reference.capacities[artifact]
+    SmallDisk.reset(capacity=capacity)
+    root = f"smalldisk://{uuid.uuid4().hex[:8]}/store"
+    monkeypatch.setenv("SFTCURATE_STORE", root)
+    result = invoke("run", disk_reference.config)
+    assert result.exit_code == 1, (capacity, result.output[-3000:], result.exception)
+    line = one_error_line(result.output)
+    assert "no space left on device (the disk is full)" in line and "SFTCURATE_STORE" in line, line
+    written = line.removeprefix("error: ").split(": no space left", 1)[0]
+    assert f"{root.split('://', 1)[1]}/" in written, line  # names the file in the store it was writing
+    left = committed(root)  # whatever was committed is whole
+    print(f"disk full at {capacity} bytes: failed writing {written}; {len(left)} committed before")
+    assert len(left) == artifact and set(left) < set(disk_reference.manifests), sorted(left)
+    folder = written.rsplit("/", 1)[0]
+    assert not SmallDisk().exists(f"{folder}/_MANIFEST.json"), f"{folder} was committed"
+
+    SmallDisk.capacity = None  # space freed: the rerun finishes and rebuilds nothing that was committed
+    result = invoke("run", disk_reference.config)
+    assert result.exit_code == 0, result.output[-3000:]
+    after = committed(root)
+    assert set(after) == set(disk_reference.manifests)
+    assert all(after[rel] == data for rel, data in left.items()), "a committed artifact was rebuilt"
+
+
+@pytest.mark.parametrize("errno_", [errno.EIO, errno.ENOSPC], ids=["EIO", "ENOSPC"])
+def test_only_a_full_disk_becomes_one_line(tmp_path, monkeypatch, errno_):
+    """An unexpected OSError is a bug and keeps its traceback; ENOSPC on the same write is one line, exit 1.
+    (`select` writes its output through the store with no flow around it.)"""
+    import numpy as np
+    from safetensors.numpy import save_file
+
     import sftcurate.infra.store as store
 
     def broken(uri, data):
-        raise OSError(errno.EIO, "Input/output error")
+        raise OSError(errno_, os.strerror(errno_))
 
+    features = tmp_path / "f.safetensors"
+    save_file({"features": np.ones((6, 4), np.float32), "offsets": np.array([0, 2, 4, 6], np.int64)}, str(features))
     monkeypatch.setattr(store, "write_bytes", broken)
-    monkeypatch.setenv("SFTCURATE_STORE", str(config.parent / "artifacts"))
-    result = invoke("run", config)
-    assert result.exit_code != 0 and isinstance(result.exception, OSError) and result.exception.errno == errno.EIO
-    assert not [line for line in result.output.splitlines() if line.startswith("error:")]
+    result = invoke("select", "fishersft", "--features", features, "--budget", "2", "--out", tmp_path / "sel.parquet")
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    if errno_ == errno.EIO:
+        assert isinstance(result.exception, OSError) and result.exception.errno == errno.EIO, result.output[-2000:]
+        assert not errors
+    else:
+        assert result.exit_code == 1 and len(errors) == 1, result.output[-2000:]
+        assert errors[0].startswith(f"error: {tmp_path / 'sel.parquet'}: no space left on device"), errors[0]
 
 
 @pytest.fixture
