@@ -115,6 +115,18 @@ def capacities_mid_artifact(root: str) -> list[int]:
     return out
 
 
+def capacity_mid_manifest(root: str, n: int) -> int:
+    """A disk size that fills up halfway through the n-th artifact's manifest (its files and everything before fit)."""
+    prefix = SmallDisk._strip_protocol(root)
+    files = {p: f for p, f in SmallDisk.store.items() if p.startswith(prefix + "/")}
+    manifests = sorted((f.modified, p) for p, f in files.items() if p.endswith("/_MANIFEST.json"))
+    folders = [p.rsplit("/", 1)[0] for _, p in manifests]
+    before = sum(f.getbuffer().nbytes for p, f in files.items() if any(p.startswith(d + "/") for d in folders[:n]))
+    data = sum(f.getbuffer().nbytes for p, f in files.items()
+               if p.startswith(folders[n] + "/") and not p.endswith("/_MANIFEST.json"))
+    return before + data + files[manifests[n][1]].getbuffer().nbytes // 2
+
+
 def one_error_line(output: str) -> str:
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, output[-3000:]
@@ -138,6 +150,7 @@ class DiskReference:
     config: Path
     manifests: dict[str, bytes]   # what a run with room to spare commits
     capacities: list[int]         # per artifact, in commit order: a disk that fills up halfway through it
+    mid_manifest: int             # a disk that fills up halfway through the first artifact's manifest
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +164,7 @@ def disk_reference(tmp_path_factory, prefect_harness) -> DiskReference:
     assert result.exit_code == 0, result.output[-3000:]
     reference = committed(root)
     assert len(reference) >= 3  # examples, selection, curated records
-    yield DiskReference(config, reference, capacities_mid_artifact(root))
+    yield DiskReference(config, reference, capacities_mid_artifact(root), capacity_mid_manifest(root, 0))
     SmallDisk.reset()
 
 
@@ -184,6 +197,23 @@ def test_a_full_disk_mid_artifact_is_one_line_commits_nothing_and_a_rerun_finish
     after = committed(root)
     assert set(after) == set(disk_reference.manifests)
     assert all(after[rel] == data for rel, data in left.items()), "a committed artifact was rebuilt"
+
+
+@pytest.mark.xfail(strict=True, reason="infra/store.py writes _MANIFEST.json in place: a write that fails halfway "
+                                       "leaves a partial manifest that counts as committed; Prefect's own retry of "
+                                       "the task then 'reuses' it and the run ends in a JSONDecodeError traceback, "
+                                       "as does every rerun (fix: write it under a temporary name and rename, or "
+                                       "treat an unreadable manifest as not committed)")
+def test_a_disk_that_fills_during_the_manifest_write_commits_nothing(disk_reference, monkeypatch):
+    SmallDisk.reset(capacity=disk_reference.mid_manifest)
+    root = f"smalldisk://{uuid.uuid4().hex[:8]}/store"
+    monkeypatch.setenv("SFTCURATE_STORE", root)
+    result = invoke("run", disk_reference.config)
+    assert result.exit_code == 1 and "_MANIFEST.json: no space left on device" in one_error_line(result.output)
+    SmallDisk.capacity = None
+    assert committed(root) == {}, "a partly written manifest counts as committed"  # parses every manifest
+    result = invoke("run", disk_reference.config)
+    assert result.exit_code == 0, result.output[-3000:]
 
 
 @pytest.mark.parametrize("errno_", [errno.EIO, errno.ENOSPC], ids=["EIO", "ENOSPC"])
