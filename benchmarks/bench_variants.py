@@ -26,7 +26,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_evidence import END, REPO, START, doc_sources, sections  # noqa: E402
+from bench_evidence import END, REPO, START, replace_generated, doc_sources, sections  # noqa: E402
 
 FISHER_VARIANTS = {
     "paper (lam 1)": {},
@@ -115,13 +115,7 @@ def write(lines: list[str], diag: dict, s: dict, seconds: float) -> Path:
                  f"| statistic | value |\n|---|---|\n{diag_rows}\n\n### Variants against uniform\n\n"
                  "| method | variant | held-out loss | vs uniform [95%] | verdict | worst group | vs uniform on its worst "
                  "group [95%] | groups covered | mean loss tokens per pick |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + f"\n{END}\n")
-    text = out.read_text() if out.exists() else "# Variants\n\n"
-    if START in text and END in text:
-        text = text[:text.index(START)] + generated + text[text.index(END) + len(END) + 1:]
-    else:
-        text = text.rstrip() + "\n\n" + generated
-    out.write_text(text)
-    return out
+    return replace_generated(out, generated, "# Variants")
 
 
 def main() -> int:
