@@ -162,10 +162,18 @@ def build_fresh(proxy_spec: str, cfg: ProxyConfig, corpus: tuple[str, ...], prox
     model, tokenizer = loaded.model, loaded.tokenizer
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    save_pretrained_folder(tokenizer, join(proxy_uri, "tokenizer"), "proxy_tokenizer", {"spec": proxy_spec})
+    # A run killed after these commits but before the first checkpoint starts again here: what is committed is
+    # used as it is, never written again (a committed artifact is never rewritten).
+    if is_committed(join(proxy_uri, "tokenizer")):
+        tokenizer = load_tokenizer(proxy_uri)
+    else:
+        save_pretrained_folder(tokenizer, join(proxy_uri, "tokenizer"), "proxy_tokenizer", {"spec": proxy_spec})
     if cfg.lora:
         if proxy_spec.startswith(TINY):
-            save_pretrained_folder(model, join(proxy_uri, "base"), "proxy_base", {"spec": proxy_spec})
+            if is_committed(join(proxy_uri, "base")):
+                model = load_base(proxy_uri, proxy_spec)
+            else:
+                save_pretrained_folder(model, join(proxy_uri, "base"), "proxy_base", {"spec": proxy_spec})
         # LoRA init draws from torch's global RNG: seeded under the one model-construction lock
         with loading_lock(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)

@@ -4,8 +4,14 @@
 `DependencyError`: a service the run needs stayed unreachable through its retry budget (the artifact store's
 endpoint); not bad input, so not a UserError; exit status 1.
 
+A full disk (ENOSPC, EDQUOT) is neither class (it is an OSError raised deep inside a write) but is treated like
+a DependencyError: one line, exit status 1, never retried by a task (the disk stays full on the retry).
+
 Tasks retry neither: a bad file fails the same way every time, and a dependency error already spent its budget.
 """
+import errno
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class UserError(ValueError):
@@ -14,3 +20,15 @@ class UserError(ValueError):
 
 class DependencyError(RuntimeError):
     pass
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """A write failed because the disk (or the user's quota) is full: the environment, not the input, not a bug.
+    Looks through the causes and contexts: Prefect and fsspec re-raise their own errors around the OSError."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

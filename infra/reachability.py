@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import errno
 import logging
-import time
+import threading
 import urllib.error
 import urllib.request
 from typing import Callable, TypeVar
 
 from sftcurate.data_contracts.errors import DependencyError
+from sftcurate.infra.retry import retry_while_unreachable, seconds_left
 from sftcurate.infra.settings import load_settings
 
-FIRST_BACKOFF_SECONDS = 0.5
-MAX_BACKOFF_SECONDS = 15.0
 PROBE_TIMEOUT_SECONDS = 10.0  # one health request: a stalled server accepts the connection and never answers
 _NETWORK_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH,
                    errno.ENETUNREACH, errno.ENETDOWN, errno.ETIMEDOUT, errno.EPIPE}
@@ -79,25 +78,14 @@ def message(what: str, url: str, tries: int, elapsed: float, setting: str) -> st
 
 
 def retrying(operation: Callable[[], T], *, what: str, url: str, setting: str, budget: float | None = None) -> T:
-    """`operation()`, tried again with exponential backoff while the server cannot be reached, until `budget`
-    seconds (SFTCURATE_SERVICE_RETRY_SECONDS) have passed; then ServiceUnavailable. Any other error is raised
-    at once. The operation may run more than once."""
-    budget = load_settings().service_retry_seconds if budget is None else budget
-    start, tries, delay = time.monotonic(), 0, FIRST_BACKOFF_SECONDS
-    while True:
-        tries += 1
-        try:
-            return operation()
-        except Exception as exc:
-            if not unreachable(exc):
-                raise
-            elapsed = time.monotonic() - start
-            if elapsed >= budget:
-                raise ServiceUnavailable(message(what, url, tries, elapsed, setting)) from exc
-            wait = min(delay, budget - elapsed)
-            log.info("%s %s unreachable (%s); try %d in %.1f s", what, url, type(exc).__name__, tries + 1, wait)
-            time.sleep(wait)
-            delay = min(2 * delay, MAX_BACKOFF_SECONDS)
+    """`operation()`, tried again with backoff while the server cannot be reached, until `budget` seconds
+    (SFTCURATE_SERVICE_RETRY_SECONDS) of the outage have passed (`infra.retry`); then ServiceUnavailable. Any
+    other error is raised at once. The operation may run more than once."""
+    return retry_while_unreachable(
+        operation, endpoint=url, budget=load_settings().service_retry_seconds if budget is None else budget,
+        unreachable=unreachable, give_up=lambda tries, elapsed: ServiceUnavailable(message(what, url, tries, elapsed,
+                                                                                           setting)),
+        log=log, what=f"{what} {url}")
 
 
 def probe(url: str, timeout: float = PROBE_TIMEOUT_SECONDS) -> None:
@@ -111,14 +99,9 @@ def probe(url: str, timeout: float = PROBE_TIMEOUT_SECONDS) -> None:
 
 def wait_reachable(health_url: str, *, what: str, url: str, setting: str, budget: float | None = None) -> None:
     """Probe `health_url` until the server answers, within the budget; ServiceUnavailable naming `url` and
-    `setting` otherwise. No request waits longer than what is left of the budget (at least 1 s)."""
-    budget = load_settings().service_retry_seconds if budget is None else budget
-    deadline = time.monotonic() + budget
-
-    def once() -> None:
-        probe(health_url, timeout=max(1.0, min(PROBE_TIMEOUT_SECONDS, deadline - time.monotonic())))
-
-    retrying(once, what=what, url=url, setting=setting, budget=budget)
+    `setting` otherwise. No probe waits longer than what is left of the budget (at least 1 s)."""
+    retrying(lambda: probe(health_url, timeout=min(PROBE_TIMEOUT_SECONDS, seconds_left() or PROBE_TIMEOUT_SECONDS)),
+             what=what, url=url, setting=setting, budget=budget)
 
 
 def wait_for_prefect_api(api_url: str | None, budget: float | None = None) -> None:
@@ -128,3 +111,47 @@ def wait_for_prefect_api(api_url: str | None, budget: float | None = None) -> No
         return
     wait_reachable(api_url.rstrip("/") + "/health", what="Prefect API", url=api_url, setting="PREFECT_API_URL",
                    budget=budget)
+
+
+class Watch:
+    """Watches a server while a block of work runs (`with Watch(...) as watch:`): a daemon thread probes
+    `health_url` every `every` seconds. A probe that gets no answer starts the wait of `wait_reachable`, on the
+    outage's clock (`infra.retry`); when the budget is spent, `on_lost(ServiceUnavailable)` runs in the watching
+    thread and the caller decides how to stop (the CLI prints one line and exits: the work's own client may be
+    stuck in retries of its own). Calls made by the work itself are not slowed down."""
+
+    def __init__(self, health_url: str, *, what: str, url: str, setting: str,
+                 on_lost: Callable[[ServiceUnavailable], None], every: float = 5.0, budget: float | None = None):
+        self.health_url, self.what, self.url, self.setting = health_url, what, url, setting
+        self.on_lost, self.every, self.budget = on_lost, every, budget
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=f"watch {url}", daemon=True)
+
+    def __enter__(self) -> "Watch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+
+    def _wait(self) -> None:
+        wait_reachable(self.health_url, what=self.what, url=self.url, setting=self.setting, budget=self.budget)
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.every):
+            try:
+                self._wait()
+            except ServiceUnavailable as exc:
+                if not self._done.is_set():
+                    self.on_lost(exc)
+                return
+
+    def lost_during_run(self, exc: BaseException) -> ServiceUnavailable:
+        """The work failed because the server did not answer (its client's own retries ran out first): wait for
+        the server within what is left of the outage's budget, and say which way it went, in one line."""
+        try:
+            self._wait()
+        except ServiceUnavailable as gone:
+            return gone
+        return ServiceUnavailable(f"{self.what} {self.url} stopped answering during the run ({type(exc).__name__}) "
+                                  "and answers again now; run the command again (committed artifacts are reused)")

@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,11 +47,17 @@ class S3Settings:
     secret: str | None = field(default=None, repr=False)
     retry_seconds: float = STORAGE_RETRY_SECONDS
 
-    def request_config(self) -> dict:
-        """botocore Config keywords: short timeouts (never longer than the whole retry budget), few attempts."""
-        return {"connect_timeout": max(1.0, min(CONNECT_TIMEOUT_SECONDS, self.retry_seconds)),
-                "read_timeout": max(1.0, min(READ_TIMEOUT_SECONDS, self.retry_seconds)),
-                "retries": {"total_max_attempts": REQUEST_ATTEMPTS, "mode": "standard"}}
+    def request_config(self, seconds_left: float | None = None) -> dict:
+        """botocore Config keywords: short timeouts, few attempts, and all attempts of one request together no
+        longer than `seconds_left` (what is left of the retry budget; the whole budget by default) or one second.
+        botocore's second attempt (for a throttled or 5xx answer) only where two full attempts fit. Whole seconds,
+        so the few distinct configs an outage makes reuse s3fs's cached filesystems."""
+        left = self.retry_seconds if seconds_left is None else seconds_left
+        attempts = REQUEST_ATTEMPTS if left >= REQUEST_ATTEMPTS * (READ_TIMEOUT_SECONDS + 1) else 1
+        per_attempt = max(1.0, float(math.floor(left / attempts)))
+        return {"connect_timeout": min(CONNECT_TIMEOUT_SECONDS, per_attempt),
+                "read_timeout": min(READ_TIMEOUT_SECONDS, per_attempt),
+                "retries": {"total_max_attempts": attempts, "mode": "standard"}}
 
     def storage_options(self) -> dict:
         opts: dict = {"config_kwargs": self.request_config()}

@@ -7,14 +7,17 @@ re-run with the same inputs find the artifact already committed.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
 import json
 import logging
 import math
+import os
 import struct
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
@@ -25,11 +28,10 @@ import pyarrow.parquet as pq
 
 from sftcurate.data_contracts import Contract, ContractError, TensorContract, validate_table, validate_tensors
 from sftcurate.data_contracts.errors import DependencyError
+from sftcurate.infra.retry import retry_while_unreachable, seconds_left
 from sftcurate.infra.settings import load_settings
 
 MANIFEST = "_MANIFEST.json"
-FIRST_BACKOFF_SECONDS = 0.5
-MAX_BACKOFF_SECONDS = 15.0
 # s3fs retries timeouts five times inside every call, each try up to the read timeout: `retrying` is the one
 # retry loop, so s3fs makes one try.
 S3FS_TRIES = 1
@@ -51,8 +53,12 @@ def storage_options_for(uri: str) -> dict:
 
 
 def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and bare path for any URI (local path, file://, s3://, memory://)."""
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options_for(uri))
+    """The filesystem and bare path for any URI (local path, file://, s3://, memory://). Inside a retry loop an
+    S3 request waits no longer than what is left of the outage's budget."""
+    options = storage_options_for(uri)
+    if uri.startswith("s3://") and seconds_left() is not None:
+        options["config_kwargs"] = load_settings().s3.request_config(seconds_left())
+    fs, path = fsspec.core.url_to_fs(uri, **options)
     if uri.startswith("s3://"):
         fs.retries = S3FS_TRIES
     return fs, path
@@ -72,28 +78,17 @@ def unreachable(exc: BaseException | None) -> bool:
 
 
 def retrying(uri: str, operation: Callable[[], T]) -> T:
-    """`operation()` (fsspec calls on `uri`), tried again with exponential backoff while an S3 endpoint cannot be
-    reached, until SFTCURATE_STORAGE_RETRY_SECONDS have passed; then StorageUnavailable. Every operation wrapped
-    here may run more than once, so each one writes or reads a whole object. Local paths get one try: an OSError
-    on a local disk is not an outage that waiting cures."""
+    """`operation()` (fsspec calls on `uri`), tried again with backoff while an S3 endpoint cannot be reached,
+    until SFTCURATE_STORAGE_RETRY_SECONDS of the outage have passed (`infra.retry`); then StorageUnavailable.
+    Every operation wrapped here may run more than once, so each one writes or reads a whole object. Local paths
+    get one try: an OSError on a local disk is not an outage that waiting cures."""
     if not uri.startswith("s3://"):
         return operation()
-    budget = load_settings().s3.retry_seconds
-    start, tries, delay = time.monotonic(), 0, FIRST_BACKOFF_SECONDS
-    while True:
-        tries += 1
-        try:
-            return operation()
-        except Exception as exc:
-            if not unreachable(exc):
-                raise
-            elapsed = time.monotonic() - start
-            if elapsed >= budget:
-                raise StorageUnavailable(unavailable_message(uri, tries, elapsed)) from exc
-            wait = min(delay, budget - elapsed)
-            log.info("%s: storage endpoint unreachable (%s); try %d in %.1f s", uri, exc, tries + 1, wait)
-            time.sleep(wait)
-            delay = min(2 * delay, MAX_BACKOFF_SECONDS)
+    s3 = load_settings().s3
+    return retry_while_unreachable(
+        operation, endpoint=f"s3:{s3.endpoint_url}", budget=s3.retry_seconds, unreachable=unreachable,
+        give_up=lambda tries, elapsed: StorageUnavailable(unavailable_message(uri, tries, elapsed)),
+        log=log, what=f"{uri}: storage endpoint")
 
 
 def unavailable_message(uri: str, tries: int, elapsed: float) -> str:
@@ -128,6 +123,30 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
 
     retrying(uri, write)
+
+
+def write_whole(uri: str, data: bytes) -> None:
+    """Write `uri` so that a reader sees either nothing or all of `data`, never a prefix: an S3 PUT is whole by
+    itself; on a filesystem the bytes go to a temporary name beside it (flushed to the device where it has one)
+    and are renamed over it. A write that fails (a full disk, a kill) leaves no file under `uri`."""
+    if uri.startswith("s3://"):
+        return write_bytes(uri, data)
+    fs, path = filesystem_for(uri)
+    partial = f"{path}.{uuid.uuid4().hex[:12]}.partial"
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    try:
+        with fs.open(partial, "wb") as f:
+            f.write(data)
+            f.flush()
+            with contextlib.suppress(AttributeError, io.UnsupportedOperation):  # in-memory files have no device
+                os.fsync(f.fileno())
+        fs.mv(partial, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.rm(partial)
+        raise
 
 
 def exists(uri: str) -> bool:
@@ -264,7 +283,7 @@ class ArtifactWriter:
 
     def commit(self) -> str:
         manifest = {"kind": self.kind, "key": self.key, "created": time.time(), "files": self.files, "meta": self.meta}
-        write_bytes(self.path(MANIFEST), strict_json(manifest))
+        write_whole(self.path(MANIFEST), strict_json(manifest))  # its presence is the commit: never a prefix
         return self.uri
 
     def abort(self) -> None:

@@ -1,9 +1,10 @@
 """The `sftcurate` command line (typer)."""
 from __future__ import annotations
 
-import errno
+import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -38,6 +39,8 @@ class _QuietOneLineErrors(logging.Filter):
     ...')"); for these errors the CLI's one line says it better, once."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        from sftcurate.data_contracts.errors import disk_full
+
         exc = record.exc_info[1] if record.exc_info else None
         if exc is None:
             return not _mentions_one_line_error(record.getMessage())
@@ -68,19 +71,7 @@ def quiet_one_line_errors_in_logs() -> None:
             handler.addFilter(quiet)
 
 
-DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 DISK_FULL_TEXT = "No space left on device"
-
-
-def disk_full(exc: BaseException | None) -> bool:
-    """A write failed because the disk (or the user's quota) is full: the environment, not the input, not a bug."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def _written_path(exc: BaseException) -> str | None:
@@ -103,7 +94,7 @@ def stop(exc: BaseException) -> None:
     """The CLI's handler for what it catches: one line for a user error, a dependency that stayed down, or a full
     disk (exit 1: free space and run again; the artifact being written was not committed); any other OSError is a
     bug and keeps its traceback."""
-    from sftcurate.data_contracts.errors import DependencyError
+    from sftcurate.data_contracts.errors import DependencyError, disk_full
 
     if isinstance(exc, one_line_errors()):
         fail(exc)
@@ -145,19 +136,73 @@ def wait_for_services() -> None:
 
 
 def run_with_progress(fn, *args, **kwargs):
-    """Run a flow while showing its stages, and the loops inside them, in the terminal."""
+    """Run a flow while showing its stages, and the loops inside them, in the terminal. A Prefect server lost
+    during the run stops it with one line (exit 1) once SFTCURATE_SERVICE_RETRY_SECONDS are spent."""
     from sftcurate.infra import progress
     from sftcurate.terminal import StageDisplay, quiet_prefect_console
 
     quiet_one_line_errors_in_logs()
     if not VERBOSE:
         quiet_prefect_console()
-    with StageDisplay(console) as display:
+    with StageDisplay(console) as display, watching_prefect_api(display) as watch:
         unsubscribe = progress.subscribe(display.on_event)
         try:
             return fn(*args, **kwargs)
+        except Exception as exc:
+            if watch is not None and not isinstance(exc, one_line_errors()) and _prefect_api_error(exc, watch.url):
+                raise watch.lost_during_run(exc) from exc
+            raise
         finally:
             unsubscribe()
+
+
+def _prefect_api_error(exc: BaseException, api_url: str) -> bool:
+    """Whether a flow failed because a request to the Prefect API got no answer (not the store, not MLflow,
+    not a judge's endpoint: those say so themselves)."""
+    from sftcurate.infra.reachability import unreachable
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        try:
+            url = str(exc.request.url)  # httpx errors carry their request (a property that may raise)
+        except Exception:
+            url = ""
+        if url.startswith(api_url.rstrip("/")) and unreachable(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextlib.contextmanager
+def watching_prefect_api(display):
+    """While a flow runs against a Prefect server, watch it. Prefect's client retries each request for about a
+    minute and the engine then makes more requests to report the failure, each retried again (about five
+    minutes in all, measured); so when the server stays down through the budget, the watch ends the process:
+    one line, exit 1. Committed artifacts are whole (manifests are written last and whole), and the MLflow run
+    this process leaves RUNNING is ended KILLED by the next run, as after any kill."""
+    from prefect.settings import PREFECT_API_URL
+
+    from sftcurate.infra.reachability import Watch
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        yield None
+        return
+
+    def lost(error) -> None:
+        with contextlib.suppress(Exception):
+            display.progress.stop()
+        try:
+            fail(error)
+        except typer.Exit as exit_:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exit_.exit_code)
+
+    with Watch(url.rstrip("/") + "/health", what="Prefect API", url=url, setting="PREFECT_API_URL",
+               on_lost=lost) as watch:
+        yield watch
 
 
 def print_summary(title: str, summary: dict) -> None:

@@ -33,9 +33,17 @@ def quiet_libraries() -> None:
 
 
 def quiet_prefect_console() -> None:
-    """Prefect's console handlers show errors only; its API handler (the UI's run log) keeps every line."""
+    """Prefect's console handlers show errors only; its API handler (the UI's run log) keeps every line. A log
+    handler that fails (Prefect's API log worker while its server is down) stays silent instead of writing
+    "--- Error logging to API ---" to stderr for every batch: the run's one error line says what went wrong."""
     import prefect.logging  # noqa: F401  (makes sure Prefect's handlers exist)
     from prefect.logging.handlers import PrefectConsoleHandler
+
+    logging.raiseExceptions = False  # the logging module's own switch for production; `-v` leaves it on
+    # Prefect's background services (events, logs) log each item they could not send, in full (a kilobyte a
+    # line), while its server is down: the run's watch on the server says that once, in one line
+    for handler in logging.getLogger("prefect._internal").handlers:
+        handler.setLevel(logging.CRITICAL)
 
     for name in ("", "prefect", "uvicorn", "fastapi", "prefect.flow_runs", "prefect.task_runs"):
         for handler in logging.getLogger(name).handlers:

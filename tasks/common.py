@@ -18,19 +18,19 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.states import Completed
 
-from sftcurate.data_contracts.errors import DependencyError, UserError
+from sftcurate.data_contracts.errors import DependencyError, UserError, disk_full
 from sftcurate.infra import progress
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:
-    """Retry crashes and flaky IO, never bad input (a bad file fails the same way every time) nor a dependency
-    that stayed down through its own retry budget (infra.store.StorageUnavailable): Prefect's retries on top
-    would multiply SFTCURATE_STORAGE_RETRY_SECONDS."""
+    """Retry crashes and flaky IO, never bad input (a bad file fails the same way every time), a dependency
+    that stayed down through its own retry budget (infra.store.StorageUnavailable: Prefect's retries on top
+    would multiply SFTCURATE_STORAGE_RETRY_SECONDS) nor a full disk (still full two seconds later)."""
     try:
         exc = state.result(raise_on_failure=False)
     except Exception:  # the result itself may be unreadable; retrying is the safe choice
         return True
-    return not isinstance(exc, (UserError, DependencyError))
+    return not (isinstance(exc, (UserError, DependencyError)) or disk_full(exc))
 
 
 RETRIES = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": retry_unless_user_error}

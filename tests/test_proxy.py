@@ -140,6 +140,37 @@ def test_resume_after_crash_continues_from_last_checkpoint_and_matches_uninterru
     assert steps_b == []
 
 
+def test_a_crash_before_the_first_checkpoint_keeps_the_committed_tokenizer_and_base(tmp_path, monkeypatch):
+    """The rerun starts from step 0 but must not rewrite what the crashed attempt committed (found by the SIGKILL
+    trials: the tokenizer and the LoRA base were aborted and written again), and trains to the same weights."""
+    from sftcurate.core.proxy import ProxyCheckpoints, proxy_checkpoints, train_proxy
+
+    rows = group_rows(6, 6, 2)
+    cfg = {"steps": 4, "checkpoints": 2, "learning_rate": 1e-2, "batch_size": 4, "lora": True, "seed": 5}
+    root_a, root_b = str(tmp_path / "a"), str(tmp_path / "b")
+    ex_a, ex_b = make_examples(rows, root_a), make_examples(rows, root_b)
+    proxy_a = train_proxy(ex_a, TINY, cfg, 64, store_root=root_a)
+
+    def crash(self, step, model, optimizer, extra):
+        raise Crash("killed before the first checkpoint")
+
+    monkeypatch.setattr(ProxyCheckpoints, "save", crash)
+    with pytest.raises(Crash):
+        train_proxy(ex_b, TINY, cfg, 64, store_root=root_b)
+    monkeypatch.undo()
+    uri_b = proxy_a.replace(root_a, root_b)
+    sub = {name: tmp_path / "b" / uri_b[len(root_b) + 1:] / name / "_MANIFEST.json" for name in ("tokenizer", "base")}
+    before = {name: (path.read_bytes(), path.stat().st_mtime_ns) for name, path in sub.items()}
+
+    assert train_proxy(ex_b, TINY, cfg, 64, store_root=root_b) == uri_b
+    assert {name: (path.read_bytes(), path.stat().st_mtime_ns) for name, path in sub.items()} == before
+    for (_, ua), (_, ub) in zip(proxy_checkpoints(proxy_a), proxy_checkpoints(uri_b)):
+        ta, tb = checkpoint_tensors(ua), checkpoint_tensors(ub)
+        assert ta.keys() == tb.keys() and ta
+        for k in ta:
+            np.testing.assert_array_equal(ta[k], tb[k], err_msg=k)
+
+
 # ---------------------------------------------------------------- trajectories
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import pytest
 
 from sftcurate.data_contracts.errors import DependencyError, UserError
 from tests.conftest import free_port, wait_http
+from tests.faults.full import when_full
 
 pytestmark = pytest.mark.faults
 
@@ -177,12 +178,13 @@ def run_cli(tmp_path, env_updates: dict) -> tuple[subprocess.CompletedProcess, f
     return proc, time.perf_counter() - start
 
 
-def assert_one_line(proc: subprocess.CompletedProcess, starts: str, setting: str) -> None:
-    assert proc.returncode == 1, proc.stderr[-4000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr[-4000:]
+def assert_one_line(proc, starts: str, setting: str, stdout: str | None = None, stderr: str | None = None) -> None:
+    stdout, stderr = (proc.stdout, proc.stderr) if stdout is None else (stdout, stderr)
+    assert proc.returncode == 1, stderr[-4000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr[-4000:]
     assert errors[0].startswith(starts) and f"check {setting} and the network" in errors[0], errors[0]
-    assert "Traceback" not in proc.stderr + proc.stdout and "╭" not in proc.stderr, proc.stderr[-4000:]
+    assert "Traceback" not in stderr + stdout and "╭" not in stderr, stderr[-4000:]
 
 
 def test_cli_one_line_exit_1_when_the_prefect_api_is_unreachable(tmp_path):
@@ -230,3 +232,107 @@ def test_bad_service_budget_setting_is_a_user_error(monkeypatch):
     monkeypatch.setenv("SFTCURATE_SERVICE_RETRY_SECONDS", "-1")
     with pytest.raises(SettingsError, match="SFTCURATE_SERVICE_RETRY_SECONDS='-1'"):
         load_settings()
+
+
+LONG_RUN = """name: prefect-lost
+source: {{uri: {data}, heldout_fraction: 0.1}}
+selection: {{method: s2l, budget: 6, params: {{clusters: 3}}}}
+models: {{target: tiny-gpt2, max_length: 64}}
+proxy: {{steps: 400, checkpoints: 4, batch_size: 8}}
+"""
+
+
+def start_prefect_server(port: int, home) -> subprocess.Popen:
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+                               "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_http(f"http://127.0.0.1:{port}/api/health", timeout=120)
+    return server
+
+
+@pytest.mark.parametrize("budget", when_full([5], [5, 90]))
+def test_a_prefect_server_lost_mid_run_ends_in_one_line_within_the_budget(tmp_path, budget):
+    """Measured before the fix (default budget): the run went on for 293 s after the server was killed, then
+    ended in a boxed traceback (`httpx.ConnectError`) among 446 lines of stderr ("Error logging to API", every
+    unsent event in full). Now a watch on the server stops the run one budget after the server went away. With a
+    budget longer than Prefect's own retries of a request (about a minute), the flow fails first and the CLI
+    waits out the rest of the budget before it says the server is gone."""
+    from tests.helpers import qa_records, write_jsonl
+
+    port = free_port()
+    server = start_prefect_server(port, tmp_path / "prefect-home")
+    url = f"http://127.0.0.1:{port}/api"
+    config = tmp_path / "lost.yaml"
+    config.write_text(LONG_RUN.format(data=write_jsonl(tmp_path / "pool.jsonl", qa_records(80))))
+    env = {**os.environ, "PREFECT_API_URL": url, "SFTCURATE_STORE": str(tmp_path / "artifacts"),
+           "SFTCURATE_HOME": str(tmp_path / "home"), "SFTCURATE_SERVICE_RETRY_SECONDS": str(budget),
+           "COLUMNS": "200"}
+    run = subprocess.Popen([sys.executable, "-c", "from sftcurate.cli import app; app()", "run", str(config)],
+                           cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (tmp_path / "artifacts" / "proxy").exists() and run.poll() is None:
+            time.sleep(0.1)  # the run is inside its flow, training the proxy
+        server.kill()
+        server.wait()
+        killed_at = time.perf_counter()
+        out, err = run.communicate(timeout=budget + 240)
+    finally:
+        server.kill()
+        run.kill()
+    took = time.perf_counter() - killed_at
+    print(f"budget {budget} s: the run stopped {took:.1f} s after its Prefect server was killed; "
+          f"{len(err.splitlines())} lines on stderr")
+    assert_one_line(run, f"error: Prefect API {url} unreachable after ", "PREFECT_API_URL", out, err)
+    assert budget <= took < budget + 20, took
+    assert len(err.splitlines()) <= 10, err[-4000:]
+
+
+def test_a_watch_calls_on_lost_once_the_budget_is_spent_and_says_which_way_a_failed_run_went():
+    """The watch in one process: a server that goes away is reported once, one budget after its first missed
+    probe; a run that failed on a network error first hears either 'unreachable' or 'answers again'."""
+    from sftcurate.infra.reachability import ServiceUnavailable, Watch
+
+    port = free_port()
+    server = start_health_server(port)
+    lost: list[tuple[float, ServiceUnavailable]] = []
+    url = f"http://127.0.0.1:{port}"
+    watch = Watch(f"{url}/health", what="Test server", url=url, setting="TEST_URL", every=0.2, budget=1.5,
+                  on_lost=lambda error: lost.append((time.perf_counter(), error)))
+    with watch:
+        time.sleep(0.6)
+        assert not lost  # answering: nothing to report
+        back = watch.lost_during_run(ConnectionRefusedError())
+        assert "answers again now; run the command again" in str(back)
+        stop(server)
+        gone_at = time.perf_counter()
+        deadline = gone_at + 10
+        while not lost and time.perf_counter() < deadline:
+            time.sleep(0.05)
+    assert len(lost) == 1, "the watch did not report a server that stayed away"
+    assert 1.3 <= lost[0][0] - gone_at < 4.0, lost[0][0] - gone_at  # the first missed probe may start as it stops
+    assert str(lost[0][1]).startswith(f"Test server {url} unreachable after ")
+    gone = watch.lost_during_run(ConnectionRefusedError())  # the outage's budget is spent: one try, then the verdict
+    assert isinstance(gone, ServiceUnavailable) and "check TEST_URL and the network" in str(gone)
+
+
+def test_only_a_request_to_the_prefect_api_counts_as_the_prefect_server_lost():
+    import httpx
+
+    from sftcurate.cli import _prefect_api_error
+
+    api = "http://127.0.0.1:4200/api"
+    lost = httpx.ConnectError("All connection attempts failed", request=httpx.Request("POST", f"{api}/task_runs/"))
+    assert _prefect_api_error(lost, api)
+    try:
+        try:
+            raise lost
+        except httpx.ConnectError as exc:
+            raise RuntimeError("the engine could not set the task run's state") from exc
+    except RuntimeError as wrapped:
+        assert _prefect_api_error(wrapped, api)
+    judge = httpx.ConnectError("refused", request=httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions"))
+    assert not _prefect_api_error(judge, api)  # a judge's endpoint, not Prefect
+    assert not _prefect_api_error(httpx.ReadError("x", request=httpx.Request("GET", f"{api}/x")), api + "2")
+    assert not _prefect_api_error(ValueError("bad input"), api)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -64,22 +65,63 @@ def make_bucket(endpoint: str, name: str = "outage") -> str:
 
 
 def test_unreachable_endpoint_raises_storage_unavailable_after_the_budget(s3_creds, monkeypatch):
+    """The budget belongs to the outage: the first call waits it out, calls made during the same outage (the
+    abort of the half-written folder, a parallel task) get one try each instead of a budget each, and once
+    nobody has tried for a budget's time the next failure starts a new one."""
     from sftcurate.infra.store import StorageUnavailable, exists, read_bytes, write_bytes
 
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("SFTCURATE_S3_ENDPOINT_URL", endpoint)
     monkeypatch.setenv("SFTCURATE_STORAGE_RETRY_SECONDS", "2")
+    took = []
     for call in (lambda: exists("s3://bucket/x/a"), lambda: read_bytes("s3://bucket/x/a"),
                  lambda: write_bytes("s3://bucket/x/a", b"data")):
         start = time.perf_counter()
         with pytest.raises(StorageUnavailable) as info:
             call()
-        took = time.perf_counter() - start
-        assert 2.0 <= took < 15, took
+        took.append(time.perf_counter() - start)
         message = str(info.value)
         assert message.startswith("s3://bucket/x") and f"storage endpoint {endpoint} unreachable after " in message
         assert "check SFTCURATE_S3_ENDPOINT_URL and the network" in message and "\n" not in message
+    assert 2.0 <= took[0] < 15 and took[1] < 2.0 and took[2] < 2.0, took  # each alone would wait >= 2 s
     assert isinstance(info.value, DependencyError) and not isinstance(info.value, UserError)
+
+    time.sleep(2.2)  # nobody tried for longer than the budget: the outage is over, a new one gets a new budget
+    start = time.perf_counter()
+    with pytest.raises(StorageUnavailable):
+        exists("s3://bucket/x/a")
+    assert 2.0 <= time.perf_counter() - start < 15
+
+
+def test_a_try_never_outlasts_the_budget(s3_creds, monkeypatch):
+    """A stalled endpoint accepts the connection and never answers: each request's timeouts are cut to what is
+    left of the budget, so the run stops within the budget plus about a second, not a read timeout (20 s) or
+    botocore's attempts on top."""
+    from sftcurate.infra import retry
+    from sftcurate.infra.settings import S3Settings
+
+    config = S3Settings(retry_seconds=120).request_config()
+    assert (config["connect_timeout"], config["read_timeout"]) == (5.0, 20.0)
+    config = S3Settings(retry_seconds=120).request_config(seconds_left=7.2)
+    assert config["read_timeout"] * config["retries"]["total_max_attempts"] <= 7.2
+    assert S3Settings().request_config(seconds_left=0.1)["read_timeout"] == 1.0
+
+    stalled = socket.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(64)  # connections complete in the kernel's backlog; nothing ever reads them
+    try:
+        monkeypatch.setenv("SFTCURATE_S3_ENDPOINT_URL", f"http://127.0.0.1:{stalled.getsockname()[1]}")
+        monkeypatch.setenv("SFTCURATE_STORAGE_RETRY_SECONDS", "3")
+        from sftcurate.infra.store import StorageUnavailable, read_bytes
+
+        start = time.perf_counter()
+        with pytest.raises(StorageUnavailable):
+            read_bytes("s3://bucket/stalled/a")
+        took = time.perf_counter() - start
+    finally:
+        stalled.close()
+    print(f"gave up after {took:.1f} s")
+    assert 3.0 <= took < 3.0 + retry.MIN_TRY_SECONDS + 1.0, took
 
 
 def test_bad_budget_setting_is_a_user_error(monkeypatch):
@@ -122,7 +164,7 @@ def test_an_endpoint_that_comes_back_within_the_budget_is_retried(s3_creds, monk
     server starts at the first backoff wait, so the outage is exercised however slow the machine is."""
     import types
 
-    from sftcurate.infra import store
+    from sftcurate.infra import retry
     from sftcurate.infra.store import read_bytes, write_bytes
 
     port = free_port()
@@ -138,7 +180,7 @@ def test_an_endpoint_that_comes_back_within_the_budget_is_retried(s3_creds, monk
             procs.append(start_moto(port))
         time.sleep(seconds)
 
-    monkeypatch.setattr(store, "time", types.SimpleNamespace(monotonic=time.monotonic, time=time.time,
+    monkeypatch.setattr(retry, "time", types.SimpleNamespace(monotonic=time.monotonic, time=time.time,
                                                              sleep=sleep_then_restart))
     try:
         write_bytes("s3://comeback/x/data.bin", b"survived")  # s3fs creates the bucket on the new server
@@ -146,7 +188,7 @@ def test_an_endpoint_that_comes_back_within_the_budget_is_retried(s3_creds, monk
     finally:
         for proc in procs:
             stop(proc)
-    assert waits and waits[0] == store.FIRST_BACKOFF_SECONDS, "the first try did not fail: no outage exercised"
+    assert waits and waits[0] == retry.FIRST_BACKOFF_SECONDS, "the first try did not fail: no outage exercised"
 
 
 def test_storage_unavailable_is_not_retried_by_prefect(prefect_harness, s3_creds, monkeypatch):

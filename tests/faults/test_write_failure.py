@@ -199,12 +199,9 @@ def test_a_full_disk_mid_artifact_is_one_line_commits_nothing_and_a_rerun_finish
     assert all(after[rel] == data for rel, data in left.items()), "a committed artifact was rebuilt"
 
 
-@pytest.mark.xfail(strict=True, reason="infra/store.py writes _MANIFEST.json in place: a write that fails halfway "
-                                       "leaves a partial manifest that counts as committed; Prefect's own retry of "
-                                       "the task then 'reuses' it and the run ends in a JSONDecodeError traceback, "
-                                       "as does every rerun (fix: write it under a temporary name and rename, or "
-                                       "treat an unreadable manifest as not committed)")
 def test_a_disk_that_fills_during_the_manifest_write_commits_nothing(disk_reference, monkeypatch):
+    """The manifest is the commit: one that fills the disk halfway must not count (it used to: the store wrote it
+    in place, and Prefect's retry and every rerun then 'reused' the half-written artifact and failed on it)."""
     SmallDisk.reset(capacity=disk_reference.mid_manifest)
     root = f"smalldisk://{uuid.uuid4().hex[:8]}/store"
     monkeypatch.setenv("SFTCURATE_STORE", root)
@@ -214,6 +211,37 @@ def test_a_disk_that_fills_during_the_manifest_write_commits_nothing(disk_refere
     assert committed(root) == {}, "a partly written manifest counts as committed"  # parses every manifest
     result = invoke("run", disk_reference.config)
     assert result.exit_code == 0, result.output[-3000:]
+
+
+def test_a_full_disk_is_not_retried_by_prefect(prefect_harness):
+    """The disk is still full two seconds later: Prefect's task retries would only repeat the failure (and its
+    log lines); an EIO (flaky hardware, a crash) is still retried."""
+    from prefect import flow
+
+    from sftcurate.tasks.common import call, stage_task
+
+    calls = []
+
+    @stage_task("full-disk")
+    def full_disk_task() -> str:
+        calls.append("full")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    @stage_task("flaky-disk")
+    def flaky_disk_task() -> str:
+        calls.append("flaky")
+        if calls.count("flaky") == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        return "done"
+
+    @flow(name="faults-full-disk")
+    def run() -> None:
+        assert call(flaky_disk_task) == "done"
+        call(full_disk_task)
+
+    with pytest.raises(OSError, match="No space left"):
+        run()
+    assert calls.count("flaky") == 2 and calls.count("full") == 1
 
 
 @pytest.mark.parametrize("errno_", [errno.EIO, errno.ENOSPC], ids=["EIO", "ENOSPC"])
