@@ -356,8 +356,9 @@ def wide(args, skip, add, lines, failures) -> int:
         r = bench_old_vs_new(n, 32, 576, k, features=feats)
         add("new lazy vs old lazy, d=576", f"N={n} (old baseline's N), L=32, d=576, K={k}",
             f"old {r['old_s']:.1f} s ({r['old_evals']} float64 evals), new {r['new_s']:.1f} s "
-            f"({r['screens']} float32 screens, {r['new_evals']} full evals), speedup {r['speedup']:.2f}x, "
-            f"identical picks {r['identical']}", "identical, >= 4x", r["identical"] and r["speedup"] >= 4)
+            f"({r['screens']} screens on kept float64 Grams, {r['new_evals']} full evals), "
+            f"speedup {r['speedup']:.2f}x, identical picks {r['identical']}", "identical, >= 4x",
+            r["identical"] and r["speedup"] >= 4)
     if "wide-large" not in skip:
         from sftcurate.core.fisher import LogDetObjective, lazy_greedy
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from sftcurate.core.fisher_incremental import IncrementalGrams
 from sftcurate.infra import progress
 
 QUANTUM = 2.0 ** -36
@@ -130,7 +131,8 @@ class LogDetObjective:
     """f(S) = log det(lam*I + sum_{i in S} X_i^T X_i) over sentences given as (features [T, d], offsets [N+1])."""
 
     def __init__(self, features, offsets, lam: float = 1.0, device=None, dtype: torch.dtype = torch.float64,
-                 refresh_every: int = 64, batch_rows: int = 1 << 16, trace_cache_bytes: int = 1 << 30):
+                 refresh_every: int = 64, batch_rows: int = 1 << 16, trace_cache_bytes: int = 1 << 30,
+                 incremental: bool = True):
         if lam <= 0:
             raise ValueError(f"lam must be > 0, got {lam}")
         features, offsets = check_features(features, offsets)
@@ -170,6 +172,7 @@ class LogDetObjective:
         self._sq_norms: np.ndarray | None = None
         self.trace_cache_bytes = trace_cache_bytes
         self._C: np.ndarray | None = None
+        self.incremental = IncrementalGrams(self) if incremental and IncrementalGrams.suits(self) else None
 
     # ------------------------------------------------------------------ evaluation
     def _gather(self, cand: np.ndarray, width: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -268,6 +271,10 @@ class LogDetObjective:
         (Gram + Cholesky): gains32 is NaN for the others. Upper bounds are valid for the float64 gain (margins
         added) and stay valid as A grows (both the gain and t only shrink)."""
         cand = np.asarray(candidates, dtype=np.int64).reshape(-1)
+        if self.incremental is not None:  # wide features: float64 Grams kept up to date, every gain known
+            g, ub, eps = self.incremental.screen(cand)
+            self.n_screens += len(cand)
+            return g, ub, eps
         div = np.ones(len(cand)) if div is None else np.asarray(div, dtype=np.float64)
         g = np.full(len(cand), np.nan)
         ub = np.zeros(len(cand))
@@ -376,6 +383,8 @@ class LogDetObjective:
             gain = float(2.0 * chol_S.diagonal().log().sum())
         else:
             gain = float(torch.linalg.slogdet(S)[1])
+        if self.incremental is not None:
+            self.incremental.record(i, chol_S, Z)
         self.A = self.A + Xi.T @ Xi
         if L < self.d and len(self.picked) % self.refresh_every != 0:
             # Woodbury: (A + X^T X)^-1 = A^-1 - A^-1 X^T (I + X A^-1 X^T)^-1 X A^-1
@@ -558,6 +567,8 @@ class _LazyState:
         if (ratio > 0.5).any():  # closer to the margin than ever measured: widen it for the rest of the run
             self.stats["margin_violations"] += int((ratio > 0.5).sum())
             self.obj.kappa *= 4.0
+            if self.obj.incremental is not None:
+                self.obj.incremental.kappa *= 4.0
         keys = quantize(g64 / self.div[idx])
         self.ub[idx] = self.lb[idx] = keys
         self.exact[idx] = True
