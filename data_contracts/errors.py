@@ -22,13 +22,16 @@ class DependencyError(RuntimeError):
     pass
 
 
-def disk_full(exc: BaseException | None) -> bool:
-    """A write failed because the disk (or the user's quota) is full: the environment, not the input, not a bug.
-    Looks through the causes and contexts: Prefect and fsspec re-raise their own errors around the OSError."""
+def chain(exc: BaseException | None):
+    """An error, then the one it was raised from (or while handling), and so on, each once: Prefect, fsspec and
+    MLflow re-raise their own errors around the one that says what happened."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-            return True
+        yield exc
         exc = exc.__cause__ or exc.__context__
-    return False
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """A write failed because the disk (or the user's quota) is full: the environment, not the input, not a bug."""
+    return any(isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS for e in chain(exc))

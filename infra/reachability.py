@@ -9,20 +9,17 @@ Prefect-free: the CLI reads PREFECT_API_URL from Prefect's settings and passes i
 """
 from __future__ import annotations
 
-import errno
 import logging
 import threading
 import urllib.error
 import urllib.request
 from typing import Callable, TypeVar
 
-from sftcurate.data_contracts.errors import DependencyError
-from sftcurate.infra.retry import retry_while_unreachable, seconds_left
+from sftcurate.data_contracts.errors import DependencyError, chain
+from sftcurate.infra.retry import NETWORK_ERRNOS, retry_while_unreachable, seconds_left
 from sftcurate.infra.settings import load_settings
 
 PROBE_TIMEOUT_SECONDS = 10.0  # one health request: a stalled server accepts the connection and never answers
-_NETWORK_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH,
-                   errno.ENETUNREACH, errno.ENETDOWN, errno.ETIMEDOUT, errno.EPIPE}
 
 log = logging.getLogger("sftcurate.reachability")
 T = TypeVar("T")
@@ -59,16 +56,14 @@ def _network_types() -> tuple[type[BaseException], ...]:
 def unreachable(exc: BaseException | None) -> bool:
     """Whether an error, or any error it was raised from or while handling, says the server did not answer.
     MLflow raises its own exception while handling the `requests` one, so the implicit context counts too."""
-    network, seen = _network_types(), set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, urllib.error.HTTPError):  # a status code: the server answered
+    network = _network_types()
+    for e in chain(exc):
+        if isinstance(e, urllib.error.HTTPError):  # a status code: the server answered
             return False
-        if isinstance(exc, network) or (isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS):
+        if isinstance(e, network) or (isinstance(e, OSError) and e.errno in NETWORK_ERRNOS):
             return True
-        if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, (OSError, TimeoutError)):
+        if isinstance(e, urllib.error.URLError) and isinstance(e.reason, (OSError, TimeoutError)):
             return True
-        exc = exc.__cause__ or exc.__context__
     return False
 
 

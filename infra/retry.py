@@ -12,12 +12,16 @@ So a run against an endpoint that stays down stops within the budget plus at mos
 from __future__ import annotations
 
 import contextvars
+import errno
 import logging
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
+# errors of a socket that got no answer (refused, reset, no route, timed out): an outage, not an answer
+NETWORK_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH,
+                            errno.ENETUNREACH, errno.ENETDOWN, errno.ETIMEDOUT, errno.EPIPE})
 FIRST_BACKOFF_SECONDS = 0.5
 MAX_BACKOFF_SECONDS = 15.0
 MIN_TRY_SECONDS = 1.0  # a request is given at least this long, even when the budget is spent

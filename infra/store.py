@@ -8,7 +8,6 @@ re-run with the same inputs find the artifact already committed.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import io
 import json
@@ -28,15 +27,13 @@ import pyarrow.parquet as pq
 
 from sftcurate.data_contracts import Contract, ContractError, TensorContract, validate_table, validate_tensors
 from sftcurate.data_contracts.errors import DependencyError
-from sftcurate.infra.retry import retry_while_unreachable, seconds_left
+from sftcurate.infra.retry import NETWORK_ERRNOS, retry_while_unreachable, seconds_left
 from sftcurate.infra.settings import load_settings
 
 MANIFEST = "_MANIFEST.json"
 # s3fs retries timeouts five times inside every call, each try up to the read timeout: `retrying` is the one
 # retry loop, so s3fs makes one try.
 S3FS_TRIES = 1
-_NETWORK_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH,
-                   errno.ENETUNREACH, errno.ENETDOWN, errno.ETIMEDOUT, errno.EPIPE}
 
 log = logging.getLogger("sftcurate.store")
 T = TypeVar("T")
@@ -71,7 +68,7 @@ def unreachable(exc: BaseException | None) -> bool:
 
     network = (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)
     while exc is not None:
-        if isinstance(exc, network) or (isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS):
+        if isinstance(exc, network) or (isinstance(exc, OSError) and exc.errno in NETWORK_ERRNOS):
             return True
         exc = exc.__cause__
     return False

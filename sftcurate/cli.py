@@ -159,19 +159,16 @@ def run_with_progress(fn, *args, **kwargs):
 def _prefect_api_error(exc: BaseException, api_url: str) -> bool:
     """Whether a flow failed because a request to the Prefect API got no answer (not the store, not MLflow,
     not a judge's endpoint: those say so themselves)."""
+    from sftcurate.data_contracts.errors import chain
     from sftcurate.infra.reachability import unreachable
 
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
+    def requested(e: BaseException) -> str:
         try:
-            url = str(exc.request.url)  # httpx errors carry their request (a property that may raise)
+            return str(e.request.url)  # httpx errors carry their request (a property that may raise)
         except Exception:
-            url = ""
-        if url.startswith(api_url.rstrip("/")) and unreachable(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+            return ""
+
+    return any(requested(e).startswith(api_url.rstrip("/")) and unreachable(e) for e in chain(exc))
 
 
 @contextlib.contextmanager
