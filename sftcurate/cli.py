@@ -111,6 +111,11 @@ def caught() -> tuple[type[BaseException], ...]:
 
 
 def fail(exc: BaseException) -> None:
+    raise typer.Exit(print_error(exc))
+
+
+def print_error(exc: BaseException) -> int:
+    """Print `exc` as one `error:` line; returns the exit status it calls for (1: a dependency, 2: the input)."""
     from rich.markup import escape
 
     from sftcurate.data_contracts.errors import DependencyError
@@ -119,7 +124,7 @@ def fail(exc: BaseException) -> None:
     # escaped: messages quote the user's text ("expected a 2-d [examples, checkpoints] array", "[bold]" in a
     # file name), which rich would otherwise read as markup and drop
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1 if isinstance(exc, DependencyError) else 2)
+    return 1 if isinstance(exc, DependencyError) else 2
 
 
 def wait_for_services() -> None:
@@ -190,12 +195,10 @@ def watching_prefect_api(display):
     def lost(error) -> None:
         with contextlib.suppress(Exception):
             display.progress.stop()
-        try:
-            fail(error)
-        except typer.Exit as exit_:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(exit_.exit_code)
+        status = print_error(error)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
     with Watch(url.rstrip("/") + "/health", what="Prefect API", url=url, setting="PREFECT_API_URL",
                on_lost=lost) as watch:
