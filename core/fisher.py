@@ -166,8 +166,8 @@ class LogDetObjective:
         self.picked: list[int] = []
         self.n_evals = 0
         self.n_screens = 0              # float32 trace-bound screens (see `screen32`)
-        self.ainv_bound = 1.0 / self.lam  # an upper bound on ||A^-1||_2, for the float32 error margin
-        self.kappa = 4.0 * math.sqrt(self.d) + 16.0  # float32 margin factor; widened if a recheck exceeds it
+        self.ainv_bound = 1.0 / self.lam  # an upper bound on ||A^-1||_2, for the screens' error margins
+        self.kappa = 4.0 * math.sqrt(self.d) + 16.0  # the screens' margin factor; widened if a recheck exceeds it
         self._U32: torch.Tensor | None = None
         self._sq_norms: np.ndarray | None = None
         self.trace_cache_bytes = trace_cache_bytes
@@ -190,16 +190,17 @@ class LogDetObjective:
             out = out * torch.from_numpy(mask).to(self.device, dtype).unsqueeze(-1)
         return out
 
+    def times_U(self, X: torch.Tensor, U: torch.Tensor | None) -> torch.Tensor:
+        """[B, width, d] X_i U for A^-1 = U U^T (U None: A = lam I, a scale)."""
+        if U is None:
+            return X * (1.0 / math.sqrt(self.lam))
+        return (X.reshape(-1, self.d) @ U).reshape(X.shape)
+
     def _batch_gains(self, cand: np.ndarray, form: str) -> torch.Tensor:
         width = int(self.lengths[cand].max()) if len(cand) else 0
         if width == 0:
             return torch.zeros(len(cand), dtype=self.dtype, device=self.device)
-        Y = self._gather(cand, width)
-        B = Y.shape[0]
-        if self.U is None:
-            Y = Y * (1.0 / math.sqrt(self.lam))
-        else:
-            Y = (Y.reshape(-1, self.d) @ self.U).reshape(B, width, self.d)
+        Y = self.times_U(self._gather(cand, width), self.U)
         if form == "L":
             G = Y @ Y.transpose(1, 2)
         else:
@@ -293,11 +294,7 @@ class LogDetObjective:
     def _Y32(self, cand: np.ndarray) -> torch.Tensor:
         """[B, width, d] float32 X_i U (A^-1 = U U^T) of the sentences `cand`."""
         width = int(self.lengths[cand].max())
-        Y = self._gather(cand, width, torch.float32)
-        U32 = self._U32_factor()
-        if U32 is None:
-            return Y * (1.0 / math.sqrt(self.lam))
-        return (Y.reshape(-1, self.d) @ U32).reshape(Y.shape[0], width, self.d)
+        return self.times_U(self._gather(cand, width, torch.float32), self._U32_factor())
 
     def _gains32(self, cand: np.ndarray, form: str, Y: torch.Tensor) -> np.ndarray:
         G = Y @ Y.transpose(1, 2) if form == "L" else Y.transpose(1, 2) @ Y
@@ -567,8 +564,6 @@ class _LazyState:
         if (ratio > 0.5).any():  # closer to the margin than ever measured: widen it for the rest of the run
             self.stats["margin_violations"] += int((ratio > 0.5).sum())
             self.obj.kappa *= 4.0
-            if self.obj.incremental is not None:
-                self.obj.incremental.kappa *= 4.0
         keys = quantize(g64 / self.div[idx])
         self.ub[idx] = self.lb[idx] = keys
         self.exact[idx] = True

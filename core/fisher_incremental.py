@@ -45,7 +45,6 @@ class IncrementalGrams:
         self.at = np.full(obj.n, -1, dtype=np.int64)     # picks M_i includes (-1: never computed)
         self.rows = [0]                                  # W_p is rows[p]:rows[p + 1] of the stacked factors
         self._stack = torch.zeros(max(obj.d, 64), obj.d, dtype=torch.float64)   # grown by doubling
-        self.kappa = 4.0 * math.sqrt(obj.d) + 16.0
         self.picked_trace = 0.0                          # tr(A) - d lam: for a bound on A's condition number
 
     # ------------------------------------------------------------------ bookkeeping
@@ -77,7 +76,7 @@ class IncrementalGrams:
         """(gains, upper bounds, margins) of `cand` at the current A, every gain computed (float64)."""
         g = np.zeros(len(cand))
         eps = np.zeros(len(cand))
-        for form, chunk in self.obj._chunks(cand):
+        for _, chunk in self.obj._chunks(cand):
             g[chunk], eps[chunk] = self._screen_chunk(cand[chunk])
         return g, g + eps, eps
 
@@ -88,35 +87,28 @@ class IncrementalGrams:
         if width == 0:
             return np.zeros(len(cand)), np.zeros(len(cand))
         X = obj._gather(cand, width)                                            # [B, width, d] float64
-        B = len(cand)
-        M = torch.zeros(B, width, width, dtype=torch.float64)
-        missed = np.where(self.at[cand] < 0, now + 1, now - self.at[cand])     # picks each M_i lacks
+        M = torch.zeros(len(cand), width, width, dtype=torch.float64)
         at = self.at[cand]
+        missed = now - at                                                       # picks each M_i lacks
         rows = np.asarray(self.rows)
         missed_rows = np.where(at >= 0, rows[now] - rows[np.maximum(at, 0)], 0)
         # a Gram more than about d rows of downdates behind is cheaper to compute afresh
-        fresh = (self.at[cand] < 0) | (missed_rows > obj.d)
+        fresh = (at < 0) | (missed_rows > obj.d)
         if fresh.any():
             pos = torch.from_numpy(np.flatnonzero(fresh))
-            Y = X[pos]
-            if obj.U is None:
-                Y = Y * (1.0 / math.sqrt(obj.lam))
-            else:
-                Y = (Y.reshape(-1, obj.d) @ obj.U).reshape(len(pos), width, obj.d)
+            Y = obj.times_U(X[pos], obj.U)
             M[pos] = Y @ Y.transpose(1, 2)
-        stale = np.flatnonzero(~fresh & (missed > 0))
-        current = np.flatnonzero(~fresh)
-        if len(current):
-            idx, inside = self._flat_index(cand[current], width)
-            M[torch.from_numpy(current)] = torch.from_numpy(np.where(inside, self.M[idx], 0.0))
+        idx, inside = self._flat_index(cand, width)
+        kept = np.flatnonzero(~fresh)
+        if len(kept):
+            M[torch.from_numpy(kept)] = torch.from_numpy(np.where(inside[kept], self.M[idx[kept]], 0.0))
+        stale = kept[missed[kept] > 0]
         if len(stale):
             self._downdate(X, M, stale, missed_rows[stale], rows[now])
-        idx, inside = self._flat_index(cand, width)
         self.M[idx[inside]] = M.numpy()[inside]
         self.at[cand] = now
-        G = M.clone()
-        G.diagonal(dim1=1, dim2=2).add_(1.0)
-        chol, info = torch.linalg.cholesky_ex(G)
+        M.diagonal(dim1=1, dim2=2).add_(1.0)                                   # stored above: I + M in place
+        chol, info = torch.linalg.cholesky_ex(M)
         g = (2.0 * chol.diagonal(dim1=1, dim2=2).log().sum(-1)).numpy()
         bad = (info != 0).numpy()
         if bad.any():  # not positive definite by rounding: the objective's own gain for those few
@@ -146,10 +138,10 @@ class IncrementalGrams:
         chain's drift between the objective's refactorings (`refresh_every` picks), and the square root of a
         bound on A's condition number (the objective's own A^-1 loses digits as A grows ill-conditioned). A
         model, not a proof (a worst-case bound grows with the full condition number and would be as wide as the
-        float32 one): every re-check measures the error against it, and `kappa` is widened 4x for the rest of
-        the run when one comes within half of it."""
+        float32 one): every re-check measures the error against it, and the objective's `kappa` is widened 4x
+        for the rest of the run when one comes within half of it."""
         obj = self.obj
         condition = (obj.lam * obj.d + self.picked_trace) * obj.ainv_bound
         products = (obj.d + math.sqrt(condition)) * obj.ainv_bound \
             + (missed + obj.refresh_every) * math.sqrt(obj.d) / obj.lam
-        return self.kappa * EPS64 * (obj.sq_norms[cand] * products + np.sqrt(obj.lengths[cand]) + 1.0)
+        return obj.kappa * EPS64 * (obj.sq_norms[cand] * products + np.sqrt(obj.lengths[cand]) + 1.0)

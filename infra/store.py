@@ -52,9 +52,9 @@ def storage_options_for(uri: str) -> dict:
 def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and bare path for any URI (local path, file://, s3://, memory://). Inside a retry loop an
     S3 request waits no longer than what is left of the outage's budget."""
-    options = storage_options_for(uri)
-    if uri.startswith("s3://") and seconds_left() is not None:
-        options["config_kwargs"] = load_settings().s3.request_config(seconds_left())
+    options, left = storage_options_for(uri), seconds_left()
+    if uri.startswith("s3://") and left is not None:
+        options["config_kwargs"] = load_settings().s3.request_config(left)
     fs, path = fsspec.core.url_to_fs(uri, **options)
     if uri.startswith("s3://"):
         fs.retries = S3FS_TRIES
