@@ -26,7 +26,7 @@ from sftcurate.core.ingest import load_pool, shard_bounds
 from sftcurate.core.inputs import SHARD_REFS, load_features_file, mean_pool, read_features_artifact  # noqa: F401  (re-exported)
 from sftcurate.infra import progress
 from sftcurate.infra.stages import Built, build_once
-from sftcurate.infra.store import join, read_manifest, read_tensors
+from sftcurate.infra.store import join, read_manifest, read_tensors, root_of
 from sftcurate.core.tokenize import Encoded, encode_pairs, example_rows, length_grouped_batches, pad_batch
 
 log = logging.getLogger("sftcurate.embedding")
@@ -250,7 +250,7 @@ def commit_features(examples_uri: str, shard_uris: list[str], store_root: str | 
         dims = {m["d"] for m in metas}
         if len(dims) > 1:
             raise ContractError(f"feature shards disagree on d ({sorted(dims)}); re-run the embedding stage")
-        root = writer.uri.rstrip("/").rsplit("/", 2)[0]  # artifacts live at <root>/<kind>/<key>
+        root = root_of(writer.uri)
         refs = []
         for k, (u, man) in enumerate(zip(shard_uris, manifests)):
             ref = {"index": k, "key": man["key"], "rows": man["meta"]["rows"], "tokens": man["meta"]["tokens"]}

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import numpy as np
 
-CHUNK_ROWS = 1 << 18  # statistics are accumulated in chunks: the features may be memory-mapped and large
+from sftcurate.core.fisher import row_chunks
 
 
 def second_moment(features) -> np.ndarray:
-    """The pool's uncentred token covariance E[x x^T] (float64, d x d), accumulated chunk by chunk."""
+    """The pool's uncentred token covariance E[x x^T] (float64, d x d), accumulated chunk by chunk: the features
+    may be memory-mapped and large."""
     rows, d = features.shape
     total = np.zeros((d, d), dtype=np.float64)
-    for lo in range(0, rows, CHUNK_ROWS):
-        chunk = np.asarray(features[lo:lo + CHUNK_ROWS], dtype=np.float64)
+    for _, block in row_chunks(features):
+        chunk = np.asarray(block, dtype=np.float64)
         total += chunk.T @ chunk
     return total / max(rows, 1)
 

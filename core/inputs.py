@@ -19,7 +19,8 @@ from sftcurate.data_contracts import (
 )
 from sftcurate.core.fisher import ShardedRows, row_chunks
 from sftcurate.data_contracts import validate_tensors
-from sftcurate.infra.store import exists, is_committed, join, read_bytes, read_manifest, read_table, read_tensors
+from sftcurate.infra.store import (exists, is_committed, join, read_bytes, read_manifest, read_table, read_tensors,
+                                   root_of)
 
 
 def mean_pool(features, offsets: np.ndarray, chunk_rows: int = 1 << 18) -> np.ndarray:
@@ -152,7 +153,7 @@ def _shard_sources(uri: str) -> tuple[list[tuple[str, str, str | None]], bool]:
     manifest = read_manifest(uri)
     files = manifest.get("files", {})
     if SHARD_REFS in files:
-        root = uri.rstrip("/").rsplit("/", 2)[0]   # the store root: artifacts live at <root>/<kind>/<key>
+        root = root_of(uri)
         out = []
         for ref in json.loads(read_bytes(join(uri, SHARD_REFS)))["shards"]:
             shard = join(root, ref["artifact"]) if "artifact" in ref else ref["uri"]

@@ -304,6 +304,11 @@ class ArtifactStore:
         return writer
 
 
+def root_of(artifact_uri: str) -> str:
+    """The store an artifact lives in: every artifact is the folder `<root>/<kind>/<key>` (`ArtifactStore.uri`)."""
+    return artifact_uri.rstrip("/").rsplit("/", 2)[0]
+
+
 def is_committed(uri: str) -> bool:
     return exists(join(uri, MANIFEST))
 
