@@ -1,7 +1,9 @@
-"""Small data builders shared by tests."""
+"""Small data builders and process helpers shared by tests."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,3 +37,19 @@ def progress_steps(steps: list[int], raise_at: int | None = None, error: type[Ex
         yield steps
     finally:
         unsubscribe()
+
+
+def invoke(*args):
+    """`sftcurate ARGS` in this process (typer's runner), wide enough that one error line stays one line."""
+    from typer.testing import CliRunner
+
+    from sftcurate.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a helper server, also one a test stopped with SIGSTOP (a stopped process cannot act on SIGTERM)."""
+    proc.send_signal(signal.SIGCONT)
+    proc.terminate()
+    proc.wait(timeout=20)

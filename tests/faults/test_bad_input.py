@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 
 from tests.conftest import committed_manifests
 from tests.faults.full import when_full
-from tests.helpers import qa_records, write_jsonl
+from tests.helpers import invoke, qa_records, write_jsonl
 
 pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("prefect_harness")]
 
@@ -70,14 +70,6 @@ class World:
         path = self.dir / name
         save_file(tensors, str(path))
         return path
-
-
-def invoke(*args: str):
-    from typer.testing import CliRunner
-
-    from sftcurate.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import pytest
 from sftcurate.data_contracts.errors import DependencyError, UserError
 from tests.conftest import free_port, wait_http
 from tests.faults.full import when_full
+from tests.helpers import stop
 
 pytestmark = pytest.mark.faults
 
@@ -60,12 +61,6 @@ def start_health_server(port: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", HEALTH_SERVER, str(port)])
     wait_http(f"http://127.0.0.1:{port}/health", timeout=30)
     return proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGCONT)
-    proc.terminate()
-    proc.wait(timeout=20)
 
 
 def test_a_closed_port_raises_service_unavailable_after_the_budget(monkeypatch):

@@ -20,6 +20,7 @@ import pytest
 
 from sftcurate.data_contracts.errors import DependencyError, UserError
 from tests.conftest import free_port, wait_http
+from tests.helpers import stop
 
 pytestmark = pytest.mark.faults
 MOTO = Path(sys.executable).with_name("moto_server")
@@ -28,12 +29,6 @@ MOTO = Path(sys.executable).with_name("moto_server")
 def start_moto(port: int) -> subprocess.Popen:
     return subprocess.Popen([str(MOTO), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
-    proc.terminate()
-    proc.wait(timeout=20)
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ import pytest
 
 from tests.conftest import free_port, wait_http
 from tests.faults.full import full_only, when_full
-from tests.faults.test_storage_outage import make_bucket, start_moto, stop
+from tests.faults.test_storage_outage import make_bucket, start_moto
+from tests.helpers import stop
 
 pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("prefect_harness")]
 

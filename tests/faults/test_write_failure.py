@@ -26,7 +26,7 @@ from fsspec import register_implementation
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
 from tests.faults.full import full_only, when_full
-from tests.helpers import qa_records, write_jsonl
+from tests.helpers import invoke, qa_records, write_jsonl
 
 pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("prefect_harness")]
 
@@ -75,14 +75,6 @@ class _SmallDiskFile(MemoryFile):
 
 
 register_implementation(SmallDisk.protocol, SmallDisk, clobber=True)
-
-
-def invoke(*args: str):
-    from typer.testing import CliRunner
-
-    from sftcurate.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
 
 
 def committed(root: str) -> dict[str, bytes]:
