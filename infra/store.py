@@ -43,19 +43,23 @@ class StorageUnavailable(DependencyError):
     """The S3 endpoint stayed unreachable for SFTCURATE_STORAGE_RETRY_SECONDS: an outage, not bad input."""
 
 
-def storage_options_for(uri: str) -> dict:
-    if uri.startswith("s3://"):
-        return load_settings().s3.storage_options()
-    return {}
+def storage_options_for(uri: str, left: float | None = None) -> dict:
+    """fsspec options for `uri`: for S3 the endpoint, credentials and request timeouts (cut to the `left`
+    seconds of a retry budget; the whole budget by default), every request under a deadline (`infra.s3_session`)."""
+    if not uri.startswith("s3://"):
+        return {}
+    from sftcurate.infra.s3_session import DeadlineSession
+
+    s3 = load_settings().s3
+    options = s3.storage_options()
+    options["config_kwargs"] = {**s3.request_config(left), "http_session_cls": DeadlineSession}
+    return options
 
 
 def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and bare path for any URI (local path, file://, s3://, memory://). Inside a retry loop an
     S3 request waits no longer than what is left of the outage's budget."""
-    options, left = storage_options_for(uri), seconds_left()
-    if uri.startswith("s3://") and left is not None:
-        options["config_kwargs"] = load_settings().s3.request_config(left)
-    fs, path = fsspec.core.url_to_fs(uri, **options)
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options_for(uri, seconds_left()))
     if uri.startswith("s3://"):
         fs.retries = S3FS_TRIES
     return fs, path

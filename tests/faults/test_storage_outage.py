@@ -119,6 +119,49 @@ def test_a_try_never_outlasts_the_budget(s3_creds, monkeypatch):
     assert 3.0 <= took < 3.0 + retry.MIN_TRY_SECONDS + 1.0, took
 
 
+def test_an_upload_to_a_server_that_stalls_after_accepting_it_ends_within_the_budget(own_moto, monkeypatch):
+    """The server stops between the bucket check and the PUT: aiohttp waits for `100 Continue` (botocore asks for
+    it on every upload) with no timer armed, so the write used to hang for good (CI caught a run hung so). Every
+    request now has a deadline (`infra.s3_session`): the write fails as an outage and the budget ends it."""
+    from sftcurate.infra import retry
+    from sftcurate.infra.store import StorageUnavailable, filesystem_for, write_bytes
+
+    proc, endpoint = own_moto
+    monkeypatch.setenv("SFTCURATE_STORAGE_RETRY_SECONDS", "3")
+    uri = f"s3://{make_bucket(endpoint, 'put-stall')}/x/a"
+    write_bytes(uri, b"warm")  # the client exists; the hook below goes on the one the store uses
+    fs, _ = filesystem_for(uri)
+    stopped = threading.Event()
+
+    def stop_server(**_):
+        if not stopped.is_set():
+            proc.send_signal(signal.SIGSTOP)
+            stopped.set()
+
+    fs.s3.meta.events.register("before-send.s3.PutObject", stop_server)
+    outcome: dict = {}
+
+    def write() -> None:
+        start = time.perf_counter()
+        try:
+            write_bytes(uri, b"x" * 100)
+        except Exception as exc:  # noqa: BLE001 (the test checks which)
+            outcome["error"] = exc
+        outcome["took"] = time.perf_counter() - start
+
+    worker = threading.Thread(target=write, daemon=True)
+    try:
+        worker.start()
+        worker.join(60)
+    finally:
+        fs.s3.meta.events.unregister("before-send.s3.PutObject", stop_server)
+        proc.send_signal(signal.SIGCONT)
+    assert stopped.is_set(), "the PUT never went out: the stall was not exercised"
+    assert "took" in outcome, "the write hung on the stalled PUT"
+    assert isinstance(outcome.get("error"), StorageUnavailable), outcome
+    assert 3.0 <= outcome["took"] < 3.0 + retry.MIN_TRY_SECONDS + 1.0, outcome["took"]
+
+
 def test_bad_budget_setting_is_a_user_error(monkeypatch):
     from sftcurate.infra.settings import SettingsError, load_settings
 

@@ -107,7 +107,15 @@ def finish(run: subprocess.Popen, timeout: float) -> tuple[str, str]:
         time.sleep(2)
         run.kill()
         out, err = run.communicate()
-        pytest.fail(f"the run hung for {timeout:.0f}s; its threads:\n{err[-12000:]}")
+        pytest.fail(f"the run hung for {timeout:.0f}s; its threads, the main one first:\n{main_first(err)[:12000]}")
+
+
+def main_first(dump: str) -> str:
+    """faulthandler's dump with the main thread's stack (the one that runs the CLI) moved to the front: CI keeps
+    only part of a long failure message, and that stack says where the run is stuck."""
+    blocks = dump.split("\n\n")
+    main = [b for b in blocks if "sftcurate/cli.py" in b]
+    return "\n\n".join(main + [b for b in blocks if b not in main])
 
 
 def committed_whole(endpoint: str, bucket: str) -> list[str]:
