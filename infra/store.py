@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from sftcurate.data_contracts import Contract, ContractError, TensorContract, validate_table, validate_tensors
 from sftcurate.data_contracts.errors import DependencyError
 from sftcurate.infra.retry import NETWORK_ERRNOS, retry_while_unreachable, seconds_left
-from sftcurate.infra.settings import load_settings
+from sftcurate.infra.settings import SettingsError, load_settings
 
 MANIFEST = "_MANIFEST.json"
 # s3fs retries timeouts five times inside every call, each try up to the read timeout: `retrying` is the one
@@ -115,8 +115,17 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object. On S3 that is one PUT: no folder to make (s3fs's makedirs checked the bucket with up
+    to three requests per file, each one more wait when the endpoint stalls), so a bucket must exist."""
     def write() -> None:
         fs, path = filesystem_for(uri)
+        if uri.startswith("s3://"):
+            try:
+                return fs.pipe_file(path, data)
+            except FileNotFoundError:
+                bucket = path.split("/", 1)[0]
+                raise SettingsError(f"{uri}: the bucket '{bucket}' does not exist; create it, or point "
+                                    "SFTCURATE_STORE at one that does") from None
         parent = path.rsplit("/", 1)[0]
         if parent:
             fs.makedirs(parent, exist_ok=True)

@@ -162,6 +162,19 @@ def test_an_upload_to_a_server_that_stalls_after_accepting_it_ends_within_the_bu
     assert 3.0 <= outcome["took"] < 3.0 + retry.MIN_TRY_SECONDS + 1.0, outcome["took"]
 
 
+def test_a_missing_bucket_is_one_line_naming_it(own_moto):
+    """Writes are one PUT each (no folder making, whose bucket checks were up to three more requests): a bucket
+    that does not exist is a settings error naming it, not an outage, and nothing creates it behind the user."""
+    from sftcurate.infra.settings import SettingsError
+    from sftcurate.infra.store import exists, write_bytes
+
+    with pytest.raises(SettingsError, match=r"s3://no-such-bucket/x/a: the bucket 'no-such-bucket' does not exist"):
+        write_bytes("s3://no-such-bucket/x/a", b"data")
+    assert isinstance(SettingsError("x"), UserError)
+    make_bucket(own_moto[1], "no-such-bucket")
+    assert not exists("s3://no-such-bucket/x/a")
+
+
 def test_bad_budget_setting_is_a_user_error(monkeypatch):
     from sftcurate.infra.settings import SettingsError, load_settings
 
@@ -208,7 +221,6 @@ def test_an_endpoint_that_comes_back_within_the_budget_is_retried(s3_creds, monk
     port = free_port()
     monkeypatch.setenv("SFTCURATE_S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("SFTCURATE_STORAGE_RETRY_SECONDS", "90")
-    monkeypatch.delenv("AWS_REGION")  # s3fs then creates the bucket without a location constraint moto refuses
     procs: list[subprocess.Popen] = []
     waits: list[float] = []
 
@@ -216,12 +228,14 @@ def test_an_endpoint_that_comes_back_within_the_budget_is_retried(s3_creds, monk
         waits.append(seconds)
         if not procs:
             procs.append(start_moto(port))
+            wait_http(f"http://127.0.0.1:{port}", timeout=60)
+            make_bucket(f"http://127.0.0.1:{port}", "comeback")  # a fresh moto is empty; the store makes no bucket
         time.sleep(seconds)
 
     monkeypatch.setattr(retry, "time", types.SimpleNamespace(monotonic=time.monotonic, time=time.time,
                                                              sleep=sleep_then_restart))
     try:
-        write_bytes("s3://comeback/x/data.bin", b"survived")  # s3fs creates the bucket on the new server
+        write_bytes("s3://comeback/x/data.bin", b"survived")
         assert read_bytes("s3://comeback/x/data.bin") == b"survived"
     finally:
         for proc in procs:
