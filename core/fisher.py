@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sftcurate.core.fisher_incremental import IncrementalGrams
+from sftcurate.core.fisher_incremental import kept_grams
 from sftcurate.infra import progress
 
 QUANTUM = 2.0 ** -36
@@ -172,7 +172,7 @@ class LogDetObjective:
         self._sq_norms: np.ndarray | None = None
         self.trace_cache_bytes = trace_cache_bytes
         self._C: np.ndarray | None = None
-        self.incremental = IncrementalGrams(self) if incremental and IncrementalGrams.suits(self) else None
+        self.incremental = kept_grams(self) if incremental else None
 
     # ------------------------------------------------------------------ evaluation
     def _gather(self, cand: np.ndarray, width: int, dtype: torch.dtype | None = None) -> torch.Tensor:

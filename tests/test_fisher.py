@@ -217,12 +217,16 @@ def wide(seed: int, n: int = 160, d: int = 48, max_len: int = 9, dup: int = 10, 
     return np.concatenate(feats).astype(np.float32), off
 
 
+@pytest.mark.parametrize("kind", ["HotGrams", "StaleGrams"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_lazy_with_kept_grams_equals_naive_on_wide_features(seed):
+def test_lazy_with_kept_grams_equals_naive_on_wide_features(seed, kind):
+    from sftcurate.core import fisher_incremental
+
     x, off = wide(seed)
     for lam in (0.3, 2.0):
         obj = LogDetObjective(x, off, lam)
-        assert obj.incremental is not None  # d / mean L = 12: the kept Grams screen
+        assert type(obj.incremental).__name__ == "HotGrams"  # d / mean L = 12, the pool fits in slots
+        obj.incremental = getattr(fisher_incremental, kind)(obj)
         lazy = lazy_greedy(obj, k=50, batch=4)
         naive = naive_greedy(LogDetObjective(x, off, lam, incremental=False), k=50)
         assert lazy.picks == naive.picks
@@ -241,15 +245,18 @@ def test_lazy_with_kept_grams_under_a_token_budget(rule):
     assert lazy.picks == naive.picks and np.diff(off)[lazy.picks].sum() <= 150
 
 
-def test_kept_grams_match_fresh_float64_gains_within_their_margin():
-    """After picks that refactor A^-1 (refresh_every=3) and candidates left many picks stale, every kept Gram's
-    gain is within half its margin of the objective's own float64 gain, on ill-conditioned features."""
+@pytest.mark.parametrize("kind", ["HotGrams", "StaleGrams"])
+def test_kept_grams_match_fresh_float64_gains_within_their_margin(kind):
+    """After picks that refactor A^-1 (refresh_every=3) and candidates left many picks stale (or cooled), every
+    kept Gram's gain is within half its margin of the objective's own float64 gain, on ill-conditioned features."""
+    from sftcurate.core import fisher_incremental
+
     rng = np.random.default_rng(9)
     d, L, n = 40, 4, 300
     x = (rng.standard_normal((n * L, d)) * np.logspace(0, 2.5, d)).astype(np.float32)
     off = np.arange(n + 1, dtype=np.int64) * L
     obj = LogDetObjective(x, off, 0.5, refresh_every=3)
-    assert obj.incremental is not None
+    obj.incremental = getattr(fisher_incremental, kind)(obj)
     obj.screen32(np.arange(n))  # every Gram at A = lam I
     for step, i in enumerate((0, 7, 19, 33, 41, 58, 77, 90, 101, 150)):
         obj.add(i)
@@ -259,3 +266,34 @@ def test_kept_grams_match_fresh_float64_gains_within_their_margin():
     g64 = obj.gains(np.arange(n))
     assert (np.abs(g - g64) <= 0.5 * eps).all() and (ub >= g64).all()
     assert (eps < obj.margin(np.arange(n)) / 1000).all()  # far narrower than the float32 screen's margins
+
+
+@pytest.mark.parametrize("keep_steps", [1, 3])
+def test_hot_grams_with_few_slots_still_give_the_naive_picks(keep_steps):
+    """Slots for a handful of sentences: screens that find no free slot are computed afresh, hot sentences go
+    cold and come back, slots are compacted; the picks stay the naive greedy's and every hot Gram stays within
+    its margin of a fresh float64 one."""
+    from sftcurate.core.fisher_incremental import HotGrams
+
+    x, off = wide(3)
+    obj = LogDetObjective(x, off, 0.7, refresh_every=5)
+    width, d = int(np.diff(off).max()), x.shape[1]
+    obj.incremental = grams = HotGrams(obj, max_bytes=12 * 8 * width * (d + width), keep_steps=keep_steps)
+    assert len(grams.who) == 12
+    full, released = [], []
+    record = grams.record
+
+    def watched(*args):
+        before = grams.used
+        full.append(before == len(grams.who))
+        record(*args)
+        released.append(before > grams.used)
+
+    grams.record = watched
+    lazy = lazy_greedy(obj, k=40, batch=4)
+    naive = naive_greedy(LogDetObjective(x, off, 0.7, incremental=False), k=40)
+    assert lazy.picks == naive.picks and any(full) and any(released)
+    hot = grams.who[:grams.used]
+    assert len(hot) and (grams.slot[hot] == np.arange(grams.used)).all()
+    g, _, eps = grams.screen(hot)
+    assert (np.abs(g - obj.gains(hot)) <= 0.5 * eps).all()
