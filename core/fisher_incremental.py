@@ -30,7 +30,7 @@ EPS64 = float(np.finfo(np.float64).eps)
 WIDE_RATIO = 4               # d / mean L from which keeping Grams beats recomputing them
 HOT_BYTES = 2 << 30          # HotGrams: every sentence's float64 features and Gram
 STALE_BYTES = 1 << 30        # StaleGrams: every sentence's float64 Gram
-KEEP_STEPS = 8               # a hot sentence no screen asked for in this many picks goes cold
+KEEP_STEPS = 32              # a hot sentence no screen asked for in this many picks goes cold
 
 
 def wide(obj) -> bool:
