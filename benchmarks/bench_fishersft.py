@@ -17,8 +17,8 @@ other and stale bounds prune little: the worst case for lazy evaluation.
     python benchmarks/bench_fishersft.py            # full run (~10 min on 2 CPU cores)
     python benchmarks/bench_fishersft.py --quick    # small sizes, correctness checks only (~1 min)
     python benchmarks/bench_fishersft.py --wide     # only the d=576 rows: old vs new lazy at N=2,000, K=100
-                                                    # (the old one alone would run far past 5 min at N=10,000,
-                                                    # K=500), new alone at N=10,000, K=500, and the d_proj table
+                                                    # (--wide-base-n 10000 --wide-base-k 500: the old one takes
+                                                    # ~400 s), new alone at N=10,000, K=500, and the d_proj table
                                                     # (64/128/256, random and PCA) on the real SmolLM2 artifact
                                                     # under .sftcurate/artifacts when present and on synthetic
 Exit status 1 when a target is missed.
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
     ap.add_argument("--wide-n", type=int, default=10000, help="--wide: N for the new lazy alone")
     ap.add_argument("--wide-k", type=int, default=500, help="--wide: K for the new lazy alone")
     ap.add_argument("--wide-base-n", type=int, default=2000,
-                    help="--wide: N of the old-vs-new row (the old lazy needs far more than 5 min at N=10,000)")
+                    help="--wide: N of the old-vs-new row (the old lazy takes ~400 s at N=10,000, K=500)")
     ap.add_argument("--wide-base-k", type=int, default=100, help="--wide: K of the old-vs-new row")
     ap.add_argument("--dproj-n", type=int, default=1000, help="--wide: N of the synthetic d_proj table")
     ap.add_argument("--dproj-k", type=int, default=50, help="--wide: K of the synthetic d_proj table")
@@ -345,8 +345,8 @@ def main(argv=None) -> int:
 
 
 def wide(args, skip, add, lines, failures) -> int:
-    """d=576 rows. The old lazy is the in-run baseline at --wide-base-n (at N=10,000, K=500 it would run far
-    past 5 minutes); the new lazy alone at --wide-n."""
+    """d=576 rows. The old lazy is the in-run baseline at --wide-base-n (at N=10,000, K=500 it takes ~400 s);
+    the new lazy alone at --wide-n."""
     if "wide-old" not in skip:
         n, k = args.wide_base_n, args.wide_base_k
         feats = smollm_like(n)
