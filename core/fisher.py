@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sftcurate.core.fisher_incremental import kept_grams
+from sftcurate.core.fisher_incremental import kept_grams, logdets
 from sftcurate.infra import progress
 
 QUANTUM = 2.0 ** -36
@@ -206,12 +206,7 @@ class LogDetObjective:
         else:
             G = Y.transpose(1, 2) @ Y
         G.diagonal(dim1=1, dim2=2).add_(1.0)
-        chol, info = torch.linalg.cholesky_ex(G)
-        out = 2.0 * chol.diagonal(dim1=1, dim2=2).log().sum(-1)
-        bad = info != 0
-        if bool(bad.any()):  # not PD by rounding: fall back to slogdet for those few
-            out[bad] = torch.linalg.slogdet(G[bad])[1]
-        return out
+        return logdets(G)
 
     def _chunks(self, cand: np.ndarray):
         """(form, positions into cand) batches grouped by length, each at most `batch_rows` padded rows."""

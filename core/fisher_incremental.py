@@ -39,7 +39,7 @@ def wide(obj) -> bool:
             and obj.d >= WIDE_RATIO * max(float(lengths.mean()), 1.0))
 
 
-def gram_margin(obj, picked_trace: float, cand: np.ndarray, missed: np.ndarray) -> np.ndarray:
+def gram_margin(obj, cand: np.ndarray, missed: np.ndarray) -> np.ndarray:
     """|gain here - the objective's float64 gain| is modelled as float64 rounding of d-term products over
     ||X_i||_F^2 ||A^-1||: once for the Gram, once per downdate since (each bounded by 1/lam), the Woodbury
     chain's drift between the objective's refactorings (`refresh_every` picks), and the square root of a
@@ -47,10 +47,22 @@ def gram_margin(obj, picked_trace: float, cand: np.ndarray, missed: np.ndarray) 
     model, not a proof (a worst-case bound grows with the full condition number and would be as wide as the
     float32 one): every re-check measures the error against it, and the objective's `kappa` is widened 4x
     for the rest of the run when one comes within half of it."""
+    picked_trace = float(obj.sq_norms[obj.picked].sum())       # tr(A) - d lam
     condition = (obj.lam * obj.d + picked_trace) * obj.ainv_bound
     products = (obj.d + math.sqrt(condition)) * obj.ainv_bound \
         + (missed + obj.refresh_every) * math.sqrt(obj.d) / obj.lam
     return obj.kappa * EPS64 * (obj.sq_norms[cand] * products + np.sqrt(obj.lengths[cand]) + 1.0)
+
+
+def logdets(G: torch.Tensor) -> torch.Tensor:
+    """log det of each positive definite matrix of a batch, by Cholesky; slogdet for the few that rounding made
+    not positive definite."""
+    chol, info = torch.linalg.cholesky_ex(G)
+    out = 2.0 * chol.diagonal(dim1=1, dim2=2).log().sum(-1)
+    bad = info != 0
+    if bool(bad.any()):
+        out[bad] = torch.linalg.slogdet(G[bad])[1]
+    return out
 
 
 def kept_grams(obj):
@@ -75,12 +87,18 @@ class HotGrams:
     def suits(obj, max_bytes: int = HOT_BYTES) -> bool:
         """Slots for the whole pool: with fewer, the screened set outgrew them at N=10,000 (38% of the pool per
         pick) and evicted sentences came back as fresh L d^2 products (217 s for 150 picks, 65 s with room)."""
-        return wide(obj) and obj.n * 8 * int(obj.lengths.max()) * (obj.d + int(obj.lengths.max())) <= max_bytes
+        return wide(obj) and obj.n * HotGrams.slot_bytes(obj) <= max_bytes
+
+    @staticmethod
+    def slot_bytes(obj) -> int:
+        """A slot: a sentence's float64 features and Gram, padded to the longest sentence."""
+        width = int(obj.lengths.max())
+        return 8 * width * (obj.d + width)
 
     def __init__(self, obj, max_bytes: int = HOT_BYTES, keep_steps: int = KEEP_STEPS):
         self.obj, self.keep_steps = obj, keep_steps
         self.width = int(obj.lengths.max())
-        slots = min(obj.n, max_bytes // (8 * self.width * (obj.d + self.width)))
+        slots = min(obj.n, max_bytes // self.slot_bytes(obj))
         self.X = torch.zeros(slots, self.width, obj.d, dtype=torch.float64)     # hot features, zero-padded
         self.M = torch.zeros(slots, self.width, self.width, dtype=torch.float64)
         self.who = np.full(slots, -1, dtype=np.int64)    # the sentence in each slot
@@ -89,13 +107,11 @@ class HotGrams:
         self.asked = np.zeros(slots, dtype=np.int64)     # the last pick count a screen asked for it
         self.used = 0
         self.picks = 0
-        self.picked_trace = 0.0                          # tr(A) - d lam: for a bound on A's condition number
 
     # ------------------------------------------------------------------ after a pick
     def record(self, i: int, chol_S: torch.Tensor, Z: torch.Tensor) -> None:
         """After picking sentence i (Z = X_i A^-1 and chol(S_i) from `LogDetObjective.add`): cool the slots no
         screen asked for lately, then M_j -= P_j P_j^T with P_j = X_j W^T, W = chol(S_i)^-1 Z, for every hot j."""
-        self.picked_trace += float(self.obj.sq_norms[i])
         self.picks += 1
         cold = self.asked[:self.used] < self.picks - self.keep_steps
         if self.slot[i] >= 0:
@@ -171,15 +187,10 @@ class HotGrams:
         """log det(I + M) of each Gram (zero padding adds ones to the diagonal: no effect)."""
         G = M.clone()
         G.diagonal(dim1=1, dim2=2).add_(1.0)
-        chol, info = torch.linalg.cholesky_ex(G)
-        g = (2.0 * chol.diagonal(dim1=1, dim2=2).log().sum(-1)).numpy()
-        bad = (info != 0).numpy()
-        if bad.any():  # not positive definite by rounding: slogdet for those few (the re-check decides anyway)
-            g[bad] = torch.linalg.slogdet(G[torch.from_numpy(np.flatnonzero(bad))])[1].numpy()
-        return g
+        return logdets(G).numpy()
 
     def margin(self, cand: np.ndarray, missed: np.ndarray) -> np.ndarray:
-        return gram_margin(self.obj, self.picked_trace, cand, missed)
+        return gram_margin(self.obj, cand, missed)
 
 
 class StaleGrams:
@@ -198,12 +209,10 @@ class StaleGrams:
         self.at = np.full(obj.n, -1, dtype=np.int64)     # picks M_i includes (-1: never computed)
         self.rows = [0]                                  # W_p is rows[p]:rows[p + 1] of the stacked factors
         self._stack = torch.zeros(max(obj.d, 64), obj.d, dtype=torch.float64)   # grown by doubling
-        self.picked_trace = 0.0                          # tr(A) - d lam: for a bound on A's condition number
 
     # ------------------------------------------------------------------ bookkeeping
     def record(self, i: int, chol_S: torch.Tensor, Z: torch.Tensor) -> None:
         """After picking sentence i: W_p = chol(S_p)^-1 Z_p, Z_p = X_i A^-1 (both from `LogDetObjective.add`)."""
-        self.picked_trace += float(self.obj.sq_norms[i])
         W = torch.linalg.solve_triangular(chol_S, Z, upper=False)
         end = self.rows[-1] + W.shape[0]
         if end > self._stack.shape[0]:
@@ -286,4 +295,4 @@ class StaleGrams:
             lo = hi
 
     def margin(self, cand: np.ndarray, missed: np.ndarray) -> np.ndarray:
-        return gram_margin(self.obj, self.picked_trace, cand, missed)
+        return gram_margin(self.obj, cand, missed)

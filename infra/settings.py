@@ -59,8 +59,8 @@ class S3Settings:
                 "read_timeout": min(READ_TIMEOUT_SECONDS, per_attempt),
                 "retries": {"total_max_attempts": attempts, "mode": "standard"}}
 
-    def storage_options(self) -> dict:
-        opts: dict = {"config_kwargs": self.request_config()}
+    def storage_options(self, seconds_left: float | None = None) -> dict:
+        opts: dict = {"config_kwargs": self.request_config(seconds_left)}
         if self.key:
             opts["key"] = self.key
         if self.secret:

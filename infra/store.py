@@ -50,9 +50,8 @@ def storage_options_for(uri: str, left: float | None = None) -> dict:
         return {}
     from sftcurate.infra.s3_session import DeadlineSession
 
-    s3 = load_settings().s3
-    options = s3.storage_options()
-    options["config_kwargs"] = {**s3.request_config(left), "http_session_cls": DeadlineSession}
+    options = load_settings().s3.storage_options(left)
+    options["config_kwargs"]["http_session_cls"] = DeadlineSession
     return options
 
 
