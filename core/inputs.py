@@ -60,44 +60,26 @@ def _is_local(uri: str) -> bool:
 
 def _local_file(uri: str, sha256: str | None = None) -> str:
     """A local path holding the bytes of `uri`: the file itself when local, else a copy in the shard cache
-    (`$SFTCURATE_HOME/cache/tensors/<sha256>.safetensors`, written whole then renamed, so a crash never leaves
-    a partial file that a later run trusts). Without a known sha256 the download is named by the URI's hash and
-    re-fetched every time."""
+    (`$SFTCURATE_HOME/cache/tensors/<sha256>.safetensors`, checked against the sha256 before it is kept).
+    Without a known sha256 the download is named by the URI's hash and re-fetched every time."""
     if _is_local(uri):
         return uri[len("file://"):] if uri.startswith("file://") else uri
     import hashlib
-    import os
 
+    from sftcurate.infra.local_cache import file_sha256, local_copy
     from sftcurate.infra.settings import load_settings
-    from sftcurate.infra.store import filesystem_for, retrying
 
-    cache = load_settings().home / "cache" / "tensors"
-    cache.mkdir(parents=True, exist_ok=True)
-    name = sha256 or "uri-" + hashlib.sha256(uri.encode()).hexdigest()
-    target = cache / f"{name}.safetensors"
-    if sha256 and target.exists():
-        return str(target)
-    tmp = cache / f".{name}.{os.getpid()}.part"
-
-    def fetch() -> None:
-        fs, path = filesystem_for(uri)
-        fs.get(path, str(tmp))
-
-    try:
-        retrying(uri, fetch)
-    except FileNotFoundError as exc:
-        raise ContractError(f"{uri}: file not found") from exc
-    if sha256:
-        h = hashlib.sha256()
-        with open(tmp, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        if h.hexdigest() != sha256:
-            tmp.unlink(missing_ok=True)
+    def check(tmp) -> None:
+        if file_sha256(tmp) != sha256:
             raise ContractError(f"{uri}: downloaded bytes do not match the sha256 its manifest records; "
                                 "the artifact was altered after it was committed: delete it and re-run")
-    os.replace(tmp, target)
-    return str(target)
+
+    name = sha256 or "uri-" + hashlib.sha256(uri.encode()).hexdigest()
+    try:
+        return str(local_copy(uri, load_settings().home / "cache" / "tensors", f"{name}.safetensors",
+                              verify=check if sha256 else None, refresh=not sha256))
+    except FileNotFoundError as exc:
+        raise ContractError(f"{uri}: file not found") from exc
 
 
 def map_tensors(uri: str, contract=TOKEN_FEATURES_CONTRACT, sha256: str | None = None

@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import shutil
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +31,7 @@ from sftcurate.data_contracts import UserError
 from sftcurate.infra.models import loading_lock, resolve_device
 from sftcurate.infra.stages import Built, build_once
 from sftcurate.infra.store import (
-    ArtifactWriter, MANIFEST, filesystem_for, is_committed, join, read_bytes, read_manifest, retrying,
+    ArtifactWriter, MANIFEST, filesystem_for, is_committed, join, read_bytes, read_manifest,
 )
 from sftcurate.core.config import ProxyConfig
 from sftcurate.core.ingest import load_pool
@@ -94,38 +91,19 @@ def upload_folder(writer: ArtifactWriter, folder: Path, prefix: str = "") -> Non
 
 
 def local_dir(uri: str) -> Path:
-    """A local folder holding a committed store folder: the folder itself when local, else a cached copy."""
+    """A local folder holding a committed store folder: the folder itself when local, else a cached copy named
+    by its URI and manifest (a re-committed folder gets a new copy)."""
     from fsspec.implementations.local import LocalFileSystem
 
+    from sftcurate.infra.local_cache import local_copy
     from sftcurate.infra.settings import load_settings
 
     fs, path = filesystem_for(uri)
     if isinstance(fs, LocalFileSystem):
         return Path(path)
     manifest = read_bytes(join(uri, MANIFEST))
-    target = load_settings().model_cache / "proxy" / hashlib.sha256(uri.encode() + manifest).hexdigest()[:16]
-    if (target / ".complete").exists():
-        return target
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}-{threading.get_ident()}")  # shards may race here
-
-    def copy() -> None:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        root = path.rstrip("/")
-        for remote in fs.find(root):
-            rel = remote[len(root):].lstrip("/")
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(remote, str(tmp / rel))
-
-    retrying(uri, copy)
-    (tmp / ".complete").write_text(uri)
-    try:
-        tmp.rename(target)
-    except OSError:  # another worker finished the same copy first
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / ".complete").exists():
-            raise
-    return target
+    name = hashlib.sha256(uri.encode() + manifest).hexdigest()[:16]
+    return local_copy(uri, load_settings().model_cache / "proxy", name)
 
 
 def save_pretrained_folder(obj, store_uri: str, kind: str, meta: dict, extra: dict[str, bytes] | None = None) -> str:

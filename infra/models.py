@@ -189,32 +189,12 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path, tf: SimpleNamesp
     tmp.rename(target)  # atomic: a crash mid-conversion never leaves a folder that looks complete
 
 
-def _folder_fingerprint(folder: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.relative_to(folder)}:{st.st_size}".encode())
-            if p.suffix in (".json", ".txt", ".model") or st.st_size < 1 << 20:
-                h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def _s3_folder(uri: str) -> Path:
-    from sftcurate.infra.store import filesystem_for, retrying
+    """A local copy of an s3:// model folder, named by its listing (paths, sizes, ETags): a folder overwritten by
+    a new fine-tune is fetched again, never served from the copy of the old weights."""
+    from sftcurate.infra.local_cache import local_copy, remote_folder_key
 
-    fs, path = filesystem_for(uri)
-    target = load_settings().model_cache / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if not (target / ".complete").exists():
-
-        def copy() -> None:
-            shutil.rmtree(target, ignore_errors=True)
-            target.mkdir(parents=True)
-            fs.get(path.rstrip("/") + "/", str(target), recursive=True)
-
-        retrying(uri, copy)
-        (target / ".complete").write_text(uri)
-    return target
+    return local_copy(uri, load_settings().model_cache / "s3", remote_folder_key(uri))
 
 
 def local_folder(spec: str) -> Path | None:
@@ -236,7 +216,10 @@ def local_folder(spec: str) -> Path | None:
 
 
 def model_fingerprint(spec: str) -> str:
-    """Cheap identity of a spec's weights, for cache keys."""
+    """Identity of a spec's weights, for cache keys: their content for a folder, a GGUF file or an s3:// folder
+    (weights overwritten in place by a new fine-tune get a new key), the spec itself where it fixes them."""
+    from sftcurate.infra.local_cache import file_sha256, folder_key, remote_folder_key
+
     if spec.startswith(TINY):
         return f"tiny-gpt2:{json.dumps(parse_tiny_spec(spec), sort_keys=True)}"
     if spec == BUILTIN_SMOLLM2:
@@ -245,13 +228,18 @@ def model_fingerprint(spec: str) -> str:
         path = Path(spec[len(GGUF):]).expanduser()
         if not path.is_file():
             raise ModelSpecError(f"model '{spec}': GGUF file not found; give gguf:/path/to/model.gguf")
-        return f"gguf:{path.name}:{path.stat().st_size}"
+        return f"gguf:{path.name}:{file_sha256(path)[:16]}"
     if spec.startswith("s3://"):
-        return f"s3:{spec}"
+        return f"s3:{remote_folder_key(spec)}"
     folder = local_folder(spec)
     if folder is not None:
-        return f"folder:{_folder_fingerprint(folder)}"
-    return f"hub:{spec}:{os.environ.get('SFTCURATE_HUB_REVISION', 'main')}"
+        return f"folder:{folder_key(folder)}"
+    return f"hub:{spec}:{hub_revision()}"
+
+
+def hub_revision() -> str:
+    """The hub revision every hub id loads (and is keyed by): SFTCURATE_HUB_REVISION, a branch, tag or commit."""
+    return os.environ.get("SFTCURATE_HUB_REVISION", "main")
 
 
 def resolve_tokenizer(spec: str):
@@ -259,7 +247,8 @@ def resolve_tokenizer(spec: str):
         return train_bpe_tokenizer(parse_tiny_spec(spec)["vocab"])
     with loading_lock() as tf:  # local_folder too: two threads would download or convert into one folder
         folder = local_folder(spec)
-        tok = tf.AutoTokenizer.from_pretrained(str(folder) if folder else spec)
+        tok = tf.AutoTokenizer.from_pretrained(str(folder)) if folder else \
+            tf.AutoTokenizer.from_pretrained(spec, revision=hub_revision())
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -288,7 +277,8 @@ def resolve_model(spec: str, dtype: str | None = None, device: str | None = None
         torch_dtype = getattr(torch, dtype) if dtype else torch.float32
         with loading_lock() as tf:  # local_folder too: two threads would download or convert into one folder
             folder = local_folder(spec)
-            model = tf.AutoModelForCausalLM.from_pretrained(str(folder) if folder else spec, dtype=torch_dtype)
+            model = tf.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype) if folder else \
+                tf.AutoModelForCausalLM.from_pretrained(spec, revision=hub_revision(), dtype=torch_dtype)
         model.eval()
         loaded = LoadedModel(model, resolve_tokenizer(spec), spec, model_fingerprint(spec))
     if device:

@@ -44,6 +44,35 @@ def test_local_and_s3_folders_load_the_same_weights(tmp_path, s3_env):
     assert torch.allclose(logits(from_s3).logits, logits(tiny).logits, atol=1e-6)
 
 
+def test_weights_overwritten_in_place_get_new_keys_and_are_loaded(tmp_path, s3_env):
+    """A new fine-tune saved over a local folder and an s3:// folder: same file names and sizes (model.safetensors
+    over 1 MB, which the old fingerprint took by size only), new weights. The cache keys change and the new
+    weights load (the s3 copy was named by its URI and served the old ones)."""
+    import s3fs
+
+    from sftcurate.infra.settings import load_settings
+
+    folder, spec = tmp_path / "target", "tiny-gpt2:n_embd=128"
+    base = resolve_model(spec)
+    base.model.save_pretrained(folder)
+    base.tokenizer.save_pretrained(folder)
+    assert (folder / "model.safetensors").stat().st_size > 1 << 20
+    fs = s3fs.S3FileSystem(**load_settings().s3.storage_options())
+    remote = f"s3://{s3_env()}/models/target"
+    fs.put(str(folder) + "/", remote[len("s3://"):] + "/", recursive=True)
+    before = {str(folder): model_fingerprint(str(folder)), remote: model_fingerprint(remote)}
+    assert torch.allclose(logits(resolve_model(remote)).logits, logits(base).logits, atol=1e-6)
+
+    size = (folder / "model.safetensors").stat().st_size
+    tuned = resolve_model(spec + ",seed=1")
+    tuned.model.save_pretrained(folder)
+    assert (folder / "model.safetensors").stat().st_size == size
+    fs.put(str(folder) + "/", remote[len("s3://"):] + "/", recursive=True)
+    for where, fingerprint in before.items():
+        assert model_fingerprint(where) != fingerprint
+        assert torch.allclose(logits(resolve_model(where)).logits, logits(tuned).logits, atol=1e-6)
+
+
 def test_missing_folder_and_hub_ids():
     with pytest.raises(ModelSpecError, match="folder not found"):
         resolve_model("./no/such/model")
