@@ -54,3 +54,24 @@ def test_unknown_variant_is_refused():
     x, _ = pool()
     with pytest.raises(ValueError, match="token_norm"):
         prepare_features(x, 1.0, token_norm="l1")
+
+
+def test_variants_stream_sharded_features_to_the_same_result():
+    """Memory-mapped shards (`ShardedRows`, read a block at a time) give what one in-memory array gives, and what
+    the variants' formulas say, computed whole in float64."""
+    from sftcurate.core.fisher import ShardedRows
+
+    x, _ = pool(3)
+    cuts = [0, 50, 51, 200]
+    sharded = ShardedRows([x[a:b] for a, b in zip(cuts, cuts[1:] + [len(x)])], np.array(cuts))
+    whole = x.astype(np.float64)
+    values, vectors = np.linalg.eigh(whole.T @ whole / len(whole))
+    white = whole @ (vectors / np.sqrt(values)) @ vectors.T
+    expect = white / np.linalg.norm(white, axis=1, keepdims=True)
+    for features in (x, sharded):
+        out, lam = prepare_features(features, 2.0, token_norm="unit", lam_mode="relative", whiten=True)
+        assert out.dtype == np.float32 and out.shape == x.shape
+        assert np.allclose(out, expect, atol=1e-5) and lam == pytest.approx(2.0 / x.shape[1], rel=1e-5)
+    offsets = pool(3)[1]
+    report = feature_diagnostics(sharded, offsets, lam=1.0)
+    assert report == pytest.approx(feature_diagnostics(x, offsets, lam=1.0), rel=1e-12)
