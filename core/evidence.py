@@ -115,11 +115,19 @@ def group_losses(loss: np.ndarray, tokens: np.ndarray, groups: list[str]) -> dic
     return out
 
 
-def worst_group(per_group: dict[str, float]) -> tuple[str | None, float | None]:
-    if not per_group:
+def worst_group(per_group: dict[str, float], among: set[str] | None = None) -> tuple[str | None, float | None]:
+    """The group with the highest loss (of the groups `among`, when given)."""
+    losses = {g: v for g, v in per_group.items() if among is None or g in among}
+    if not losses:
         return None, None
-    g = max(per_group, key=per_group.get)
-    return g, per_group[g]
+    g = max(losses, key=losses.get)
+    return g, losses[g]
+
+
+def testable_groups(groups: list[str], min_examples: int = MIN_GROUP_EXAMPLES) -> set[str]:
+    """The groups with enough held-out examples for a paired interval of their own."""
+    names, counts = np.unique(np.asarray(groups, dtype=object), return_counts=True)
+    return {str(g) for g, c in zip(names, counts) if c >= min_examples}
 
 
 def coverage(picked_groups: list[str], pool_groups: list[str]) -> dict:

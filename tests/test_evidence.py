@@ -77,3 +77,10 @@ def test_worst_group_difference_sees_a_gain_the_mean_hides():
     assert evidence.group_difference(method, base, tokens, groups, "absent") is None
     tiny = ["tiny"] * 3 + ["common"] * 297  # three examples: no interval worth calling
     assert evidence.group_difference(method, base, tokens, tiny, "tiny") is None
+    # a tiny group that is uniform's worst is passed over for the worst group that can be tested
+    base[:, :3] += 5.0 * tokens[:3]
+    per_group = evidence.group_losses(base, tokens, tiny)
+    assert evidence.worst_group(per_group)[0] == "tiny"
+    assert evidence.testable_groups(tiny) == {"common"}
+    assert evidence.worst_group(per_group, among=evidence.testable_groups(tiny))[0] == "common"
+    assert evidence.worst_group(per_group, among=set()) == (None, None)
