@@ -84,9 +84,9 @@ def group_difference(loss: np.ndarray, baseline: np.ndarray, tokens: np.ndarray,
     """The paired difference on one group's held-out examples: with `group` the baseline's worst group (fixed
     before the method is looked at), this tests "better on the worst group". None when the group has fewer
     than `min_examples` held-out examples: the interval would only show the seed noise of one or two texts."""
-    mask = np.asarray(groups, dtype=object) == group
-    if mask.sum() < min_examples:
+    if group not in testable_groups(groups, min_examples):
         return None
+    mask = np.asarray(groups, dtype=object) == group
     loss, tokens = _check(loss, tokens)
     baseline, _ = _check(baseline, tokens)
     return paired_difference(loss[:, mask], baseline[:, mask], tokens[mask], n_boot, seed, level)

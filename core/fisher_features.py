@@ -59,8 +59,9 @@ def prepare_features(features, lam: float, token_norm: str = "none", lam_mode: s
             x = x @ transform
         if token_norm == "unit":
             x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        out[lo:lo + len(x)] = x
-        squares += float(np.einsum("ij,ij->", out[lo:lo + len(x)], out[lo:lo + len(x)], dtype=np.float64))
+        written = out[lo:lo + len(x)]
+        written[:] = x
+        squares += float(np.einsum("ij,ij->", written, written, dtype=np.float64))
     if lam_mode == "relative":
         lam = lam * squares / max(rows, 1) / d
     return out, lam

@@ -23,7 +23,8 @@ from sftcurate.core.config import SourceConfig
 from sftcurate.infra import progress
 from sftcurate.infra.hashing import fingerprint
 from sftcurate.infra.stages import Built, build_once
-from sftcurate.infra.store import filesystem_for, join, read_bytes, read_manifest, read_table, retrying
+from sftcurate.infra.store import (file_digest, filesystem_for, join, read_bytes, read_manifest, read_table,
+                                   retrying)
 from sftcurate.core.formats import RecordError, detect_format, normalize
 from sftcurate.core.tokenize import count_tokens, encode_turns, loss_token_count
 
@@ -91,17 +92,8 @@ def source_fingerprint(source: SourceConfig) -> str:
     h = hashlib.sha256()
     for uri in resolve_files(source.uri):
         h.update(uri.encode())
-        h.update(retrying(uri, lambda: _file_digest(uri)))
+        h.update(retrying(uri, lambda: file_digest(uri)))
     return h.hexdigest()[:16]
-
-
-def _file_digest(uri: str) -> bytes:
-    fs, path = filesystem_for(uri)
-    h = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.digest()
 
 
 def split_passages(text: str, target_chars: int) -> list[str]:

@@ -66,11 +66,12 @@ def _local_file(uri: str, sha256: str | None = None) -> str:
         return uri[len("file://"):] if uri.startswith("file://") else uri
     import hashlib
 
-    from sftcurate.infra.local_cache import file_sha256, local_copy
+    from sftcurate.infra.local_cache import local_copy
     from sftcurate.infra.settings import load_settings
+    from sftcurate.infra.store import file_digest
 
-    def check(tmp) -> None:
-        if file_sha256(tmp) != sha256:
+    def check(tmp) -> None:  # the download itself: not remembered, unlike local_cache.file_sha256
+        if file_digest(str(tmp)).hex() != sha256:
             raise ContractError(f"{uri}: downloaded bytes do not match the sha256 its manifest records; "
                                 "the artifact was altered after it was committed: delete it and re-run")
 

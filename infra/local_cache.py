@@ -22,9 +22,6 @@ from typing import Callable
 
 from sftcurate.infra.settings import load_settings
 
-_BLOCK = 1 << 24
-
-
 def file_sha256(path: Path) -> str:
     """sha256 of a local file's bytes, remembered per (path, size, mtime, inode) in the cache folder."""
     path = Path(path).resolve()
@@ -35,11 +32,9 @@ def file_sha256(path: Path) -> str:
         return memo.read_text().strip()
     except OSError:
         pass
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_BLOCK), b""):
-            h.update(block)
-    digest = h.hexdigest()
+    from sftcurate.infra.store import file_digest
+
+    digest = file_digest(str(path)).hex()
     memo.parent.mkdir(parents=True, exist_ok=True)
     tmp = memo.with_name(f".{memo.name}.{os.getpid()}-{threading.get_ident()}")
     tmp.write_text(digest)

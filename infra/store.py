@@ -158,6 +158,17 @@ def write_whole(uri: str, data: bytes) -> None:
         raise
 
 
+def file_digest(uri: str) -> bytes:
+    """sha256 of a file's bytes (local path or any fsspec URI), read a block at a time. One try: wrap it in
+    `retrying` where an outage should be waited out."""
+    fs, path = filesystem_for(uri)
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.digest()
+
+
 def exists(uri: str) -> bool:
     def check() -> bool:
         fs, path = filesystem_for(uri)
