@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sftcurate.data_contracts import Contract, ContractError, TensorContract, validate_table, validate_tensors
-from sftcurate.data_contracts.errors import DependencyError
+from sftcurate.data_contracts.errors import DependencyError, chain
 from sftcurate.infra.retry import NETWORK_ERRNOS, retry_while_unreachable, seconds_left
 from sftcurate.infra.settings import SettingsError, load_settings
 
@@ -65,16 +65,14 @@ def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def unreachable(exc: BaseException | None) -> bool:
-    """Whether an error (or the error it was raised from) says the endpoint did not answer: refused, reset,
-    timed out, no route. A missing file, a denied request or a bad bucket name are answers, not outages."""
+    """Whether an error, or any error it was raised from or while handling, says the endpoint did not answer:
+    refused, reset, timed out, no route. A missing file, a denied request or a bad bucket name are answers, not
+    outages. The implicit context counts: a client that translates a connection error inside its `except` block
+    without `from` still reports an outage."""
     from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
 
     network = (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)
-    while exc is not None:
-        if isinstance(exc, network) or (isinstance(exc, OSError) and exc.errno in NETWORK_ERRNOS):
-            return True
-        exc = exc.__cause__
-    return False
+    return any(isinstance(e, network) or (isinstance(e, OSError) and e.errno in NETWORK_ERRNOS) for e in chain(exc))
 
 
 def retrying(uri: str, operation: Callable[[], T]) -> T:

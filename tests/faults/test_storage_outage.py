@@ -175,6 +175,29 @@ def test_a_missing_bucket_is_one_line_naming_it(own_moto):
     assert not exists("s3://no-such-bucket/x/a")
 
 
+def test_an_outage_translated_inside_an_except_block_is_still_an_outage():
+    """A client that re-raises its own error while handling a connection error, without `from`, leaves the
+    outage only in `__context__`: still retried, while an answer (a missing key) is not."""
+    from botocore.exceptions import EndpointConnectionError
+
+    from sftcurate.infra.store import unreachable
+
+    def translated(inner: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except Exception:
+                raise OSError("the client's own wrapper")  # no `from`: implicit context only
+        except OSError as exc:
+            return exc
+
+    outage = translated(EndpointConnectionError(endpoint_url="http://127.0.0.1:9"))
+    assert outage.__cause__ is None and outage.__context__ is not None
+    assert unreachable(outage)
+    assert not unreachable(translated(FileNotFoundError("s3://bucket/missing")))
+    assert not unreachable(FileNotFoundError("s3://bucket/missing"))
+
+
 def test_bad_budget_setting_is_a_user_error(monkeypatch):
     from sftcurate.infra.settings import SettingsError, load_settings
 
