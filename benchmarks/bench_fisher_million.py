@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import mmap
-import os
 import resource
 import shutil
 import subprocess
@@ -88,7 +87,8 @@ def child(final_uri: str, algorithm: str, k: int, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from sftcurate.core.fisher import ShardedRows, select_from_features
+    from sftcurate.core.feature_rows import ShardedRows
+    from sftcurate.core.fisher_greedy import select_from_features
     from sftcurate.core.inputs import read_features_artifact
     from sftcurate.core.selectors.base import Budget
 

@@ -117,7 +117,8 @@ def old_lazy_greedy(obj, k: int, batch: int = 8, max_batch: int = 1024):
 
 
 def bench_old_vs_new(n, L, d, k, features=None, **gen):
-    from sftcurate.core.fisher import LogDetObjective, lazy_greedy
+    from sftcurate.core.fisher import LogDetObjective
+    from sftcurate.core.fisher_greedy import lazy_greedy
 
     x, off = features if features is not None else hidden_like(n, L, d, **gen)
     t = time.perf_counter()
@@ -135,7 +136,8 @@ def bench_dproj(x, off, k: int, d_projs=(64, 128, 256), lam: float = 1.0, pca_se
     the uncentred tokens of the first `pca_sentences` sentences, as `fit_projection` uses a 256-example sample),
     then score the picks with the FULL-d objective: kept = (f(proj picks) - f(empty)) / (f(full picks) - f(empty))."""
     from sftcurate.core.embedding import pca_projection, random_projection
-    from sftcurate.core.fisher import LogDetObjective, direct_logdet, lazy_greedy
+    from sftcurate.core.fisher import LogDetObjective, direct_logdet
+    from sftcurate.core.fisher_greedy import lazy_greedy
 
     x = np.asarray(x)
     d = x.shape[1]
@@ -180,7 +182,8 @@ def naive_evaluations(n: int, k: int) -> int:
 
 
 def bench_lazy_vs_naive(n, L, d, k, run_naive=True, **gen):
-    from sftcurate.core.fisher import LogDetObjective, lazy_greedy, naive_greedy
+    from sftcurate.core.fisher import LogDetObjective
+    from sftcurate.core.fisher_greedy import lazy_greedy, naive_greedy
 
     x, off = hidden_like(n, L, d, **gen)
     t = time.perf_counter()
@@ -236,7 +239,8 @@ def bench_gpu(n, L, d_in, d_proj, k):
     import torch
 
     from sftcurate.core.embedding import random_projection
-    from sftcurate.core.fisher import LogDetObjective, lazy_greedy
+    from sftcurate.core.fisher import LogDetObjective
+    from sftcurate.core.fisher_greedy import lazy_greedy
 
     x, off = hidden_like(n, L, d_in, seed=3)
     p = torch.from_numpy(random_projection(d_in, d_proj)).cuda()
@@ -360,7 +364,8 @@ def wide(args, skip, add, lines, failures) -> int:
             f"speedup {r['speedup']:.2f}x, identical picks {r['identical']}", "identical, >= 4x",
             r["identical"] and r["speedup"] >= 4)
     if "wide-large" not in skip:
-        from sftcurate.core.fisher import LogDetObjective, lazy_greedy
+        from sftcurate.core.fisher import LogDetObjective
+        from sftcurate.core.fisher_greedy import lazy_greedy
 
         n, k = args.wide_n, args.wide_k
         x, off = smollm_like(n)

@@ -119,7 +119,8 @@ def numpy_dense_greedy(X: np.ndarray, lam: float, k: int) -> tuple[list[int], fl
 
 
 def ours(X: np.ndarray, lam: float, k: int):
-    from sftcurate.core.fisher import LogDetObjective, lazy_greedy
+    from sftcurate.core.fisher import LogDetObjective
+    from sftcurate.core.fisher_greedy import lazy_greedy
 
     offsets = np.arange(X.shape[0] + 1, dtype=np.int64)  # L = 1: one row per sentence
     t = time.perf_counter()

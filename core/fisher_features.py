@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sftcurate.core.fisher import row_chunks
+from sftcurate.core.feature_rows import row_chunks
 
 
 def second_moment(features) -> np.ndarray:

@@ -17,7 +17,7 @@ from sftcurate.data_contracts import (
     TOKEN_FEATURES as TOKEN_FEATURES_CONTRACT, TOKEN_FEATURES_IDS, TRAJECTORIES as TRAJECTORIES_CONTRACT,
     TRAJECTORIES_IDS, ContractError,
 )
-from sftcurate.core.fisher import ShardedRows, row_chunks
+from sftcurate.core.feature_rows import ShardedRows, row_chunks
 from sftcurate.data_contracts import validate_tensors
 from sftcurate.infra.store import (exists, is_committed, join, read_bytes, read_manifest, read_table, read_tensors,
                                    root_of)

@@ -87,7 +87,7 @@ def orderings(x: np.ndarray, offsets: np.ndarray, n_max: int, seed: int, lam: fl
     import pyarrow as pa
 
     from sftcurate.core.embedding import mean_pool
-    from sftcurate.core.fisher import run_greedy
+    from sftcurate.core.fisher_greedy import run_greedy
     from sftcurate.core.selectors.base import Budget, SelectorInputs
     from sftcurate.core.selectors.density import DensitySelector
 

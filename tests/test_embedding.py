@@ -111,7 +111,7 @@ def test_final_artifact_references_memory_mapped_shards(tmp_path):
     import shutil
 
     from sftcurate.core.embedding import SHARD_KIND
-    from sftcurate.core.fisher import ShardedRows
+    from sftcurate.core.feature_rows import ShardedRows
     from sftcurate.core.inputs import read_features_artifact
     from sftcurate.data_contracts import TOKEN_FEATURES, TOKEN_FEATURES_IDS
     from sftcurate.infra.store import read_manifest

@@ -6,8 +6,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from sftcurate.core.fisher import (LogDetObjective, direct_logdet, lazy_greedy, naive_greedy, run_greedy,
-                          select_from_features, stochastic_greedy)
+from sftcurate.core.fisher import LogDetObjective, direct_logdet
+from sftcurate.core.fisher_greedy import (lazy_greedy, naive_greedy, run_greedy, select_from_features,
+                                          stochastic_greedy)
 from sftcurate.core.selectors import Budget, SelectorInputs, get_selector
 
 
@@ -187,7 +188,7 @@ def test_float32_screen_within_margin_on_ill_conditioned_features():
 
 
 def test_sharded_rows_give_the_same_picks():
-    from sftcurate.core.fisher import ShardedRows
+    from sftcurate.core.feature_rows import ShardedRows
 
     x, off = instance(4, n=90, d=5)
     cut = int(off[40])

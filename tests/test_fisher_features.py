@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sftcurate.core.fisher import run_greedy
+from sftcurate.core.fisher_greedy import run_greedy
 from sftcurate.core.fisher_features import feature_diagnostics, prepare_features, second_moment
 
 
@@ -59,7 +59,7 @@ def test_unknown_variant_is_refused():
 def test_variants_stream_sharded_features_to_the_same_result():
     """Memory-mapped shards (`ShardedRows`, read a block at a time) give what one in-memory array gives, and what
     the variants' formulas say, computed whole in float64."""
-    from sftcurate.core.fisher import ShardedRows
+    from sftcurate.core.feature_rows import ShardedRows
 
     x, _ = pool(3)
     cuts = [0, 50, 51, 200]

@@ -21,7 +21,7 @@ class FisherSFTSelector(Selector):
     Params = FisherSFTParams
 
     def select(self, inputs: SelectorInputs, budget: Budget, seed: int) -> SelectionResult:
-        from sftcurate.core.fisher import select_from_features
+        from sftcurate.core.fisher_greedy import select_from_features
 
         if inputs.token_features is None:
             raise ValueError("fishersft: no token features were loaded (requirement 'token_features')")

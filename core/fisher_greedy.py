@@ -1,0 +1,322 @@
+"""Greedy optimizers for FisherSFT's log-det objective (`core.fisher.LogDetObjective`): naive, lazy (stale
+gains are upper bounds, so it picks exactly what the naive greedy picks) and stochastic, each under a sentence
+count or a token budget, ties broken by the lowest index after `quantize`."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sftcurate.core.feature_rows import check_features
+from sftcurate.core.fisher import LogDetObjective, quantize
+from sftcurate.infra import progress
+
+
+@dataclass
+class GreedyResult:
+    picks: list[int]
+    gains: list[float]
+    objective: float               # log det A of the picked set (lam*I included)
+    initial: float                 # log det(lam*I) = d log lam; objective - initial = sum(gains)
+    evaluations: int               # single-sentence gain evaluations
+    seconds: float
+    algorithm: str
+    info: dict = field(default_factory=dict)
+
+
+def _setup(obj, k, token_budget, costs):
+    n = obj.n
+    costs = np.asarray(obj.lengths if costs is None else costs, dtype=np.int64)
+    if k is None and token_budget is None:
+        raise ValueError("set k (sentences) or token_budget (tokens)")
+    k = n if k is None else min(int(k), n)
+    fits = np.ones(n, dtype=bool) if token_budget is None else costs <= token_budget
+    return k, costs, fits
+
+
+def _keys(gains: np.ndarray, cand: np.ndarray, costs: np.ndarray, rule: str) -> np.ndarray:
+    if rule == "ratio":
+        return quantize(gains / np.maximum(costs[cand], 1))
+    return quantize(gains)
+
+
+def _check_rule(rule: str, token_budget) -> str:
+    if rule not in ("gain", "ratio"):
+        raise ValueError(f"rule must be 'gain' or 'ratio', got '{rule}'")
+    return rule if token_budget is not None else "gain"
+
+
+def report_pick(n_picks: int, k: int, used: int, token_budget: int | None) -> None:
+    """Progress of a greedy: tokens spent of a token budget, else picks of k."""
+    if token_budget is not None:
+        progress.step("greedy", min(used, token_budget), token_budget, unit="tokens")
+    else:
+        progress.step("greedy", n_picks, k, unit="picks")
+
+
+def _sampled_greedy(obj: LogDetObjective, k, token_budget, costs, rule: str, fits, candidates) -> tuple:
+    """The greedy loop naive and stochastic greedy share: each step drops what no longer fits the budget,
+    evaluates `candidates(remaining)` (positions into `remaining`, ascending) and takes the best key, lowest
+    index on ties. Returns (picks, gains, tokens used)."""
+    remaining = np.flatnonzero(fits)
+    used, picks, gains = 0, [], []
+    while len(picks) < k:
+        if token_budget is not None:
+            remaining = remaining[costs[remaining] <= token_budget - used]
+        if len(remaining) == 0:
+            break
+        positions = candidates(remaining)
+        sample = remaining[positions]
+        keys = _keys(obj.gains(sample), sample, costs, rule)
+        j = int(np.argmax(keys))  # sample is ascending: argmax returns the lowest index among ties
+        i = int(sample[j])
+        gains.append(obj.add(i))
+        picks.append(i)
+        used += int(costs[i])
+        remaining = np.delete(remaining, positions[j])
+        report_pick(len(picks), k, used, token_budget)
+    return picks, gains, used
+
+
+def naive_greedy(obj: LogDetObjective, k: int | None = None, token_budget: int | None = None,
+                 costs=None, rule: str = "ratio") -> GreedyResult:
+    """Re-evaluates every remaining candidate at every step (batched), picks the best key, lowest index on ties."""
+    t0 = time.perf_counter()
+    rule = _check_rule(rule, token_budget)
+    k, costs, fits = _setup(obj, k, token_budget, costs)
+    picks, gains, used = _sampled_greedy(obj, k, token_budget, costs, rule, fits, lambda rem: np.arange(len(rem)))
+    return GreedyResult(picks, gains, obj.value(), obj.initial_value(), obj.n_evals,
+                        time.perf_counter() - t0, "naive", {"rule": rule, "tokens": used})
+
+
+class _Front:
+    """The alive candidates with the `size` highest upper-bound keys, ascending by index; every other alive
+    candidate's bound is at most `outside`. A step decides within the front while its best key exceeds
+    `outside` (then no outside candidate can win or tie), so per-round work is O(size), not O(N)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.idx = np.zeros(0, dtype=np.int64)
+        self.outside = math.inf
+
+    def refill(self, ub: np.ndarray, affordable: np.ndarray | None) -> None:
+        ok = ub > -math.inf if affordable is None else (ub > -math.inf) & affordable
+        alive = np.flatnonzero(ok)
+        if len(alive) <= self.size:
+            self.idx, self.outside = alive, -math.inf
+            return
+        vals = ub[alive]
+        cut = np.partition(vals, len(vals) - self.size)[len(vals) - self.size]
+        inside = vals >= cut
+        self.idx, self.outside = alive[inside], float(vals[~inside].max())
+
+
+class _LazyState:
+    """Upper/lower bound keys of every candidate and what is known about each at the current step.
+
+    ub: an upper bound of the candidate's exact (float64, quantized) key: a stale key, a Jensen trace bound or a
+    float32 gain plus its margin. At the current step a candidate may be `fresh` (float32 gain known, lb a lower
+    bound of the key) and then `exact` (float64 key known, ub == lb == key)."""
+
+    def __init__(self, obj: LogDetObjective, costs: np.ndarray, rule: str, fits: np.ndarray, front: int,
+                 batch: int, max_batch: int):
+        n = obj.n
+        self.obj, self.costs, self.batch, self.max_batch = obj, costs, batch, max_batch
+        self.div = np.maximum(costs, 1).astype(np.float64) if rule == "ratio" else np.ones(n)
+        self.ub = np.where(fits, math.inf, -math.inf)
+        self.lb = np.full(n, -math.inf)
+        self.g32 = np.full(n, np.nan)
+        self.eps = np.zeros(n)
+        self.fresh = np.full(n, -1, dtype=np.int64)
+        self.exact = np.zeros(n, dtype=bool)
+        self.affordable: np.ndarray | None = None
+        self.front = _Front(front)
+        self.tau = self._evaluate(np.flatnonzero(fits), 0, -math.inf)  # every gain at A = lam I, in float32
+        self.last_block = batch
+        self.screened_bounds: list[np.ndarray] = []
+        self.stats = {"rounds": 0, "rechecks": 0, "margin_violations": 0, "max_error_over_margin": 0.0}
+
+    def _evaluate(self, cand: np.ndarray, step: int, tau: float) -> float:
+        """Screen `cand` in float32 against `tau`; returns the best lower-bound key found (or tau)."""
+        if len(cand) == 0:
+            return tau
+        g, ub, eps = self.obj.screen32(cand, tau, self.div[cand])
+        self.ub[cand] = np.minimum(self.ub[cand], quantize(ub / self.div[cand]))
+        full = np.isfinite(g)
+        idx = cand[full]
+        if len(idx) == 0:
+            return tau
+        self.g32[idx], self.eps[idx] = g[full], eps[full]
+        self.lb[idx] = quantize((g[full] - eps[full]) / self.div[idx])
+        self.fresh[idx], self.exact[idx] = step, False
+        return max(tau, float(self.lb[idx].max()))
+
+    def _recheck(self, F: np.ndarray, step: int) -> None:
+        """Float64 gains of the fresh float32 candidates that can still win (ub >= tau)."""
+        idx = F[(self.fresh[F] == step) & ~self.exact[F] & (self.ub[F] >= self.tau)]
+        g64 = self.obj.gains(idx)
+        ratio = np.abs(g64 - self.g32[idx]) / np.maximum(self.eps[idx], 1e-300)
+        self.stats["max_error_over_margin"] = max(self.stats["max_error_over_margin"], float(ratio.max()))
+        if (ratio > 0.5).any():  # closer to the margin than ever measured: widen it for the rest of the run
+            self.stats["margin_violations"] += int((ratio > 0.5).sum())
+            self.obj.kappa *= 4.0
+        keys = quantize(g64 / self.div[idx])
+        self.ub[idx] = self.lb[idx] = keys
+        self.exact[idx] = True
+        self.tau = max(self.tau, float(keys.max()))
+        self.stats["rechecks"] += len(idx)
+
+    def _block(self, F: np.ndarray, step: int, size: int) -> None:
+        """Screen the `size` stale candidates with the highest bounds; the first few in full to set tau."""
+        cand = F[(self.fresh[F] != step) & (self.ub[F] > -math.inf)]
+        if size < len(cand):
+            cand = cand[np.argpartition(-self.ub[cand], size - 1)[:size]]
+        self.screened_bounds.append(self.ub[cand].copy())
+        if self.tau == -math.inf:
+            head = np.argsort(-self.ub[cand], kind="stable")[:8]
+            self.tau = self._evaluate(cand[head], step, -math.inf)
+            cand = np.delete(cand, head)
+        self.tau = self._evaluate(cand, step, self.tau)
+        self.stats["rounds"] += 1
+
+    def next_pick(self, step: int, remaining: int | None) -> int | None:
+        """The naive greedy's pick at this step (best exact key, lowest index on ties), or None."""
+        if remaining is not None:
+            self.affordable = self.costs <= remaining
+            F = self.front.idx
+            self.ub[F[~self.affordable[F]]] = -math.inf  # can never fit again: the budget only shrinks
+        if step > 0:
+            self.tau = -math.inf
+        size, self.screened_bounds = self.last_block, []
+        while True:
+            F = self.front.idx
+            u = self.ub[F]
+            j = int(np.argmax(u)) if len(F) else 0
+            if not len(F) or u[j] <= self.front.outside:  # the front no longer decides: take the next best
+                if not len(F) and self.front.outside == -math.inf and step > 0:
+                    return None
+                self.front.refill(self.ub, self.affordable)
+                if not len(self.front.idx):
+                    return None
+                continue
+            top = int(F[j])
+            if u[j] == -math.inf:
+                return None
+            if self.fresh[top] == step and self.exact[top]:
+                # next step's first block: as many as had to be screened here (bounds at least the pick's key)
+                needed = sum(int((b >= u[j]).sum()) for b in self.screened_bounds)
+                self.last_block = int(np.clip(needed + needed // 4, self.batch, self.max_batch))
+                return top
+            if self.fresh[top] == step:
+                self._recheck(F, step)
+            else:
+                self._block(F, step, size)
+                size = min(2 * size, self.max_batch)
+
+
+def lazy_greedy(obj: LogDetObjective, k: int | None = None, token_budget: int | None = None,
+                costs=None, rule: str = "ratio", batch: int = 64, max_batch: int = 8192,
+                front: int = 1 << 16) -> GreedyResult:
+    """Lazy greedy (Minoux 1978) with float32 screening and float64 decisions: exactly the naive greedy's picks.
+
+    Every candidate keeps an upper bound of its exact key (stale gains only shrink: submodularity). A step
+    screens blocks of the highest-bound stale candidates in float32: a trace (Jensen) bound first, which drops
+    most of them at half the cost, then the float32 gain with a rounding margin for the rest; the float32
+    candidates that can still win are re-evaluated in float64, and a candidate is picked only when its float64
+    key is at least every other bound (ties: lowest index, as in naive greedy). Block sizes follow the previous
+    step's work (`batch` .. `max_batch`); all bookkeeping is on numpy arrays over the `front` best bounds.
+    """
+    t0 = time.perf_counter()
+    rule = _check_rule(rule, token_budget)
+    k, costs, fits = _setup(obj, k, token_budget, costs)
+    st = _LazyState(obj, costs, rule, fits, front, batch, max_batch)
+    used, picks, gains = 0, [], []
+    while len(picks) < k:
+        i = st.next_pick(len(picks), None if token_budget is None else token_budget - used)
+        if i is None:
+            break
+        gains.append(obj.add(i))
+        picks.append(i)
+        used += int(costs[i])
+        st.ub[i] = -math.inf
+        report_pick(len(picks), k, used, token_budget)
+    info = {"rule": rule, "tokens": used, "screens": obj.n_screens, **st.stats}
+    return GreedyResult(picks, gains, obj.value(), obj.initial_value(), obj.n_evals,
+                        time.perf_counter() - t0, "lazy", info)
+
+
+def stochastic_greedy(obj: LogDetObjective, k: int | None = None, token_budget: int | None = None,
+                      costs=None, rule: str = "ratio", epsilon: float = 0.1, seed: int = 0) -> GreedyResult:
+    """Stochastic greedy (Mirzasoleiman et al., 2015): each step evaluates a seeded random sample of
+    s = ceil((N / K) * ln(1 / epsilon)) remaining candidates and takes its best (lowest index on ties);
+    expected approximation 1 - 1/e - epsilon. With only a token budget, K is estimated as
+    token_budget / mean cost of the fitting candidates."""
+    if not 0 < epsilon < 1:
+        raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
+    t0 = time.perf_counter()
+    rule = _check_rule(rule, token_budget)
+    k, costs, fits = _setup(obj, k, token_budget, costs)
+    rng = np.random.default_rng(seed)
+    k_est = k
+    if token_budget is not None and fits.any():
+        k_est = min(k, max(1, int(token_budget / max(costs[fits].mean(), 1))))
+    s = max(1, int(math.ceil(obj.n / max(k_est, 1) * math.log(1.0 / epsilon))))
+
+    def sample(remaining: np.ndarray) -> np.ndarray:
+        if s < len(remaining):
+            return np.sort(rng.choice(len(remaining), size=s, replace=False))
+        return np.arange(len(remaining))
+
+    picks, gains, used = _sampled_greedy(obj, k, token_budget, costs, rule, fits, sample)
+    return GreedyResult(picks, gains, obj.value(), obj.initial_value(), obj.n_evals,
+                        time.perf_counter() - t0, "stochastic",
+                        {"rule": rule, "tokens": used, "sample_size": s, "epsilon": epsilon, "seed": seed})
+
+
+ALGORITHMS = {"lazy": lazy_greedy, "naive": naive_greedy, "stochastic": stochastic_greedy}
+
+
+def run_greedy(features, offsets, lam: float = 1.0, algorithm: str = "lazy", k: int | None = None,
+               token_budget: int | None = None, costs=None, seed: int = 0, epsilon: float = 0.1,
+               rule: str = "celf", device=None) -> GreedyResult:
+    """`rule="celf"` under a token budget runs the cost-benefit (ratio) greedy and the plain gain greedy and keeps
+    the higher objective (Leskovec et al., KDD 2007): ratio greedy alone can be arbitrarily bad when one long,
+    very informative sentence loses to many short ones; the better of the two is within (1 - 1/e) / 2 of
+    the optimum."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm '{algorithm}' is unknown; choose one of {sorted(ALGORITHMS)}")
+    if rule not in ("celf", "ratio", "gain"):
+        raise ValueError(f"rule must be 'celf', 'ratio' or 'gain', got '{rule}'")
+    if rule == "celf" and token_budget is not None:
+        runs = [run_greedy(features, offsets, lam, algorithm, k, token_budget, costs, seed, epsilon, r, device)
+                for r in ("ratio", "gain")]
+        best = max(runs, key=lambda r: (r.objective, r.info["rule"] == "ratio"))
+        best.info.update(rule="celf", celf_winner=best.info["rule"],
+                         celf_objectives={r.info["rule"]: r.objective for r in runs})
+        best.evaluations = sum(r.evaluations for r in runs)
+        best.seconds = sum(r.seconds for r in runs)
+        return best
+    obj = LogDetObjective(features, offsets, lam=lam, device=device)
+    kwargs = {"k": k, "token_budget": token_budget, "costs": costs, "rule": "ratio" if rule == "celf" else rule}
+    if algorithm == "stochastic":
+        kwargs.update(epsilon=epsilon, seed=seed)
+    return ALGORITHMS[algorithm](obj, **kwargs)
+
+
+def select_from_features(features, offsets, budget, lam: float = 1.0, algorithm: str = "lazy", seed: int = 0,
+                         epsilon: float = 0.1, rule: str = "celf", device=None):
+    """FisherSFT on in-memory features under a `Budget` (examples and/or tokens; a sentence costs its rows)."""
+    from sftcurate.core.selectors.base import SelectionResult
+
+    features, offsets = check_features(features, offsets)
+    lengths = np.diff(offsets)
+    budget.check(len(lengths), int(offsets[-1]))
+    res = run_greedy(features, offsets, lam=lam, algorithm=algorithm, k=budget.examples,
+                     token_budget=budget.tokens, costs=lengths, seed=seed, epsilon=epsilon, rule=rule,
+                     device=device)
+    info = {"algorithm": res.algorithm, "lam": lam, "evaluations": res.evaluations, "seconds": round(res.seconds, 3),
+            "n": len(lengths), "d": int(features.shape[1]), "objective_initial": res.initial,
+            "tokens": int(lengths[res.picks].sum()) if res.picks else 0, **res.info}
+    return SelectionResult(indices=res.picks, gains=res.gains, objective=res.objective, info=info)
