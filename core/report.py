@@ -114,9 +114,20 @@ def _row(method, budget, ci, diff, per_group, cover, judge, tokens_seen, steps, 
 
 def markdown_table(cfg: CompareConfig, rows: list[dict], methods: list[str], train_tokens: dict[int, int],
                    note: str | None, sanity: dict) -> str:
-    unit = "examples" if cfg.budget_unit == "examples" else "loss tokens"
     by = {(r["method"], r["budget"]): r for r in rows}
     head = "| Method | " + " | ".join(str(b) for b in cfg.budgets) + " |\n|---|" + "---|" * len(cfg.budgets)
+    lines = _loss_sections(cfg, by, methods, train_tokens, head)
+    lines += _group_section(cfg, by, methods)
+    lines += _judge_sections(cfg, by, methods, sanity, head)
+    if note:
+        lines += ["", f"**Judge caveat:** {note}."]
+    return "\n".join(lines) + "\n"
+
+
+def _loss_sections(cfg: CompareConfig, by: dict, methods: list[str], train_tokens: dict[int, int],
+                   head: str) -> list[str]:
+    """The recipe, held-out loss per cell, the difference to uniform and on its worst testable group."""
+    unit = "examples" if cfg.budget_unit == "examples" else "loss tokens"
     ft = cfg.finetune
     recipe = (f"{'full fine-tuning' if ft.full else f'LoRA r={ft.lora_r} alpha={ft.lora_alpha}'}, batch "
               f"{ft.batch_size}, lr {ft.learning_rate:g}, max length {ft.max_length}")
@@ -146,7 +157,13 @@ def markdown_table(cfg: CompareConfig, rows: list[dict], methods: list[str], tra
             f"[{_fmt(by[(m, b)]['worst_group_delta_ci_low'], signed=True)}, "
             f"{_fmt(by[(m, b)]['worst_group_delta_ci_high'], signed=True)}] **{by[(m, b)]['worst_group_verdict']}**"
             for b in cfg.budgets) + " |")
-    lines += ["", "## Groups: the worst group's held-out loss, and the selection's coverage of the pool's groups", "",
+    return lines
+
+
+def _group_section(cfg: CompareConfig, by: dict, methods: list[str]) -> list[str]:
+    """Each cell's worst group and its coverage of the pool's groups."""
+    base = by[("base", 0)]
+    lines = ["", "## Groups: the worst group's held-out loss, and the selection's coverage of the pool's groups", "",
               "| Method | Budget | worst group | its loss | groups with a pick | share distance to the pool "
               "(0 = the pool's mix) | loss tokens trained | steps |", "|---|---|---|---|---|---|---|---|"]
     lines.append(f"| base | - | {base['worst_group']} | {_fmt(base['worst_group_loss'])} | - | - | 0 | 0 |")
@@ -156,9 +173,14 @@ def markdown_table(cfg: CompareConfig, rows: list[dict], methods: list[str], tra
             lines.append(f"| {m} | {b} | {r['worst_group']} | {_fmt(r['worst_group_loss'])} | "
                          f"{r['groups_covered']}/{r['groups']} | {_fmt(r['share_distance'], '.3f')} | "
                          f"{r['trained_tokens']:,.0f} | {r['steps']:g} |")
+    return lines
+
+
+def _judge_sections(cfg: CompareConfig, by: dict, methods: list[str], sanity: dict, head: str) -> list[str]:
+    """The judge's sanity check, win rates against uniform and their tallies and biases."""
     judged = [m for m in methods[1:] if m != FULL]
     trusted = bool(sanity.get("trusted"))
-    lines += ["", f"**Judge sanity check:** on {sanity['pairs']} pairs whose better side is known (a held-out "
+    lines = ["", f"**Judge sanity check:** on {sanity['pairs']} pairs whose better side is known (a held-out "
               f"reference against another prompt's reference, a truncated or a shuffled text, both orders) the judge "
               f"picked the reference in {_pct(sanity['accuracy'])}% (needs {_pct(sanity.get('threshold', 0.8))}%), "
               f"position bias {_fmt(sanity['position_bias'], '.2f')}: "
@@ -182,9 +204,7 @@ def markdown_table(cfg: CompareConfig, rows: list[dict], methods: list[str], tra
             lines.append(f"| {m} | {b} | {r['wins']} | {r['losses']} | {r['ties']} | {r['errors']} | "
                          f"{_fmt(r['position_bias'], '.2f')} | {_fmt(r['longer_won'], '.2f')} | "
                          f"{_pct(r['lc_win_rate'])} |")
-    if note:
-        lines += ["", f"**Judge caveat:** {note}."]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def csv_bytes(rows: list[dict]) -> bytes:

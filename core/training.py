@@ -157,6 +157,23 @@ class TrainStats:
         return self.losses[-1] if self.losses else float("nan")
 
 
+def optimizer_step(model, optimizer, params: list, batch: list, lr: float, max_grad_norm: float) -> tuple[float, int]:
+    """One AdamW step at `lr` on the mean loss over the batch's loss tokens, gradients clipped to
+    `max_grad_norm`. Returns (that loss, loss tokens)."""
+    import torch
+
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    ids, attn, labels = batch
+    loss_sum, n_tok = token_loss_sum(model, ids, attn, labels)
+    loss = loss_sum / max(n_tok, 1)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    return float(loss.detach()), n_tok
+
+
 def train(model, pad_id: int, encoded: list[Encoded], recipe: Recipe, *, checkpoints: CheckpointSink | None = None,
           save_at: Callable[[int], bool] = lambda step: False, run_id: str | None = None, metric_prefix: str = "",
           log=None, section: str = "training") -> TrainStats:
@@ -195,19 +212,12 @@ def train(model, pad_id: int, encoded: list[Encoded], recipe: Recipe, *, checkpo
         window: list[float] = []
         for step in range(start or 0, recipe.steps):
             lr = recipe.lr(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            ids, attn, labels = (t.to(device) for t in collate([encoded[i] for i in schedule[step]], pad_id, pad_to))
-            loss_sum, n_tok = token_loss_sum(model, ids, attn, labels)
-            loss = loss_sum / max(n_tok, 1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
-            optimizer.step()
-            value = float(loss.detach())
+            batch = [t.to(device) for t in collate([encoded[i] for i in schedule[step]], pad_id, pad_to)]
+            value, n_tok = optimizer_step(model, optimizer, params, batch, lr, recipe.max_grad_norm)
             if not math.isfinite(value):
                 raise UserError(f"{section}: the training loss became {value} at step {step + 1}; lower "
                                 f"{section}.learning_rate")
+            attn = batch[1]
             done = step + 1
             stats.steps = done
             stats.tokens_seen += n_tok
