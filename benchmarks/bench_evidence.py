@@ -7,6 +7,9 @@ Two real corpora with a group column, both from Python's own documentation as De
   design, library, extending, windows, gui, installed).
 - `python-howto`: the HOWTO guides cut into sections; prompt = guide and section title, response = the section
   text; group = the guide.
+- `python-faq-redundant`: python-faq whose largest training group (programming) is over-represented by
+  near-copies (3 templated rephrasings of each question, same answer), the held-out split unchanged: the pool a
+  templating data generator leaves, where a sample of the pool's own distribution is no longer the target's.
 
 Each corpus runs the `compare` flow with the built-in SmolLM2-135M-Instruct as target (LoRA), every selector
 plus the reference rows (base model, uniform, the full pool at the same token compute), R replicates and two
@@ -108,7 +111,39 @@ def howto_records(src: Path) -> list[dict]:
     return records
 
 
-CORPORA = {"python-faq": faq_records, "python-howto": howto_records}
+# Prompt templates for the redundant pool's near-copies: the same answer asked again in other words, as a
+# templated or paraphrasing data generator produces them (exact copies would be removed at ingest).
+COPY_TEMPLATES = ["Question: {q}", "Q: {q}", "FAQ: {q}", "Please answer this Python FAQ: {q}", "{q} (Python FAQ)",
+                  "Could you explain this? {q}", "I have a question about Python. {q}", "Python question: {q}"]
+COPIES = 3
+
+
+def faq_redundant_records(src: Path, heldout_fraction: float = 0.15) -> list[dict]:
+    """python-faq with its largest group over-represented by near-copies: every training record of the group with
+    the most training records gets COPIES more records with the same answer and a templated prompt. Copies are
+    made only of records in the training split, and only with templates whose example id also falls in it, so
+    the held-out split is exactly python-faq's (same records, same distribution) and no copy of a held-out
+    record is ever trained on. The group is fixed by the training split's sizes alone."""
+    from collections import Counter
+
+    from sftcurate.core.ingest import example_id, is_heldout
+
+    records = faq_records(src)
+    held = is_heldout([example_id(r["instruction"], r["output"]) for r in records], heldout_fraction)
+    train = [r for r, h in zip(records, held) if not h]
+    group = Counter(r["group"] for r in train).most_common(1)[0][0]
+    copies = []
+    for r in train:
+        if r["group"] != group:
+            continue
+        prompts = [t.format(q=r["instruction"]) for t in COPY_TEMPLATES]
+        kept = [q for q, h in zip(prompts, is_heldout([example_id(q, r["output"]) for q in prompts],
+                                                      heldout_fraction)) if not h]
+        copies += [dict(r, instruction=q) for q in kept[:COPIES]]
+    return records + copies
+
+
+CORPORA = {"python-faq": faq_records, "python-howto": howto_records, "python-faq-redundant": faq_redundant_records}
 
 
 # ---------------------------------------------------------------- the runs
