@@ -216,22 +216,38 @@ def csv_bytes(rows: list[dict]) -> bytes:
 
 
 def plot_png(cfg: CompareConfig, rows: list[dict], methods: list[str]) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig = plot_figure(cfg, rows, methods)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_figure(cfg: CompareConfig, rows: list[dict], methods: list[str]):
+    """Held-out loss and the difference to uniform by budget. A method keeps its colour in both panels, and the
+    methods are spread a little along x so intervals at one budget do not hide each other."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for m in methods:
+    budgets = sorted(set(cfg.budgets))
+    gap = min((b - a for a, b in zip(budgets, budgets[1:])), default=max(budgets[0], 1))
+    for i, m in enumerate(methods):
+        style = {"marker": "o", "capsize": 3, "label": m, "color": f"C{i}"}
+        shift = (i - (len(methods) - 1) / 2) * 0.03 * gap
         rs = [r for r in rows if r["method"] == m]
-        x = [r["budget"] for r in rs]
+        x = [r["budget"] + shift for r in rs]
         y = [r["heldout_loss"] for r in rs]
         ax1.errorbar(x, y, yerr=[[a - r["loss_ci_low"] for a, r in zip(y, rs)],
-                                 [r["loss_ci_high"] - a for a, r in zip(y, rs)]], marker="o", capsize=3, label=m)
+                                 [r["loss_ci_high"] - a for a, r in zip(y, rs)]], **style)
         if m != BASELINE:
             d = [r["delta_vs_uniform"] for r in rs]
             ax2.errorbar(x, d, yerr=[[a - r["delta_ci_low"] for a, r in zip(d, rs)],
-                                     [r["delta_ci_high"] - a for a, r in zip(d, rs)]], marker="o", capsize=3, label=m)
+                                     [r["delta_ci_high"] - a for a, r in zip(d, rs)]], **style)
     base = next(r for r in rows if r["method"] == "base")
     ax1.axhline(base["heldout_loss"], color="grey", linestyle="--", label="base model")
     ax2.axhline(0, color="grey", linestyle="--", label="uniform")
@@ -239,13 +255,11 @@ def plot_png(cfg: CompareConfig, rows: list[dict], methods: list[str]) -> bytes:
     ax1.set(xlabel=f"budget ({unit})", ylabel="held-out loss", title="held-out loss, 95% interval")
     ax2.set(xlabel=f"budget ({unit})", ylabel="loss - uniform's", title="difference to uniform, 95% paired interval")
     for ax in (ax1, ax2):
+        ax.set_xticks(budgets)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return fig
 
 
 def commit_report(cfg: CompareConfig, rows: list[dict], cells: dict, base_uri: str, sanity_uri: str,

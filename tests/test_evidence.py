@@ -84,3 +84,33 @@ def test_worst_group_difference_sees_a_gain_the_mean_hides():
     assert evidence.testable_groups(tiny) == {"common"}
     assert evidence.worst_group(per_group, among=evidence.testable_groups(tiny))[0] == "common"
     assert evidence.worst_group(per_group, among=set()) == (None, None)
+
+
+def test_report_plot_keeps_each_methods_colour_in_both_panels_and_separates_their_intervals():
+    """The difference panel has no uniform line; a method must still have the colour it has in the loss panel,
+    and intervals at one budget must not sit on top of each other."""
+    from types import SimpleNamespace
+
+    import matplotlib.pyplot as plt
+
+    from sftcurate.core.report import plot_figure
+
+    methods = ["uniform", "fishersft", "s2l", "full"]
+    rows = [{"method": "base", "budget": 0, "heldout_loss": 3.0}]
+    for i, m in enumerate(methods):
+        for b in (3000, 6000):
+            loss = 2.9 - 0.01 * i
+            rows.append({"method": m, "budget": b, "heldout_loss": loss, "loss_ci_low": loss - 0.4,
+                         "loss_ci_high": loss + 0.4, "delta_vs_uniform": None if m == "uniform" else -0.01 * i,
+                         "delta_ci_low": None if m == "uniform" else -0.01 * i - 0.03,
+                         "delta_ci_high": None if m == "uniform" else -0.01 * i + 0.03})
+    fig = plot_figure(SimpleNamespace(budget_unit="tokens", budgets=[3000, 6000]), rows, methods)
+    loss_ax, diff_ax = fig.axes
+    colour = {c.get_label(): c.lines[0].get_color() for c in loss_ax.containers}
+    assert len(set(colour.values())) == len(methods)
+    for c in diff_ax.containers:
+        assert c.lines[0].get_color() == colour[c.get_label()], c.get_label()
+    assert {c.get_label() for c in diff_ax.containers} == set(methods) - {"uniform"}
+    xs = [float(c.lines[0].get_xdata()[0]) for c in loss_ax.containers]
+    assert len(set(xs)) == len(methods) and max(xs) - min(xs) < 300
+    plt.close(fig)
