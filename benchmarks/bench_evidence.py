@@ -238,6 +238,16 @@ def composition(summary: dict) -> list[str]:
     return lines
 
 
+def redraw_plot(name: str, summary: dict) -> None:
+    """The report's plot drawn again from a saved summary's rows with today's plotting code (same numbers)."""
+    from types import SimpleNamespace
+
+    from sftcurate.core.report import plot_png
+
+    cfg = SimpleNamespace(budget_unit=summary["budget_unit"], budgets=summary["budgets"])
+    (REPO / "docs" / f"evidence-{name}.png").write_bytes(plot_png(cfg, summary["rows"], summary["methods"]))
+
+
 def replace_generated(out: Path, generated: str, title: str) -> Path:
     """Put `generated` (START ... END) into the markdown file `out` in place of its previous generated section,
     keeping the hand-written analysis around it; a new file starts with `title`."""
@@ -295,6 +305,7 @@ def main() -> int:
                 print(f"{name}: no saved summary ({saved}); skipped", flush=True)
                 continue
             summary = json.loads(saved.read_text())
+            redraw_plot(name, summary)
         else:
             data = work / f"{name}.jsonl"
             data.write_text("".join(json.dumps(r) + "\n" for r in records))
