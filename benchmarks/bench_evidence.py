@@ -1,6 +1,6 @@
 """Evidence: does a FisherSFT or S2L selection beat a random sample of the same loss tokens, on real data?
 
-Two real corpora with a group column, both from Python's own documentation as Debian ships it (package
+Two real corpora with a group column (and a third pool made from the first), from Python's own documentation as Debian ships it (package
 `python3.11-doc`, fetched with `apt-get download` when it is not on disk; nothing else is downloaded):
 
 - `python-faq`: the Python FAQ, every question and its answer; group = the FAQ page (general, programming,
@@ -17,7 +17,8 @@ token budgets. The defaults of the selectors are the shipped ones (nothing here 
 splits). The result is written to docs/EVIDENCE.md between the generated markers whatever it says, with the
 report PNG of each corpus; the analysis above the markers is written by hand from these numbers.
 
-    python benchmarks/bench_evidence.py            # the full run (about an hour on a 2-core CPU)
+    python benchmarks/bench_evidence.py            # the full run (about two hours on a 2-core CPU)
+    python benchmarks/bench_evidence.py --corpora python-faq-redundant   # one pool (41 min)
     python benchmarks/bench_evidence.py --quick    # one corpus, one budget, 2 replicates (minutes)
 
 On a GPU (`SFTCURATE_DEVICE=cuda` or detected) it uses larger budgets and more replicates.
