@@ -1,7 +1,8 @@
 """Evidence: does a FisherSFT or S2L selection beat a random sample of the same loss tokens, on real data?
 
-Two real corpora with a group column (and a third pool made from the first), from Python's own documentation as Debian ships it (package
-`python3.11-doc`, fetched with `apt-get download` when it is not on disk; nothing else is downloaded):
+Two real corpora with a group column (and a third pool made from the first), from Python's own documentation
+as Debian ships it (package `python3.11-doc`, fetched with `apt-get download` when it is not on disk; nothing
+else is downloaded):
 
 - `python-faq`: the Python FAQ, every question and its answer; group = the FAQ page (general, programming,
   design, library, extending, windows, gui, installed).
