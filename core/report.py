@@ -216,9 +216,9 @@ def csv_bytes(rows: list[dict]) -> bytes:
 
 
 def plot_png(cfg: CompareConfig, rows: list[dict], methods: list[str]) -> bytes:
+    fig = plot_figure(cfg, rows, methods)  # selects the Agg backend before pyplot is imported here
     import matplotlib.pyplot as plt
 
-    fig = plot_figure(cfg, rows, methods)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)

@@ -157,9 +157,10 @@ class TrainStats:
         return self.losses[-1] if self.losses else float("nan")
 
 
-def optimizer_step(model, optimizer, params: list, batch: list, lr: float, max_grad_norm: float) -> tuple[float, int]:
+def optimizer_step(model, optimizer, params: list, batch: tuple, lr: float, max_grad_norm: float) -> tuple[float, int]:
     """One AdamW step at `lr` on the mean loss over the batch's loss tokens, gradients clipped to
-    `max_grad_norm`. Returns (that loss, loss tokens)."""
+    `max_grad_norm`; `batch` is (ids, attention mask, labels) on the model's device. Returns (that loss, loss
+    tokens)."""
     import torch
 
     for group in optimizer.param_groups:
@@ -212,12 +213,11 @@ def train(model, pad_id: int, encoded: list[Encoded], recipe: Recipe, *, checkpo
         window: list[float] = []
         for step in range(start or 0, recipe.steps):
             lr = recipe.lr(step)
-            batch = [t.to(device) for t in collate([encoded[i] for i in schedule[step]], pad_id, pad_to)]
-            value, n_tok = optimizer_step(model, optimizer, params, batch, lr, recipe.max_grad_norm)
+            ids, attn, labels = (t.to(device) for t in collate([encoded[i] for i in schedule[step]], pad_id, pad_to))
+            value, n_tok = optimizer_step(model, optimizer, params, (ids, attn, labels), lr, recipe.max_grad_norm)
             if not math.isfinite(value):
                 raise UserError(f"{section}: the training loss became {value} at step {step + 1}; lower "
                                 f"{section}.learning_rate")
-            attn = batch[1]
             done = step + 1
             stats.steps = done
             stats.tokens_seen += n_tok
