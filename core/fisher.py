@@ -165,8 +165,10 @@ class LogDetObjective:
                 for lo, block in self.rows.chunks():
                     b = np.asarray(block, dtype=np.float64)
                     row[lo + 1:lo + 1 + len(b)] = np.einsum("ij,ij->i", b, b)
-            else:
-                row[1:] = self.X.double().square().sum(1).cpu().numpy()
+            else:  # a block at a time: a whole float64 copy of 10^6 sentences' features would not fit on a GPU
+                for lo in range(0, T, self.batch_rows * 16):
+                    block = self.X[lo:lo + self.batch_rows * 16].double()
+                    row[lo + 1:lo + 1 + len(block)] = block.square().sum(1).cpu().numpy()
             cs = np.cumsum(row, out=row)
             self._sq_norms = cs[self.offsets[1:]] - cs[self.offsets[:-1]]
         return self._sq_norms
