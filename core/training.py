@@ -21,6 +21,10 @@ from sftcurate.data_contracts import UserError
 from sftcurate.core.tokenize import Encoded, pad_batch
 
 Batching = Literal["length_grouped", "random", "pad_to_max"]
+# On a GPU the first batch of every new shape is slow in bf16 (about 100 ms more per step on an H200 with
+# SmolLM2-135M, benchmarks/bench_gpu.py): rounding widths up to a multiple of 64 leaves a few shapes. On a CPU
+# padding is compute, so widths stay exact there.
+GPU_PAD_MULTIPLE = 64
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Recipe:
     batching: Batching = "length_grouped"
     max_length: int | None = None      # pad_to_max pads every batch to this width
     megabatch: int = 16
+    pad_multiple: int | None = None    # round batch widths up to a multiple of this; None: GPU_PAD_MULTIPLE on a GPU
 
     def lr(self, step: int) -> float:
         """Learning rate of 0-based step `step`."""
@@ -101,6 +106,13 @@ def collate(encoded: list[Encoded], pad_id: int, pad_to: int | None = None):
     """(input_ids, attention_mask, labels) right-padded; labels are -100 except on loss tokens."""
     ids, attn, loss_mask = pad_batch(encoded, pad_id, pad_to)
     return ids, attn, ids.masked_fill(loss_mask == 0, -100)
+
+
+def padded_width(encoded: list[Encoded], multiple: int, cap: int | None) -> int:
+    """The batch's longest length rounded up to `multiple` (at most `cap`, never below the longest)."""
+    longest = max(len(e.input_ids) for e in encoded)
+    rounded = -(-longest // multiple) * multiple
+    return max(longest, min(rounded, cap)) if cap else rounded
 
 
 def token_loss_sum(model, ids, attn, labels):
@@ -194,7 +206,13 @@ def train(model, pad_id: int, encoded: list[Encoded], recipe: Recipe, *, checkpo
     lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
     schedule = batch_schedule(lengths, recipe.batch_size, recipe.steps, recipe.seed, recipe.batching,
                               recipe.megabatch)
-    pad_to = recipe.max_length if recipe.batching == "pad_to_max" else None
+    multiple = recipe.pad_multiple or (GPU_PAD_MULTIPLE if device.type == "cuda" else 1)
+
+    def width(batch: list[Encoded]) -> int | None:
+        if recipe.batching == "pad_to_max":
+            return recipe.max_length
+        return padded_width(batch, multiple, recipe.max_length) if multiple > 1 else None
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     stats = TrainStats()
@@ -213,7 +231,8 @@ def train(model, pad_id: int, encoded: list[Encoded], recipe: Recipe, *, checkpo
         window: list[float] = []
         for step in range(start or 0, recipe.steps):
             lr = recipe.lr(step)
-            ids, attn, labels = (t.to(device) for t in collate([encoded[i] for i in schedule[step]], pad_id, pad_to))
+            batch = [encoded[i] for i in schedule[step]]
+            ids, attn, labels = (t.to(device) for t in collate(batch, pad_id, width(batch)))
             value, n_tok = optimizer_step(model, optimizer, params, (ids, attn, labels), lr, recipe.max_grad_norm)
             if not math.isfinite(value):
                 raise UserError(f"{section}: the training loss became {value} at step {step + 1}; lower "

@@ -50,6 +50,38 @@ def test_schedule_is_deterministic_and_length_grouping_cuts_padding():
     assert sorted(np.concatenate(a[:50]).tolist()) == list(range(400))
 
 
+def test_widths_rounded_to_a_multiple_train_the_same_weights():
+    """GPU batches are padded to a multiple of 64 (few shapes); right padding is masked, so the arithmetic is the
+    same (dropout, which draws masks of the padded shape, is what differs)."""
+    from dataclasses import replace
+
+    import torch
+
+    from sftcurate.core.tokenize import encode_pairs
+    from sftcurate.core.training import Recipe, padded_width, train
+    from sftcurate.infra.models import build_tiny_gpt2
+
+    loaded = build_tiny_gpt2()
+    pairs = [(f"Question {i}?", " ".join(["Python lists keep order"] * (1 + i % 7))) for i in range(24)]
+    enc = encode_pairs(loaded.tokenizer, pairs, 160)
+    longest = max(len(e.input_ids) for e in enc[:3])
+    assert longest % 64 and padded_width(enc[:3], 64, 160) == min(160, -(-longest // 64) * 64)
+    assert padded_width(enc[:3], 1, 160) == longest and padded_width(enc[:3], 64, longest) == longest
+    recipe = Recipe(steps=4, learning_rate=1e-2, batch_size=4, seed=0, max_length=160)
+    runs = {}
+    for multiple in (1, 64):
+        model = build_tiny_gpt2().model
+        for module in model.modules():  # dropout draws masks of the padded shape: off, to compare the arithmetic
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        stats = train(model, 0, enc, replace(recipe, pad_multiple=multiple))
+        runs[multiple] = (stats, torch.cat([p.detach().flatten() for p in model.parameters()]))
+    exact, rounded = runs[1][0], runs[64][0]
+    assert rounded.padded_tokens > exact.padded_tokens and rounded.real_tokens == exact.real_tokens
+    assert np.allclose(rounded.losses, exact.losses, rtol=1e-4, atol=1e-5)
+    assert (runs[1][1] - runs[64][1]).abs().max() < 1e-4  # float noise through 4 AdamW steps at lr 1e-2
+
+
 def test_lora_targets_per_architecture():
     from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
