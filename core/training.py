@@ -115,6 +115,15 @@ def padded_width(encoded: list[Encoded], multiple: int, cap: int | None) -> int:
     return max(longest, min(rounded, cap)) if cap else rounded
 
 
+def batch_width(batch: list[Encoded], recipe: Recipe, on_gpu: bool) -> int | None:
+    """The width a training batch is padded to: `max_length` for pad_to_max; else its longest example, rounded up
+    to `recipe.pad_multiple` (default GPU_PAD_MULTIPLE on a GPU, exact on a CPU); None means the longest."""
+    if recipe.batching == "pad_to_max":
+        return recipe.max_length
+    multiple = recipe.pad_multiple or (GPU_PAD_MULTIPLE if on_gpu else 1)
+    return padded_width(batch, multiple, recipe.max_length) if multiple > 1 else None
+
+
 def token_loss_sum(model, ids, attn, labels):
     """(sum of token losses, number of loss tokens) of a batch: the token-weighted loss every stage uses."""
     import torch.nn.functional as F
@@ -206,13 +215,6 @@ def train(model, pad_id: int, encoded: list[Encoded], recipe: Recipe, *, checkpo
     lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
     schedule = batch_schedule(lengths, recipe.batch_size, recipe.steps, recipe.seed, recipe.batching,
                               recipe.megabatch)
-    multiple = recipe.pad_multiple or (GPU_PAD_MULTIPLE if device.type == "cuda" else 1)
-
-    def width(batch: list[Encoded]) -> int | None:
-        if recipe.batching == "pad_to_max":
-            return recipe.max_length
-        return padded_width(batch, multiple, recipe.max_length) if multiple > 1 else None
-
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     stats = TrainStats()
@@ -232,7 +234,8 @@ def train(model, pad_id: int, encoded: list[Encoded], recipe: Recipe, *, checkpo
         for step in range(start or 0, recipe.steps):
             lr = recipe.lr(step)
             batch = [encoded[i] for i in schedule[step]]
-            ids, attn, labels = (t.to(device) for t in collate(batch, pad_id, width(batch)))
+            width = batch_width(batch, recipe, on_gpu=device.type == "cuda")
+            ids, attn, labels = (t.to(device) for t in collate(batch, pad_id, width))
             value, n_tok = optimizer_step(model, optimizer, params, (ids, attn, labels), lr, recipe.max_grad_norm)
             if not math.isfinite(value):
                 raise UserError(f"{section}: the training loss became {value} at step {step + 1}; lower "

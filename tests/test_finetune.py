@@ -58,7 +58,7 @@ def test_widths_rounded_to_a_multiple_train_the_same_weights():
     import torch
 
     from sftcurate.core.tokenize import encode_pairs
-    from sftcurate.core.training import Recipe, padded_width, train
+    from sftcurate.core.training import Recipe, batch_width, padded_width, train
     from sftcurate.infra.models import build_tiny_gpt2
 
     loaded = build_tiny_gpt2()
@@ -68,6 +68,9 @@ def test_widths_rounded_to_a_multiple_train_the_same_weights():
     assert longest % 64 and padded_width(enc[:3], 64, 160) == min(160, -(-longest // 64) * 64)
     assert padded_width(enc[:3], 1, 160) == longest and padded_width(enc[:3], 64, longest) == longest
     recipe = Recipe(steps=4, learning_rate=1e-2, batch_size=4, seed=0, max_length=160)
+    assert batch_width(enc[:3], recipe, on_gpu=True) == padded_width(enc[:3], 64, 160)   # the GPU default
+    assert batch_width(enc[:3], recipe, on_gpu=False) is None                            # exact on a CPU
+    assert batch_width(enc[:3], replace(recipe, batching="pad_to_max"), on_gpu=True) == 160
     runs = {}
     for multiple in (1, 64):
         model = build_tiny_gpt2().model
