@@ -139,7 +139,8 @@ def finetune_rows(spec: str, steps: int, device: str) -> list[dict]:
             loaded = resolve_model(spec, dtype=dtype, device=device)
             model = prepare_model(loaded.model, cfg)
             enc = encode_pairs(loaded.tokenizer, rows, 256)
-            pad_id = loaded.tokenizer.pad_token_id or 0
+            tok = loaded.tokenizer  # the pad id core.finetune.train uses
+            pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
             sync()
             stamps.clear()
             t0 = time.perf_counter()

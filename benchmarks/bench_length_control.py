@@ -44,18 +44,16 @@ def length_matched(reference: np.ndarray, token_counts: np.ndarray, budget_token
     return picked
 
 
-def commit_selection(examples_uri: str, picks: list[int], reference_uri: str, budget: int, seed: int) -> str:
+def commit_selection(examples_uri: str, pool, token_counts: np.ndarray, picks: list[int], reference_uri: str,
+                     budget: int, seed: int) -> str:
     """The control's picks as a selection artifact (content-keyed like every selection), for the fine-tune."""
-    from sftcurate.core.ingest import load_pool
-    from sftcurate.core.selection import KIND, build_inputs, selection_table
+    from sftcurate.core.selection import KIND, selection_table
     from sftcurate.core.selectors.base import SelectionResult
     from sftcurate.data_contracts import SELECTION
     from sftcurate.infra.stages import build_once
 
     def build(writer) -> None:
-        pool = load_pool(examples_uri)
-        counts = build_inputs(pool, (), {}, None).token_counts
-        table = selection_table(SelectionResult(indices=picks), pool, counts)
+        table = selection_table(SelectionResult(indices=picks), pool, token_counts)
         writer.write_table("selection.parquet", table, SELECTION)
         writer.meta.update({"method": "uniform-length-matched", "token_budget": budget, "seed": seed,
                             "reference": reference_uri, "examples_uri": examples_uri, "selected": table.num_rows,
@@ -82,7 +80,7 @@ def main() -> int:
     from bench_evidence import compare_config, settings
 
     from sftcurate.core import evidence
-    from sftcurate.core.evaluate import evaluate_heldout
+    from sftcurate.core.evaluate import evaluate_heldout, read_eval
     from sftcurate.core.finetune import finetune
     from sftcurate.core.ingest import load_pool
     from sftcurate.core.selection import build_inputs, load_selection
@@ -94,6 +92,9 @@ def main() -> int:
     cfg = compare_config(CORPUS, work / f"{CORPUS}.jsonl", s)
     target, fingerprint = cfg.models.target, model_fingerprint(cfg.models.target)
     cells = summary["cells"]
+    examples_uri = summary["examples_uri"]                      # every cell's pool (checked below)
+    pool = load_pool(examples_uri)
+    counts = build_inputs(pool, (), {}, None).token_counts
     start = time.time()
     out = {"rule": __doc__.split("\n\n")[1], "budgets": {}}
     lines = ["| budget | control examples (S2L, uniform) | control vs uniform [95%] | verdict | S2L vs control [95%] "
@@ -105,11 +106,12 @@ def main() -> int:
         for r in range(summary["replicates"]):
             name = f"@{budget}" + (f"#{r}" if r else "")
             s2l, uni = cells[f"s2l{name}"], cells[f"uniform{name}"]
-            examples_uri = s2l["examples_uri"]
-            counts = build_inputs(load_pool(examples_uri), (), {}, None).token_counts
+            if {s2l["examples_uri"], uni["examples_uri"]} != {examples_uri}:
+                raise ValueError(f"{name}: the cells were selected from another pool than {examples_uri}")
             reference = np.asarray(load_selection(s2l["selection_uri"])[0].column("index"), dtype=np.int64)
             picks = length_matched(reference, counts, budget, SEED + r)
-            selection_uri = commit_selection(examples_uri, picks, s2l["selection_uri"], budget, SEED + r)
+            selection_uri = commit_selection(examples_uri, pool, counts, picks, s2l["selection_uri"], budget,
+                                             SEED + r)
             model_uri = finetune(examples_uri, selection_uri, target, fingerprint,
                                  cfg.finetune_config(train_tokens, r))
             eval_uri = evaluate_heldout(examples_uri, model_uri, target, fingerprint, cfg.models.max_length)
@@ -119,7 +121,7 @@ def main() -> int:
             sizes["uniform"].append(load_selection(uni["selection_uri"])[1]["selected"])
             sizes["control"].append(len(picks))
             print(f"{budget} #{r}: control {len(picks)} examples, {int(counts[picks].sum())} tokens, held-out "
-                  f"loss {heldout(eval_uri)[0].sum() / heldout(eval_uri)[1].sum():.4f} "
+                  f"loss {read_eval(eval_uri)['loss']:.4f} "
                   f"({time.time() - start:.0f} s)", flush=True)
         tokens = heldout(eval_uri)[1]
         arr = {k: np.stack(v) for k, v in loss.items()}
