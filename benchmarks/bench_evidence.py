@@ -1,6 +1,6 @@
 """Evidence: does a FisherSFT or S2L selection beat a random sample of the same loss tokens, on real data?
 
-Two real corpora with a group column (and a third pool made from the first), from Python's own documentation
+Two real corpora with a group column (and two pools made from them), from Python's own documentation
 as Debian ships it (package `python3.11-doc`, fetched with `apt-get download` when it is not on disk; nothing
 else is downloaded):
 
@@ -11,6 +11,8 @@ else is downloaded):
 - `python-faq-redundant`: python-faq whose largest training group (programming) is over-represented by
   near-copies (3 templated rephrasings of each question, same answer), the held-out split unchanged: the pool a
   templating data generator leaves, where a sample of the pool's own distribution is no longer the target's.
+- `python-howto-redundant`: python-howto by the same rule (its largest training group, logging-cookbook, gets 3
+  near-copies of each section), the confirming pool registered in docs/EVIDENCE.md before it was run.
 
 Each corpus runs the `compare` flow with the built-in SmolLM2-135M-Instruct as target (LoRA), every selector
 plus the reference rows (base model, uniform, the full pool at the same token compute), R replicates and two
@@ -18,7 +20,7 @@ token budgets. The defaults of the selectors are the shipped ones (nothing here 
 splits). The result is written to docs/EVIDENCE.md between the generated markers whatever it says, with the
 report PNG of each corpus; the analysis above the markers is written by hand from these numbers.
 
-    python benchmarks/bench_evidence.py            # the full run (about two hours on a 2-core CPU)
+    python benchmarks/bench_evidence.py            # the full run (about three hours on a 2-core CPU)
     python benchmarks/bench_evidence.py --corpora python-faq-redundant   # one pool (41 min)
     python benchmarks/bench_evidence.py --quick    # one corpus, one budget, 2 replicates (minutes)
 
@@ -113,24 +115,27 @@ def howto_records(src: Path) -> list[dict]:
     return records
 
 
-# Prompt templates for the redundant pool's near-copies: the same answer asked again in other words, as a
+# Prompt templates for a redundant pool's near-copies: the same answer asked again in other words, as a
 # templated or paraphrasing data generator produces them (exact copies would be removed at ingest).
 COPY_TEMPLATES = ["Question: {q}", "Q: {q}", "FAQ: {q}", "Please answer this Python FAQ: {q}", "{q} (Python FAQ)",
                   "Could you explain this? {q}", "I have a question about Python. {q}", "Python question: {q}"]
+# python-howto's prompts are "guide: section title"; its templates were written before its run, like the FAQ's.
+HOWTO_COPY_TEMPLATES = ["HOWTO: {q}", "Python HOWTO, {q}", "Explain this part of the Python docs: {q}",
+                        "Section of a Python HOWTO guide: {q}", "{q} (Python HOWTO)", "Tell me about {q}",
+                        "Documentation request: {q}", "Python how-to: {q}"]
 COPIES = 3
 
 
-def faq_redundant_records(src: Path, heldout_fraction: float = 0.15) -> list[dict]:
-    """python-faq with its largest group over-represented by near-copies: every training record of the group with
+def redundant_records(records: list[dict], templates: list[str], heldout_fraction: float = 0.15) -> list[dict]:
+    """`records` with their largest group over-represented by near-copies: every training record of the group with
     the most training records gets COPIES more records with the same answer and a templated prompt. Copies are
     made only of records in the training split, and only with templates whose example id also falls in it, so
-    the held-out split is exactly python-faq's (same records, same distribution) and no copy of a held-out
+    the held-out split is exactly the corpus's own (same records, same distribution) and no copy of a held-out
     record is ever trained on. The group is fixed by the training split's sizes alone."""
     from collections import Counter
 
     from sftcurate.core.ingest import example_id, is_heldout
 
-    records = faq_records(src)
     held = is_heldout([example_id(r["instruction"], r["output"]) for r in records], heldout_fraction)
     train = [r for r, h in zip(records, held) if not h]
     group = Counter(r["group"] for r in train).most_common(1)[0][0]
@@ -138,14 +143,23 @@ def faq_redundant_records(src: Path, heldout_fraction: float = 0.15) -> list[dic
     for r in train:
         if r["group"] != group:
             continue
-        prompts = [t.format(q=r["instruction"]) for t in COPY_TEMPLATES]
+        prompts = [t.format(q=r["instruction"]) for t in templates]
         kept = [q for q, h in zip(prompts, is_heldout([example_id(q, r["output"]) for q in prompts],
                                                       heldout_fraction)) if not h]
         copies += [dict(r, instruction=q) for q in kept[:COPIES]]
     return records + copies
 
 
-CORPORA = {"python-faq": faq_records, "python-howto": howto_records, "python-faq-redundant": faq_redundant_records}
+def faq_redundant_records(src: Path) -> list[dict]:
+    return redundant_records(faq_records(src), COPY_TEMPLATES)
+
+
+def howto_redundant_records(src: Path) -> list[dict]:
+    return redundant_records(howto_records(src), HOWTO_COPY_TEMPLATES)
+
+
+CORPORA = {"python-faq": faq_records, "python-howto": howto_records, "python-faq-redundant": faq_redundant_records,
+           "python-howto-redundant": howto_redundant_records}
 
 
 # ---------------------------------------------------------------- the runs

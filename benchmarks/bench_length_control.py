@@ -1,13 +1,14 @@
-"""A control of S2L's lead on python-faq-redundant: uniform samples matched to S2L's length mix.
+"""A control of S2L's lead on a redundant pool: uniform samples matched to S2L's length mix.
 
 The rule (registered in docs/EVIDENCE.md before the first run): for each budget b and replicate r, count S2L's
 picks in each quintile bin of the training pool's loss-token lengths; draw as many per bin, uniformly without
 replacement (`default_rng(7919 + r)`); take them in a random order while they fit in b (the uniform selector's
 rule), and fill what is left of b uniformly from the rest of the pool. Fine-tune and evaluate with the cell's
 own recipe, seed and token compute; paired intervals against uniform and against S2L, as the report computes
-them. Needs the saved run of `bench_evidence.py --corpora python-faq-redundant` (its summary and artifacts).
+them. Needs the saved run of `bench_evidence.py --corpora CORPUS` (its summary and artifacts).
 
-    python benchmarks/bench_length_control.py          # 6 fine-tunes of SmolLM2-135M (~15 min on 2 CPU cores)
+    python benchmarks/bench_length_control.py          # python-faq-redundant: 6 fine-tunes (~9 min on 2 CPU cores)
+    python benchmarks/bench_length_control.py --corpus python-howto-redundant    # the confirming pool
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-CORPUS = "python-faq-redundant"
+CORPUS = "python-faq-redundant"      # where the control was first registered and run
 BINS = 5
 SEED = 7919
 
@@ -74,7 +75,9 @@ def heldout(eval_uri: str) -> tuple[np.ndarray, np.ndarray]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default=str(Path(__file__).resolve().parents[1] / ".sftcurate" / "evidence"))
+    parser.add_argument("--corpus", default=CORPUS, help="a pool bench_evidence.py has run (default: %(default)s)")
     args = parser.parse_args()
+    corpus = args.corpus
 
     import sftcurate.infra  # noqa: F401  (quiet, offline environment defaults)
     from bench_evidence import compare_config, settings
@@ -87,16 +90,16 @@ def main() -> int:
     from sftcurate.infra.models import model_fingerprint
 
     work = Path(args.work)
-    summary = json.loads((work / f"{CORPUS}-summary.json").read_text())
+    summary = json.loads((work / f"{corpus}-summary.json").read_text())
     s = settings(quick=False, gpu=False)
-    cfg = compare_config(CORPUS, work / f"{CORPUS}.jsonl", s)
+    cfg = compare_config(corpus, work / f"{corpus}.jsonl", s)
     target, fingerprint = cfg.models.target, model_fingerprint(cfg.models.target)
     cells = summary["cells"]
     examples_uri = summary["examples_uri"]                      # every cell's pool (checked below)
     pool = load_pool(examples_uri)
     counts = build_inputs(pool, (), {}, None).token_counts
     start = time.time()
-    out = {"rule": __doc__.split("\n\n")[1], "budgets": {}}
+    out = {"corpus": corpus, "rule": __doc__.split("\n\n")[1], "budgets": {}}
     lines = ["| budget | control examples (S2L, uniform) | control vs uniform [95%] | verdict | S2L vs control [95%] "
              "| verdict | S2L vs uniform [95%] (as reported) |", "|---|---|---|---|---|---|---|"]
     for budget in summary["budgets"]:
@@ -141,8 +144,9 @@ def main() -> int:
                      f"{evidence.verdict(diffs['control-uniform'], reps)} | {cell(diffs['s2l-control'])} | "
                      f"{evidence.verdict(diffs['s2l-control'], reps)} | {cell(diffs['s2l-uniform'])} |")
     print("\n".join(lines))
-    (work / "length-control.json").write_text(json.dumps(out, indent=2))
-    print(f"{time.time() - start:.0f} s; wrote {work / 'length-control.json'}")
+    saved = work / ("length-control.json" if corpus == CORPUS else f"length-control-{corpus}.json")
+    saved.write_text(json.dumps(out, indent=2))
+    print(f"{time.time() - start:.0f} s; wrote {saved}")
     return 0
 
 
