@@ -114,3 +114,35 @@ def test_report_plot_keeps_each_methods_colour_in_both_panels_and_separates_thei
     xs = [float(c.lines[0].get_xdata()[0]) for c in loss_ax.containers]
     assert len(set(xs)) == len(methods) and max(xs) - min(xs) < 300
     plt.close(fig)
+
+
+def test_redundant_pool_keeps_the_heldout_split_and_copies_only_the_largest_training_group():
+    """The evidence's redundant pools (benchmarks/bench_evidence.py): held-out records are the corpus's own, and
+    every near-copy is of a training record of the largest training group, lands in the training split itself,
+    and keeps its record's answer."""
+    import sys
+    from collections import Counter
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_evidence import COPIES, HOWTO_COPY_TEMPLATES, redundant_records
+
+    from sftcurate.core.ingest import example_id, is_heldout
+
+    records = [{"instruction": f"guide {g}: section {i}", "input": "", "output": f"text {g} {i} " * 20,
+                "group": f"g{g}"} for g, size in enumerate((40, 15, 5)) for i in range(size)]
+    pool = redundant_records(records, HOWTO_COPY_TEMPLATES)
+
+    def held(rs):
+        return is_heldout([example_id(r["instruction"], r["output"]) for r in rs], 0.15)
+
+    assert pool[:len(records)] == records
+    copies = pool[len(records):]
+    assert not any(held(copies))
+    train = [r for r, h in zip(records, held(records)) if not h]
+    assert {r["group"] for r in copies} == {"g0"} == {Counter(r["group"] for r in train).most_common(1)[0][0]}
+    originals = {r["output"]: r for r in train if r["group"] == "g0"}
+    per_original = Counter(r["output"] for r in copies)
+    assert set(per_original) <= set(originals) and max(per_original.values()) <= COPIES
+    assert sum(per_original.values()) >= 2 * len(originals)           # most templates survive the split
+    assert all(r["instruction"] != originals[r["output"]]["instruction"] for r in copies)
