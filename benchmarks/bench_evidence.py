@@ -117,8 +117,8 @@ def howto_records(src: Path) -> list[dict]:
 
 # Prompt templates for a redundant pool's near-copies: the same answer asked again in other words, as a
 # templated or paraphrasing data generator produces them (exact copies would be removed at ingest).
-COPY_TEMPLATES = ["Question: {q}", "Q: {q}", "FAQ: {q}", "Please answer this Python FAQ: {q}", "{q} (Python FAQ)",
-                  "Could you explain this? {q}", "I have a question about Python. {q}", "Python question: {q}"]
+FAQ_COPY_TEMPLATES = ["Question: {q}", "Q: {q}", "FAQ: {q}", "Please answer this Python FAQ: {q}", "{q} (Python FAQ)",
+                      "Could you explain this? {q}", "I have a question about Python. {q}", "Python question: {q}"]
 # python-howto's prompts are "guide: section title"; its templates were written before its run, like the FAQ's.
 HOWTO_COPY_TEMPLATES = ["HOWTO: {q}", "Python HOWTO, {q}", "Explain this part of the Python docs: {q}",
                         "Section of a Python HOWTO guide: {q}", "{q} (Python HOWTO)", "Tell me about {q}",
@@ -151,7 +151,7 @@ def redundant_records(records: list[dict], templates: list[str], heldout_fractio
 
 
 def faq_redundant_records(src: Path) -> list[dict]:
-    return redundant_records(faq_records(src), COPY_TEMPLATES)
+    return redundant_records(faq_records(src), FAQ_COPY_TEMPLATES)
 
 
 def howto_redundant_records(src: Path) -> list[dict]:

@@ -144,7 +144,7 @@ def main() -> int:
                      f"{evidence.verdict(diffs['control-uniform'], reps)} | {cell(diffs['s2l-control'])} | "
                      f"{evidence.verdict(diffs['s2l-control'], reps)} | {cell(diffs['s2l-uniform'])} |")
     print("\n".join(lines))
-    saved = work / ("length-control.json" if corpus == CORPUS else f"length-control-{corpus}.json")
+    saved = work / f"length-control-{corpus}.json"
     saved.write_text(json.dumps(out, indent=2))
     print(f"{time.time() - start:.0f} s; wrote {saved}")
     return 0

@@ -116,15 +116,14 @@ def test_report_plot_keeps_each_methods_colour_in_both_panels_and_separates_thei
     plt.close(fig)
 
 
-def test_redundant_pool_keeps_the_heldout_split_and_copies_only_the_largest_training_group():
+def test_redundant_pool_keeps_the_heldout_split_and_copies_only_the_largest_training_group(monkeypatch):
     """The evidence's redundant pools (benchmarks/bench_evidence.py): held-out records are the corpus's own, and
     every near-copy is of a training record of the largest training group, lands in the training split itself,
     and keeps its record's answer."""
-    import sys
     from collections import Counter
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from bench_evidence import COPIES, HOWTO_COPY_TEMPLATES, redundant_records
 
     from sftcurate.core.ingest import example_id, is_heldout
