@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Literal
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Literal, get_args
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,12 +21,15 @@ import pyarrow.parquet as pq
 from sftcurate.core.formats import ROLE_NAMES, column
 from sftcurate.core.ingest import load_examples
 from sftcurate.core.selection import load_selection
-from sftcurate.data_contracts import UserError
+from sftcurate.data_contracts import EXAMPLES, UserError
+from sftcurate.data_contracts.errors import DependencyError
 from sftcurate.infra.stages import Built, build_once
-from sftcurate.infra.store import filesystem_for, join, read_bytes, read_manifest, write_bytes
+from sftcurate.infra.store import (exists, filesystem_for, join, read_bytes, read_manifest, read_table, root_of,
+                                   write_whole)
 
 KIND = "curated"
 ExportFormat = Literal["jsonl", "parquet", "messages", "hf"]
+EXPORT_FORMATS = get_args(ExportFormat)
 CHAT_FIELDS = {"messages": ("messages", "role", "content"), "sharegpt": ("conversations", "from", "value")}
 
 
@@ -71,37 +78,138 @@ def records(curated_uri: str) -> list[dict]:
     return [json.loads(line) for line in read_bytes(join(curated_uri, "records.jsonl")).decode().splitlines()]
 
 
-def export(selection_uri: str, out: str, fmt: ExportFormat = "jsonl", push_to_hub: str | None = None) -> dict:
+def export(selection_uri: str, out: str, fmt: ExportFormat = "jsonl", push_to_hub: str | None = None,
+           overwrite: bool = False) -> dict:
     """Write the selected records to `out` (local or s3://): `jsonl` / `parquet` the original records,
     `messages` OpenAI chat messages (jsonl), `hf` a `datasets.load_from_disk` folder; `push_to_hub` also
-    uploads them as a Hugging Face dataset repo (needs the network and a token)."""
+    uploads them as a Hugging Face dataset repo (needs the network and a token).
+
+    An existing `out` is replaced only with `overwrite`, and never when it is a file the selection was curated
+    from. The output appears whole or not at all (a temporary name renamed over `out`; on S3 one PUT), so a
+    kill or a full disk mid-export leaves the previous file as it was."""
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"--format {fmt}: use jsonl, parquet, messages or hf")
     meta = read_manifest(selection_uri)["meta"]
     if "examples_uri" not in meta:
         raise UserError(f"{selection_uri}: not a selection committed by `sftcurate run`; pass the selection_uri "
                         "its summary printed")
-    curated = commit_curated(meta["examples_uri"], selection_uri)
+    check_destination(out, meta["examples_uri"], fmt, overwrite)
+    # the curated artifact lives beside the selection, not in whatever store the current folder implies
+    curated = commit_curated(meta["examples_uri"], selection_uri, store_root=root_of(selection_uri))
     rows = records(curated)
     if fmt == "jsonl":
-        write_bytes(out, read_bytes(join(curated, "records.jsonl")))
+        write_whole(out, read_bytes(join(curated, "records.jsonl")))
     elif fmt == "messages":
-        write_bytes(out, read_bytes(join(curated, "messages.jsonl")))
+        write_whole(out, read_bytes(join(curated, "messages.jsonl")))
     elif fmt == "parquet":
         buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows), buf)
-        write_bytes(out, buf.getvalue())
-    elif fmt == "hf":
-        hf_dataset(rows).save_to_disk(out, storage_options=_storage_options(out))
+        pq.write_table(arrow_table(rows, out), buf)
+        write_whole(out, buf.getvalue())
     else:
-        raise UserError(f"--format {fmt}: use jsonl, parquet, messages or hf")
+        save_folder_whole(hf_dataset(rows, out), out)
     if push_to_hub:
-        hf_dataset(rows).push_to_hub(push_to_hub)
+        push(hf_dataset(rows, push_to_hub), push_to_hub)
     return {"records": len(rows), "out": out, "format": fmt, "curated_uri": str(curated),
             "pushed_to": push_to_hub}
 
 
-def hf_dataset(rows: list[dict]):
+def _local_path(uri: str) -> Path | None:
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return None if "://" in uri else Path(uri).expanduser().resolve()
+
+
+def source_files(examples_uri: str) -> set[str]:
+    """Every file the pool was read from (the examples' `source` column: resolved paths or URIs)."""
+    table = read_table(join(examples_uri, "examples.parquet"), EXAMPLES)
+    return set(table.column("source").unique().to_pylist())
+
+
+def check_destination(out: str, examples_uri: str, fmt: str, overwrite: bool) -> None:
+    """Refuse, before anything is written or committed, an `out` that would lose the user's data."""
+    local = _local_path(out)
+    for source in source_files(examples_uri):
+        src = _local_path(source)
+        same = (src is not None and local is not None and (src == local or (
+            local.exists() and src.exists() and os.path.samefile(src, local)))) or source == out
+        if same:
+            raise UserError(f"{out}: this is a file the selection was curated from; export to another path "
+                            "(--overwrite never replaces a source)")
+    if not exists(out):
+        return
+    if local is not None and local.is_dir() and fmt != "hf":
+        raise UserError(f"{out}: is a folder; give a file path for --format {fmt}")
+    if local is not None and local.is_file() and fmt == "hf":
+        raise UserError(f"{out}: is a file; --format hf writes a folder, give a folder path")
+    if not overwrite:
+        raise UserError(f"{out}: already exists; pass --overwrite to replace it, or choose another path")
+
+
+def arrow_table(rows: list[dict], out: str) -> pa.Table:
+    """The records as one Arrow table; a field whose type varies across records (a number here, a string there),
+    which JSON holds but a columnar format cannot, is named with the two records that disagree."""
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        field, detail = mixed_field(rows)
+        if field is None:
+            raise UserError(f"{out}: the records cannot be stored as one table ({exc}); export as jsonl") from None
+        raise UserError(f"{out}: field '{field}' {detail}; parquet and hf need one type per field: export as "
+                        "jsonl (or make the field one type in the source)") from None
+
+
+def mixed_field(rows: list[dict]) -> tuple[str | None, str]:
+    """The first field whose values Arrow cannot hold in one column, and which records (pick ranks) disagree."""
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    for name in names:
+        values = [r.get(name) for r in rows]
+        try:
+            pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            typed = [(i, type(v).__name__) for i, v in enumerate(values) if v is not None]
+            first = typed[0]
+            other = next(((i, t) for i, t in typed if t != first[1]), None)
+            if other is None:
+                return name, "holds values Arrow cannot put in one column"
+            return name, (f"is {first[1]} in record {first[0] + 1} but {other[1]} in record {other[0] + 1} "
+                          "(pick order)")
+    return None, ""
+
+
+def save_folder_whole(dataset, out: str) -> None:
+    """`save_to_disk` into a temporary folder beside `out`, then renamed over it: a reader never sees half a
+    dataset. On S3 (no rename) the files are written in place."""
+    local = _local_path(out)
+    if local is None:
+        return dataset.save_to_disk(out, storage_options=_storage_options(out))
+    tag = uuid.uuid4().hex[:12]
+    partial = local.with_name(f".{local.name}.{tag}.partial")
+    old = local.with_name(f".{local.name}.{tag}.old")
+    local.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dataset.save_to_disk(str(partial))
+        if local.exists():
+            local.rename(old)
+        partial.rename(local)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def push(dataset, repo: str) -> None:
+    """Upload to the hub; a hub that cannot be reached or refuses the token is one line naming the repo."""
+    try:
+        dataset.push_to_hub(repo)
+    except Exception as exc:  # huggingface_hub raises many types (HTTP, offline, auth); the user needs the reason
+        raise DependencyError(f"--push-to-hub {repo}: the upload failed ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); check the network and "
+                              "HF_TOKEN (the export itself was written)") from None
+
+
+def hf_dataset(rows: list[dict], out: str):
     import datasets
 
+    arrow_table(rows, out)  # a field of mixed types is one line naming it, not datasets' ArrowTypeError
     return datasets.Dataset.from_list(rows)
 
 

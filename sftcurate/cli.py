@@ -318,12 +318,13 @@ def export(selection: str = typer.Argument(..., help="selection URI (the selecti
                                    help="jsonl or parquet: your records as they were; messages: OpenAI chat "
                                         "messages (jsonl); hf: a Hugging Face datasets folder"),
            push_to_hub: Optional[str] = typer.Option(None, help="also push to this Hugging Face dataset repo"),
+           overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out (never a source)"),
            json_out: Optional[str] = typer.Option(None, "--json", help="also write the result as JSON (- for stdout)")):
     """Write the selected records out, in pick order, in the format your trainer reads."""
     from sftcurate.core.export import export as export_records
 
     try:
-        result = export_records(selection, out_path, fmt, push_to_hub)
+        result = export_records(selection, out_path, fmt, push_to_hub, overwrite)
     except caught() as exc:
         stop(exc)
     if json_out:

@@ -125,3 +125,115 @@ def test_seeded_sample_covers_a_file_sorted_by_category(tmp_path, store_root):
     sampled = groups(sample=40)
     assert len(sampled) == 40 and len(set(sampled)) == 8           # a seeded sample: every group
     assert groups(sample=40) == sampled and groups(sample=40, sample_seed=1) != sampled
+
+
+# ---------------------------------------------------------------- never lose the user's data (issue 28)
+
+def test_export_refuses_an_existing_file_unless_told_and_never_replaces_a_source(tmp_path, store_root):
+    from sftcurate.data_contracts import UserError
+
+    source = write(tmp_path, "jsonl", [plain(i) for i in range(N)])
+    source_bytes = (tmp_path / "data.jsonl").read_bytes()
+    selection = curate_all(source)
+    out = tmp_path / "train.jsonl"
+    out.write_text("my earlier export\n")
+    with pytest.raises(UserError, match="train.jsonl: already exists; pass --overwrite"):
+        export(selection, str(out))
+    assert out.read_text() == "my earlier export\n"
+    export(selection, str(out), overwrite=True)
+    assert len(out.read_text().splitlines()) == N
+    for alias in (source, f"{tmp_path}/./data.jsonl"):
+        with pytest.raises(UserError, match="a file the selection was curated from"):
+            export(selection, alias, overwrite=True)
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(tmp_path / "data.jsonl")
+    with pytest.raises(UserError, match="a file the selection was curated from"):
+        export(selection, str(link), overwrite=True)
+    assert (tmp_path / "data.jsonl").read_bytes() == source_bytes
+    with pytest.raises(UserError, match="is a folder; give a file path"):
+        export(selection, str(tmp_path), overwrite=True)
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_export_rewrites_an_hf_folder_whole_and_refuses_a_bad_format_before_committing(tmp_path, store_root):
+    import datasets
+
+    from sftcurate.data_contracts import UserError
+    from tests.conftest import committed_manifests
+
+    selection = curate_all(write(tmp_path, "jsonl", [alpaca(i) for i in range(N)]))
+    export(selection, str(tmp_path / "hf"), "hf")
+    with pytest.raises(UserError, match="already exists"):
+        export(selection, str(tmp_path / "hf"), "hf")
+    export(selection, str(tmp_path / "hf"), "hf", overwrite=True)
+    assert datasets.load_from_disk(str(tmp_path / "hf")).num_rows == N
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "artifacts") == ["data.jsonl", "hf"]  # nothing left
+    before = committed_manifests(store_root)
+    with pytest.raises(UserError, match="--format xml"):
+        export(selection, str(tmp_path / "x.xml"), "xml")
+    assert committed_manifests(store_root) == before
+
+
+def test_export_from_another_folder_leaves_no_store_there(tmp_path, store_root, monkeypatch):
+    selection = curate_all(write(tmp_path, "jsonl", [plain(i) for i in range(N)]))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("SFTCURATE_STORE", raising=False)
+    monkeypatch.delenv("SFTCURATE_HOME", raising=False)
+    export(selection, "out.jsonl")
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["out.jsonl"]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "hf"])
+def test_a_field_of_mixed_types_is_one_line_naming_it_on_columnar_export(tmp_path, store_root, fmt):
+    from sftcurate.data_contracts import UserError
+
+    records = [{"prompt": f"q{i}", "response": f"a{i}", "score": i if i % 2 else f"s{i}"} for i in range(N)]
+    selection = curate_all(write(tmp_path, "jsonl", records))
+    with pytest.raises(UserError, match=r"field 'score' is (int|str) in record \d+ but (str|int) in record \d+"):
+        export(selection, str(tmp_path / "out"), fmt)
+    assert not (tmp_path / "out").exists()
+    export(selection, str(tmp_path / "out.jsonl"))  # jsonl holds them as they were
+    scores = {json.loads(x)["score"] for x in (tmp_path / "out.jsonl").read_text().splitlines()}
+    assert scores == {r["score"] for r in records}
+
+
+KILL_SCRIPT = """
+import sys, time
+import sftcurate.infra.store as store
+real_fsync = store.os.fsync
+def slow_fsync(fd):  # hold the export between writing its bytes and renaming them into place
+    if store.os.readlink(f"/proc/self/fd/{fd}").startswith(sys.argv[2]):  # not the curated artifact's manifest
+        print("written", flush=True)
+        time.sleep(60)
+    real_fsync(fd)
+store.os.fsync = slow_fsync
+from sftcurate.core.export import export
+export(sys.argv[1], sys.argv[2], overwrite=True)
+"""
+
+
+def test_a_kill_mid_export_leaves_the_previous_file_whole(tmp_path, store_root):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    selection = curate_all(write(tmp_path, "jsonl", [plain(i) for i in range(N)]))
+    out = tmp_path / "train.jsonl"
+    previous = "".join(json.dumps({"text": f"an earlier good export {i}"}) + "\n" for i in range(1000))
+    out.write_text(previous)
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, selection, str(out)], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "SFTCURATE_STORE": store_root})
+    try:
+        assert proc.stdout.readline().strip() == "written"
+        partial = list(tmp_path.glob("train.jsonl.*.partial"))
+        assert len(partial) == 1 and partial[0].stat().st_size > 0  # the new bytes were on disk, under another name
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert out.read_text() == previous
+    export(selection, str(out), overwrite=True)  # the rerun replaces it whole
+    assert len(out.read_text().splitlines()) == N
