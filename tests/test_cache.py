@@ -2,6 +2,7 @@
 rebuilt (and only it and what depends on it), and nothing is ever unpickled from a results folder."""
 from __future__ import annotations
 
+import ast
 import os
 import pickle
 import shutil
@@ -13,13 +14,15 @@ from sftcurate.core.config import CurateConfig, FinetuneConfig
 from sftcurate.infra import hashing, progress
 from sftcurate.infra.store import filesystem_for
 
+REPO = Path(__file__).resolve().parents[1]
+LAYERS = ("data_contracts", "infra", "core", "tasks", "flows", "sftcurate")
 TINY = "tiny-gpt2"
 SELECTORS = ("uniform", "fishersft", "s2l", "density", "askllm")
 
 
 def small_config(method: str, **selection) -> CurateConfig:
     return CurateConfig.model_validate({
-        "name": f"cache-{method}", "source": {"uri": "builtin:python-docs", "limit": 60, "passage_chars": 400},
+        "name": f"cache-{method}", "source": {"uri": "builtin:python-docs", "limit": 60, "passage_chars": 150},
         "selection": {"method": method, "budget": 8, "seed": 1, **selection},
         "models": {"target": TINY, "proxy": TINY, "max_length": 64},
         "embedding": {"shard_size": 20, "batch_tokens": 1024},
@@ -104,6 +107,112 @@ def test_wiped_store_deleted_shard_and_deleted_final_artifact_are_rebuilt(method
         assert again == first and events.built == ["selection"]
 
 
+# one line of the training loss (`core.training.token_loss_sum`), edited so that it computes something else
+LOSS_EDIT = ("return loss, int((target != -100).sum())", "return loss * 2, int((target != -100).sum())")
+
+
+def all_modules() -> list[str]:
+    names = []
+    for layer in LAYERS:
+        for path in sorted((REPO / layer).rglob("*.py")):
+            parts = [p for p in path.relative_to(REPO).with_suffix("").parts if p != "__init__"]
+            names.append("sftcurate" if parts == ["sftcurate"] else
+                         ".".join(parts) if parts[0] == "sftcurate" else ".".join(["sftcurate", *parts]))
+    return names
+
+
+def stage_modules() -> list[str]:
+    """Every module whose code is a stage's (it calls build_once), and every selector (a selection's code)."""
+    return [m for m in all_modules() if "build_once(" in hashing.module_source(m) and not m.endswith("infra.stages")
+            or m.startswith("sftcurate.core.selectors.") and "@register" in hashing.module_source(m)]
+
+
+def reworded(source: str) -> str:
+    """The same code in other prose: every docstring rewritten, a comment above every function, a blank line and
+    a comment at the top."""
+    lines = source.splitlines(keepends=True)
+    edits = []  # (line, column, end line, end column, text), applied bottom-up
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                doc = first.value
+                edits.append((doc.lineno, doc.col_offset, doc.end_lineno, doc.end_col_offset,
+                              '"""Prose the test rewrote:\n\n    nothing in it is code."""'))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            edits.append((node.lineno, 0, node.lineno, 0, " " * node.col_offset + "# a comment the test added\n"))
+    for line, col, end_line, end_col, text in sorted(edits, reverse=True):
+        head = "".join(lines[:line - 1]) + lines[line - 1][:col]
+        tail = lines[end_line - 1][end_col:] + "".join(lines[end_line:])
+        lines = (head + text + tail).splitlines(keepends=True)
+    return "# a comment the test added\n\n" + "".join(lines)
+
+
+def replaced_line(module: str, old: str, new: str):
+    """`hashing.module_source` with one line of `module` replaced."""
+    source = hashing.module_source
+
+    def edited(name: str) -> str:
+        text = source(name)
+        if name == module:
+            assert text.count(old) == 1, f"{module} no longer holds {old!r} once"
+            text = text.replace(old, new)
+        return text
+
+    return edited
+
+
+def code_keys(modules: list[str]) -> dict[str, str]:
+    hashing.forget_code_keys()
+    return {m: hashing.code_key(m) for m in modules}
+
+
+def test_prose_edits_in_every_layer_move_no_code_key(monkeypatch):
+    modules = all_modules()
+    assert {"sftcurate.data_contracts.schemas", "sftcurate.infra.store", "sftcurate.core.config",
+            "sftcurate.tasks.curate", "sftcurate.flows.compare", "sftcurate.cli"} <= set(modules)
+    before = code_keys(modules)
+    source = hashing.module_source
+    edited = {m for m in modules if reworded(source(m)) != source(m)}
+    assert len(edited) == len(modules)
+    monkeypatch.setattr(hashing, "module_source", lambda name: reworded(source(name)))
+    try:
+        assert hashing.module_source("sftcurate.core.config") != source("sftcurate.core.config")
+        after = code_keys(modules)
+    finally:
+        monkeypatch.undo()
+        hashing.forget_code_keys()
+    assert [m for m in modules if after[m] != before[m]] == []
+
+
+@pytest.mark.parametrize("module, old, new, moved", [
+    # the training loss reaches both trainers (the S2L proxy, the fine-tune), not the evaluation or selection
+    ("sftcurate.core.training", *LOSS_EDIT, {"sftcurate.core.proxy", "sftcurate.core.finetune"}),
+    # the per-example held-out loss reaches the evaluation only
+    ("sftcurate.core.training", "return loss.sum(dim=1), (target != -100).sum(dim=1)",
+     "return loss.sum(dim=1) * 2, (target != -100).sum(dim=1)", {"sftcurate.core.evaluate"}),
+    # the judge's settings model reaches the judge and the report that reads its verdicts, not ingest
+    ("sftcurate.core.config", "n_bootstrap: int = Field(1000, gt=0)", "n_bootstrap: int = Field(999, gt=0)",
+     {"sftcurate.core.judge", "sftcurate.core.report"}),
+    # a selector's params model reaches that selector's selection and the comparison report (its config holds
+    # every selector's params), no other selector and no input of a selection
+    ("sftcurate.core.selectors.params", 'clusters: int = Field(100, ge=1,', 'clusters: int = Field(99, ge=1,',
+     {"sftcurate.core.selectors.s2l", "sftcurate.core.report"}),
+])
+def test_one_code_line_moves_exactly_the_stages_that_reach_it(monkeypatch, module, old, new, moved):
+    stages = stage_modules()
+    assert {"sftcurate.core.ingest", "sftcurate.core.embedding", "sftcurate.core.finetune",
+            "sftcurate.core.judge", "sftcurate.core.selectors.uniform"} <= set(stages)
+    before = code_keys(stages)
+    monkeypatch.setattr(hashing, "module_source", replaced_line(module, old, new))
+    try:
+        after = code_keys(stages)
+    finally:
+        monkeypatch.undo()
+        hashing.forget_code_keys()
+    assert {m for m in stages if after[m] != before[m]} == moved
+
+
 def test_a_transitively_reached_code_change_rebuilds_that_stage_and_its_dependents_only(store_root, monkeypatch):
     """Held-out evaluation reaches the training loss (core.training) through an import; editing it must rebuild
     the fine-tune and the evaluation, and leave ingest and selection reused."""
@@ -125,12 +234,7 @@ def test_a_transitively_reached_code_change_rebuilds_that_stage_and_its_dependen
     assert sorted(pipeline().built) == ["examples", "finetuned", "heldout_eval", "selection"]
     assert pipeline().built == []
 
-    source = hashing.module_source
-
-    def edited(name: str) -> str:
-        return source(name) + ("\n# an edit of the training loss\n" if name == "sftcurate.core.training" else "")
-
-    monkeypatch.setattr(hashing, "module_source", edited)
+    monkeypatch.setattr(hashing, "module_source", replaced_line("sftcurate.core.training", *LOSS_EDIT))
     hashing.forget_code_keys()
     try:
         events = pipeline()
