@@ -80,10 +80,15 @@ def _nest_params_under_method(params, method: str):
     return nested
 
 
+DEFAULT_EXAMPLE_BUDGET = 64  # examples kept when a config sets neither budget nor token_budget
+
+
 class SelectionConfig(Section):
     method: Method = Field("uniform", description="the selector")
-    budget: int | None = Field(64, description="number of examples to keep")
-    token_budget: int | None = Field(None, description="number of loss tokens to keep (cost-aware)")
+    budget: int | None = Field(None, description=f"number of examples to keep ({DEFAULT_EXAMPLE_BUDGET} when "
+                               "token_budget is unset too; with token_budget alone there is no example cap)")
+    token_budget: int | None = Field(None, description="number of loss tokens to keep (cost-aware); with budget "
+                                     "too, both are honoured and the run says which one stopped the selection")
     seed: int = Field(0, description="seed of every random choice")
     params: SelectorParamsConfig = Field(default_factory=SelectorParamsConfig,
                                          description="each selector's parameters (the chosen method's are used)")
@@ -99,10 +104,16 @@ class SelectionConfig(Section):
     def selector_params(self) -> SelectorParams:
         return self.params.of(self.method)
 
+    @property
+    def examples_budget(self) -> int | None:
+        """The example cap the run honours: `budget`; the default when no budget is set at all; none when only
+        `token_budget` is (a token budget is never silently capped by a default example count)."""
+        if self.budget is None and self.token_budget is None:
+            return DEFAULT_EXAMPLE_BUDGET
+        return self.budget
+
     @model_validator(mode="after")
     def _positive_budget(self):
-        if self.budget is None and self.token_budget is None:
-            raise ValueError("set budget (examples) or token_budget (tokens)")
         for name in ("budget", "token_budget"):
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -21,7 +21,6 @@ from sftcurate.infra.store import join, read_manifest, read_table
 KIND = "selection"
 
 
-
 def selection_table(result: SelectionResult, pool: pa.Table, token_counts: np.ndarray) -> pa.Table:
     idx = np.asarray(result.indices, dtype=np.int64)
     ids = pool.column("id").to_pylist()
@@ -83,6 +82,22 @@ def run_selection(examples_uri: str, method: str, budget: Budget, seed: int, par
     upstream = {"examples": examples_uri, **{r: u for r, u in input_uris.items() if r in selector.requires}}
     return build_once(KIND, (__name__, type(selector).__module__), key_params, build, upstream=upstream,
                       store_root=store_root)
+
+
+def binding_limit(budget: Budget, selected: int, tokens_kept: int, pool_size: int) -> str:
+    """Which limit stopped the selection, in words for the summary: the example budget once it is filled, else
+    the token budget (no further example fits in it), else the pool itself. With both budgets set, the other
+    one's use is said too, so a run never leaves the user guessing which budget they got."""
+    examples = f"budget: {selected:,} of {budget.examples:,} examples" if budget.examples is not None else None
+    tokens = f"token_budget: {tokens_kept:,} of {budget.tokens:,} tokens" if budget.tokens is not None else None
+    if examples and selected >= budget.examples:
+        return examples + (f" (token_budget not reached: {tokens_kept:,} of {budget.tokens:,} tokens)"
+                           if tokens else "")
+    if tokens and selected < pool_size:
+        return tokens + (f" (budget not reached: {selected:,} of {budget.examples:,} examples)" if examples else "")
+    if selected >= pool_size:
+        return f"the pool: all {pool_size:,} examples selected"
+    return f"the selector: it stopped at {selected:,} examples ({tokens_kept:,} tokens) within the budget"
 
 
 def load_selection(selection_uri: str) -> tuple[pa.Table, dict]:

@@ -11,7 +11,7 @@ from prefect.runtime import flow_run
 from sftcurate.core.config import CurateConfig
 from sftcurate.core.curation_report import curation_report
 from sftcurate.core.ingest import examples_meta, source_fingerprint
-from sftcurate.core.selection import load_selection
+from sftcurate.core.selection import binding_limit, load_selection
 from sftcurate.core.selectors.base import MODEL, Budget, BudgetError, selector_class
 from sftcurate.infra import progress, tracking
 from sftcurate.infra.env import ensure_home
@@ -28,10 +28,15 @@ def ingest_pool(cfg: CurateConfig) -> str:
     return call(ingest_task, cfg.source, source_fingerprint(cfg.source), cfg.models.target, cfg.models.max_length)
 
 
+def selection_budget(cfg: CurateConfig) -> Budget:
+    """The limits the user set: a token budget alone has no example cap (`SelectionConfig.examples_budget`)."""
+    return Budget(cfg.selection.examples_budget, cfg.selection.token_budget)
+
+
 def select_pipeline(cfg: CurateConfig, run_id: str | None, timings: dict | None = None) -> tuple[str, str]:
     """Ingest, produce the selector's inputs, select. Returns (examples_uri, selection_uri)."""
     timings = {} if timings is None else timings
-    budget = Budget(cfg.selection.budget, cfg.selection.token_budget)
+    budget = selection_budget(cfg)
     budget.check(pool_size=2**62)  # <= 0 budgets fail before anything is read or committed
     requires = selector_class(cfg.selection.method).requires
     with progress.stage("ingest", timings):
@@ -79,7 +84,9 @@ def curate(config: CurateConfig = CurateConfig()) -> dict:
         summary = {
             "name": cfg.name, "method": cfg.selection.method, "pool_size": meta["pool_size"],
             "heldout_size": ex_meta["n_heldout"], "duplicates_removed": ex_meta["duplicates_removed"],
-            "budget": cfg.selection.budget, "token_budget": cfg.selection.token_budget,
+            "budget": cfg.selection.examples_budget, "token_budget": cfg.selection.token_budget,
+            "binding_limit": binding_limit(selection_budget(cfg), meta["selected"], meta["selected_tokens"],
+                                           meta["pool_size"]),
             "selected": meta["selected"], "pool_tokens": meta["pool_tokens"], "tokens_kept": meta["selected_tokens"],
             "objective": meta.get("objective"), "target_model": cfg.models.target,
             "target_fingerprint": model_fingerprint(cfg.models.target),
@@ -94,6 +101,10 @@ def curate(config: CurateConfig = CurateConfig()) -> dict:
         if meta.get("objective") is not None:
             metrics["objective"] = meta["objective"]
         tracking.log_metrics(run_id, metrics)
+        # what `sftcurate ls` and `sftcurate export NAME|RUN_ID` read (core/locate.py)
+        tracking.set_tags(run_id, {"sftcurate.selection_uri": selection_uri, "sftcurate.curated_uri": curated_uri,
+                                   "sftcurate.selected": meta["selected"],
+                                   "sftcurate.tokens_kept": meta["selected_tokens"]})
         log_datasets(run_id, examples_uri, selection_uri)
         tracking.log_bytes(run_id, read_bytes(join(selection_uri, "selection.parquet")), "selection.parquet", "selection")
         tracking.log_bytes(run_id, read_bytes(join(selection_uri, "_MANIFEST.json")), "selection_manifest.json", "selection")

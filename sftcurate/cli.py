@@ -5,15 +5,16 @@ import contextlib
 import json
 import logging
 import os
+import re
+import shlex
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import sftcurate.infra  # noqa: F401  (environment defaults before Prefect/MLflow are imported)
 import typer
 import yaml
 from rich.console import Console
-from rich.table import Table
 
 app = typer.Typer(no_args_is_help=True,
                   help="Pick the most informative subset of an SFT data set, fine-tune on it, prove the gain.")
@@ -23,6 +24,9 @@ config_app = typer.Typer(no_args_is_help=True, help="Show or start a configurati
 app.add_typer(config_app, name="config")
 console = Console(stderr=True)
 out = Console()
+# core.export.ExportFormat, spelled out here so `--help` and a bad --format need no heavy import (a test checks
+# that the two agree)
+ExportFormatChoice = Literal["jsonl", "parquet", "messages", "hf"]
 VERBOSE = False  # set by `-v`
 
 
@@ -205,22 +209,49 @@ def watching_prefect_api(display):
         yield watch
 
 
-def print_summary(title: str, summary: dict) -> None:
-    table = Table(title=title, show_header=False, title_justify="left")
-    for key, value in summary.items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items())
-        table.add_row(key, str(value))
-    out.print(table)
+JSON_HELP = "also write the result as JSON to this file (- for stdout: then stdout holds the JSON alone)"
+
+
+def json_option():
+    return typer.Option(None, "--json", help=JSON_HELP)
+
+
+@contextlib.contextmanager
+def stdout_for_json(json_out: Optional[str]):
+    """With `--json -` standard output carries the JSON and nothing else: whatever the command or a library
+    prints while it works goes to stderr."""
+    if json_out != "-":
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def emit(title: str, result, json_out: Optional[str], shown: Optional[dict] = None) -> None:
+    """The command's result: as JSON where `--json` says, and as `key  value` lines for people (on stderr when
+    stdout carries the JSON). `shown` is what the lines show when it differs from the JSON."""
+    from sftcurate.terminal import summary_text
+
+    if json_out:
+        _write_json(json_out, result)
+    (console if json_out == "-" else out).print(summary_text(title, result if shown is None else shown),
+                                                soft_wrap=True, highlight=False)
+
+
+def export_command(selection_uri: str, name: str) -> str:
+    """The exact command that writes a selection's records out, with a file name made from the run's name."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "selection"
+    return f"sftcurate export {shlex.quote(selection_uri)} --out {shlex.quote(stem + '.jsonl')}"
 
 
 @app.command()
 def run(config: Path = typer.Argument(..., help="run configuration (YAML)"),
         set_: List[str] = typer.Option([], "--set", help="override a setting: section.key=value"),
-        json_out: Optional[str] = typer.Option(None, "--json", help="also write the summary as JSON (- for stdout)")):
+        json_out: Optional[str] = json_option()):
     """Run the `curate` flow: ingest -> select -> commit a selection manifest."""
     cfg, summary = run_config_flow("curate", config, set_, json_out)
-    print_summary(f"curation {cfg.name}", summary)
+    summary["next"] = export_command(summary["selection_uri"], cfg.name)
+    emit(f"curation {cfg.name}", summary, json_out)
 
 
 def run_config_flow(name: str, config: Path, overrides: list[str], json_out: Optional[str]):
@@ -234,23 +265,22 @@ def run_config_flow(name: str, config: Path, overrides: list[str], json_out: Opt
     try:
         cfg = load_config(config, overrides)
         wait_for_services()
-        result = run_with_progress(getattr(importlib.import_module(f"sftcurate.flows.{name}"), name), cfg)
+        with stdout_for_json(json_out):
+            result = run_with_progress(getattr(importlib.import_module(f"sftcurate.flows.{name}"), name), cfg)
     except caught() as exc:
         stop(exc)
-    if json_out:
-        _write_json(json_out, result)
     return cfg, result
 
 
 @app.command()
 def refresh(config: Path = typer.Argument(..., help="run configuration (YAML)"),
             set_: List[str] = typer.Option([], "--set", help="override a setting: section.key=value"),
-            json_out: Optional[str] = typer.Option(None, "--json", help="also write the report as JSON (- for stdout)")):
+            json_out: Optional[str] = json_option()):
     """Run the `refresh` flow: re-curate if the source data changed (all cache hits if not), report the change."""
     cfg, report = run_config_flow("refresh", config, set_, json_out)
     shown = {k: (v if not isinstance(v, list) else f"{len(v)} ids: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}")
              for k, v in report.items()}
-    print_summary(f"refresh {cfg.name}", shown)
+    emit(f"refresh {cfg.name}", report, json_out, shown)
 
 
 @app.command()
@@ -267,7 +297,7 @@ def select(method: str = typer.Argument(..., help="selector name (uniform, fishe
            clusters: Optional[int] = typer.Option(None, help="s2l: number of K-means clusters (default 100)"),
            seed: int = typer.Option(0, help="seed of every random choice"),
            param: List[str] = typer.Option([], help="other selector parameter: key=value"),
-           json_out: Optional[str] = typer.Option(None, "--json", help="also write the result as JSON (- for stdout)")):
+           json_out: Optional[str] = json_option()):
     """Run one selector on files and write its selection manifest (the same interface for every method)."""
     from sftcurate.selectcli import select_from_files
 
@@ -278,19 +308,18 @@ def select(method: str = typer.Argument(..., help="selector name (uniform, fishe
             fail(ValueError(f"--param {item}: expected key=value, e.g. --param epsilon=0.2"))
         params[key] = yaml.safe_load(value) if value else value
     try:
-        meta = select_from_files(method, budget, token_budget, seed, params, str(out_path), features=features,
-                                 trajectories=trajectories, examples=examples, model=model)
+        with stdout_for_json(json_out):
+            meta = select_from_files(method, budget, token_budget, seed, params, str(out_path), features=features,
+                                     trajectories=trajectories, examples=examples, model=model)
     except caught() as exc:
         stop(exc)
-    if json_out:
-        _write_json(json_out, meta)
-    print_summary(f"selection {method}", meta)
+    emit(f"selection {method}", meta, json_out)
 
 
 @app.command()
 def compare(config: Path = typer.Argument(..., help="comparison configuration (YAML)"),
             set_: List[str] = typer.Option([], "--set", help="override a setting: section.key=value"),
-            json_out: Optional[str] = typer.Option(None, "--json", help="also write the summary as JSON (- for stdout)")):
+            json_out: Optional[str] = json_option()):
     """Run the `compare` flow: selectors x budgets, fine-tune, held-out loss, pairwise judge."""
     from sftcurate.infra.env import ensure_home
 
@@ -301,41 +330,89 @@ def compare(config: Path = typer.Argument(..., help="comparison configuration (Y
 
         cfg = load_compare_config(config, set_)
         wait_for_services()
-        summary = run_with_progress(compare_flow, cfg)
+        with stdout_for_json(json_out):
+            summary = run_with_progress(compare_flow, cfg)
     except caught() as exc:
         stop(exc)
-    if json_out:
-        _write_json(json_out, summary)
-    print_summary("comparison", {k: v for k, v in summary.items()
-                                 if not isinstance(v, (list, dict)) and k != "table_markdown"})
-    out.print(summary["table_markdown"])
+    emit("comparison", summary, json_out,
+         {k: v for k, v in summary.items() if not isinstance(v, (list, dict)) and k != "table_markdown"})
+    (console if json_out == "-" else out).print(summary["table_markdown"], markup=False, highlight=False,
+                                                soft_wrap=True)
 
 
 @app.command()
-def export(selection: str = typer.Argument(..., help="selection URI (the selection_uri a run printed)"),
+def export(selection: str = typer.Argument(..., help="what to export: a selection URI or a curated URI (both "
+                                                    "printed by `run`), a Prefect flow-run id, an MLflow run id, or "
+                                                    "a config's name (its latest curation)"),
            out_path: str = typer.Option(..., "--out", help="where to write: a local path or s3://"),
-           fmt: str = typer.Option("jsonl", "--format",
-                                   help="jsonl or parquet: your records as they were; messages: OpenAI chat "
-                                        "messages (jsonl); hf: a Hugging Face datasets folder"),
+           fmt: ExportFormatChoice = typer.Option("jsonl", "--format",
+                                                  help="jsonl or parquet: your records as they were; messages: "
+                                                       "OpenAI chat messages (jsonl); hf: a Hugging Face datasets "
+                                                       "folder"),
            push_to_hub: Optional[str] = typer.Option(None, help="also push to this Hugging Face dataset repo"),
            overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out (never a source)"),
-           json_out: Optional[str] = typer.Option(None, "--json", help="also write the result as JSON (- for stdout)")):
+           json_out: Optional[str] = json_option()):
     """Write the selected records out, in pick order, in the format your trainer reads."""
     from sftcurate.core.export import export as export_records
+    from sftcurate.core.locate import locate_selection
 
     try:
-        result = export_records(selection, out_path, fmt, push_to_hub, overwrite)
+        with stdout_for_json(json_out):
+            found = locate_selection(selection)
+            result = {**export_records(found.selection_uri, out_path, fmt, push_to_hub, overwrite),
+                      "selection_uri": found.selection_uri, "found_by": found.how}
+    except caught() as exc:
+        stop(exc)
+    emit("export", result, json_out)
+
+
+@app.command("ls")
+def list_curations(limit: int = typer.Option(20, "--limit", "-n", min=1, help="how many, newest first"),
+                   name: Optional[str] = typer.Option(None, help="only the curations of this config name"),
+                   json_out: Optional[str] = json_option()):
+    """List recent curations (newest first): name, method, budgets, what was kept, and the URIs to export."""
+    from sftcurate.core.locate import recent_curations
+    from sftcurate.terminal import curations_table
+
+    try:
+        with stdout_for_json(json_out):
+            rows = recent_curations(limit, name)
     except caught() as exc:
         stop(exc)
     if json_out:
-        _write_json(json_out, result)
-    print_summary("export", result)
+        _write_json(json_out, rows)
+    target = console if json_out == "-" else out
+    if not rows:
+        target.print("no curations yet: `sftcurate run CONFIG.yaml` makes one", markup=False, highlight=False)
+        return
+    target.print(curations_table(rows), soft_wrap=True)
+
+
+@app.command()
+def verify(uri: Optional[str] = typer.Argument(None, help="a store root or one artifact folder (default: "
+                                                         "SFTCURATE_STORE)"),
+           json_out: Optional[str] = json_option()):
+    """Check every committed artifact's files against the sizes and sha256s its manifest records; exit 1 if any
+    is damaged (the next run that needs it rebuilds it)."""
+    from sftcurate.infra.store import verify_store
+
+    try:
+        with stdout_for_json(json_out):
+            result = verify_store(uri)
+    except caught() as exc:
+        stop(exc)
+    for artifact, damage in result["damaged"].items():
+        console.print(f"damaged: {artifact}: {damage}", markup=False, highlight=False, soft_wrap=True)
+    emit("verify", result, json_out, shown={"checked": result["checked"], "damaged": len(result["damaged"])})
+    if result["damaged"]:
+        raise typer.Exit(1)
 
 
 def _write_json(target: str, obj) -> None:
     text = json.dumps(obj, indent=2, default=str)
     if target == "-":
-        out.print(text, highlight=False, soft_wrap=True)
+        sys.stdout.write(text + "\n")  # not through rich: a "[b]" inside a value is data, not markup
+        sys.stdout.flush()
     else:
         Path(target).write_text(text)
 
@@ -343,18 +420,22 @@ def _write_json(target: str, obj) -> None:
 @reproduce_app.command("synthetic")
 def reproduce_synthetic(out_dir: Path = typer.Option(..., "--out", help="folder for the table and plot"),
                         runs: int = typer.Option(20, help="independent runs to average"),
-                        seed: int = typer.Option(0)):
+                        seed: int = typer.Option(0),
+                        json_out: Optional[str] = json_option()):
     """Section 5.1 of the FisherSFT paper: Uniform vs DensitySampling vs FisherSFT on synthetic data."""
     from sftcurate.core.synthetic import run_synthetic
 
-    result = run_with_progress(run_synthetic, str(out_dir), runs=runs, seed=seed)
-    print_summary("FisherSFT synthetic reproduction", {k: v for k, v in result.items() if not isinstance(v, list)})
+    with stdout_for_json(json_out):
+        result = run_with_progress(run_synthetic, str(out_dir), runs=runs, seed=seed)
+    emit("FisherSFT synthetic reproduction", result, json_out,
+         {k: v for k, v in result.items() if not isinstance(v, list)})
 
 
 @config_app.command("show")
 def config_show(config: Optional[Path] = typer.Argument(None, help="configuration (YAML); none: the defaults"),
                 set_: List[str] = typer.Option([], "--set", help="override a setting: section.key=value"),
-                compare_config: bool = typer.Option(False, "--compare", help="a comparison configuration")):
+                compare_config: bool = typer.Option(False, "--compare", help="a comparison configuration"),
+                json_out: Optional[str] = json_option()):
     """Print the effective configuration: the file, the --set overrides and every default."""
     from sftcurate.core.config import dump_config, load_compare_config, load_config
 
@@ -362,19 +443,25 @@ def config_show(config: Optional[Path] = typer.Argument(None, help="configuratio
         cfg = load_compare_config(config, set_) if compare_config else load_config(config, set_)
     except caught() as exc:
         stop(exc)
-    out.print(dump_config(cfg), highlight=False, soft_wrap=True)
+    if json_out:
+        _write_json(json_out, cfg.model_dump(mode="json"))
+    if json_out != "-":
+        out.print(dump_config(cfg), markup=False, highlight=False, soft_wrap=True)
 
 
 @config_app.command("init")
 def config_init(out_path: Path = typer.Option(..., "--out", help="file to write (YAML)"),
-                compare_config: bool = typer.Option(False, "--compare", help="a comparison configuration")):
+                compare_config: bool = typer.Option(False, "--compare", help="a comparison configuration"),
+                json_out: Optional[str] = json_option()):
     """Write a configuration with every field at its default, to edit."""
     from sftcurate.core.config import CompareConfig, CurateConfig, dump_config
 
     if out_path.exists():
         fail(FileExistsError(f"{out_path}: exists; choose another --out or remove it"))
     out_path.write_text(dump_config(CompareConfig() if compare_config else CurateConfig()))
-    console.print(f"wrote {out_path}")
+    if json_out:
+        _write_json(json_out, {"wrote": str(out_path), "kind": "compare" if compare_config else "curate"})
+    console.print(f"wrote {out_path}", markup=False, highlight=False)
 
 
 def version_callback(value: bool) -> None:

@@ -14,6 +14,7 @@ import warnings
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
 
 CHATTY_LOGGERS = ("mlflow", "alembic", "transformers", "datasets", "httpx", "httpcore", "urllib3", "botocore",
                   "s3fs", "aiobotocore", "peft", "accelerate", "torch", "distributed", "numexpr")
@@ -117,3 +118,42 @@ class StageDisplay:
                  f"{counts['built']} built, {counts['reused']} reused" if counts["reused"] else "")
         self.console.print(f"{'  ' * depth}  [green]done[/] {name} ({seconds:.1f}s{', ' + reuse if reuse else ''})",
                            highlight=False)
+
+
+def _shown(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+def summary_text(title: str, summary: dict) -> Text:
+    """A result as `key  value` lines, never clipped or wrapped by us: URIs and commands stay whole to copy (a
+    table cut them at the terminal's width, and at 80 columns when stdout was a file). Values are text, not
+    markup."""
+    width = max((len(str(key)) for key in summary), default=0)
+    text = Text(f"{title}\n", style="bold")
+    for key, value in summary.items():
+        text.append(f"  {str(key):<{width}}  ", style="cyan")
+        text.append(f"{_shown(value)}\n")
+    text.rstrip()
+    return text
+
+
+def curations_table(rows: list[dict]) -> Text:
+    """`sftcurate ls`: one block per curation, newest first; the URIs on lines of their own, whole."""
+    text = Text()
+    for row in rows:
+        budget = " + ".join(part for part in (
+            f"{row['budget']} examples" if row.get("budget") not in (None, "None") else "",
+            f"{row['token_budget']} tokens" if row.get("token_budget") not in (None, "None") else "") if part)
+        text.append(f"{row['started']}  ", style="dim")
+        text.append(f"{row['name']}", style="bold")
+        text.append(f"  {row['method']}  budget {budget or '?'}  kept {row.get('selected', '?')} examples, "
+                    f"{row.get('tokens_kept', '?')} tokens of a pool of {row.get('pool_size', '?')}  "
+                    f"[{row['status']}]\n")
+        text.append(f"    run {row['mlflow_run_id']}  flow run {row.get('flow_run_id') or '-'}\n", style="dim")
+        text.append(f"    selection {row.get('selection_uri') or '-'}\n")
+        if row.get("curated_uri"):
+            text.append(f"    curated   {row['curated_uri']}\n")
+    text.rstrip()
+    return text
