@@ -15,6 +15,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 
 from sftcurate.core.selectors.base import SelectorParams
 from sftcurate.core.selectors.params import AskLLMParams, DensityParams, FisherSFTParams, S2LParams
+from sftcurate.core.training_text import check_template
 from sftcurate.data_contracts.errors import UserError
 
 
@@ -39,6 +40,10 @@ class SourceConfig(Section):
                                     "category) for per-group metrics; default: where the record came from")
     heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of examples held out, by id hash")
     passage_chars: int = Field(800, gt=0, description="target passage length when splitting plain text")
+    too_long: Literal["drop", "cut", "keep"] = Field(
+        "cut", description="an example longer than models.max_length (with the template): cut it to fit (the "
+        "export gives the cut record), drop it, or keep it whole (its budget counts every token, while features "
+        "and the built-in fine-tune see the first max_length); counted either way (core/training_text.py)")
 
 
 BUILTIN_METHODS = ["uniform", "fishersft", "s2l", "density", "askllm"]
@@ -126,6 +131,10 @@ class ModelsConfig(Section):
                         "builtin:smollm2-135m-instruct, a hub id, a local or s3:// folder")
     proxy: str = Field("tiny-gpt2", description="small proxy model for S2L loss trajectories")
     max_length: int = Field(256, gt=8, description="max tokens per example (prompt + response)")
+    template: Annotated[str, AfterValidator(check_template)] = Field(
+        "auto", description="the text every stage tokenizes: chat (the target's chat template, as TRL renders "
+        "messages), plain (prompt, response, eos), a format string with {prompt} and {response}, or auto (chat "
+        "when the target's tokenizer has a chat template, else plain)")
 
 
 class EmbeddingConfig(Section):

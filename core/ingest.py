@@ -26,7 +26,7 @@ from sftcurate.infra.stages import Built, build_once
 from sftcurate.infra.store import (file_digest, filesystem_for, join, read_bytes, read_manifest, read_table,
                                    retrying)
 from sftcurate.core.formats import RecordError, detect_format, normalize
-from sftcurate.core.tokenize import count_tokens, encode_turns, loss_token_count
+from sftcurate.core.training_text import fit_columns
 
 BUILTIN_PYTHON_DOCS = "builtin:python-docs"
 KIND = "examples"
@@ -221,9 +221,11 @@ class IngestStats:
     records: int = 0
     duplicates_removed: int = 0
     formats: dict = field(default_factory=dict)
+    text: dict = field(default_factory=dict)   # template and too_long counts (`core.training_text.Fitted.meta`)
 
 
-def build_examples(source: SourceConfig, tokenizer, max_length: int) -> tuple[pa.Table, IngestStats]:
+def build_examples(source: SourceConfig, tokenizer, max_length: int,
+                   template: str = "auto") -> tuple[pa.Table, IngestStats]:
     records = read_records(source)
     stats = IngestStats(records=len(records))
     columns: dict[str, list] = {name: [] for name in ("id", "prompt", "response", "turns", "source", "group", "origin",
@@ -263,11 +265,8 @@ def build_examples(source: SourceConfig, tokenizer, max_length: int) -> tuple[pa
                             ("group", record_group(raw, source.group_field)), ("origin", f"{raw.where}: {raw.row}"),
                             ("format", fmt), ("raw", raw_json(raw))):
             columns[name].append(value)
-    prompt_tokens = count_tokens(tokenizer, columns["prompt"])
-    loss_tokens = loss_token_count(prompt_tokens, count_tokens(tokenizer, columns["response"]), max_length)
-    for i, turns in enumerate(columns["turns"]):  # a chat with several assistant turns: count what training sees
-        if turns:
-            loss_tokens[i] = encode_turns(tokenizer, turns, max_length).n_loss
+    # the one text every stage trains on, and source.too_long (core/training_text.py)
+    columns, prompt_tokens, loss_tokens, stats.text = fit_columns(columns, source, tokenizer, max_length, template)
     heldout = is_heldout(columns["id"], source.heldout_fraction)
     if heldout.all():
         raise IngestError(f"{source.uri}: every example fell into the held-out split; lower source.heldout_fraction "
@@ -300,13 +299,13 @@ def examples_fingerprint(table: pa.Table) -> str:
     return fingerprint(table.column("id").to_pylist(), table.column("split").to_pylist())
 
 
-def ingest(source: SourceConfig, source_fp: str, tokenizer_spec: str, max_length: int,
+def ingest(source: SourceConfig, source_fp: str, tokenizer_spec: str, max_length: int, template: str = "auto",
            store_root: str | None = None) -> Built:
     """The examples artifact of this source (built and committed unless it already is); returns its URI."""
     from sftcurate.infra.models import model_fingerprint, resolve_tokenizer
 
     def build(writer) -> None:
-        table, stats = build_examples(source, resolve_tokenizer(tokenizer_spec), max_length)
+        table, stats = build_examples(source, resolve_tokenizer(tokenizer_spec), max_length, template)
         train = np.array(table.column("split").to_pylist()) == "train"
         writer.write_table("examples.parquet", table, EXAMPLES)
         writer.meta.update({
@@ -314,11 +313,11 @@ def ingest(source: SourceConfig, source_fp: str, tokenizer_spec: str, max_length
             "records": stats.records, "duplicates_removed": stats.duplicates_removed, "formats": stats.formats,
             "n_examples": table.num_rows, "n_train": int(train.sum()), "n_heldout": int((~train).sum()),
             "train_tokens": int(np.asarray(table.column("response_tokens"))[train].sum()),
-            "tokenizer": tokenizer_spec, "max_length": max_length, "columns": source.columns,
+            "tokenizer": tokenizer_spec, "max_length": max_length, "columns": source.columns, **stats.text,
         })
 
     params = {"source": source, "source_fingerprint": source_fp, "tokenizer": model_fingerprint(tokenizer_spec),
-              "max_length": max_length}
+              "max_length": max_length, "template": template}
     return build_once(KIND, __name__, params, build, store_root=store_root)
 
 

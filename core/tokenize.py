@@ -1,9 +1,17 @@
 """One tokenization shared by every stage, so "loss tokens" mean the same thing everywhere.
 
-An example is `prompt ids + response ids + eos`; the loss is on the response ids and the eos. Plain text has
-an empty prompt, so every token is a loss token. Truncation cuts the response tail, never the prompt head.
-A chat with several assistant turns comes with `turns` (see `core.formats.chat_segments`): every assistant turn
-and its eos are loss tokens, the rest is context, and truncation cuts the tail.
+An example's `turns` column says which text it trains on (`core.training_text` writes it at ingest):
+- "" (the plain template): `prompt ids + response ids + eos`; the loss is on the response ids and the eos. Plain
+  text has an empty prompt, so every token is a loss token. Truncation cuts the response tail, never the prompt
+  head.
+- a JSON list `[[text, is_loss], ...]` (the plain template on a chat with several assistant turns, see
+  `core.formats.chat_segments`): every assistant turn and its eos are loss tokens, the rest is context, and
+  truncation cuts the tail.
+- a JSON object `{"segments": [[text, is_loss], ...], "eos": bool}` (a chat template or a format string): the
+  rendered text, whose loss segments (each followed by the tokenizer's eos when `eos`) carry the loss. Without
+  `eos` (a chat template writes its own end-of-turn marker) and with a fast tokenizer the text is tokenized
+  whole, as `apply_chat_template(tokenize=True)` and TRL do, and a token is a loss token when it starts inside
+  a loss segment. Truncation cuts the tail.
 """
 from __future__ import annotations
 
@@ -24,6 +32,8 @@ class Encoded:
 
 
 def encode_example(tokenizer, prompt: str, response: str, max_length: int | None = None, turns: str = "") -> Encoded:
+    if turns.startswith("{"):
+        return encode_rendered(tokenizer, json.loads(turns), max_length)
     if turns:
         return encode_turns(tokenizer, turns, max_length)
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
@@ -53,6 +63,43 @@ def encode_turns(tokenizer, turns: str, max_length: int | None = None) -> Encode
     return Encoded(ids, mask)
 
 
+def encode_rendered(tokenizer, rendered: dict, max_length: int | None = None) -> Encoded:
+    """A rendered example (`{"segments": [[text, is_loss], ...], "eos": bool}`) as ids and loss mask."""
+    segments, eos = rendered["segments"], bool(rendered["eos"])
+    if not eos and getattr(tokenizer, "is_fast", False):
+        ids, mask = _encode_whole(tokenizer, segments)
+    else:
+        ids, mask = [], []
+        for text, is_loss in segments:
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+            if is_loss and eos:
+                piece = piece + [tokenizer.eos_token_id]
+            ids += piece
+            mask += [int(bool(is_loss))] * len(piece)
+    if max_length is not None:
+        ids, mask = ids[:max_length], mask[:max_length]
+    if mask:
+        mask[0] = 0
+    return Encoded(ids, mask)
+
+
+def _encode_whole(tokenizer, segments: list) -> tuple[list[int], list[int]]:
+    """The concatenated text tokenized once (token boundaries exactly as a trainer tokenizing the rendered chat
+    gets them); a token is a loss token when its first character lies in a loss segment."""
+    spans, at = [], 0
+    for text, is_loss in segments:
+        if is_loss:
+            spans.append((at, at + len(text)))
+        at += len(text)
+    encoded = tokenizer("".join(text for text, _ in segments), add_special_tokens=False,
+                        return_offsets_mapping=True)
+    starts = np.array([start for start, _ in encoded["offset_mapping"]], dtype=np.int64)
+    in_loss = np.zeros(len(starts), dtype=bool)
+    for lo, hi in spans:
+        in_loss |= (starts >= lo) & (starts < hi)
+    return list(encoded["input_ids"]), in_loss.astype(int).tolist()
+
+
 def encode_pairs(tokenizer, rows, max_length: int | None = None) -> list[Encoded]:
     """`encode_example` over (prompt, response) or (prompt, response, turns) rows."""
     return [encode_example(tokenizer, row[0], row[1], max_length, row[2] if len(row) > 2 else "") for row in rows]
@@ -64,24 +111,13 @@ def example_rows(table) -> list[tuple[str, str, str]]:
     return list(zip(table.column("prompt").to_pylist(), table.column("response").to_pylist(), turns))
 
 
-def loss_token_count(prompt_len: np.ndarray, response_len: np.ndarray, max_length: int | None = None) -> np.ndarray:
-    """Loss tokens per example exactly as `encode_example` makes them (response + eos, truncated, minus an
-    unpredictable first token), computed from token counts alone."""
-    p = np.asarray(prompt_len, dtype=np.int64)
-    r = np.asarray(response_len, dtype=np.int64) + 1
-    if max_length is not None:
-        over = p + r > max_length
-        keep_p = np.where(over, np.minimum(p, max_length // 2), p)
-        r = np.where(over, max_length - keep_p, r)
-        p = keep_p
-    return r - (p == 0).astype(np.int64)
-
-
-def count_tokens(tokenizer, texts: list[str]) -> np.ndarray:
-    if not texts:
-        return np.zeros(0, dtype=np.int64)
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return np.array([len(x) for x in ids], dtype=np.int64)
+def token_counts(tokenizer, rows, max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(context tokens, loss tokens) per (prompt, response, turns) row, counted on `encode_example`'s own
+    output (the same text, template and truncation training uses), so a budget counts what training sees."""
+    encoded = encode_pairs(tokenizer, rows, max_length)
+    loss = np.array([e.n_loss for e in encoded], dtype=np.int64)
+    total = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
+    return total - loss, loss
 
 
 def length_grouped_batches(lengths: np.ndarray, batch_tokens: int, max_batch: int = 256) -> list[np.ndarray]:

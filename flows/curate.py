@@ -25,7 +25,8 @@ from sftcurate.tasks.links import flow_run_name, link_runs
 
 def ingest_pool(cfg: CurateConfig) -> str:
     """The examples artifact of the configured source (ingested unless it is committed)."""
-    return call(ingest_task, cfg.source, source_fingerprint(cfg.source), cfg.models.target, cfg.models.max_length)
+    return call(ingest_task, cfg.source, source_fingerprint(cfg.source), cfg.models.target, cfg.models.max_length,
+                cfg.models.template)
 
 
 def selection_budget(cfg: CurateConfig) -> Budget:

@@ -13,8 +13,9 @@ from sftcurate.tasks.common import call, map_tasks, stage_task, task_logger
 
 
 @stage_task("ingest")
-def ingest_task(source: SourceConfig, source_fp: str, tokenizer_spec: str, max_length: int) -> str:
-    return ingest.ingest(source, source_fp, tokenizer_spec, max_length)
+def ingest_task(source: SourceConfig, source_fp: str, tokenizer_spec: str, max_length: int,
+                template: str = "auto") -> str:
+    return ingest.ingest(source, source_fp, tokenizer_spec, max_length, template)
 
 
 @stage_task("fit-projection")

@@ -1,0 +1,179 @@
+"""One text for selection, training and export (issue 27): the chat template applied once at ingest, the same ids
+through the token-feature path and the fine-tuning path, and `source.too_long` (drop, cut, keep) counted."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sftcurate.core.config import CurateConfig, FinetuneConfig, SourceConfig
+from sftcurate.core.ingest import examples_meta, ingest, load_examples, load_pool, source_fingerprint
+from sftcurate.core.tokenize import encode_pairs, example_rows
+from sftcurate.data_contracts import UserError
+from tests.helpers import write_jsonl
+
+# ChatML with a default system prompt, as SmolLM2-Instruct's template.
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\\nYou are a tiny test model.<|im_end|>\\n' }}{% endif %}"
+          "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory) -> str:
+    """A tiny GPT-2 folder whose tokenizer has ChatML special tokens and a chat template (a local model spec)."""
+    from sftcurate.infra.models import build_tiny_gpt2, loading_lock
+
+    folder = tmp_path_factory.mktemp("tiny-chat")
+    tiny = build_tiny_gpt2("tiny-gpt2")
+    tiny.tokenizer.save_pretrained(folder)  # a copy: the tiny tokenizer is cached and shared by other tests
+    with loading_lock() as tf:
+        tok = tf.AutoTokenizer.from_pretrained(str(folder))
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    tok.save_pretrained(folder)
+    tiny.model.resize_token_embeddings(len(tok))
+    tiny.model.save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
+def chat(i: int, answer: str = "") -> dict:
+    return {"messages": [{"role": "user", "content": f"How do Python lists work, case {i}?"},
+                         {"role": "assistant", "content": answer or f"Lists keep order, case {i}."}]}
+
+
+def run_ingest(uri: str, spec: str, max_length: int = 128, template: str = "auto", **source) -> str:
+    src = SourceConfig(uri=uri, heldout_fraction=0.0, **source)
+    return ingest(src, source_fingerprint(src), spec, max_length, template)
+
+
+def rendered_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """What TRL's SFTTrainer tokenizes for a `messages` record: the rendered chat, tokenized whole."""
+    return tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+
+
+def test_features_and_fine_tuning_see_the_same_chat_template_ids(tmp_path, store_root, chat_model, monkeypatch):
+    from sftcurate.core import embedding, finetune
+    from sftcurate.flows.curate import select_pipeline
+    from sftcurate.infra.models import model_fingerprint, resolve_tokenizer
+
+    write_jsonl(tmp_path / "chat.jsonl", [chat(i) for i in range(6)])
+    cfg = CurateConfig.model_validate({"source": {"uri": str(tmp_path / "chat.jsonl"), "heldout_fraction": 0.0},
+                                       "selection": {"method": "uniform", "budget": 6},
+                                       "models": {"target": chat_model, "max_length": 128}})
+    examples_uri, selection_uri = select_pipeline(cfg, None)
+    assert examples_meta(examples_uri)["template"] == "chat"
+    seen: dict[str, list] = {}
+
+    def recording(path):
+        def encode(tokenizer, rows, max_length=None):
+            out = encode_pairs(tokenizer, rows, max_length)
+            seen.setdefault(path, []).extend(out)
+            return out
+        return encode
+
+    monkeypatch.setattr(embedding, "encode_pairs", recording("features"))
+    monkeypatch.setattr(finetune, "encode_pairs", recording("finetune"))
+    fp = model_fingerprint(chat_model)
+    embedding.embed_shard(examples_uri, 0, 64, chat_model, fp, 128, 4096)
+    finetune.finetune(examples_uri, selection_uri, chat_model, fp, FinetuneConfig(steps=1, batch_size=2,
+                                                                                   max_length=128))
+    pool = load_pool(examples_uri)
+    tok = resolve_tokenizer(chat_model)
+    by_response = dict(zip(pool.column("response").to_pylist(), seen["features"]))
+    trained = {tuple(e.input_ids): e.loss_mask for e in seen["finetune"]}
+    for i in range(6):
+        record = chat(i)
+        features = by_response[record["messages"][1]["content"]]
+        assert features.input_ids == rendered_ids(tok, record["messages"])          # TRL's ids, whole template
+        assert trained[tuple(features.input_ids)] == features.loss_mask            # fine-tune: same ids, same loss
+        loss_text = tok.decode([t for t, m in zip(features.input_ids, features.loss_mask) if m])
+        assert loss_text == record["messages"][1]["content"] + "<|im_end|>"       # the answer and its end of turn
+    assert pool.column("response_tokens").to_pylist() == [e.n_loss for e in seen["features"]]  # budget = loss
+
+
+def test_every_assistant_turn_of_a_chat_carries_the_loss_under_the_template(tmp_path, store_root, chat_model):
+    from sftcurate.infra.models import resolve_tokenizer
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "first question"},
+                {"role": "assistant", "content": "first answer"}, {"role": "user", "content": "second question"},
+                {"role": "assistant", "content": "second answer"}, {"role": "user", "content": "unanswered"}]
+    write_jsonl(tmp_path / "multi.jsonl", [{"messages": messages}])
+    pool = load_pool(run_ingest(str(tmp_path / "multi.jsonl"), chat_model))
+    tok = resolve_tokenizer(chat_model)
+    (e,) = encode_pairs(tok, example_rows(pool), 128)
+    assert e.input_ids == rendered_ids(tok, messages[:5])  # up to the last assistant turn: no loss after it
+    loss_runs, run = [], []
+    for t, m in zip(e.input_ids, e.loss_mask):
+        if m:
+            run.append(t)
+        elif run:
+            loss_runs, run = loss_runs + [tok.decode(run)], []
+    assert loss_runs + ([tok.decode(run)] if run else []) == ["first answer<|im_end|>", "second answer<|im_end|>"]
+    assert pool.column("response_tokens").to_pylist() == [e.n_loss]
+
+
+def test_too_long_records_are_dropped_and_counted(tmp_path, store_root, chat_model):
+    long_answer = " ".join(f"word{i}" for i in range(200))
+    write_jsonl(tmp_path / "mixed.jsonl", [chat(i) for i in range(5)] + [chat(9, long_answer), chat(8, long_answer)])
+    uri = run_ingest(str(tmp_path / "mixed.jsonl"), chat_model, max_length=96, too_long="drop")
+    meta, table = examples_meta(uri), load_examples(uri)
+    assert (meta["too_long_dropped"], meta["too_long_cut"], meta["n_examples"]) == (2, 0, 5)
+    assert long_answer not in table.column("response").to_pylist()
+    assert max(a + b for a, b in zip(table.column("prompt_tokens").to_pylist(),
+                                     table.column("response_tokens").to_pylist())) <= 96
+
+
+def test_a_cut_record_is_exported_as_cut_and_counted_as_trained(tmp_path, store_root, chat_model):
+    from sftcurate.infra.models import resolve_tokenizer
+
+    long_answer = " ".join(f"word{i}" for i in range(200))
+    write_jsonl(tmp_path / "mixed.jsonl", [chat(i) for i in range(3)] + [chat(9, long_answer)])
+    uri = run_ingest(str(tmp_path / "mixed.jsonl"), chat_model, max_length=96)  # cut is the default
+    meta, rows = examples_meta(uri), load_examples(uri).to_pylist()
+    assert (meta["too_long"], meta["too_long_cut"], meta["too_long_dropped"], meta["n_examples"]) == ("cut", 1, 0, 4)
+    (cut,) = [r for r in rows if r["response"].startswith("word0 word1")]
+    assert long_answer.startswith(cut["response"]) and len(cut["response"]) < len(long_answer)
+    raw = json.loads(cut["raw"])  # what the export writes: the record as it trains
+    assert raw["messages"][1]["content"] == cut["response"]
+    tok = resolve_tokenizer(chat_model)
+    ids = rendered_ids(tok, raw["messages"])
+    assert 90 <= len(ids) <= 96 and cut["prompt_tokens"] + cut["response_tokens"] == len(ids)
+
+
+def test_keep_measures_a_long_record_whole(tmp_path, store_root, chat_model):
+    from sftcurate.infra.models import resolve_tokenizer
+
+    long_answer = " ".join(f"word{i}" for i in range(200))
+    write_jsonl(tmp_path / "long.jsonl", [chat(0), chat(9, long_answer)])
+    uri = run_ingest(str(tmp_path / "long.jsonl"), chat_model, max_length=96, too_long="keep")
+    meta, rows = examples_meta(uri), load_examples(uri).to_pylist()
+    assert (meta["too_long_whole"], meta["too_long_cut"], meta["too_long_dropped"]) == (1, 0, 0)
+    (long,) = [r for r in rows if r["response"] == long_answer]
+    assert long["prompt_tokens"] + long["response_tokens"] == len(rendered_ids(resolve_tokenizer(chat_model),
+                                                                               chat(9, long_answer)["messages"]))
+    (head,) = encode_pairs(resolve_tokenizer(chat_model), [(long["prompt"], long["response"], long["turns"])], 96)
+    assert len(head.input_ids) == 96  # features and the built-in fine-tune see the first max_length tokens
+
+
+def test_a_format_string_renders_every_example_and_plain_is_the_old_text(tmp_path, store_root, chat_model):
+    from sftcurate.infra.models import resolve_tokenizer
+
+    write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "What is 2+2?", "response": "4"}])
+    tok = resolve_tokenizer(chat_model)
+    formatted = load_pool(run_ingest(str(tmp_path / "qa.jsonl"), chat_model,
+                                     template="Q: {prompt}\nA: {response}"))
+    (e,) = encode_pairs(tok, example_rows(formatted), 128)
+    assert tok.decode(e.input_ids) == "Q: What is 2+2?\nA: 4" + tok.eos_token
+    assert tok.decode([t for t, m in zip(e.input_ids, e.loss_mask) if m]) == "4" + tok.eos_token
+    plain = load_pool(run_ingest(str(tmp_path / "qa.jsonl"), chat_model, template="plain"))
+    assert plain.column("turns").to_pylist() == [""]  # prompt ids + response ids + eos, as before templates
+    assert examples_meta(run_ingest(str(tmp_path / "qa.jsonl"), "tiny-gpt2"))["template"] == "plain"  # auto
+
+
+def test_a_template_that_cannot_be_used_is_one_line(tmp_path, store_root):
+    write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "p", "response": "r"}])
+    with pytest.raises(UserError, match="has no chat template"):
+        run_ingest(str(tmp_path / "qa.jsonl"), "tiny-gpt2", template="chat")
+    with pytest.raises(ValueError, match=r"\{prompt\} and then \{response\}"):
+        CurateConfig.model_validate({"models": {"template": "{response} after {prompt}"}})
