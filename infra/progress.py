@@ -2,11 +2,13 @@
 report their steps; the CLI (if any) shows them with rich.
 
 Listeners get (name, event, detail): "start" / "end" / "fail" for a stage; "reused" / "built" for an
-artifact (name is its kind, detail {"uri"}); "step" for a loop (name is its section, detail {"step", "steps",
+artifact (name is its kind, detail {"uri"}); "damaged" for a committed artifact that failed its check and is
+rebuilt (detail {"uri", "reason"}); "step" for a loop (name is its section, detail {"step", "steps",
 "loss", "unit"}: steps, examples, picks, pairs). A listener that raises stops the work that reported (tests use this to simulate a crash).
 """
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from typing import Callable
@@ -27,6 +29,12 @@ def _emit(name: str, event: str, **detail) -> None:
 
 def artifact(kind: str, uri: str, reused: bool) -> None:
     _emit(kind, "reused" if reused else "built", uri=uri)
+
+
+def damaged(kind: str, uri: str, reason: str) -> None:
+    """A committed artifact failed its check (`infra.store.artifact_damage`) and is being rebuilt."""
+    logging.getLogger("sftcurate.store").warning("rebuilding %s: damaged (%s)", uri, reason)
+    _emit(kind, "damaged", uri=uri, reason=reason)
 
 
 def step(section: str, step: int, steps: int, loss: float | None = None, unit: str = "steps") -> None:

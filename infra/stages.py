@@ -14,7 +14,7 @@ from typing import Callable
 
 from sftcurate.infra import progress
 from sftcurate.infra.hashing import code_key, fingerprint
-from sftcurate.infra.store import ArtifactStore, ArtifactWriter, read_manifest
+from sftcurate.infra.store import ArtifactStore, ArtifactWriter, artifact_damage, read_manifest
 
 
 class Built(str):
@@ -74,10 +74,14 @@ def build_once(kind: str, code: str | tuple[str, ...], params: dict, build: Call
     key = stage_key(kind, code, params, upstream)
     uri = store.uri(kind, key)
     with _lock_for(uri):
+        damage = None
         if store.committed(kind, key):
-            progress.artifact(kind, uri, reused=True)
-            return Built(uri, True)
-        writer = ArtifactWriter(uri=uri, kind=kind, key=key) if resumable else store.begin(kind, key)
+            damage = artifact_damage(uri)  # verified reads: a damaged artifact is rebuilt, never reused
+            if damage is None:
+                progress.artifact(kind, uri, reused=True)
+                return Built(uri, True)
+            progress.damaged(kind, uri, damage)
+        writer = ArtifactWriter(uri=uri, kind=kind, key=key) if resumable and not damage else store.begin(kind, key)
         build(writer)
         writer.commit()
     progress.artifact(kind, uri, reused=False)

@@ -18,6 +18,7 @@ import struct
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import fsspec
@@ -302,7 +303,18 @@ class ArtifactWriter:
     def commit(self) -> str:
         manifest = {"kind": self.kind, "key": self.key, "created": time.time(), "files": self.files, "meta": self.meta}
         write_whole(self.path(MANIFEST), strict_json(manifest))  # its presence is the commit: never a prefix
+        self._remember_written()
         return self.uri
+
+    def _remember_written(self) -> None:
+        """The bytes just written are the ones hashed into the manifest: a local store's next read need not hash
+        them again (S3 has no identity to remember before its listing, so it verifies once)."""
+        if "://" in self.uri and not self.uri.startswith("file://"):
+            return
+        root = filesystem_for(self.uri)[1].rstrip("/")
+        for name, found in _identities(None, root, sorted(self.files), remote=False).items():
+            if found is not None and found[0] == self.files[name]["bytes"]:
+                _remember_verified(*_verified_record((*found[1], self.files[name]["sha256"])))
 
     def abort(self) -> None:
         remove_tree(self.uri)
@@ -334,7 +346,124 @@ def is_committed(uri: str) -> bool:
     return exists(join(uri, MANIFEST))
 
 
-def read_manifest(uri: str) -> dict:
+def read_manifest(uri: str, verify: bool = True) -> dict:
+    """A committed artifact's manifest; with `verify` (the default) only once its files match it (DamagedArtifact
+    otherwise): every reader of an artifact reads its manifest first, so no reader uses a damaged one."""
     if not is_committed(uri):
         raise ContractError(f"{uri}: no {MANIFEST}; the artifact was never committed (re-run the task that writes it)")
-    return json.loads(read_bytes(join(uri, MANIFEST)))
+    manifest = json.loads(read_bytes(join(uri, MANIFEST)))
+    damage = artifact_damage(uri, manifest) if verify else None
+    if damage:
+        raise DamagedArtifact(f"{uri}: damaged artifact ({damage}); run the command that built it again to "
+                              "rebuild it (`sftcurate verify` checks the whole store)")
+    return manifest
+
+
+# ---------------------------------------------------------------- verified reads
+#
+# A committed artifact's files are checked against the sizes and sha256s its manifest records before any reader
+# trusts it: sizes on every read (a stat, or one listing on S3); a file's hash once per identity (local: path,
+# size, mtime, inode; S3: key, size, ETag), remembered in this process and under $SFTCURATE_HOME/cache/verified,
+# so hashing the 8 GB of a 10^6-sentence pool's features is paid once, not per run. A file altered in place keeps
+# neither its mtime nor its ETag, so it is hashed again and caught.
+
+class DamagedArtifact(DependencyError):
+    """A committed artifact whose files no longer match its manifest (missing, truncated, altered after the
+    commit): the store was damaged, not the user's input. `build_once` rebuilds such an artifact."""
+
+
+_verified_here: set[str] = set()
+
+
+def _verified_record(identity: tuple) -> tuple[str, Path]:
+    token = hashlib.sha256(json.dumps(identity, default=str).encode()).hexdigest()
+    return token, load_settings().home / "cache" / "verified" / token[:2] / token
+
+
+def _identities(fs, root: str, names, remote: bool) -> dict[str, tuple[int, tuple] | None]:
+    """name -> (size, identity) of each listed file, None when it is missing."""
+    if remote:
+        found = fs.find(root, detail=True)
+        out = {}
+        for name in names:
+            info = found.get(f"{root}/{name}")
+            out[name] = None if info is None else (int(info.get("size") or 0), (
+                f"{root}/{name}", int(info.get("size") or 0), str(info.get("ETag") or info.get("etag") or "")))
+        return out
+    out = {}
+    for name in names:
+        try:
+            st = os.stat(f"{root}/{name}")
+        except (FileNotFoundError, NotADirectoryError):
+            out[name] = None
+            continue
+        out[name] = (st.st_size, (os.path.realpath(f"{root}/{name}"), st.st_size, st.st_mtime_ns, st.st_ino))
+    return out
+
+
+def artifact_damage(uri: str, manifest: dict | None = None) -> str | None:
+    """What is wrong with a committed artifact's files (one phrase naming the file), or None when every file its
+    manifest lists is there with its recorded size and sha256."""
+    try:
+        manifest = manifest if manifest is not None else json.loads(read_bytes(join(uri, MANIFEST)))
+        listed = manifest.get("files") or {}
+        sizes = {name: int(record["bytes"]) for name, record in listed.items()}
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing"
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"{MANIFEST} is unreadable ({type(exc).__name__})"
+
+    def check() -> str | None:
+        fs, root = filesystem_for(uri)
+        root = root.rstrip("/")
+        found = _identities(fs, root, sorted(listed), uri.startswith("s3://"))
+        for name in sorted(listed):
+            record = listed[name]
+            if found[name] is None:
+                return f"{name} is missing"
+            size, identity = found[name]
+            if size != sizes[name]:
+                return f"{name} has {size} bytes, its manifest records {sizes[name]}"
+            token, memo = _verified_record((*identity, record["sha256"]))
+            if token in _verified_here or memo.exists():
+                _verified_here.add(token)
+                continue
+            if file_digest(join(uri, name)).hex() != record["sha256"]:
+                return f"{name} does not match the sha256 its manifest records"
+            _remember_verified(token, memo)
+        return None
+
+    return retrying(uri, check) if listed else None
+
+
+def _remember_verified(token: str, memo: Path) -> None:
+    _verified_here.add(token)
+    with contextlib.suppress(OSError):  # a read-only home only costs a hash in the next process
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.touch()
+
+
+def artifact_uris(root: str) -> list[str]:
+    """Every artifact folder under a store root that holds a manifest (`<root>/<kind>/<key>`)."""
+    def listing() -> list[str]:
+        fs, path = filesystem_for(root)
+        prefix = "" if not root.startswith(("s3://", "memory://")) else root.split("://", 1)[0] + "://"
+        return sorted(prefix + m[: -len(MANIFEST) - 1] for m in fs.glob(f"{path.rstrip('/')}/*/*/{MANIFEST}"))
+
+    return retrying(root, listing)
+
+
+def verify_store(uri: str | None = None) -> dict:
+    """Check one artifact (a folder with a manifest) or every artifact of a store (default: SFTCURATE_STORE):
+    {"checked": n, "damaged": {uri: what is wrong}}. Damaged artifacts are reported, not removed: the next run
+    that needs one rebuilds it."""
+    uri = (uri or load_settings().store_uri).rstrip("/")
+    uris = [uri] if is_committed(uri) else artifact_uris(uri)
+    if not uris and not exists(uri):
+        raise ContractError(f"{uri}: no such store or artifact; pass a store root or an artifact folder")
+    damaged = {}
+    for artifact in uris:
+        damage = artifact_damage(artifact)
+        if damage:
+            damaged[artifact] = damage
+    return {"checked": len(uris), "damaged": damaged}

@@ -12,6 +12,7 @@ import time
 import warnings
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
@@ -82,6 +83,9 @@ class StageDisplay:
                 self.counts[stage][event] += 1
         elif event == "step":
             self._step(detail)
+        elif event == "damaged":
+            self.console.print(f"  [yellow]rebuilding[/] {escape(detail['uri'])}: damaged "
+                               f"({escape(detail['reason'])})", highlight=False, soft_wrap=True)
         elif event in ("end", "fail"):
             self._finish(name, failed=event == "fail")
 
