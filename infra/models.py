@@ -209,10 +209,60 @@ def local_folder(spec: str) -> Path | None:
         spec = spec[len("file://"):]
     path = Path(spec).expanduser()
     if path.is_dir():
-        return path
+        return checked_folder(spec, path)
     if spec.startswith((".", "/", "~")):
         raise ModelSpecError(f"model '{spec}': folder not found")
     return None
+
+
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def checked_folder(spec: str, folder: Path) -> Path:
+    """A model folder that can be loaded without running code from it: not empty, and its weights in
+    safetensors. Pickled weights (`pytorch_model.bin`) are refused before anything is committed: unpickling
+    runs code, and transformers' `weights_only` refusal is 700 lines of traceback."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    if not files:
+        raise ModelSpecError(f"model '{spec}': the folder is empty; give a folder holding config.json and "
+                             "*.safetensors weights (what save_pretrained writes)")
+    pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
+    if pickled and not any(folder.glob("*.safetensors")):
+        raise ModelSpecError(f"model '{spec}': its weights are a pickle ({', '.join(pickled)}), which is never "
+                             "loaded (unpickling runs code); save them as safetensors "
+                             "(model.save_pretrained(folder, safe_serialization=True)) and point at that folder")
+    return folder
+
+
+def hub_errors():
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+
+    return (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError, EntryNotFoundError), \
+        (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError)
+
+
+def loaded(spec: str, what: str, load):
+    """`load()` (a from_pretrained call) with its failure as one line naming the spec: an unknown hub id or an
+    unloadable folder is the user's (exit 2), an unreachable hub the environment's (exit 1)."""
+    import pickle
+
+    from sftcurate.data_contracts.errors import DependencyError, chain
+
+    try:
+        return load()
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:
+        refused, offline = hub_errors()  # offline first: a cache miss offline is an EntryNotFoundError too
+        first = next((str(e).strip().splitlines()[0] for e in chain(exc) if str(e).strip()), type(exc).__name__)
+        if any(isinstance(e, offline) for e in chain(exc)):
+            raise DependencyError(f"model '{spec}': the Hugging Face hub could not be reached and the {what} is "
+                                  "not in the local cache; check the network (HF_HUB_OFFLINE), or download it and "
+                                  "give its folder") from None
+        if any(isinstance(e, refused) for e in chain(exc)):
+            raise ModelSpecError(f"model '{spec}': the Hugging Face hub has no such {what} at revision "
+                                 f"{hub_revision()} ({first}); check the id and SFTCURATE_HUB_REVISION") from None
+        raise ModelSpecError(f"model '{spec}': the {what} could not be loaded ({type(exc).__name__}: {first})") \
+            from None
 
 
 def model_fingerprint(spec: str) -> str:
@@ -247,8 +297,8 @@ def resolve_tokenizer(spec: str):
         return train_bpe_tokenizer(parse_tiny_spec(spec)["vocab"])
     with loading_lock() as tf:  # local_folder too: two threads would download or convert into one folder
         folder = local_folder(spec)
-        tok = tf.AutoTokenizer.from_pretrained(str(folder)) if folder else \
-            tf.AutoTokenizer.from_pretrained(spec, revision=hub_revision())
+        tok = loaded(spec, "tokenizer", lambda: tf.AutoTokenizer.from_pretrained(str(folder)) if folder else
+                     tf.AutoTokenizer.from_pretrained(spec, revision=hub_revision()))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -277,8 +327,8 @@ def resolve_model(spec: str, dtype: str | None = None, device: str | None = None
         torch_dtype = getattr(torch, dtype) if dtype else torch.float32
         with loading_lock() as tf:  # local_folder too: two threads would download or convert into one folder
             folder = local_folder(spec)
-            model = tf.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype) if folder else \
-                tf.AutoModelForCausalLM.from_pretrained(spec, revision=hub_revision(), dtype=torch_dtype)
+            model = loaded(spec, "model", lambda: tf.AutoModelForCausalLM.from_pretrained(
+                str(folder) if folder else spec, **({} if folder else {"revision": hub_revision()}), dtype=torch_dtype))
         model.eval()
         loaded = LoadedModel(model, resolve_tokenizer(spec), spec, model_fingerprint(spec))
     if device:

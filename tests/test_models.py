@@ -102,3 +102,54 @@ def test_any_gguf_file_converts_once_and_matches_the_builtin():
     assert local_folder(spec) != local_folder(BUILTIN_SMOLLM2) and (local_folder(spec) / "model.safetensors").exists()
     assert model_fingerprint(spec).startswith("gguf:SmolLM2-135M-Instruct")
     assert torch.equal(loaded.model.lm_head.weight, builtin.model.lm_head.weight)
+
+
+# ---------------------------------------------------------------- one line for every model we refuse (issue 28)
+
+def test_a_folder_of_pickled_weights_and_an_empty_folder_are_refused_before_loading(tmp_path):
+    import json
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    torch.save({"w": torch.zeros(2)}, pickled / "pytorch_model.bin")
+    with pytest.raises(ModelSpecError, match=r"its weights are a pickle \(pytorch_model.bin\).*safetensors"):
+        model_fingerprint(str(pickled))
+    with pytest.raises(ModelSpecError, match="its weights are a pickle"):
+        resolve_model(str(pickled))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelSpecError, match="the folder is empty"):
+        model_fingerprint(str(tmp_path / "empty"))
+    (tmp_path / "noconfig").mkdir()
+    (tmp_path / "noconfig" / "model.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(ModelSpecError, match=r"model '.*noconfig': the tokenizer could not be loaded"):
+        resolve_tokenizer(str(tmp_path / "noconfig"))
+
+
+def test_hub_failures_are_one_line_of_their_kind():
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    from sftcurate.data_contracts.errors import DependencyError
+    from sftcurate.infra.models import loaded
+
+    def fails(error):
+        def load():
+            try:
+                raise error
+            except Exception as exc:  # transformers wraps the hub's error in an OSError, as here
+                raise OSError("We couldn't connect to 'https://huggingface.co' to load the files") from exc
+        return load
+
+    with pytest.raises(DependencyError, match="hub could not be reached .* not in the local cache"):
+        loaded("org/model", "model", fails(LocalEntryNotFoundError("outgoing traffic has been disabled")))
+    import httpx
+
+    response = httpx.Response(404, request=httpx.Request("GET", "https://huggingface.co/org/model"))
+    try:
+        missing = RepositoryNotFoundError("404 Repository Not Found", response=response)
+    except TypeError:  # older huggingface_hub: requests' response
+        import requests
+
+        missing = RepositoryNotFoundError("404 Repository Not Found", response=requests.Response())
+    with pytest.raises(ModelSpecError, match="has no such model at revision main"):
+        loaded("org/model", "model", fails(missing))
