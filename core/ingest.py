@@ -31,6 +31,9 @@ from sftcurate.core.training_text import fit_columns
 BUILTIN_PYTHON_DOCS = "builtin:python-docs"
 KIND = "examples"
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
+# compressed files read like plain ones (`data.jsonl.gz`); fsspec's codecs (zstd through `zstandard`)
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
+READABLE_SUFFIXES = FILE_SUFFIXES + tuple(s + c for s in FILE_SUFFIXES for c in COMPRESSIONS)
 
 
 class IngestError(UserError):
@@ -49,7 +52,7 @@ def source_kind(uri: str) -> str:
         return "builtin"
     if uri.startswith("hf:"):
         return "hf"
-    if uri.startswith(("s3://", "file://", "memory://", "/", ".", "~")) or uri.endswith(FILE_SUFFIXES) \
+    if uri.startswith(("s3://", "file://", "memory://", "/", ".", "~")) or uri.endswith(READABLE_SUFFIXES) \
             or any(c in uri for c in "*?["):
         return "files"
     if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", uri):
@@ -61,6 +64,21 @@ def resolve_files(uri: str) -> list[str]:
     return retrying(uri, lambda: _resolve_files(uri))
 
 
+def skipped_files(uri: str) -> dict[str, str]:
+    """The files of a folder source that are not read, each with the reason (shown in the examples artifact's
+    meta, `skipped_files`): a folder never drops a file without saying so."""
+    return retrying(uri, lambda: _skipped_files(uri))
+
+
+def _skipped_files(uri: str) -> dict[str, str]:
+    fs, path = filesystem_for(uri)
+    if any(c in path for c in "*?[") or not fs.isdir(path):
+        return {}
+    return {p: f"unknown file type '{PurePosixPath(p).suffix}' (read: {', '.join(FILE_SUFFIXES)}, optionally "
+               f"compressed {'/'.join(COMPRESSIONS)})" for p in sorted(fs.find(path))
+            if not p.lower().endswith(READABLE_SUFFIXES)}
+
+
 def _resolve_files(uri: str) -> list[str]:
     fs, path = filesystem_for(uri)
     if any(c in path for c in "*?["):
@@ -68,9 +86,10 @@ def _resolve_files(uri: str) -> list[str]:
         if not paths:
             raise IngestError(f"{uri}: no file matches this pattern; check the path")
     elif fs.isdir(path):
-        paths = sorted(p for p in fs.find(path) if p.endswith(FILE_SUFFIXES))
+        paths = sorted(p for p in fs.find(path) if p.lower().endswith(READABLE_SUFFIXES))
         if not paths:
-            raise IngestError(f"{uri}: folder holds no {'/'.join(FILE_SUFFIXES)} files")
+            raise IngestError(f"{uri}: folder holds no {'/'.join(FILE_SUFFIXES)} files (plain or "
+                              f"{'/'.join(COMPRESSIONS)})")
     elif fs.exists(path):
         paths = [path]
     else:
@@ -127,10 +146,28 @@ def _decode(uri: str, data: bytes) -> str:
                           "re-encode the file as UTF-8") from None
 
 
+def decompressed(uri: str, data: bytes, codec: str) -> bytes:
+    from fsspec.compression import compr
+
+    if codec not in compr:
+        raise IngestError(f"{uri}: reading {codec} files needs the '{'zstandard' if codec == 'zstd' else codec}' "
+                          "package; install it or decompress the file")
+    try:
+        with compr[codec](io.BytesIO(data), mode="rb") as f:
+            return f.read()
+    except Exception as exc:  # each codec has its own error types (BadGzipFile, LZMAError, ZstdError, EOFError)
+        raise IngestError(f"{uri}: not a readable {codec} file ({type(exc).__name__}: {exc}); check the file "
+                          "or its suffix") from None
+
+
 def read_file_records(uri: str, passage_chars: int) -> list[RawRecord]:
     _, path = filesystem_for(uri)
     data = read_bytes(uri)
-    suffix = PurePosixPath(path).suffix.lower()
+    name = PurePosixPath(path)
+    codec = COMPRESSIONS.get(name.suffix.lower())
+    if codec:
+        data, name = decompressed(uri, data, codec), name.with_suffix("")
+    suffix = name.suffix.lower()
     if suffix == ".parquet":
         try:
             rows = pq.read_table(io.BytesIO(data)).to_pylist()
@@ -147,6 +184,8 @@ def read_file_records(uri: str, passage_chars: int) -> list[RawRecord]:
                 out.append(RawRecord(uri, f"line {i + 1}", json.loads(line)))
             except json.JSONDecodeError as exc:
                 raise IngestError(f"{uri}: line {i + 1}: not valid JSON ({exc.msg}); fix or remove the line") from None
+            if "\\u" in line:  # only an escape can make a lone surrogate, which no UTF-8 writer can store
+                refuse_lone_surrogates(out[-1])
         return out
     if suffix == ".json":
         try:
@@ -157,13 +196,60 @@ def read_file_records(uri: str, passage_chars: int) -> list[RawRecord]:
             obj = next((obj[k] for k in ("data", "examples", "rows", "train") if isinstance(obj.get(k), list)), None)
         if not isinstance(obj, list):
             raise IngestError(f"{uri}: expected a JSON list of records (or an object with a 'data' list)")
-        return [RawRecord(uri, f"row {i + 1}", r) for i, r in enumerate(obj)]
+        records = [RawRecord(uri, f"row {i + 1}", r) for i, r in enumerate(obj)]
+        if "\\u" in text:
+            for record in records:
+                refuse_lone_surrogates(record)
+        return records
     if suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
-        return [RawRecord(uri, f"row {i + 1}", dict(r)) for i, r in enumerate(reader)]
+        return read_csv_records(uri, text)
     if suffix == ".txt":
         return [RawRecord(uri, f"passage {i + 1}", {"text": p}) for i, p in enumerate(split_passages(text, passage_chars))]
     raise IngestError(f"{uri}: unknown file type '{suffix}'; use one of {', '.join(FILE_SUFFIXES)}")
+
+
+def read_csv_records(uri: str, text: str) -> list[RawRecord]:
+    """One record per row under the header's names; a row with more or fewer fields than the header is refused
+    (an unquoted comma shifts every field after it, which would train on the wrong text without a word)."""
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None) or []
+    out = []
+    for i, row in enumerate(reader):
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise IngestError(f"{uri}: row {i + 1} (line {reader.line_num}): {len(row)} fields, the header has "
+                              f"{len(header)}; quote fields that contain commas, or fix the row")
+        out.append(RawRecord(uri, f"row {i + 1}", dict(zip(header, row))))
+    return out
+
+
+def refuse_lone_surrogates(raw: RawRecord) -> None:
+    """A JSON escape like "\\ud83d" without its pair decodes to half a character that cannot be written as UTF-8
+    (tokenizers, parquet and export all fail on it later): refused here, naming the field."""
+    def walk(value, where: str):
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return where, value[exc.start]
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                found = walk(v, f"{where}.{k}" if where else str(k))
+                if found:
+                    return found
+        elif isinstance(value, list):
+            for j, v in enumerate(value):
+                found = walk(v, f"{where}[{j}]")
+                if found:
+                    return found
+        return None
+
+    found = walk(raw.record, "")
+    if found:
+        field, char = found
+        raise IngestError(f"{raw.where}: {raw.row}: field '{field}' holds a lone surrogate \\u{ord(char):04x} (half "
+                          "of a character, e.g. an emoji cut in two); write the whole character or its escape pair")
 
 
 def read_builtin_python_docs(passage_chars: int) -> list[RawRecord]:
@@ -314,6 +400,7 @@ def ingest(source: SourceConfig, source_fp: str, tokenizer_spec: str, max_length
             "n_examples": table.num_rows, "n_train": int(train.sum()), "n_heldout": int((~train).sum()),
             "train_tokens": int(np.asarray(table.column("response_tokens"))[train].sum()),
             "tokenizer": tokenizer_spec, "max_length": max_length, "columns": source.columns, **stats.text,
+            "skipped_files": skipped_files(source.uri) if source_kind(source.uri) == "files" else {},
         })
 
     params = {"source": source, "source_fingerprint": source_fp, "tokenizer": model_fingerprint(tokenizer_spec),

@@ -130,6 +130,13 @@ BAD_INPUTS = [
     ("latin1.jsonl", b'{"text": "caf\xe9"}\n', "line 1: bytes are not valid UTF-8"),
     ("empty_text.jsonl", '{"text": "   "}\n', "line 1: the response/text field is empty"),
     ("chat_no_assistant.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n', "no assistant turn"),
+    ("ragged.csv", "prompt,response\np1,r1\np2,r2,an unquoted, comma\n", "row 2 (line 3): 4 fields, the header has 2"),
+    ("short_row.csv", "prompt,response,topic\np1,r1,t\np2,r2\n", "row 2 (line 3): 2 fields, the header has 3"),
+    ("surrogate.jsonl", '{"prompt": "p", "response": "r"}\n{"prompt": "p", "response": "smile \\ud83d"}\n',
+     "line 2: field 'response' holds a lone surrogate \\ud83d"),
+    ("surrogate_chat.json", '[{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", '
+     '"content": "\\udc00 x"}]}]', "row 1: field 'messages[1].content' holds a lone surrogate \\udc00"),
+    ("broken.jsonl.gz", b"\x1f\x8b not really gzip", "not a readable gzip file"),
 ]
 
 
@@ -176,3 +183,35 @@ def test_hugging_face_source_goes_through_load_dataset(tmp_path, store_root):
     assert table.num_rows == 9 and table.column("prompt")[0].as_py().startswith("Say ")
     with pytest.raises(IngestError, match="could not load the Hugging Face dataset"):
         run_ingest(f"hf:{tmp_path / 'missing_dataset'}")
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst"])
+def test_compressed_sources_read_like_plain_ones(tmp_path, store_root, suffix):
+    from fsspec.compression import compr
+
+    from sftcurate.core.ingest import COMPRESSIONS
+
+    recs = qa_records(12)
+    plain = write_jsonl(tmp_path / "plain.jsonl", recs)
+    packed = tmp_path / "packed" / f"data.jsonl{suffix}"
+    packed.parent.mkdir()
+    with open(packed, "wb") as raw, compr[COMPRESSIONS[suffix]](raw, mode="wb") as f:
+        f.write(plain.read_bytes())
+    assert packed.read_bytes() != plain.read_bytes()
+    got = load_examples(run_ingest(str(packed), heldout_fraction=0.0))
+    want = load_examples(run_ingest(str(plain), heldout_fraction=0.0))
+    assert got.column("raw").to_pylist() == want.column("raw").to_pylist()
+    folder = load_examples(run_ingest(str(packed.parent), heldout_fraction=0.0))  # a folder finds it too
+    assert folder.column("id").to_pylist() == want.column("id").to_pylist()
+
+
+def test_a_folder_reports_the_files_it_skips(tmp_path, store_root):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    write_jsonl(data / "a.jsonl", qa_records(4))
+    (data / "notes.md").write_text("# not data")
+    (data / "sub" / "b.jsonl.7z").write_bytes(b"7z")
+    meta = read_manifest(run_ingest(str(data), heldout_fraction=0.0))["meta"]
+    assert meta["n_examples"] == 4
+    assert sorted(k.rsplit("/", 1)[-1] for k in meta["skipped_files"]) == ["b.jsonl.7z", "notes.md"]
+    assert all("unknown file type" in why for why in meta["skipped_files"].values())
