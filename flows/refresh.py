@@ -6,11 +6,14 @@ It then compares the new examples artifact with the one the previous refresh rec
 what changed (source fingerprints before/after, example ids added and removed, selection changes) on the
 terminal, in MLflow (a `refresh-<name>` run) and as a Prefect markdown artifact.
 
-State, one small JSON per config name: `<store>/refresh-state/<name>.json` (last examples/selection URIs and
-fingerprints), in the artifact store so that every machine running the refresh (CI, a worker) shares it.
+State, one small JSON per config name: `<store>/refresh-state/<slug>-<hash of the name>.json` (last
+examples/selection URIs and fingerprints), in the artifact store so that every machine running the refresh (CI, a
+worker) shares it. The slug makes the file readable; the hash keeps names apart that slug alike ("a/b" and "a-b",
+every name in a script without Latin letters).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -38,17 +41,24 @@ def slug(name: str) -> str:
 
 
 def state_uri(name: str, store_root: str | None = None) -> str:
-    return join(ArtifactStore(store_root).root, STATE_DIR, f"{slug(name)}.json")
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return join(ArtifactStore(store_root).root, STATE_DIR, f"{slug(name)}-{digest}.json")
 
 
 def read_state(name: str, store_root: str | None = None) -> dict | None:
-    uri = state_uri(name, store_root)
-    if not exists(uri):
-        return None
-    try:
-        return json.loads(read_bytes(uri))
-    except (ValueError, OSError):  # a damaged record only means "no previous state"
-        return None
+    """The previous refresh's state of this name; a state written under the old slug-only file name counts only
+    when it records this very name (two names that slug alike shared that file)."""
+    legacy = join(ArtifactStore(store_root).root, STATE_DIR, f"{slug(name)}.json")
+    for uri in (state_uri(name, store_root), legacy):
+        if not exists(uri):
+            continue
+        try:
+            state = json.loads(read_bytes(uri))
+        except (ValueError, OSError):  # a damaged record only means "no previous state"
+            return None
+        if uri != legacy or state.get("name") == name:
+            return state
+    return None
 
 
 def write_state(name: str, state: dict, store_root: str | None = None) -> str:

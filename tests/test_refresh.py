@@ -1,7 +1,9 @@
 """The refresh flow: nothing costly runs when the source is unchanged; a change is re-curated and reported."""
 from __future__ import annotations
 
+
 import json
+import re
 
 import pytest
 
@@ -57,7 +59,7 @@ def test_refresh_is_free_when_unchanged_and_reports_changes(tmp_path, store_root
     assert counters == {"build_examples": 1, "selection_table": 1}
     state = read_state(cfg.name)
     assert state["examples_uri"] == first["examples_uri"] and state["source_fingerprint"] == first["fingerprint_after"]
-    assert first["state_uri"].startswith(store_root) and first["state_uri"].endswith("refresh-state/refresh-test.json")
+    assert first["state_uri"].startswith(store_root) and re.search(r"refresh-state/refresh-test-[0-9a-f]{12}\.json$", first["state_uri"])
 
     second = refresh(cfg)
     assert counters == {"build_examples": 1, "selection_table": 1}  # nothing costly ran
@@ -102,3 +104,26 @@ def test_refresh_cli(tmp_path, store_root):
     report = json.loads(out.read_text())
     assert report["first_refresh"] and report["examples_after"] == 30
     assert "fingerprint_after" in result.output
+
+
+def test_refresh_state_of_names_that_slug_alike_never_collides(store_root):
+    from sftcurate.flows.refresh import read_state, slug, state_uri, write_state
+
+    names = ["a/b", "a-b", "A B", "курация", "キュレーション", "curation"]
+    assert len({slug(n) for n in names}) < len(names)  # the slugs collide...
+    assert len({state_uri(n) for n in names}) == len(names)  # ...the state files do not
+    for i, name in enumerate(names):
+        write_state(name, {"name": name, "examples_uri": f"e{i}"})
+    assert [read_state(n)["examples_uri"] for n in names] == [f"e{i}" for i in range(len(names))]
+    assert "refresh-state/curation-" in state_uri("курация")  # still readable where it can be
+
+
+def test_a_state_under_the_old_slug_only_name_is_read_for_its_own_name_only(store_root):
+    import json
+
+    from sftcurate.flows.refresh import STATE_DIR, read_state
+    from sftcurate.infra.store import join, write_bytes
+
+    write_bytes(join(store_root, STATE_DIR, "a-b.json"), json.dumps({"name": "a/b", "examples_uri": "old"}).encode())
+    assert read_state("a/b")["examples_uri"] == "old"
+    assert read_state("a-b") is None
