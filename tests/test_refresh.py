@@ -1,7 +1,6 @@
 """The refresh flow: nothing costly runs when the source is unchanged; a change is re-curated and reported."""
 from __future__ import annotations
 
-
 import json
 import re
 
