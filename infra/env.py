@@ -21,9 +21,46 @@ _DEFAULTS = {
 }
 
 
+PROJECT_FOLDER = ".sftcurate"
+
+
+def project_local_home() -> Path | None:
+    """A `.sftcurate/` folder in the working directory or a folder above it (as git finds `.git`): a project
+    that keeps its state beside it, as every home did before per-user ones."""
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        candidate = folder / PROJECT_FOLDER
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def _user_folder(variable: str, fallback: str) -> Path:
+    """An XDG base folder ($XDG_DATA_HOME, $XDG_CACHE_HOME; relative values are ignored, as the spec says)."""
+    value = os.environ.get(variable, "")
+    return Path(value) if os.path.isabs(value) else Path.home() / fallback
+
+
 def project_home() -> Path:
-    """Folder for local state (.sftcurate/ in the working directory unless SFTCURATE_HOME says otherwise)."""
-    return Path(os.environ.get("SFTCURATE_HOME", ".sftcurate")).resolve()
+    """Folder for local state (artifacts, MLflow, Prefect): SFTCURATE_HOME when set; else a project-local
+    `.sftcurate/` when one exists here or above; else one per user, `$XDG_DATA_HOME/sftcurate`
+    (~/.local/share/sftcurate), so runs from any folder share one store and one MLflow database."""
+    explicit = os.environ.get("SFTCURATE_HOME")
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    return project_local_home() or (_user_folder("XDG_DATA_HOME", ".local/share") / "sftcurate").resolve()
+
+
+def model_cache_home() -> Path:
+    """Converted and downloaded models (hundreds of MB each): inside SFTCURATE_HOME when it is set, or in a
+    project-local home that already has them; else one per user, `$XDG_CACHE_HOME/sftcurate/models`
+    (~/.cache/sftcurate/models), so a second folder or a second project reuses them."""
+    if os.environ.get("SFTCURATE_HOME"):
+        return project_home() / "models"
+    local = project_local_home()
+    if local is not None and (local / "models").is_dir():
+        return local / "models"
+    return (_user_folder("XDG_CACHE_HOME", ".cache") / "sftcurate" / "models").resolve()
 
 
 def apply_environment_defaults() -> None:

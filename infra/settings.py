@@ -2,7 +2,7 @@
 
 | variable | default | meaning |
 |---|---|---|
-| SFTCURATE_HOME | ./.sftcurate | local state: artifacts, MLflow SQLite, Prefect results, model cache |
+| SFTCURATE_HOME | ./.sftcurate (here or above) when it exists, else ~/.local/share/sftcurate ($XDG_DATA_HOME) | local state: artifacts, MLflow SQLite, Prefect results |
 | SFTCURATE_STORE | $SFTCURATE_HOME/artifacts | artifact root: a local folder or s3://bucket/prefix |
 | SFTCURATE_S3_ENDPOINT_URL / AWS_ENDPOINT_URL | unset | S3 API endpoint (MinIO, moto, ...) |
 | AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_REGION | unset | S3 credentials (never logged) |
@@ -13,7 +13,7 @@
 | SFTCURATE_DASK_ADDRESS | unset | scheduler address for an existing Dask cluster |
 | SFTCURATE_DASK_WORKERS | 2 | worker processes of a local Dask cluster |
 | SFTCURATE_RAY_ADDRESS | unset | address of an existing Ray cluster (needs prefect-ray) |
-| SFTCURATE_MODEL_CACHE | $SFTCURATE_HOME/models | converted / downloaded models |
+| SFTCURATE_MODEL_CACHE | $SFTCURATE_HOME/models when SFTCURATE_HOME is set (or a project-local home has one), else ~/.cache/sftcurate/models ($XDG_CACHE_HOME) | converted / downloaded models |
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sftcurate.data_contracts.errors import UserError
-from sftcurate.infra.env import project_home
+from sftcurate.infra.env import model_cache_home, project_home
 
 STORAGE_RETRY_SECONDS = 120.0
 SERVICE_RETRY_SECONDS = 120.0  # an MLflow tracking server or a Prefect API (infra/reachability.py)
@@ -100,7 +100,7 @@ def load_settings() -> Settings:
         tracking_uri=env.get("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}"),
         task_runner=env.get("SFTCURATE_TASK_RUNNER", "threads"),
         dask_address=env.get("SFTCURATE_DASK_ADDRESS"),
-        model_cache=Path(env.get("SFTCURATE_MODEL_CACHE", str(home / "models"))),
+        model_cache=Path(env["SFTCURATE_MODEL_CACHE"]) if env.get("SFTCURATE_MODEL_CACHE") else model_cache_home(),
         s3=S3Settings(
             endpoint_url=env.get("SFTCURATE_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL")
             or env.get("MLFLOW_S3_ENDPOINT_URL"),

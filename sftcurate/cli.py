@@ -148,13 +148,22 @@ def run_with_progress(fn, *args, **kwargs):
     """Run a flow while showing its stages, and the loops inside them, in the terminal. A Prefect server lost
     during the run stops it with one line (exit 1) once SFTCURATE_SERVICE_RETRY_SECONDS are spent."""
     from sftcurate.infra import progress
+    from sftcurate.infra.runners import balance_threads, register_process
     from sftcurate.terminal import StageDisplay, quiet_prefect_console
 
     quiet_one_line_errors_in_logs()
     if not VERBOSE:
         quiet_prefect_console()
+    register_process()  # runs side by side share the cores (infra/runners.py), re-balanced at every stage
+    balance_threads()
+
+    def rebalance(_name: str, event: str, _detail: dict) -> None:
+        if event == "start":
+            balance_threads()
+
     with StageDisplay(console) as display, watching_prefect_api(display) as watch:
         unsubscribe = progress.subscribe(display.on_event)
+        unsubscribe_balance = progress.subscribe(rebalance)
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
@@ -162,6 +171,7 @@ def run_with_progress(fn, *args, **kwargs):
                 raise watch.lost_during_run(exc) from exc
             raise
         finally:
+            unsubscribe_balance()
             unsubscribe()
 
 

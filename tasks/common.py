@@ -17,9 +17,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.states import Completed
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from sftcurate.data_contracts.errors import DependencyError, UserError, disk_full
 from sftcurate.infra import progress
+from sftcurate.infra.runners import mapped_tasks
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:
@@ -94,8 +96,15 @@ def call(task_fn, *args, **kwargs) -> str:
 def map_tasks(task_fn, arg_tuples: list[tuple]) -> list[str]:
     """Run a stage task once per argument tuple: submitted to the flow's task runner (threads, Dask) inside a
     flow so workers share the shards, one after another outside one. URIs come back in argument order."""
-    if FlowRunContext.get() is not None:
-        return [future.result() for future in [task_fn.submit(*args) for args in arg_tuples]]
+    context = FlowRunContext.get()
+    if context is not None:
+        # on the thread runner the tasks share this process's cores: one torch thread each when as many run at
+        # once as there are threads (infra/runners.py); other runners run them in their own processes
+        workers = getattr(context.task_runner, "_max_workers", None)
+        sharing = (mapped_tasks(len(arg_tuples), workers) if isinstance(context.task_runner, ThreadPoolTaskRunner)
+                   and workers else contextlib.nullcontext())
+        with sharing:
+            return [future.result() for future in [task_fn.submit(*args) for args in arg_tuples]]
     return [str(task_fn.stage(*args)) for args in arg_tuples]
 
 

@@ -19,6 +19,9 @@ for _var in ("MLFLOW_TRACKING_URI", "SFTCURATE_STORE", "PREFECT_API_URL", "PREFE
              "SFTCURATE_TASK_RUNNER", "SFTCURATE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"):
     os.environ.pop(_var, None)
 os.environ["SFTCURATE_HOME"] = _HOME
+# A test that unsets SFTCURATE_HOME falls back to the per-user home: keep it inside the session home too (the
+# model cache is SFTCURATE_MODEL_CACHE, below; XDG_CACHE_HOME stays: Hugging Face's cache lives under it).
+os.environ["XDG_DATA_HOME"] = str(Path(_HOME) / "xdg-data")
 # Converted built-in models are large and identical for every session: share them when the caller says so.
 os.environ.setdefault("SFTCURATE_MODEL_CACHE", os.environ.get("SFTCURATE_TEST_MODEL_CACHE", str(Path(_HOME) / "models")))
 
