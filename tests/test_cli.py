@@ -232,3 +232,11 @@ def test_torch_threads_follow_the_cores_and_the_work_beside_them(tmp_path, monke
     monkeypatch.setenv("SFTCURATE_THREADS", "many")
     with pytest.raises(SettingsError, match="SFTCURATE_THREADS='many': expected a whole number of threads >= 1"):
         runners.cpu_threads()
+
+
+def test_an_unknown_selector_names_the_closest_one():
+    from sftcurate.core.config import load_config
+    from sftcurate.data_contracts import UserError
+
+    with pytest.raises(UserError, match="selector 'fisher' is unknown; did you mean 'fishersft'\\? choose one of"):
+        load_config(None, ["selection.method=fisher"])

@@ -6,6 +6,7 @@ and the compare loop treat them alike.
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -141,7 +142,9 @@ def selector_class(name: str) -> type[Selector]:
     from sftcurate.core import selectors  # noqa: F401  (importing the package registers every selector)
 
     if name not in REGISTRY:
-        raise SelectorParamError(f"selector '{name}' is unknown; choose one of {sorted(REGISTRY)}")
+        close = difflib.get_close_matches(name, sorted(REGISTRY), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise SelectorParamError(f"selector '{name}' is unknown; {hint}choose one of {sorted(REGISTRY)}")
     return REGISTRY[name]
 
 
