@@ -19,7 +19,41 @@ from sftcurate.core.training_text import check_template
 from sftcurate.data_contracts.errors import UserError
 
 
-class Section(BaseModel):
+def _int_shape(annotation) -> str | None:
+    """"int" for a field holding one integer (optional or not), "list" for a list of integers, else None."""
+    import types
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if annotation is int or (typing.get_origin(annotation) in (typing.Union, types.UnionType) and args == [int]):
+        return "int"
+    if typing.get_origin(annotation) is list and args == [int]:
+        return "list"
+    return None
+
+
+def _whole(value) -> bool:
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy integers count
+
+
+class WholeNumbers(BaseModel):
+    """Counts are integers: pydantic would read `true` as 1, 2.0 as 2 and "8" as 8 (`--set selection.budget=true`
+    ran with budget 1), so a boolean, a float or a string is refused where an integer is expected."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_integers(cls, value, info):
+        shape = _int_shape(cls.model_fields[info.field_name].annotation)
+        values = value if shape == "list" and isinstance(value, list) else [value] if shape == "int" else []
+        for v in values:
+            if v is not None and not _whole(v):
+                raise ValueError(f"expected a whole number, got {type(v).__name__} {v!r}")
+        return value
+
+
+class Section(WholeNumbers):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -197,7 +231,7 @@ topic? Answer with a single character: 1 or 2."""
 
 
 
-class JudgeConfig(BaseModel):
+class JudgeConfig(WholeNumbers):
     """Judge and generation settings of a comparison. Secrets are never part of it (environment only)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -247,7 +281,7 @@ class JudgeConfig(BaseModel):
 
 # ---------------------------------------------------------------- a comparison
 
-class GenerationConfig(BaseModel):
+class GenerationConfig(WholeNumbers):
     """How held-out prompts are drawn and completed; identical for every model of a comparison."""
 
     model_config = ConfigDict(extra="forbid")
@@ -262,7 +296,7 @@ class GenerationConfig(BaseModel):
     seed: int = Field(0)
 
 
-class FinetuneConfig(BaseModel):
+class FinetuneConfig(WholeNumbers):
     """The one training recipe every selection of a budget shares."""
 
     model_config = ConfigDict(extra="forbid")

@@ -131,6 +131,12 @@ CASES = [
                                      "field 'selection.params.fishersft.lamda' is unknown")),
     ("set-wrong-type", lambda w: (["run", w.config, "--set", "selection.budget=lots"], "field 'selection.budget'")),
     ("budget-zero", lambda w: (["run", w.config, "--set", "selection.budget=0"], "budget must be > 0")),
+    ("budget-bool", lambda w: (["run", w.config, "--set", "selection.budget=true"],
+                               "field 'selection.budget': expected a whole number, got bool True")),
+    ("budget-float", lambda w: (["run", w.config, "--set", "selection.budget=2.0"],
+                                "field 'selection.budget': expected a whole number, got float 2.0")),
+    ("compare-budgets-bool", lambda w: (["compare", w.compare_config, "--set", "budgets=[8, false]"],
+                                        "field 'budgets': expected a whole number, got bool False")),
     ("budget-larger-than-pool", lambda w: (["run", w.config, "--set", "selection.budget=500"],
                                            "larger than the pool")),
     ("token-budget-larger-than-pool", lambda w: (["run", w.config, "--set", "selection.budget=null",
@@ -165,6 +171,14 @@ CASES = [
                                    "obj.json: expected a JSON list of records")),
     ("csv-wrong-columns", lambda w: (["run", w.config_on("csv.yaml", w.file(
         "cols.csv", "question,answer\nq1,a1\nq2,a2\n"))], "cols.csv: row 1: unknown format (columns ['answer', 'question'])")),
+    ("csv-ragged-row", lambda w: (["run", w.config_on("ragged.yaml", w.file(
+        "ragged.csv", "prompt,response\nq1,a first answer\nq2,an answer, with an unquoted comma\n"))],
+        "ragged.csv: row 2 (line 3): 3 fields, the header has 2")),
+    ("jsonl-lone-surrogate", lambda w: (["run", w.config_on("surrogate.yaml", w.file(
+        "surrogate.jsonl", good_lines(2) + '{"prompt": "p", "response": "half an emoji \\ud83d"}\n'))],
+        "surrogate.jsonl: line 3: field 'response' holds a lone surrogate \\ud83d")),
+    ("gzip-not-gzip", lambda w: (["run", w.config_on("gz.yaml", w.file("fake.jsonl.gz", good_lines(2)))],
+                                 "fake.jsonl.gz: not a readable gzip file")),
     ("parquet-wrong-columns", lambda w: (["run", w.config_on("pq.yaml", w.parquet(
         "cols.parquet", pa.table({"question": ["q"], "answer": ["a"]})))], "cols.parquet: row 1: unknown format")),
     ("parquet-corrupt", lambda w: (["run", w.config_on("pqc.yaml", w.file("corrupt.parquet", b"PAR1 not really"))],
@@ -192,6 +206,10 @@ CASES = [
     # ---- model specs
     ("model-folder-missing", lambda w: (["run", w.config, "--set", f"models.target={w.dir}/no-model"],
                                         "no-model': folder not found")),
+    ("model-pickled-weights", lambda w: (["run", w.config, "--set", f"models.target={pickled_model(w)}"],
+                                         "its weights are a pickle (pytorch_model.bin)")),
+    ("model-empty-folder", lambda w: (["run", w.config, "--set", f"models.target={empty_folder(w)}"],
+                                      "the folder is empty")),
     ("model-tiny-option", lambda w: (["run", w.config, "--set", "models.target=tiny-gpt2:wings=3"],
                                      "unknown option 'wings'")),
     # ---- features and trajectories files (sftcurate select)
@@ -235,6 +253,12 @@ CASES = [
                                         "no-such-key: no _MANIFEST.json")),
     ("export-not-a-selection", lambda w: (["export", w.examples_uri, "--out", w.dir / "x.jsonl"],
                                           "not a selection committed by `sftcurate run`")),
+    ("export-over-an-existing-file", lambda w: (["export", w.selection_uri, "--out", w.file(
+        "existing.jsonl", "an earlier export\n")], "existing.jsonl: already exists; pass --overwrite")),
+    ("export-over-its-own-source", lambda w: (["export", w.selection_uri, "--out", w.data, "--overwrite"],
+                                              "a file the selection was curated from")),
+    ("export-out-is-a-folder", lambda w: (["export", w.selection_uri, "--out", w.dir, "--overwrite"],
+                                          "is a folder; give a file path")),
     ("export-bad-format", lambda w: (["export", w.selection_uri, "--out", w.dir / "x.jsonl", "--format", "xml"],
                                      "--format xml: use jsonl, parquet, messages or hf")),
     # ---- judge settings (sftcurate compare)
@@ -250,6 +274,22 @@ CASES = [
     ("compare-unknown-method", lambda w: (["compare", w.compare_config, "--set", "methods=[fishersft, magic]"],
                                           "selector 'magic' is unknown")),
 ]
+
+
+def pickled_model(w: World) -> Path:
+    """A model folder whose weights are a pickle (pytorch_model.bin): never unpickled."""
+    import torch
+
+    folder = w.dir / "pickled-model"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}))
+    torch.save({"transformer.wte.weight": torch.zeros(4, 8)}, folder / "pytorch_model.bin")
+    return folder
+
+
+def empty_folder(w: World) -> Path:
+    (w.dir / "empty-model").mkdir(exist_ok=True)
+    return w.dir / "empty-model"
 
 
 def _npy(array: np.ndarray) -> bytes:
