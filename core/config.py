@@ -6,6 +6,7 @@ into one line that names the file and the field.
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -454,6 +455,23 @@ def load_compare_config(path: str | Path | None = None, overrides: list[str] | N
     return load_config(path, overrides, model=CompareConfig)
 
 
-def dump_config(cfg: BaseModel) -> str:
-    """The configuration as YAML, every field included (what `sftcurate config show` prints)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+def dump_config(cfg: BaseModel, described: bool = False) -> str:
+    """The configuration as YAML, every field included (what `sftcurate config show` prints); `described`: each
+    field under a comment with its description (what `sftcurate config init` writes, to edit)."""
+    if not described:
+        return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    return "".join(_described_lines(cfg, ""))
+
+
+def _described_lines(model: BaseModel, indent: str):
+    values = model.model_dump(mode="json")
+    for name, field in type(model).model_fields.items():
+        if field.description:
+            yield from (f"{indent}# {line}\n" for line in textwrap.wrap(field.description, 116 - len(indent)))
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            yield f"{indent}{name}:\n"
+            yield from _described_lines(value, indent + "  ")
+        else:
+            text = yaml.safe_dump({name: values[name]}, sort_keys=False, allow_unicode=True, width=10**6)
+            yield "".join(f"{indent}{line}\n" for line in text.splitlines())

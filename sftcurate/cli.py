@@ -346,8 +346,18 @@ def compare(config: Path = typer.Argument(..., help="comparison configuration (Y
         stop(exc)
     emit("comparison", summary, json_out,
          {k: v for k, v in summary.items() if not isinstance(v, (list, dict)) and k != "table_markdown"})
-    (console if json_out == "-" else out).print(summary["table_markdown"], markup=False, highlight=False,
-                                                soft_wrap=True)
+    show_markdown(console if json_out == "-" else out, summary["table_markdown"])
+
+
+def show_markdown(target: Console, text: str) -> None:
+    """Markdown rendered on a terminal (its tables as tables that fit, not raw lines wrapping mid-row); as it
+    is when written to a file or a pipe, for whoever reads it there."""
+    if target.is_terminal:
+        from rich.markdown import Markdown
+
+        target.print(Markdown(text))
+    else:
+        target.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -488,7 +498,7 @@ def config_init(out_path: Path = typer.Option(..., "--out", help="file to write 
 
     if out_path.exists():
         fail(FileExistsError(f"{out_path}: exists; choose another --out or remove it"))
-    out_path.write_text(dump_config(CompareConfig() if compare_config else CurateConfig()))
+    out_path.write_text(dump_config(CompareConfig() if compare_config else CurateConfig(), described=True))
     if json_out:
         _write_json(json_out, {"wrote": str(out_path), "kind": "compare" if compare_config else "curate"})
     console.print(f"wrote {out_path}", markup=False, highlight=False)

@@ -240,3 +240,17 @@ def test_an_unknown_selector_names_the_closest_one():
 
     with pytest.raises(UserError, match="selector 'fisher' is unknown; did you mean 'fishersft'\\? choose one of"):
         load_config(None, ["selection.method=fisher"])
+
+
+@pytest.mark.parametrize("model", ["CurateConfig", "CompareConfig"])
+def test_config_init_describes_every_field_and_reads_back_the_same(model):
+    import yaml
+
+    from sftcurate.core import config
+
+    cls = getattr(config, model)
+    text = config.dump_config(cls(), described=True)
+    assert cls.model_validate(yaml.safe_load(text)) == cls()
+    described = [f for f in cls.model_fields.values() if f.description]
+    assert described and all(f"# {f.description.split()[0]}" in text for f in described)
+    assert "# number of loss tokens to keep (cost-aware)" in text or model == "CompareConfig"
