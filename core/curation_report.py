@@ -8,7 +8,7 @@ import io
 import numpy as np
 import pyarrow as pa
 
-from sftcurate.core.ingest import load_pool
+from sftcurate.core.ingest import examples_meta, load_pool
 from sftcurate.core.selection import load_selection
 
 SAMPLE_PICKS = 5
@@ -55,9 +55,33 @@ def report_data(examples_uri: str, selection_uri: str) -> dict:
         "groups": [(g, int(n), int(picked_groups.get(g, 0))) for g, n in zip(pool_groups, pool_counts)],
         "gains": gains if np.isfinite(gains).any() else None,
         "cluster_sizes": info.get("cluster_sizes"), "picks_per_cluster": info.get("picks_per_cluster"),
+        "text": text_summary(examples_meta(examples_uri)),
     }
     data["knee"] = knee(data["gains"]) if data["gains"] is not None else None
     return data
+
+
+def text_summary(meta: dict) -> dict | None:
+    """The template the examples were tokenized with and what `source.too_long` did (None for examples
+    ingested before templates existed)."""
+    if "too_long" not in meta:
+        return None
+    return {"template": meta["template"], "max_length": meta["max_length"], "too_long": meta["too_long"],
+            "dropped": meta["too_long_dropped"], "cut": meta["too_long_cut"], "whole": meta["too_long_whole"]}
+
+
+def text_lines(text: dict) -> list[str]:
+    over = text["dropped"] + text["cut"] + text["whole"]
+    lines = ["", "## The text every stage saw", "",
+             f"Template `{text['template']}`, at most {text['max_length']} tokens per example (models.max_length). "
+             f"{over} records were longer: {text['cut']} cut, {text['dropped']} dropped, {text['whole']} kept whole "
+             f"(source.too_long: {text['too_long']})."]
+    if text["cut"]:
+        lines.append("Cut records were selected, counted and trained on as cut, and the export writes them cut.")
+    if text["whole"]:
+        lines.append("Records kept whole count every token in budgets, but token features and the built-in "
+                     "fine-tune saw only their first max_length tokens.")
+    return lines
 
 
 def report_markdown(data: dict, name: str) -> str:
@@ -78,6 +102,8 @@ def report_markdown(data: dict, name: str) -> str:
         covered = sum(1 for p in picks if p)
         lines += ["", "## Clusters (S2L)", "", f"{covered} of {len(sizes)} clusters have picks; smallest clusters "
                   f"first: " + ", ".join(f"{s}→{p}" for s, p in sorted(zip(sizes, picks))[:12]) + " (size→picks)."]
+    if data.get("text"):
+        lines += text_lines(data["text"])
     pick_len, pool_len = data["pick_tokens"], data["pool_tokens"]
     lines += ["", "## Lengths (loss tokens)", "", "| | examples | mean | median | p90 |", "|---|---|---|---|---|"]
     for label, v in (("picks", pick_len), ("pool", pool_len)):

@@ -10,8 +10,8 @@ Templates (`models.template`):
   --format messages` writes; a record without a prompt is one assistant turn), as TRL's SFTTrainer renders
   `messages`; the loss is on each assistant turn's content and its end-of-turn marker.
 - `plain`: prompt tokens, response tokens, eos (no markup; a chat's turns as "User: ..." lines).
-- a format string holding `{prompt}` and `{response}` once each, e.g. "### Question:\\n{prompt}\\n### Answer:\\n{response}":
-  each assistant turn rendered with the turns before it as `{prompt}`; the loss is on the response, the text
+- a format string holding `{prompt}` and `{response}` once each, e.g.
+  "### Question:\\n{prompt}\\n### Answer:\\n{response}": each assistant turn rendered with the turns before it as `{prompt}`; the loss is on the response, the text
   after `{response}`, and an eos.
 - `auto` (the default): `chat` when the tokenizer has a chat template, else `plain`.
 
@@ -45,6 +45,7 @@ AUTO, CHAT, PLAIN = "auto", "chat", "plain"
 TOO_LONG_RULES = ("drop", "cut", "keep")
 CHAT_FIELDS = {"messages": ("messages", "role", "content"), "sharegpt": ("conversations", "from", "value")}
 RESPONSE_FIELDS = {"text": "text", "prompt_response": "response", "alpaca": "output"}
+MAX_CUT_TRIES = 8
 # Stands in for an assistant turn's content to find where the template puts it; no real text contains it.
 _PROBE = "\x00sftcurate-assistant-content\x00"
 
@@ -210,25 +211,29 @@ def fit_examples(tokenizer, template: str, max_length: int, too_long: str, texts
 def cut_to_fit(tokenizer, template: str, text: ExampleText, columns: dict[str, str],
                max_length: int) -> ExampleText | None:
     """The record cut so its rendering fits `max_length` tokens: turns before the first assistant turn that
-    does not fit stay whole, that turn keeps the longest prefix (in tokens) that fits, later turns go. None when
-    not even one token of that turn fits."""
+    does not fit stay whole, that turn keeps as many of its first tokens as fit, later turns go. When not
+    even one token of it fits, the chat ends after the assistant turn before it; None when there is none."""
     messages = record_messages(text.record, text.fmt, columns, text.prompt, text.response)
+    last_whole = None  # the last assistant turn that fits whole
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        if _fits(tokenizer, template, text, columns, i, message["content"], max_length):
-            continue
         content_ids = tokenizer(message["content"], add_special_tokens=False)["input_ids"]
-        lo, hi = 0, len(content_ids)  # the longest fitting prefix has lo tokens: lo fits, hi does not
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if _fits(tokenizer, template, text, columns, i, _prefix(tokenizer, content_ids, mid), max_length):
-                lo = mid
-            else:
-                hi = mid
-        if lo == 0 or not _prefix(tokenizer, content_ids, lo).strip():
+        keep, over = len(content_ids), _overflow(tokenizer, template, text, columns, i, message["content"], max_length)
+        if over <= 0:
+            last_whole = i
+            continue
+        for _ in range(MAX_CUT_TRIES):  # shorten by the overflow: token boundaries rarely move, 1-2 tries
+            keep -= over
+            if keep <= 0 or not _prefix(tokenizer, content_ids, keep).strip():
+                break
+            over = _overflow(tokenizer, template, text, columns, i, _prefix(tokenizer, content_ids, keep), max_length)
+            if over <= 0:
+                return _cut_record(tokenizer, template, text, columns, i, _prefix(tokenizer, content_ids, keep))
+            over = max(over, 1)
+        if last_whole is None:
             return None
-        return _cut_record(tokenizer, template, text, columns, i, _prefix(tokenizer, content_ids, lo))
+        return _cut_record(tokenizer, template, text, columns, last_whole, messages[last_whole]["content"])
     return text
 
 
@@ -236,10 +241,13 @@ def _prefix(tokenizer, ids: list[int], n: int) -> str:
     return tokenizer.decode(ids[:n]).rstrip("\ufffd")  # a prefix may end inside a character
 
 
-def _fits(tokenizer, template: str, text: ExampleText, columns: dict[str, str], turn: int, content: str,
-          max_length: int) -> bool:
+def _overflow(tokenizer, template: str, text: ExampleText, columns: dict[str, str], turn: int, content: str,
+              max_length: int) -> int:
+    """Tokens past `max_length` of the record cut after turn `turn` with `content` (large when it is no record)."""
     candidate = _cut_record(tokenizer, template, text, columns, turn, content)
-    return candidate is not None and len(candidate.encode(tokenizer).input_ids) <= max_length
+    if candidate is None:
+        return 1 << 30
+    return len(candidate.encode(tokenizer).input_ids) - max_length
 
 
 def _cut_record(tokenizer, template: str, text: ExampleText, columns: dict[str, str], turn: int,

@@ -85,6 +85,8 @@ def curate(config: CurateConfig = CurateConfig()) -> dict:
         summary = {
             "name": cfg.name, "method": cfg.selection.method, "pool_size": meta["pool_size"],
             "heldout_size": ex_meta["n_heldout"], "duplicates_removed": ex_meta["duplicates_removed"],
+            "template": ex_meta.get("template"), "too_long_cut": ex_meta.get("too_long_cut"),
+            "too_long_dropped": ex_meta.get("too_long_dropped"),
             "budget": cfg.selection.examples_budget, "token_budget": cfg.selection.token_budget,
             "binding_limit": binding_limit(selection_budget(cfg), meta["selected"], meta["selected_tokens"],
                                            meta["pool_size"]),

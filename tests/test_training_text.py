@@ -177,3 +177,33 @@ def test_a_template_that_cannot_be_used_is_one_line(tmp_path, store_root):
         run_ingest(str(tmp_path / "qa.jsonl"), "tiny-gpt2", template="chat")
     with pytest.raises(ValueError, match=r"\{prompt\} and then \{response\}"):
         CurateConfig.model_validate({"models": {"template": "{response} after {prompt}"}})
+
+
+def test_the_curation_report_states_what_was_cut_and_dropped(tmp_path, store_root):
+    from sftcurate.core.curation_report import curation_report
+    from sftcurate.flows.curate import select_pipeline
+
+    long_answer = " ".join(f"word{i}" for i in range(200))
+    records = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(6)] + [
+        {"prompt": "long one", "response": long_answer}, {"prompt": " ".join(["context"] * 200), "response": "x"}]
+    write_jsonl(tmp_path / "pool.jsonl", records)
+    cfg = CurateConfig.model_validate({"source": {"uri": str(tmp_path / "pool.jsonl"), "heldout_fraction": 0.0},
+                                       "selection": {"method": "uniform", "budget": 3},
+                                       "models": {"target": "tiny-gpt2", "max_length": 32}})
+    examples_uri, selection_uri = select_pipeline(cfg, None)
+    markdown, _ = curation_report(examples_uri, selection_uri, "text-test")
+    # the long answer is cut; the record whose prompt alone fills max_length has no room for an answer: dropped
+    assert "Template `plain`, at most 32 tokens per example" in markdown
+    assert "2 records were longer: 1 cut, 1 dropped, 0 kept whole (source.too_long: cut)" in markdown
+
+
+def test_a_chat_whose_later_context_does_not_fit_is_cut_after_its_last_whole_answer(tmp_path, store_root,
+                                                                                       chat_model):
+    long_question = " ".join(f"word{i}" for i in range(200))
+    messages = [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "first answer"},
+                {"role": "user", "content": long_question}, {"role": "assistant", "content": "second answer"}]
+    write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}, chat(1)])
+    uri = run_ingest(str(tmp_path / "chat.jsonl"), chat_model, max_length=96)
+    assert examples_meta(uri)["too_long_cut"] == 1
+    (row,) = [r for r in load_examples(uri).to_pylist() if r["response"] == "first answer"]
+    assert json.loads(row["raw"])["messages"] == messages[:2]  # exported as it trains: up to the whole answer
