@@ -36,6 +36,11 @@ from sftcurate.core.fisher_incremental import kept_grams, logdets
 
 QUANTUM = 2.0 ** -36
 EPS32 = float(np.finfo(np.float32).eps)
+# Padded feature rows per batched evaluation. On a CPU a batch whose float64 rows fit in the cache is evaluated
+# at about half the cost per sentence of one that does not (L=32, d=64, one thread: 30 us per gain at 4,096
+# rows, 65-98 us at 65,536; d=128: 66 vs 94 us); an accelerator wants large batches.
+CPU_BATCH_ROWS = 1 << 12
+DEVICE_BATCH_ROWS = 1 << 16
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -54,7 +59,7 @@ class LogDetObjective:
     """f(S) = log det(lam*I + sum_{i in S} X_i^T X_i) over sentences given as (features [T, d], offsets [N+1])."""
 
     def __init__(self, features, offsets, lam: float = 1.0, device=None, dtype: torch.dtype = torch.float64,
-                 refresh_every: int = 64, batch_rows: int = 1 << 16, trace_cache_bytes: int = 1 << 30,
+                 refresh_every: int = 64, batch_rows: int | None = None, trace_cache_bytes: int = 1 << 30,
                  incremental: bool = True):
         if lam <= 0:
             raise ValueError(f"lam must be > 0, got {lam}")
@@ -81,7 +86,7 @@ class LogDetObjective:
         self.n = len(self.lengths)
         self.d = int(features.shape[1])
         self.refresh_every = refresh_every
-        self.batch_rows = batch_rows
+        self.batch_rows = batch_rows or (CPU_BATCH_ROWS if self.device.type == "cpu" else DEVICE_BATCH_ROWS)
         eye = torch.eye(self.d, dtype=dtype, device=self.device)
         self.A = self.lam * eye
         self.Ainv = eye / self.lam

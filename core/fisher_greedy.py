@@ -113,6 +113,60 @@ class _Front:
         self.idx, self.outside = alive[inside], float(vals[~inside].max())
 
 
+class ScreenSwitch:
+    """Whether the float32 screen pays for itself, measured as the lazy greedy runs.
+
+    A screened step's cost is its wall time; what the plain lazy greedy (float64 gains of the stale candidates
+    whose bound reaches the pick, no screen) would have spent at that step is estimated as the number of such
+    candidates, from the best estimate of each one's stale gain (float64 key, else float32 gain, else its
+    bound), times the measured time of one float64 gain. While the screened steps' decayed cost exceeds the
+    decayed estimate, the greedy evaluates plainly; it probes the screen again after `probe` plain picks (the
+    interval doubles after each probe that loses, up to `max_probe`). Both modes pick exactly what the naive
+    greedy picks; only their cost differs."""
+
+    DECAY = 0.7         # weight of the past in the decayed sums, per screened step
+    # (times are CPU seconds of this process: on a shared machine wall time measures the neighbours)
+    MIN_BATCH = 16      # float64 batches smaller than this are mostly overhead: not timed
+
+    def __init__(self, enabled: bool, probe: int = 16, max_probe: int = 256, warmup: int = 3):
+        self.enabled, self.probe, self.max_probe, self.warmup = enabled, probe, max_probe, warmup
+        self.first_probe = probe
+        self.screening = True
+        self.spent = self.plain = 0.0        # decayed screened seconds, decayed plain estimates
+        self.t64 = self.n64 = 0.0            # decayed float64 seconds and gains (batches >= MIN_BATCH)
+        self.screened_steps = 0
+        self.plain_until = 0                 # the step at which plain evaluation probes the screen again
+        self.stats = {"plain_steps": 0, "switches_to_plain": 0}
+
+    def timed_float64(self, seconds: float, count: int) -> None:
+        if count >= self.MIN_BATCH:
+            self.t64, self.n64 = self.DECAY * self.t64 + seconds, self.DECAY * self.n64 + count
+
+    def screen_at(self, step: int) -> bool:
+        """Screen at this step? (a probe when plain evaluation is due to try the screen again)"""
+        self.screening = not self.enabled or step >= self.plain_until
+        if not self.screening:
+            self.stats["plain_steps"] += 1
+        return self.screening
+
+    def observe(self, step: int, seconds: float, plain_candidates: int) -> None:
+        """After a screened step: its wall time and how many float64 gains the plain greedy would have taken."""
+        if not self.enabled or not self.screening or self.n64 == 0:
+            return
+        self.spent = self.DECAY * self.spent + seconds
+        self.plain = self.DECAY * self.plain + plain_candidates * self.t64 / self.n64
+        self.screened_steps += 1
+        if self.screened_steps >= self.warmup and self.spent > self.plain:
+            self.stats["switches_to_plain"] += 1
+            self.plain_until = step + 1 + self.probe
+            self.probe = min(2 * self.probe, self.max_probe)
+            # a probe decides alone (its one step against the plain estimate), not diluted by the past
+            self.spent = self.plain = 0.0
+            self.screened_steps = self.warmup - 1
+        elif self.screened_steps >= self.warmup:
+            self.probe = self.first_probe
+
+
 class _LazyState:
     """Upper/lower bound keys of every candidate and what is known about each at the current step.
 
@@ -121,9 +175,9 @@ class _LazyState:
     bound of the key) and then `exact` (float64 key known, ub == lb == key)."""
 
     def __init__(self, obj: LogDetObjective, costs: np.ndarray, rule: str, fits: np.ndarray, front: int,
-                 batch: int, max_batch: int):
+                 batch: int, max_batch: int, switch: ScreenSwitch):
         n = obj.n
-        self.obj, self.costs, self.batch, self.max_batch = obj, costs, batch, max_batch
+        self.obj, self.costs, self.batch, self.max_batch, self.switch = obj, costs, batch, max_batch, switch
         self.div = np.maximum(costs, 1).astype(np.float64) if rule == "ratio" else np.ones(n)
         self.ub = np.where(fits, math.inf, -math.inf)
         self.lb = np.full(n, -math.inf)
@@ -133,9 +187,14 @@ class _LazyState:
         self.exact = np.zeros(n, dtype=bool)
         self.affordable: np.ndarray | None = None
         self.front = _Front(front)
-        self.tau = self._evaluate(np.flatnonzero(fits), 0, -math.inf)  # every gain at A = lam I, in float32
+        self.tau = -math.inf
+        if switch.plain_until > 0:  # screen="never": every gain at A = lam I in float64
+            self._plain(np.flatnonzero(fits), 0)
+        else:
+            self.tau = self._evaluate(np.flatnonzero(fits), 0, -math.inf)  # every gain at A = lam I, in float32
         self.last_block = batch
         self.screened_bounds: list[np.ndarray] = []
+        self.screened_estimates: list[np.ndarray] = []
         self.stats = {"rounds": 0, "rechecks": 0, "margin_violations": 0, "max_error_over_margin": 0.0}
 
     def _evaluate(self, cand: np.ndarray, step: int, tau: float) -> float:
@@ -156,7 +215,9 @@ class _LazyState:
     def _recheck(self, F: np.ndarray, step: int) -> None:
         """Float64 gains of the fresh float32 candidates that can still win (ub >= tau)."""
         idx = F[(self.fresh[F] == step) & ~self.exact[F] & (self.ub[F] >= self.tau)]
+        t0 = time.process_time()
         g64 = self.obj.gains(idx)
+        self.switch.timed_float64(time.process_time() - t0, len(idx))
         ratio = np.abs(g64 - self.g32[idx]) / np.maximum(self.eps[idx], 1e-300)
         self.stats["max_error_over_margin"] = max(self.stats["max_error_over_margin"], float(ratio.max()))
         if (ratio > 0.5).any():  # closer to the margin than ever measured: widen it for the rest of the run
@@ -169,17 +230,42 @@ class _LazyState:
         self.stats["rechecks"] += len(idx)
 
     def _block(self, F: np.ndarray, step: int, size: int) -> None:
-        """Screen the `size` stale candidates with the highest bounds; the first few in full to set tau."""
+        """Screen the `size` stale candidates with the highest bounds; the first few in full to set tau.
+        Plain (unscreened) steps take the `batch` highest bounds first, then every stale candidate whose bound
+        reaches the best float64 key found (each must be evaluated unless a later one raises that key)."""
         cand = F[(self.fresh[F] != step) & (self.ub[F] > -math.inf)]
+        if not self.switch.screening:
+            size = self.batch if self.tau == -math.inf else min(int((self.ub[cand] >= self.tau).sum()),
+                                                                  self.max_batch)
+            size = max(size, 1)
         if size < len(cand):
             cand = cand[np.argpartition(-self.ub[cand], size - 1)[:size]]
         self.screened_bounds.append(self.ub[cand].copy())
+        g = self.g32[cand]  # the last float32 (or float64) gain: an estimate of the stale exact key
+        known = np.isfinite(g)
+        self.screened_estimates.append(np.where(known, np.minimum(self.ub[cand], quantize(
+            np.where(known, g, 0.0) / self.div[cand])), self.ub[cand]))
+        self.stats["rounds"] += 1
+        if not self.switch.screening:
+            self._plain(cand, step)
+            return
         if self.tau == -math.inf:
             head = np.argsort(-self.ub[cand], kind="stable")[:8]
             self.tau = self._evaluate(cand[head], step, -math.inf)
             cand = np.delete(cand, head)
         self.tau = self._evaluate(cand, step, self.tau)
-        self.stats["rounds"] += 1
+
+    def _plain(self, cand: np.ndarray, step: int) -> None:
+        """The plain lazy greedy's block: float64 gains of `cand`, no screen."""
+        t0 = time.process_time()
+        g64 = self.obj.gains(cand)
+        self.switch.timed_float64(time.process_time() - t0, len(cand))
+        keys = quantize(g64 / self.div[cand])
+        self.ub[cand] = self.lb[cand] = keys
+        self.g32[cand], self.eps[cand] = g64, 0.0
+        self.fresh[cand], self.exact[cand] = step, True
+        if len(cand):
+            self.tau = max(self.tau, float(keys.max()))
 
     def next_pick(self, step: int, remaining: int | None) -> int | None:
         """The naive greedy's pick at this step (best exact key, lowest index on ties), or None."""
@@ -189,7 +275,9 @@ class _LazyState:
             self.ub[F[~self.affordable[F]]] = -math.inf  # can never fit again: the budget only shrinks
         if step > 0:
             self.tau = -math.inf
-        size, self.screened_bounds = self.last_block, []
+        size, self.screened_bounds, self.screened_estimates = self.last_block, [], []
+        started = time.process_time()
+        self.switch.screen_at(step)
         while True:
             F = self.front.idx
             u = self.ub[F]
@@ -208,6 +296,8 @@ class _LazyState:
                 # next step's first block: as many as had to be screened here (bounds at least the pick's key)
                 needed = sum(int((b >= u[j]).sum()) for b in self.screened_bounds)
                 self.last_block = int(np.clip(needed + needed // 4, self.batch, self.max_batch))
+                plain = sum(int((e >= u[j]).sum()) for e in self.screened_estimates)
+                self.switch.observe(step, time.process_time() - started, plain)
                 return top
             if self.fresh[top] == step:
                 self._recheck(F, step)
@@ -218,7 +308,7 @@ class _LazyState:
 
 def lazy_greedy(obj: LogDetObjective, k: int | None = None, token_budget: int | None = None,
                 costs=None, rule: str = "ratio", batch: int = 64, max_batch: int = 8192,
-                front: int = 1 << 16) -> GreedyResult:
+                front: int = 1 << 16, screen: str = "auto") -> GreedyResult:
     """Lazy greedy (Minoux 1978) with float32 screening and float64 decisions: exactly the naive greedy's picks.
 
     Every candidate keeps an upper bound of its exact key (stale gains only shrink: submodularity). A step
@@ -227,11 +317,21 @@ def lazy_greedy(obj: LogDetObjective, k: int | None = None, token_budget: int | 
     candidates that can still win are re-evaluated in float64, and a candidate is picked only when its float64
     key is at least every other bound (ties: lowest index, as in naive greedy). Block sizes follow the previous
     step's work (`batch` .. `max_batch`); all bookkeeping is on numpy arrays over the `front` best bounds.
+
+    The float32 screen must pay for itself: `screen="auto"` measures each screened step against what the plain
+    lazy greedy would have spent (`ScreenSwitch`) and evaluates plainly in float64 while the screen costs more
+    (on data whose rounding margins are wide next to the spread of the gains); "always" and "never" fix the
+    mode. Kept float64 Grams (`core.fisher_incremental`, wide features) are always used when present.
     """
     t0 = time.perf_counter()
     rule = _check_rule(rule, token_budget)
+    if screen not in ("auto", "always", "never"):
+        raise ValueError(f"screen must be 'auto', 'always' or 'never', got '{screen}'")
     k, costs, fits = _setup(obj, k, token_budget, costs)
-    st = _LazyState(obj, costs, rule, fits, front, batch, max_batch)
+    switch = ScreenSwitch(enabled=screen != "always" and obj.incremental is None)
+    if screen == "never" and obj.incremental is None:
+        switch.plain_until = obj.n + 1
+    st = _LazyState(obj, costs, rule, fits, front, batch, max_batch, switch)
     used, picks, gains = 0, [], []
     while len(picks) < k:
         i = st.next_pick(len(picks), None if token_budget is None else token_budget - used)
@@ -242,7 +342,7 @@ def lazy_greedy(obj: LogDetObjective, k: int | None = None, token_budget: int | 
         used += int(costs[i])
         st.ub[i] = -math.inf
         report_pick(len(picks), k, used, token_budget)
-    info = {"rule": rule, "tokens": used, "screens": obj.n_screens, **st.stats}
+    info = {"rule": rule, "tokens": used, "screens": obj.n_screens, **st.stats, **switch.stats}
     return GreedyResult(picks, gains, obj.value(), obj.initial_value(), obj.n_evals,
                         time.perf_counter() - t0, "lazy", info)
 

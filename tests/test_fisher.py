@@ -298,3 +298,76 @@ def test_hot_grams_with_few_slots_still_give_the_naive_picks(keep_steps):
     assert len(hot) and (grams.slot[hot] == np.arange(grams.used)).all()
     g, _, eps = grams.screen(hot)
     assert (np.abs(g - obj.gains(hot)) <= 0.5 * eps).all()
+
+
+# ---------------------------------------------------------------- the float32 screen pays for itself or steps aside
+
+def test_screen_switch_steps_aside_while_the_screen_costs_more_and_probes_again():
+    from sftcurate.core.fisher_greedy import ScreenSwitch
+
+    sw = ScreenSwitch(enabled=True, probe=4, max_probe=8, warmup=2)
+    sw.timed_float64(1.0, 100)                       # 10 ms per float64 gain
+    for step in (0, 1):                              # screened steps at 1 s against 50 plain gains = 0.5 s
+        assert sw.screen_at(step)
+        sw.observe(step, 1.0, 50)
+    assert [sw.screen_at(s) for s in range(2, 7)] == [False] * 4 + [True]   # plain for 4 picks, then a probe
+    sw.observe(6, 1.0, 50)                           # the probe loses: plain again, for twice as long
+    assert [sw.screen_at(s) for s in range(7, 16)] == [False] * 8 + [True]
+    sw.observe(15, 0.1, 50)                          # the probe wins: the screen stays on
+    assert all(sw.screen_at(s) for s in range(16, 20))
+    assert sw.stats == {"plain_steps": 12, "switches_to_plain": 2}
+    never = ScreenSwitch(enabled=False)              # "always" (or kept float64 Grams): never steps aside
+    never.timed_float64(1.0, 100)
+    for step in range(5):
+        assert never.screen_at(step)
+        never.observe(step, 10.0, 1)
+
+
+def feature_generators():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from bench_fishersft import GENERATORS
+    finally:
+        sys.path.pop(0)
+    return GENERATORS
+
+
+@pytest.mark.parametrize("name", ["random-scales", "heavy-tailed", "duplicated", "uneven-lengths",
+                                  "near-isotropic", "bench"])
+def test_lazy_screened_plain_and_switching_pick_what_naive_picks_on_every_generator(name):
+    x, off = feature_generators()[name](300, 6, 8, seed=2)
+    naive = naive_greedy(LogDetObjective(x, off, 1.0), k=40)
+    for screen in ("always", "never", "auto"):
+        lazy = lazy_greedy(LogDetObjective(x, off, 1.0), k=40, batch=4, screen=screen)
+        assert lazy.picks == naive.picks, screen
+        assert np.allclose(lazy.gains, naive.gains, rtol=1e-9, atol=1e-12)
+    assert lazy_greedy(LogDetObjective(x, off, 1.0), k=40, screen="never").info["plain_steps"] == 40
+    lengths = np.diff(off)
+    naive = naive_greedy(LogDetObjective(x, off, 1.0), token_budget=int(lengths.sum() // 10), rule="ratio")
+    lazy = lazy_greedy(LogDetObjective(x, off, 1.0), token_budget=int(lengths.sum() // 10), rule="ratio",
+                       screen="never")
+    assert lazy.picks == naive.picks
+
+
+def test_generators_draw_what_they_say():
+    gens = feature_generators()
+    x, off = gens["duplicated"](200, 4, 6, seed=1)
+    rows = {x[off[i]:off[i + 1]].tobytes() for i in range(200)}
+    assert 100 <= len(rows) < 170                                    # half the pool copies of other sentences
+    x, off = gens["uneven-lengths"](2000, 32, 4, seed=1)
+    lengths = np.diff(off)
+    assert 28 < lengths.mean() < 36 and lengths.min() >= 1 and lengths.max() > 8 * 32
+    x, off = gens["random-scales"](500, 8, 16, seed=1)
+    std = x.std(0)
+    assert std.min() < 0.3 and std.max() > 1.5                       # per-dimension scales across [0, 2)
+    x, _ = gens["heavy-tailed"](500, 8, 4, seed=1)
+    assert np.abs(x[:, 0]).max() > 10 * np.abs(x[:, 0]).std()        # Student's t tails
+
+
+def test_lazy_rejects_an_unknown_screen_mode():
+    x, off = instance(0, n=20)
+    with pytest.raises(ValueError, match="screen"):
+        lazy_greedy(LogDetObjective(x, off, 1.0), k=3, screen="sometimes")
