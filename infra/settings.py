@@ -10,6 +10,7 @@
 | SFTCURATE_SERVICE_RETRY_SECONDS | 120 | how long an unreachable MLflow tracking server or Prefect API is retried (backoff) |
 | MLFLOW_TRACKING_URI | sqlite:///$SFTCURATE_HOME/mlflow.db | tracking store or server |
 | SFTCURATE_TASK_RUNNER | threads | threads, dask (local cluster or SFTCURATE_DASK_ADDRESS), ray (infra/runners.py) |
+| SFTCURATE_THREADS | the cores in the affinity mask | CPU threads one run may use, shared with runs beside it (infra/runners.py) |
 | SFTCURATE_DASK_ADDRESS | unset | scheduler address for an existing Dask cluster |
 | SFTCURATE_DASK_WORKERS | 2 | worker processes of a local Dask cluster |
 | SFTCURATE_RAY_ADDRESS | unset | address of an existing Ray cluster (needs prefect-ray) |
