@@ -324,7 +324,8 @@ def test_the_catalogue_covers_at_least_25_kinds():
 
 
 # In a real process Prefect's log handlers write to the terminal: a logged traceback would show there.
-PROCESS_CASES = when_full(["jsonl-malformed-row"], ["jsonl-malformed-row", "budget-larger-than-pool",
+PROCESS_CASES = when_full(["jsonl-malformed-row", "csv-ragged-row", "model-pickled-weights"],
+                          ["jsonl-malformed-row", "csv-ragged-row", "model-pickled-weights", "budget-larger-than-pool",
                                                    "features-wrong-shape", "export-not-a-selection",
                                                    "model-folder-missing", "judge-template-without-slots"])
 
@@ -343,4 +344,22 @@ def test_bad_input_in_a_real_process_prints_one_line(world, name):
     errors = error_lines(proc.stderr)
     assert len(errors) == 1 and expected in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr + proc.stdout and "╭" not in proc.stderr, proc.stderr[-3000:]
+    assert committed_manifests(world.store) == before
+
+
+def test_an_unreachable_hub_is_one_line_exit_1_in_a_real_process(world):
+    """A hub model id with the hub out of reach (HF_HUB_OFFLINE, nothing cached): the environment, not the input."""
+    from prefect.settings import PREFECT_API_URL
+
+    before = committed_manifests(world.store)
+    env = {**os.environ, "SFTCURATE_STORE": world.store, "PREFECT_API_URL": PREFECT_API_URL.value() or "",
+           "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "HF_HOME": str(world.dir / "empty-hf-home")}
+    proc = subprocess.run([sys.executable, "-c", "from sftcurate.cli import app; app()", "run", str(world.config),
+                           "--set", "models.target=sftcurate-tests/no-such-model"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=world.dir)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1 and "model 'sftcurate-tests/no-such-model': the Hugging Face hub could not be reached" \
+        in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
     assert committed_manifests(world.store) == before
