@@ -132,3 +132,27 @@ def test_sftcurate_verify_reports_damaged_artifacts_and_exits_1(store_root, tmp_
     assert invoke("verify", str(examples)).exit_code == 1
     result = invoke("verify", str(tmp_path / "nowhere"))
     assert result.exit_code == 2 and "no such store or artifact" in result.output
+
+
+def test_a_run_says_in_one_line_what_it_rebuilds_and_a_damaged_selection_stops_export_in_one_line(
+        prefect_harness, store_root, tmp_path, monkeypatch):
+    pool = write_jsonl(tmp_path / "pool.jsonl", qa_records(30))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"name: damaged\nsource: {{uri: {pool}}}\nselection: {{method: uniform, budget: 4}}\n"
+                      "models: {target: tiny-gpt2, max_length: 128}\n")
+    summary = tmp_path / "summary.json"
+    assert invoke("run", config, "--json", summary).exit_code == 0
+    selection = Path(json.loads(summary.read_text())["selection_uri"])
+    examples = artifact_of(store_root, "examples")
+    (examples / "examples.parquet").write_bytes(b"not the examples")
+    result = invoke("run", config)
+    assert result.exit_code == 0, result.output[-3000:]
+    assert [line.strip() for line in result.output.splitlines() if "rebuilding" in line] == [
+        f"rebuilding {examples}: damaged (examples.parquet has 16 bytes, its manifest records "
+        f"{json.loads((examples / '_MANIFEST.json').read_text())['files']['examples.parquet']['bytes']})"]
+    (selection / "selection.parquet").write_bytes(b"x" * 10)
+    result = invoke("export", str(selection), "--out", tmp_path / "out.jsonl")
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1 and len(errors) == 1 and "Traceback" not in result.output
+    assert f"{selection}: damaged artifact (selection.parquet has 10 bytes" in errors[0]
+    assert "run the command that built it again" in errors[0] and not (tmp_path / "out.jsonl").exists()
