@@ -11,8 +11,8 @@ Templates (`models.template`):
   `messages`; the loss is on each assistant turn's content and its end-of-turn marker.
 - `plain`: prompt tokens, response tokens, eos (no markup; a chat's turns as "User: ..." lines).
 - a format string holding `{prompt}` and `{response}` once each, e.g.
-  "### Question:\\n{prompt}\\n### Answer:\\n{response}": each assistant turn rendered with the turns before it as `{prompt}`; the loss is on the response, the text
-  after `{response}`, and an eos.
+  "### Question:\\n{prompt}\\n### Answer:\\n{response}": each assistant turn rendered with the turns before it
+  as `{prompt}`; the loss is on the response, the text after `{response}`, and an eos.
 - `auto` (the default): `chat` when the tokenizer has a chat template, else `plain`.
 
 `source.too_long` (an example whose whole rendering is longer than `max_length` tokens), counted either way:

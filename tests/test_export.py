@@ -58,7 +58,8 @@ def write(tmp_path, kind: str, records: list[dict]) -> str:
 def curate_all(uri: str, **source) -> str:
     cfg = CurateConfig.model_validate({"source": {"uri": uri, "heldout_fraction": 0.0, **source},
                                        "selection": {"method": "uniform", "budget": N, "seed": 3},
-                                       "models": {"target": "tiny-gpt2", "max_length": 64}})
+                                       # 128: every record fits whole (a longer one is exported as cut)
+                                       "models": {"target": "tiny-gpt2", "max_length": 128}})
     examples_uri, selection_uri = select_pipeline(cfg, None)
     assert examples_meta(examples_uri)["n_train"] == N
     return selection_uri

@@ -181,6 +181,7 @@ def test_a_template_that_cannot_be_used_is_one_line(tmp_path, store_root):
 
 def test_the_curation_report_states_what_was_cut_and_dropped(tmp_path, store_root):
     from sftcurate.core.curation_report import curation_report
+    from sftcurate.core.export import export
     from sftcurate.flows.curate import select_pipeline
 
     long_answer = " ".join(f"word{i}" for i in range(200))
@@ -188,13 +189,20 @@ def test_the_curation_report_states_what_was_cut_and_dropped(tmp_path, store_roo
         {"prompt": "long one", "response": long_answer}, {"prompt": " ".join(["context"] * 200), "response": "x"}]
     write_jsonl(tmp_path / "pool.jsonl", records)
     cfg = CurateConfig.model_validate({"source": {"uri": str(tmp_path / "pool.jsonl"), "heldout_fraction": 0.0},
-                                       "selection": {"method": "uniform", "budget": 3},
+                                       "selection": {"method": "uniform", "budget": 7},
                                        "models": {"target": "tiny-gpt2", "max_length": 32}})
     examples_uri, selection_uri = select_pipeline(cfg, None)
     markdown, _ = curation_report(examples_uri, selection_uri, "text-test")
     # the long answer is cut; the record whose prompt alone fills max_length has no room for an answer: dropped
     assert "Template `plain`, at most 32 tokens per example" in markdown
     assert "2 records were longer: 1 cut, 1 dropped, 0 kept whole (source.too_long: cut)" in markdown
+    export(selection_uri, str(tmp_path / "out.jsonl"))
+    exported = {r["prompt"]: r["response"] for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    assert len(exported) == 7 and records[-1]["prompt"] not in exported  # every kept record, not the dropped one
+    cut = exported["long one"]
+    assert long_answer.startswith(cut) and len(cut) < len(long_answer)  # exported as it was selected and trained
+    (row,) = [r for r in load_examples(examples_uri).to_pylist() if r["prompt"] == "long one"]
+    assert row["response"] == cut and row["prompt_tokens"] + row["response_tokens"] <= 32
 
 
 def test_a_chat_whose_later_context_does_not_fit_is_cut_after_its_last_whole_answer(tmp_path, store_root,
