@@ -110,7 +110,7 @@ def child(final_uri: str, algorithm: str, k: int, threads: int) -> None:
     print(json.dumps({"algorithm": algorithm, "n": len(offsets) - 1, "tokens": int(offsets[-1]),
                       "d": int(feats.shape[1]), "shards": len(feats.blocks), "load_s": load_s,
                       "select_s": select_s, "evaluations": res.info["evaluations"],
-                      "screens": res.info.get("screens"), "objective": res.objective, "picks": len(res.indices),
+                      "screens": res.info.get("screens"), "objective": res.objective, "picks": len(res.picks),
                       "rss_after_load_gib": after_load["VmRSS"], "anon_after_load_gib": after_load["RssAnon"],
                       "peak_gib": st["VmHWM"], "anon_end_gib": st["RssAnon"], "file_end_gib": st["RssFile"],
                       "ru_maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}), flush=True)

@@ -103,7 +103,7 @@ class LogDetObjective:
         self.incremental = kept_grams(self) if incremental else None
 
     # ------------------------------------------------------------------ evaluation
-    def _gather(self, cand: np.ndarray, width: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def gather(self, cand: np.ndarray, width: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Zero-padded [B, width, d] features of the sentences `cand` (float64 unless `dtype` says otherwise)."""
         dtype = dtype or self.dtype
         lens = self.lengths[cand]
@@ -124,11 +124,13 @@ class LogDetObjective:
             return X * (1.0 / math.sqrt(self.lam))
         return (X.reshape(-1, self.d) @ U).reshape(X.shape)
 
-    def _batch_gains(self, cand: np.ndarray, form: str) -> torch.Tensor:
+    def batch_gains(self, cand: np.ndarray, form: str) -> torch.Tensor:
+        """Float64 gains of one batch from `chunks` (form "L": the L x L Gram, "d": the d x d one), on the device;
+        `gains` is the counted, any-size entry."""
         width = int(self.lengths[cand].max()) if len(cand) else 0
         if width == 0:
             return torch.zeros(len(cand), dtype=self.dtype, device=self.device)
-        Y = self.times_U(self._gather(cand, width), self.U)
+        Y = self.times_U(self.gather(cand, width), self.U)
         if form == "L":
             G = Y @ Y.transpose(1, 2)
         else:
@@ -136,7 +138,7 @@ class LogDetObjective:
         G.diagonal(dim1=1, dim2=2).add_(1.0)
         return logdets(G)
 
-    def _chunks(self, cand: np.ndarray):
+    def chunks(self, cand: np.ndarray):
         """(form, positions into cand) batches grouped by length, each at most `batch_rows` padded rows."""
         lens = self.lengths[cand]
         order = np.argsort(lens, kind="stable")
@@ -155,8 +157,8 @@ class LogDetObjective:
         cand = np.asarray(candidates, dtype=np.int64).reshape(-1)
         out = np.zeros(len(cand), dtype=np.float64)
         self.n_evals += len(cand)
-        for form, chunk in self._chunks(cand):
-            out[chunk] = self._batch_gains(cand[chunk], form).cpu().numpy()
+        for form, chunk in self.chunks(cand):
+            out[chunk] = self.batch_gains(cand[chunk], form).cpu().numpy()
         return out
 
     # ------------------------------------------------------------------ float32 screening
@@ -188,6 +190,11 @@ class LogDetObjective:
         L = self.lengths[cand]
         return self.kappa * EPS32 * (self.sq_norms[cand] * self.ainv_bound + np.sqrt(L) + 1.0)
 
+    def widen_margin(self, factor: float = 4.0) -> None:
+        """Widen every screen's margin (`kappa`) for the rest of the run: a re-check found a screened gain closer
+        to the float64 one's margin than the model allows."""
+        self.kappa *= factor
+
     def screen32(self, candidates, tau: float = -math.inf, div=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Float32 evaluation in two stages: (gains32, upper bounds, margins) of `candidates`.
 
@@ -205,7 +212,7 @@ class LogDetObjective:
         g = np.full(len(cand), np.nan)
         ub = np.zeros(len(cand))
         eps = self.margin(cand) if len(cand) else np.zeros(0)
-        for form, chunk in self._chunks(cand):
+        for form, chunk in self.chunks(cand):
             g[chunk], ub[chunk] = self._screen_chunk(cand[chunk], form, eps[chunk], tau, div[chunk])
         self.n_screens += len(cand)
         self.n_evals += int(np.isfinite(g).sum())
@@ -219,7 +226,7 @@ class LogDetObjective:
     def _Y32(self, cand: np.ndarray) -> torch.Tensor:
         """[B, width, d] float32 X_i U (A^-1 = U U^T) of the sentences `cand`."""
         width = int(self.lengths[cand].max())
-        return self.times_U(self._gather(cand, width, torch.float32), self._U32_factor())
+        return self.times_U(self.gather(cand, width, torch.float32), self._U32_factor())
 
     def _gains32(self, cand: np.ndarray, form: str, Y: torch.Tensor) -> np.ndarray:
         G = Y @ Y.transpose(1, 2) if form == "L" else Y.transpose(1, 2) @ Y
@@ -228,7 +235,7 @@ class LogDetObjective:
         g = (2.0 * chol.diagonal(dim1=1, dim2=2).log().sum(-1)).double().cpu().numpy()
         bad = (info != 0).cpu().numpy()
         if bad.any():  # float32 rounding broke positive definiteness: take float64 for those few
-            g[bad] = self._batch_gains(cand[bad], form).cpu().numpy()
+            g[bad] = self.batch_gains(cand[bad], form).cpu().numpy()
         return g
 
     def _screen_chunk(self, cand, form, eps, tau, div) -> tuple[np.ndarray, np.ndarray]:
@@ -271,12 +278,12 @@ class LogDetObjective:
         iu = np.triu_indices(self.d)
         weight = torch.from_numpy(np.where(iu[0] == iu[1], 1.0, 2.0)).to(torch.float32)
         C = np.empty((self.n, p), dtype=np.float32)
-        for form, chunk in self._chunks(np.arange(self.n)):
+        for form, chunk in self.chunks(np.arange(self.n)):
             cand = np.arange(self.n)[chunk]
             if int(self.lengths[cand].max()) == 0:
                 C[cand] = 0.0
                 continue
-            X = self._gather(cand, int(self.lengths[cand].max()), torch.float32)
+            X = self.gather(cand, int(self.lengths[cand].max()), torch.float32)
             C[cand] = ((X.transpose(1, 2) @ X)[:, iu[0], iu[1]] * weight).numpy()
         self._C = C
         return C
@@ -296,7 +303,7 @@ class LogDetObjective:
         self.picked.append(i)
         if L == 0:
             return 0.0
-        Xi = self._gather(np.array([i]), L)[0]
+        Xi = self.gather(np.array([i]), L)[0]
         Z = Xi @ self.Ainv                                   # [L, d]
         S = Xi @ Z.T                                         # X A^-1 X^T
         S.diagonal().add_(1.0)

@@ -38,16 +38,14 @@ def inverse_sqrt(matrix: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
     return (vectors / np.sqrt(np.maximum(values, floor))) @ vectors.T
 
 
-def prepare_features(features, lam: float, token_norm: str = "none", lam_mode: str = "absolute",
+def prepare_features(features, lam: float, unit_tokens: bool = False, relative_lam: bool = False,
                      whiten: bool = False) -> tuple[np.ndarray, float]:
     """(features to run the greedy on, the lam to use). Untouched, and not copied, with the defaults; else one
     float32 copy written a chunk at a time (memory-mapped shards are never loaded whole, and no float64 copy of
-    the pool is made: at 10^6 sentences, L=32, d=64 the copy is 8 GB, the float64 one was 16 GB more)."""
-    if token_norm not in ("none", "unit"):
-        raise ValueError(f"token_norm must be 'none' or 'unit', got {token_norm!r}")
-    if lam_mode not in ("absolute", "relative"):
-        raise ValueError(f"lam_mode must be 'absolute' or 'relative', got {lam_mode!r}")
-    if token_norm == "none" and lam_mode == "absolute" and not whiten:
+    the pool is made: at 10^6 sentences, L=32, d=64 the copy is 8 GB, the float64 one was 16 GB more).
+    The variants are flags, so nothing here needs checking: the selector's params model validates its
+    `token_norm` and `lam_mode` where they enter."""
+    if not unit_tokens and not relative_lam and not whiten:
         return features, lam
     rows, d = features.shape
     transform = inverse_sqrt(second_moment(features)) if whiten else None
@@ -57,12 +55,12 @@ def prepare_features(features, lam: float, token_norm: str = "none", lam_mode: s
         x = np.asarray(block, dtype=np.float64)
         if transform is not None:
             x = x @ transform
-        if token_norm == "unit":
+        if unit_tokens:
             x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         written = out[lo:lo + len(x)]
         written[:] = x
         squares += float(np.einsum("ij,ij->", written, written, dtype=np.float64))
-    if lam_mode == "relative":
+    if relative_lam:
         lam = lam * squares / max(rows, 1) / d
     return out, lam
 

@@ -43,8 +43,9 @@ def _keys(gains: np.ndarray, cand: np.ndarray, costs: np.ndarray, rule: str) -> 
 
 
 def _check_rule(rule: str, token_budget) -> str:
+    """The one check of a greedy's rule (`run_greedy` resolves 'celf' into these two first)."""
     if rule not in ("gain", "ratio"):
-        raise ValueError(f"rule must be 'gain' or 'ratio', got '{rule}'")
+        raise ValueError(f"rule must be 'celf' (run_greedy), 'ratio' or 'gain', got '{rule}'")
     return rule if token_budget is not None else "gain"
 
 
@@ -222,7 +223,7 @@ class _LazyState:
         self.stats["max_error_over_margin"] = max(self.stats["max_error_over_margin"], float(ratio.max()))
         if (ratio > 0.5).any():  # closer to the margin than ever measured: widen it for the rest of the run
             self.stats["margin_violations"] += int((ratio > 0.5).sum())
-            self.obj.kappa *= 4.0
+            self.obj.widen_margin()
         keys = quantize(g64 / self.div[idx])
         self.ub[idx] = self.lb[idx] = keys
         self.exact[idx] = True
@@ -387,8 +388,6 @@ def run_greedy(features, offsets, lam: float = 1.0, algorithm: str = "lazy", k: 
     the optimum."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm '{algorithm}' is unknown; choose one of {sorted(ALGORITHMS)}")
-    if rule not in ("celf", "ratio", "gain"):
-        raise ValueError(f"rule must be 'celf', 'ratio' or 'gain', got '{rule}'")
     if rule == "celf" and token_budget is not None:
         runs = [run_greedy(features, offsets, lam, algorithm, k, token_budget, costs, seed, epsilon, r, device)
                 for r in ("ratio", "gain")]
@@ -406,17 +405,18 @@ def run_greedy(features, offsets, lam: float = 1.0, algorithm: str = "lazy", k: 
 
 
 def select_from_features(features, offsets, budget, lam: float = 1.0, algorithm: str = "lazy", seed: int = 0,
-                         epsilon: float = 0.1, rule: str = "celf", device=None):
-    """FisherSFT on in-memory features under a `Budget` (examples and/or tokens; a sentence costs its rows)."""
-    from sftcurate.core.selectors.base import SelectionResult
-
+                         epsilon: float = 0.1, rule: str = "celf", device=None) -> GreedyResult:
+    """FisherSFT on in-memory features under a budget (anything with `examples`, `tokens` and `check(n, tokens)`,
+    such as the selectors' `Budget`; a sentence costs its rows). The greedy's own result, its `info` holding
+    what a selection manifest records (algorithm, lam, n, d, tokens, evaluations, ...)."""
     features, offsets = check_features(features, offsets)
     lengths = np.diff(offsets)
     budget.check(len(lengths), int(offsets[-1]))
     res = run_greedy(features, offsets, lam=lam, algorithm=algorithm, k=budget.examples,
                      token_budget=budget.tokens, costs=lengths, seed=seed, epsilon=epsilon, rule=rule,
                      device=device)
-    info = {"algorithm": res.algorithm, "lam": lam, "evaluations": res.evaluations, "seconds": round(res.seconds, 3),
-            "n": len(lengths), "d": int(features.shape[1]), "objective_initial": res.initial,
-            "tokens": int(lengths[res.picks].sum()) if res.picks else 0, **res.info}
-    return SelectionResult(indices=res.picks, gains=res.gains, objective=res.objective, info=info)
+    res.info = {"algorithm": res.algorithm, "lam": lam, "evaluations": res.evaluations,
+                "seconds": round(res.seconds, 3), "n": len(lengths), "d": int(features.shape[1]),
+                "objective_initial": res.initial, "tokens": int(lengths[res.picks].sum()) if res.picks else 0,
+                **res.info}
+    return res

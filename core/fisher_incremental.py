@@ -155,7 +155,7 @@ class HotGrams:
             self.asked[slots[kept]] = self.picks
             g[kept] = self._logdets(self.M[torch.from_numpy(slots[kept])])
         lost = np.flatnonzero(slots < 0)          # no free slot: computed afresh, not kept
-        for _, chunk in self.obj._chunks(cand[lost]):
+        for _, chunk in self.obj.chunks(cand[lost]):
             idx = cand[lost[chunk]]
             g[lost[chunk]] = self._logdets(self._fresh(idx, int(self.obj.lengths[idx].max()))[1])
         missed = np.where(slots >= 0, self.picks - self.born[np.maximum(slots, 0)], 0)
@@ -163,7 +163,7 @@ class HotGrams:
         return g, g + eps, eps
 
     def _fresh(self, cand: np.ndarray, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        X = self.obj._gather(cand, max(width, 1))                              # [B, width, d] float64
+        X = self.obj.gather(cand, max(width, 1))                              # [B, width, d] float64
         Y = self.obj.times_U(X, self.obj.U)
         return X, Y @ Y.transpose(1, 2)
 
@@ -238,7 +238,7 @@ class StaleGrams:
         """(gains, upper bounds, margins) of `cand` at the current A, every gain computed (float64)."""
         g = np.zeros(len(cand))
         eps = np.zeros(len(cand))
-        for _, chunk in self.obj._chunks(cand):
+        for _, chunk in self.obj.chunks(cand):
             g[chunk], eps[chunk] = self._screen_chunk(cand[chunk])
         return g, g + eps, eps
 
@@ -248,7 +248,7 @@ class StaleGrams:
         width = int(lens.max()) if len(cand) else 0
         if width == 0:
             return np.zeros(len(cand)), np.zeros(len(cand))
-        X = obj._gather(cand, width)                                            # [B, width, d] float64
+        X = obj.gather(cand, width)                                            # [B, width, d] float64
         M = torch.zeros(len(cand), width, width, dtype=torch.float64)
         at = self.at[cand]
         missed = now - at                                                       # picks each M_i lacks
@@ -274,7 +274,7 @@ class StaleGrams:
         g = (2.0 * chol.diagonal(dim1=1, dim2=2).log().sum(-1)).numpy()
         bad = (info != 0).numpy()
         if bad.any():  # not positive definite by rounding: the objective's own gain for those few
-            g[bad] = obj._batch_gains(cand[bad], "L").numpy()
+            g[bad] = obj.batch_gains(cand[bad], "L").numpy()
         return g, self.margin(cand, np.where(fresh, 0, missed))
 
     def _downdate(self, X: torch.Tensor, M: torch.Tensor, stale: np.ndarray, behind: np.ndarray, end: int) -> None:

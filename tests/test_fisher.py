@@ -133,8 +133,9 @@ def test_stochastic_greedy_deterministic_per_seed():
 def test_select_from_features_and_selector():
     x, off = instance(2, n=60)
     res = select_from_features(x, off, Budget(examples=10), lam=1.0, algorithm="lazy")
-    assert len(res.indices) == 10 and len(res.gains) == 10
-    assert res.objective == pytest.approx(direct_logdet(x, off, res.indices, 1.0), rel=1e-10)
+    assert type(res).__name__ == "GreedyResult" and res.info["n"] == 60 and res.info["algorithm"] == "lazy"
+    assert len(res.picks) == 10 and len(res.gains) == 10
+    assert res.objective == pytest.approx(direct_logdet(x, off, res.picks, 1.0), rel=1e-10)
     pool = pa.table({"id": [str(i) for i in range(60)]})
     inputs = SelectorInputs(pool=pool, token_counts=np.diff(off), token_features=(x, off))
     for alg in ("lazy", "naive", "stochastic"):

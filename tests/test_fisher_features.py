@@ -6,6 +6,7 @@ import pytest
 
 from sftcurate.core.fisher_greedy import run_greedy
 from sftcurate.core.fisher_features import feature_diagnostics, prepare_features, second_moment
+from sftcurate.core.selectors import get_selector
 
 
 def pool(seed: int = 0, n: int = 60, d: int = 8):
@@ -26,7 +27,7 @@ def test_defaults_leave_the_features_alone():
 
 def test_unit_norm_and_whitening_do_what_they_say():
     x, _ = pool()
-    unit, _ = prepare_features(x, 1.0, token_norm="unit")
+    unit, _ = prepare_features(x, 1.0, unit_tokens=True)
     assert np.allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
     white, _ = prepare_features(x, 1.0, whiten=True)
     assert np.allclose(second_moment(white), np.eye(x.shape[1]), atol=1e-3)
@@ -36,7 +37,7 @@ def test_relative_lam_makes_the_picks_scale_free():
     x, offsets = pool(1)
     picks = []
     for scale in (1.0, 25.0):
-        feats, lam = prepare_features(x * scale, 1.0, lam_mode="relative")
+        feats, lam = prepare_features(x * scale, 1.0, relative_lam=True)
         picks.append(run_greedy(feats, offsets, lam=lam, k=12).picks)
     assert list(picks[0]) == list(picks[1])
     absolute = [run_greedy(x * s, offsets, lam=1.0, k=12).picks for s in (0.05, 25.0)]
@@ -50,10 +51,11 @@ def test_diagnostics_see_the_outliers():
     assert 1.0 <= report["effective_rank"] <= x.shape[1]
 
 
-def test_unknown_variant_is_refused():
-    x, _ = pool()
+def test_unknown_variant_is_refused_where_it_enters():
     with pytest.raises(ValueError, match="token_norm"):
-        prepare_features(x, 1.0, token_norm="l1")
+        get_selector("fishersft", {"token_norm": "l1"})
+    with pytest.raises(ValueError, match="lam_mode"):
+        get_selector("fishersft", {"lam_mode": "scaled"})
 
 
 def test_variants_stream_sharded_features_to_the_same_result():
@@ -69,7 +71,7 @@ def test_variants_stream_sharded_features_to_the_same_result():
     white = whole @ (vectors / np.sqrt(values)) @ vectors.T
     expect = white / np.linalg.norm(white, axis=1, keepdims=True)
     for features in (x, sharded):
-        out, lam = prepare_features(features, 2.0, token_norm="unit", lam_mode="relative", whiten=True)
+        out, lam = prepare_features(features, 2.0, unit_tokens=True, relative_lam=True, whiten=True)
         assert out.dtype == np.float32 and out.shape == x.shape
         assert np.allclose(out, expect, atol=1e-5) and lam == pytest.approx(2.0 / x.shape[1], rel=1e-5)
     offsets = pool(3)[1]

@@ -31,6 +31,8 @@ class FisherSFTSelector(Selector):
             raise ValueError(f"fishersft: token features cover {len(offsets) - 1} examples but the pool has "
                              f"{inputs.size}; re-run the embedding stage for this pool")
         p = self.params
-        features, lam = prepare_features(features, p.lam, p.token_norm, p.lam_mode, p.whiten)
-        return select_from_features(features, offsets, budget, lam=lam, algorithm=p.algorithm, seed=seed,
-                                    epsilon=p.epsilon, rule=p.rule, device=p.device)
+        features, lam = prepare_features(features, p.lam, unit_tokens=p.token_norm == "unit",
+                                         relative_lam=p.lam_mode == "relative", whiten=p.whiten)
+        res = select_from_features(features, offsets, budget, lam=lam, algorithm=p.algorithm, seed=seed,
+                                   epsilon=p.epsilon, rule=p.rule, device=p.device)
+        return SelectionResult(indices=res.picks, gains=res.gains, objective=res.objective, info=res.info)
