@@ -13,12 +13,18 @@ one of those:
 
 The defaults leave the features untouched (the paper's objective). A variant writes one float32 copy, a chunk at
 a time.
+
+`sentence_factors` is not a variant but a compact representation (issue 25, item 2): a sentence's tokens X_i
+enter log det(lam I + sum X_i^T X_i) only through X_i^T X_i, so r rows F_i with F_i^T F_i = the rank-r
+truncation of X_i^T X_i give exactly the same gains when the sentence's rank is at most r, and otherwise lose
+at most the dropped energy over lam from each gain.
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from sftcurate.core.feature_rows import row_chunks
+from sftcurate.core.feature_rows import ShardedRows, check_features, row_chunks
 
 
 def second_moment(features) -> np.ndarray:
@@ -92,3 +98,58 @@ def feature_diagnostics(features, offsets: np.ndarray, lam: float) -> dict:
         "largest_token_share_median": float(np.median(top_share)) if top_share else float("nan"),
         "length_median": float(np.median(lengths)),
     }
+
+
+def sentence_factors(features, offsets, rank: int, batch_rows: int = 1 << 16) -> tuple[np.ndarray, np.ndarray,
+                                                                                         np.ndarray]:
+    """(factor rows [R, d] float32, their offsets [N+1], each sentence's kept energy share) with
+    F_i^T F_i = the best rank-`rank` approximation of X_i^T X_i: F_i = S_r V_r^T from X_i = U S V^T.
+
+    A sentence of at most `rank` tokens keeps its rows as they are. For every sentence the gain given any
+    A >= lam I satisfies gain(F_i) <= gain(X_i) <= gain(F_i) + tr(A^-1 E_i) <= gain(F_i) + (1 - kept_i) ||X_i||_F^2 / lam
+    (E_i = X_i^T X_i - F_i^T F_i, positive semidefinite, log det(I + M) <= tr M), and equality when the
+    sentence's rank is at most `rank`. Gain evaluations then cost O(r d^2) instead of O(L d^2); a token budget
+    must still count the sentence's tokens (`np.diff(offsets)` of the input), not its factor rows."""
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    features, offsets = check_features(features, offsets)
+    rows = features if isinstance(features, ShardedRows) else ShardedRows([np.asarray(features)], np.array([0]))
+    d = int(features.shape[1])
+    lengths = np.diff(offsets)
+    rank = min(rank, d)                       # X_i^T X_i is d x d: d rows always suffice
+    kept_rows = np.minimum(lengths, rank)
+    out_offsets = np.concatenate([[0], np.cumsum(kept_rows)]).astype(np.int64)
+    out = np.empty((int(out_offsets[-1]), d), dtype=np.float32)
+    kept = np.ones(len(lengths))
+    short = np.flatnonzero((lengths <= rank) & (lengths > 0))
+    for lo in range(0, len(short), max(1, batch_rows // max(rank, 1))):
+        part = short[lo:lo + max(1, batch_rows // max(rank, 1))]
+        src = _row_index(offsets, part, lengths[part])
+        out[_row_index(out_offsets, part, lengths[part])] = rows.take(src)
+    long = np.flatnonzero(lengths > rank)
+    long = long[np.argsort(lengths[long], kind="stable")]
+    start = 0
+    while start < len(long):
+        stop = start + 1
+        while stop < len(long) and int(lengths[long[stop]]) * (stop + 1 - start) <= batch_rows:
+            stop += 1
+        part = long[start:stop]
+        width = int(lengths[part].max())
+        idx = offsets[part][:, None] + np.arange(width)[None, :]
+        inside = np.arange(width)[None, :] < lengths[part][:, None]
+        X = torch.from_numpy(np.where(inside[..., None], rows.take(np.where(inside, idx, 0)), 0.0)).double()
+        _, S, Vh = torch.linalg.svd(X, full_matrices=False)        # zero padding rows add no singular value
+        r = rank
+        F = (S[:, :r, None] * Vh[:, :r, :]).float().numpy()
+        out[out_offsets[part][:, None] + np.arange(r)[None, :]] = F
+        energy = (S ** 2).sum(1)
+        kept[part] = torch.where(energy > 0, (S[:, :r] ** 2).sum(1) / energy.clamp(min=1e-300), 1.0).numpy()
+        start = stop
+    return out, out_offsets, kept
+
+
+def _row_index(offsets: np.ndarray, sentences: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Row positions of `sentences`' first `lengths` rows, concatenated."""
+    starts = np.repeat(offsets[sentences], lengths)
+    within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return starts + within

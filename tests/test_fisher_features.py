@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from sftcurate.core.fisher_greedy import run_greedy
 from sftcurate.core.fisher_features import feature_diagnostics, prepare_features, second_moment
@@ -77,3 +78,75 @@ def test_variants_stream_sharded_features_to_the_same_result():
     offsets = pool(3)[1]
     report = feature_diagnostics(sharded, offsets, lam=1.0)
     assert report == pytest.approx(feature_diagnostics(x, offsets, lam=1.0), rel=1e-12)
+
+
+# ---------------------------------------------------------------- rank-r sentence factors (issue 25, item 2)
+
+def ragged(seed: int, n: int = 60, d: int = 8, max_len: int = 14, inner: int | None = None):
+    """Sentences of 0 .. max_len tokens; with `inner`, each sentence's tokens span at most `inner` directions."""
+    rng = np.random.default_rng(seed)
+    feats = []
+    for L in rng.integers(0, max_len, n):
+        if inner is None:
+            feats.append(rng.standard_normal((int(L), d)) * rng.lognormal(0, 0.5))
+        else:
+            feats.append(rng.standard_normal((int(L), inner)) @ rng.standard_normal((inner, d)))
+    off = np.concatenate([[0], np.cumsum([len(f) for f in feats])]).astype(np.int64)
+    return np.concatenate(feats).astype(np.float32), off
+
+
+def gains_at(A_inv: torch.Tensor, x: np.ndarray, off: np.ndarray) -> np.ndarray:
+    """log det(I + X_i A^-1 X_i^T) of every sentence, directly in float64."""
+    X = torch.as_tensor(x, dtype=torch.float64)
+    out = []
+    for lo, hi in zip(off[:-1], off[1:]):
+        Xi = X[int(lo):int(hi)]
+        out.append(float(torch.logdet(torch.eye(len(Xi), dtype=torch.float64) + Xi @ A_inv @ Xi.T)) if hi > lo else 0.0)
+    return np.array(out)
+
+
+def test_sentence_factors_give_exact_gains_and_picks_when_rank_fits():
+    from sftcurate.core.fisher import LogDetObjective
+    from sftcurate.core.fisher_features import sentence_factors
+    from sftcurate.core.fisher_greedy import lazy_greedy, naive_greedy
+
+    x, off = ragged(0, inner=3)                               # every sentence of rank <= 3
+    fx, foff, kept = sentence_factors(x, off, rank=4, batch_rows=40)
+    lengths = np.diff(off)
+    assert np.array_equal(np.diff(foff), np.minimum(lengths, 4)) and np.allclose(kept, 1.0)
+    short = np.flatnonzero(lengths <= 4)
+    for i in short:                                           # short sentences keep their rows as they are
+        assert np.array_equal(fx[foff[i]:foff[i + 1]], x[off[i]:off[i + 1]])
+    obj = LogDetObjective(x, off, 0.7)
+    for i in (int(np.argmax(lengths)), 5, 17):
+        A_inv = obj.Ainv.clone()
+        assert np.allclose(gains_at(A_inv, fx, foff), gains_at(A_inv, x, off), rtol=1e-5, atol=1e-6)
+        obj.add(i)
+    tokens = naive_greedy(LogDetObjective(x, off, 0.7), token_budget=120, rule="ratio")
+    factors = lazy_greedy(LogDetObjective(fx, foff, 0.7), token_budget=120, rule="ratio", costs=lengths)
+    assert factors.picks == tokens.picks and np.allclose(factors.gains, tokens.gains, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 5])
+def test_sentence_factors_lose_at_most_the_dropped_energy_over_lam(rank):
+    from sftcurate.core.fisher import LogDetObjective
+    from sftcurate.core.fisher_features import sentence_factors
+
+    x, off = ragged(1)                                        # full-rank sentences up to 13 tokens in d=8
+    fx, foff, kept = sentence_factors(x, off, rank=rank, batch_rows=64)
+    lengths = np.diff(off)
+    assert ((kept > 0) & (kept <= 1 + 1e-12)).all() and np.allclose(kept[lengths <= rank], 1.0)
+    assert (kept[lengths > rank + 2] < 1 - 1e-6).all()
+    energy = np.array([float((x[off[i]:off[i + 1]].astype(np.float64) ** 2).sum()) for i in range(len(lengths))])
+    lam = 0.5
+    obj = LogDetObjective(x, off, lam)
+    for pick in (None, 3, 11, 20):
+        if pick is not None:
+            obj.add(pick)
+        A_inv = obj.Ainv.clone()
+        exact, factored = gains_at(A_inv, x, off), gains_at(A_inv, fx, foff)
+        lost = exact - factored
+        assert (lost >= -1e-5).all()
+        assert (lost <= (1 - kept) * energy / lam + 1e-5).all()
+    with pytest.raises(ValueError, match="rank"):
+        sentence_factors(x, off, rank=0)
