@@ -156,3 +156,23 @@ def test_a_run_says_in_one_line_what_it_rebuilds_and_a_damaged_selection_stops_e
     assert result.exit_code == 1 and len(errors) == 1 and "Traceback" not in result.output
     assert f"{selection}: damaged artifact (selection.parquet has 10 bytes" in errors[0]
     assert "run the command that built it again" in errors[0] and not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_object_altered_on_s3_is_detected_by_its_etag_and_rebuilt(s3_store, tmp_path):
+    from sftcurate.infra.store import filesystem_for, join, read_manifest
+
+    pool = write_jsonl(tmp_path / "pool.jsonl", qa_records(30))
+    cfg = CurateConfig.model_validate({"source": {"uri": str(pool)}, "selection": {"budget": 4},
+                                       "models": {"target": "tiny-gpt2", "max_length": 128}})
+    first, _ = curate_once(cfg)
+    examples = read_manifest(first)["meta"]["examples_uri"]
+    fs, path = filesystem_for(join(examples, "examples.parquet"))
+    data = bytearray(fs.cat_file(path))
+    data[-30] ^= 0xFF  # same size: only the hash can tell
+    fs.pipe_file(path, bytes(data))
+    assert "examples.parquet does not match the sha256" in artifact_damage(examples)
+    with Rebuilt() as events:
+        again, _ = curate_once(cfg)
+    assert [kind for kind, _ in events.damaged] == ["examples"] and again == first
+    result = verify_store(s3_store)
+    assert result["damaged"] == {} and result["checked"] >= 2
