@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, create_model,
+                      field_validator, model_validator)
 
-from sftcurate.core.selectors.base import SelectorParams
-from sftcurate.core.selectors.params import AskLLMParams, DensityParams, FisherSFTParams, S2LParams
+from sftcurate.core.selectors import REGISTRY
+from sftcurate.core.selectors.base import SelectorParams, selector_class, selector_help
 from sftcurate.core.training_text import check_template
 from sftcurate.data_contracts.errors import UserError
 
@@ -81,30 +81,38 @@ class SourceConfig(Section):
         "and the built-in fine-tune see the first max_length); counted either way (core/training_text.py)")
 
 
-BUILTIN_METHODS = ["uniform", "fishersft", "s2l", "density", "askllm"]
+# The selectors and their parameters below come from the registry (`core.selectors`): a selector is declared in
+# its own module only.
+BUILTIN_METHODS = list(REGISTRY)
 
 
 def _registered_method(name: str) -> str:
-    from sftcurate.core.selectors.base import selector_class
-
     selector_class(name)  # one line naming the known selectors when it is not one
     return name
 
 
-# A selector name: a drop-down of the built-in selectors in the Prefect UI, any registered selector accepted.
-Method = Annotated[str, AfterValidator(_registered_method), WithJsonSchema({"type": "string", "enum": BUILTIN_METHODS})]
+def method_type(names: list[str]):
+    """A selector name: a drop-down of `names` in the Prefect UI; any registered selector is accepted."""
+    return Annotated[str, AfterValidator(_registered_method), WithJsonSchema({"type": "string", "enum": names})]
 
 
-class SelectorParamsConfig(Section):
-    """Every selector's typed parameters, one section each (uniform has none)."""
+Method = method_type(BUILTIN_METHODS)
 
-    fishersft: FisherSFTParams = Field(default_factory=FisherSFTParams)
-    s2l: S2LParams = Field(default_factory=S2LParams)
-    density: DensityParams = Field(default_factory=DensityParams)
-    askllm: AskLLMParams = Field(default_factory=AskLLMParams)
 
+class ParamsSections(Section):
     def of(self, method: str) -> SelectorParams:
         return getattr(self, method, None) or SelectorParams()
+
+
+def selector_params_model(registry: dict) -> type[ParamsSections]:
+    """Every selector's typed parameters, one section each (a selector without parameters has none)."""
+    sections = {name: (cls.Params, Field(default_factory=cls.Params, description=selector_help(cls)))
+                for name, cls in registry.items() if cls.Params.model_fields}
+    return create_model("SelectorParamsConfig", __base__=ParamsSections, __doc__=selector_params_model.__doc__,
+                        **sections)
+
+
+SelectorParamsConfig = selector_params_model(REGISTRY)
 
 
 def _nest_params_under_method(params, method: str):

@@ -2,25 +2,31 @@
 trajectories (S2L), from committed artifacts or from plain files, checked against the pool they claim to cover.
 
 Kept apart from the stages that make them (`embedding`, `trajectories`) so that selecting depends only on
-how inputs are read, not on how they were computed.
+how inputs are read, not on how they were computed. Which reader serves which requirement is declared once
+per requirement, in `core.requirements`.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import mmap
+import os
 import re
+import struct
 
 import numpy as np
 
-from sftcurate.core.selectors.base import SENTENCE_EMBEDDINGS, TOKEN_FEATURES, TRAJECTORIES, check_pool_alignment
+from sftcurate.core.feature_rows import ShardedRows, row_chunks
+from sftcurate.core.selectors.base import check_pool_alignment
 from sftcurate.data_contracts import (
     TOKEN_FEATURES as TOKEN_FEATURES_CONTRACT, TOKEN_FEATURES_IDS, TRAJECTORIES as TRAJECTORIES_CONTRACT,
-    TRAJECTORIES_IDS, ContractError,
+    TRAJECTORIES_IDS, ContractError, validate_tensors,
 )
-from sftcurate.core.feature_rows import ShardedRows, row_chunks
-from sftcurate.data_contracts import validate_tensors
-from sftcurate.infra.store import (exists, is_committed, join, read_bytes, read_manifest, read_table, read_tensors,
-                                   root_of)
+from sftcurate.infra.local_cache import local_copy
+from sftcurate.infra.settings import load_settings
+from sftcurate.infra.store import (exists, file_digest, is_committed, join, read_bytes, read_manifest, read_table,
+                                   read_tensors, root_of)
 
 
 def mean_pool(features, offsets: np.ndarray, chunk_rows: int = 1 << 18) -> np.ndarray:
@@ -64,11 +70,6 @@ def _local_file(uri: str, sha256: str | None = None) -> str:
     Without a known sha256 the download is named by the URI's hash and re-fetched every time."""
     if _is_local(uri):
         return uri[len("file://"):] if uri.startswith("file://") else uri
-    import hashlib
-
-    from sftcurate.infra.local_cache import local_copy
-    from sftcurate.infra.settings import load_settings
-    from sftcurate.infra.store import file_digest
 
     def check(tmp) -> None:  # the download itself: not remembered, unlike local_cache.file_sha256
         if file_digest(str(tmp)).hex() != sha256:
@@ -87,11 +88,6 @@ def map_tensors(uri: str, contract=TOKEN_FEATURES_CONTRACT, sha256: str | None =
                 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The tensors of a safetensors file as read-only arrays over a memory map (no copy; an s3:// file is first
     downloaded to the local cache), validated by `contract`. Tensors of a dtype numpy lacks (bf16) are refused."""
-    import json
-    import mmap
-    import os
-    import struct
-
     path = _local_file(uri, sha256)
     try:
         size = os.path.getsize(path)
@@ -278,10 +274,3 @@ def load_trajectories_file(path: str) -> tuple[np.ndarray, np.ndarray, list[str]
         tensors["losses"] = tensors["losses"][order]
     return tensors["losses"].astype(np.float32), tensors["steps"].astype(np.int64), ids
 
-
-# requirement -> loader(artifact URI, inputs) that fills `inputs` after checking the rows are the pool's
-LOADERS = {
-    TOKEN_FEATURES: load_token_features_into,
-    SENTENCE_EMBEDDINGS: load_sentence_embeddings_into,
-    TRAJECTORIES: load_trajectories_into,
-}

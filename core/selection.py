@@ -1,7 +1,8 @@
 """Selection: run a selector by name on committed inputs and commit its selection manifest.
 
 Every selector goes through `run_selection`, so the flow, the CLI and the compare loop treat them alike. What a
-selector may require beyond the pool is read into `SelectorInputs` by the one loader table `LOADERS`.
+selector may require beyond the pool is read into `SelectorInputs` by that requirement's loader
+(`core.requirements`); the selection's key holds the code of those loaders, not of how the inputs were made.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from sftcurate.core.ingest import load_pool
-from sftcurate.core.inputs import LOADERS
+from sftcurate.core.requirements import declared, loader_code
 from sftcurate.core.selectors.base import (
     MODEL, Budget, SelectionResult, SelectorInputs, SelectorParams,
     get_selector,
@@ -40,11 +41,11 @@ def selection_table(result: SelectionResult, pool: pa.Table, token_counts: np.nd
 def build_inputs(pool: pa.Table, requires: tuple[str, ...], input_uris: dict[str, str],
                  model_spec: str | None = None) -> SelectorInputs:
     inputs = SelectorInputs(pool=pool, token_counts=np.asarray(pool.column("response_tokens"), dtype=np.int64))
-    for requirement in requires:
-        if requirement == MODEL:
+    for requirement in declared(requires):
+        if requirement.name == MODEL:
             inputs.model_spec = model_spec
-        elif requirement in LOADERS:
-            LOADERS[requirement](input_uris[requirement], inputs)
+        elif requirement.load is not None:
+            requirement.load(input_uris[requirement.name], inputs)
     return inputs
 
 
@@ -80,8 +81,8 @@ def run_selection(examples_uri: str, method: str, budget: Budget, seed: int, par
                   "params": selector.params,
                   "model": model_fingerprint(model_spec) if MODEL in selector.requires else None}
     upstream = {"examples": examples_uri, **{r: u for r, u in input_uris.items() if r in selector.requires}}
-    return build_once(KIND, (__name__, type(selector).__module__), key_params, build, upstream=upstream,
-                      store_root=store_root)
+    return build_once(KIND, (__name__, type(selector).__module__, *loader_code(selector.requires)), key_params,
+                      build, upstream=upstream, store_root=store_root)
 
 
 def binding_limit(budget: Budget, selected: int, tokens_kept: int, pool_size: int) -> str:

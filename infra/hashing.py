@@ -229,10 +229,12 @@ def _parents(module: str) -> list[str]:
 
 @lru_cache(maxsize=None)
 def reached_units(name: str) -> tuple[tuple[str, int], ...]:
-    """(module, unit index) of all of `name` and of every definition it reaches, sorted."""
+    """(module, unit index) of all of module `name` (or of definition `module:name`) and of every definition it
+    reaches, sorted."""
     reached: set[tuple[str, int]] = set()
     seen: set[Target] = set()
-    todo: list[Target] = [(name, WHOLE)]
+    module, _, symbol = name.partition(":")
+    todo: list[Target] = [(module, symbol.split(".")[0] or WHOLE)]
     while todo:
         target = todo.pop()
         if target in seen:
@@ -256,7 +258,8 @@ def reached_units(name: str) -> tuple[tuple[str, int], ...]:
 
 @lru_cache(maxsize=None)
 def code_key(name: str) -> str:
-    """Fingerprint of the code module `name` can run: all of it, and what it reaches elsewhere (see above)."""
+    """Fingerprint of the code module `name` can run: all of it, and what it reaches elsewhere (see above). With
+    `module:function`, the code that one definition can run."""
     # by text, not position: a definition added above another one does not move the keys that reach only the other
     pieces = sorted({(module, module_units(module)[i].text) for module, i in reached_units(name)})
     h = hashlib.sha256()

@@ -16,6 +16,8 @@ import typer
 import yaml
 from rich.console import Console
 
+from sftcurate.selectcli import select_app
+
 app = typer.Typer(no_args_is_help=True,
                   help="Pick the most informative subset of an SFT data set, fine-tune on it, prove the gain.")
 reproduce_app = typer.Typer(no_args_is_help=True, help="Reproduce experiments from the papers.")
@@ -266,9 +268,8 @@ def run(config: Path = typer.Argument(..., help="run configuration (YAML)"),
 
 def run_config_flow(name: str, config: Path, overrides: list[str], json_out: Optional[str]):
     """Load a CurateConfig, run flows.<name>.<name> on it with progress; one-line errors; optional JSON."""
-    import importlib
-
     from sftcurate.core.config import load_config
+    from sftcurate.flows import curate, refresh  # deferred on purpose: Prefect takes seconds to import
     from sftcurate.infra.env import ensure_home
 
     ensure_home()  # before Prefect is imported: it makes its home (inside ours) without parents, or fails
@@ -276,7 +277,7 @@ def run_config_flow(name: str, config: Path, overrides: list[str], json_out: Opt
         cfg = load_config(config, overrides)
         wait_for_services()
         with stdout_for_json(json_out):
-            result = run_with_progress(getattr(importlib.import_module(f"sftcurate.flows.{name}"), name), cfg)
+            result = run_with_progress({"curate": curate.curate, "refresh": refresh.refresh}[name], cfg)
     except caught() as exc:
         stop(exc)
     return cfg, result
@@ -293,37 +294,17 @@ def refresh(config: Path = typer.Argument(..., help="run configuration (YAML)"),
     emit(f"refresh {cfg.name}", report, json_out, shown)
 
 
-@app.command()
-def select(method: str = typer.Argument(..., help="selector name (uniform, fishersft, s2l, density, askllm)"),
-           budget: Optional[int] = typer.Option(None, help="number of examples to keep"),
-           token_budget: Optional[int] = typer.Option(None, help="number of loss tokens to keep"),
-           out_path: Path = typer.Option(..., "--out", help="selection manifest to write (.parquet)"),
-           features: Optional[str] = typer.Option(None, help="token-features safetensors file (fishersft)"),
-           trajectories: Optional[str] = typer.Option(None, help="trajectories safetensors file (s2l)"),
-           examples: Optional[str] = typer.Option(None, help="committed examples artifact URI (the pool)"),
-           model: Optional[str] = typer.Option(None, help="model spec (askllm)"),
-           lam: Optional[float] = typer.Option(None, help="fishersft: regulariser lambda (default 1.0)"),
-           algorithm: Optional[str] = typer.Option(None, help="fishersft: lazy, naive or stochastic"),
-           clusters: Optional[int] = typer.Option(None, help="s2l: number of K-means clusters (default 100)"),
-           seed: int = typer.Option(0, help="seed of every random choice"),
-           param: List[str] = typer.Option([], help="other selector parameter: key=value"),
-           json_out: Optional[str] = json_option()):
-    """Run one selector on files and write its selection manifest (the same interface for every method)."""
-    from sftcurate.selectcli import select_from_files
-
-    params = {k: v for k, v in {"lam": lam, "algorithm": algorithm, "clusters": clusters}.items() if v is not None}
-    for item in param:
-        key, sep, value = item.partition("=")
-        if not sep:
-            fail(ValueError(f"--param {item}: expected key=value, e.g. --param epsilon=0.2"))
-        params[key] = yaml.safe_load(value) if value else value
+def run_select(method: str, job, json_out: Optional[str]) -> None:
+    """`sftcurate select METHOD`: its subcommands come from the selector registry (sftcurate/selectcli.py)."""
     try:
         with stdout_for_json(json_out):
-            meta = select_from_files(method, budget, token_budget, seed, params, str(out_path), features=features,
-                                     trajectories=trajectories, examples=examples, model=model)
+            meta = job()
     except caught() as exc:
         stop(exc)
     emit(f"selection {method}", meta, json_out)
+
+
+app.add_typer(select_app(run_select, JSON_HELP), name="select")
 
 
 @app.command()

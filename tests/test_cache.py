@@ -121,10 +121,17 @@ def all_modules() -> list[str]:
     return names
 
 
-def stage_modules() -> list[str]:
-    """Every module whose code is a stage's (it calls build_once), and every selector (a selection's code)."""
-    return [m for m in all_modules() if "build_once(" in hashing.module_source(m) and not m.endswith("infra.stages")
-            or m.startswith("sftcurate.core.selectors.") and "@register" in hashing.module_source(m)]
+def stage_codes() -> dict[str, tuple[str, ...]]:
+    """The code of every stage: each module that calls build_once, and each selector's selection (its module,
+    core.selection and the loaders of its requirements, as `core.selection.run_selection` keys it)."""
+    from sftcurate.core.requirements import loader_code
+    from sftcurate.core.selectors import REGISTRY
+
+    codes = {m: (m,) for m in all_modules()
+             if "build_once(" in hashing.module_source(m) and not m.endswith(("infra.stages", "core.selection"))}
+    for name, cls in REGISTRY.items():
+        codes[f"selection:{name}"] = ("sftcurate.core.selection", cls.__module__, *loader_code(cls.requires))
+    return codes
 
 
 def reworded(source: str) -> str:
@@ -162,9 +169,14 @@ def replaced_line(module: str, old: str, new: str):
     return edited
 
 
-def code_keys(modules: list[str]) -> dict[str, str]:
+def code_keys(modules) -> dict[str, str]:
     hashing.forget_code_keys()
     return {m: hashing.code_key(m) for m in modules}
+
+
+def stage_code_keys(codes: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:
+    hashing.forget_code_keys()
+    return {stage: [hashing.code_key(c) for c in code] for stage, code in codes.items()}
 
 
 def test_prose_edits_in_every_layer_move_no_code_key(monkeypatch):
@@ -194,23 +206,30 @@ def test_prose_edits_in_every_layer_move_no_code_key(monkeypatch):
     # the judge's settings model reaches the judge and the report that reads its verdicts, not ingest
     ("sftcurate.core.config", "n_bootstrap: int = Field(1000, gt=0)", "n_bootstrap: int = Field(999, gt=0)",
      {"sftcurate.core.judge", "sftcurate.core.report"}),
-    # a selector's params model reaches that selector's selection and the comparison report (its config holds
-    # every selector's params), no other selector and no input of a selection
-    ("sftcurate.core.selectors.params", 'clusters: int = Field(100, ge=1,', 'clusters: int = Field(99, ge=1,',
-     {"sftcurate.core.selectors.s2l", "sftcurate.core.report"}),
+    # a selector's params model (in its own module) reaches that selector's selection only: not another
+    # selector, not an input of a selection, not the comparison report whose config lists every selector's params
+    ("sftcurate.core.selectors.s2l", 'clusters: int = Field(100, ge=1,', 'clusters: int = Field(99, ge=1,',
+     {"selection:s2l"}),
+    # how token features are made reaches the embedding stage, not a selection that reads them (the features'
+    # own key covers it)
+    ("sftcurate.core.embedding", "def embed_shard(", "def embed_shard(*_unused, ", {"sftcurate.core.embedding"}),
+    # how trajectories are read into a selection reaches the selection that reads them, not the stage that
+    # makes them
+    ("sftcurate.core.inputs", 'check_pool_alignment(uri, ids, inputs.pool, "trajectories")',
+     'check_pool_alignment(uri, list(ids), inputs.pool, "trajectories")', {"selection:s2l"}),
 ])
 def test_one_code_line_moves_exactly_the_stages_that_reach_it(monkeypatch, module, old, new, moved):
-    stages = stage_modules()
-    assert {"sftcurate.core.ingest", "sftcurate.core.embedding", "sftcurate.core.finetune",
-            "sftcurate.core.judge", "sftcurate.core.selectors.uniform"} <= set(stages)
-    before = code_keys(stages)
+    stages = stage_codes()
+    assert {"sftcurate.core.ingest", "sftcurate.core.embedding", "sftcurate.core.finetune", "sftcurate.core.judge",
+            "selection:uniform", "selection:s2l"} <= set(stages)
+    before = stage_code_keys(stages)
     monkeypatch.setattr(hashing, "module_source", replaced_line(module, old, new))
     try:
-        after = code_keys(stages)
+        after = stage_code_keys(stages)
     finally:
         monkeypatch.undo()
         hashing.forget_code_keys()
-    assert {m for m in stages if after[m] != before[m]} == moved
+    assert {stage for stage in stages if after[stage] != before[stage]} == moved
 
 
 def test_a_transitively_reached_code_change_rebuilds_that_stage_and_its_dependents_only(store_root, monkeypatch):
@@ -251,9 +270,14 @@ def test_no_task_caches_or_persists_results_and_a_planted_pickle_never_runs(pref
     from sftcurate.flows.curate import curate
     from sftcurate.tasks import curate as curate_tasks, evaluate as evaluate_tasks
 
+    from sftcurate.core.selectors.base import REQUIREMENTS
+
+    steps = {step for r in REQUIREMENTS.values() if r.produce
+             for step in (r.produce.prepare, r.produce.shard, r.produce.commit) if step}
     tasks = [obj for module in (curate_tasks, evaluate_tasks) for obj in vars(module).values()
              if hasattr(obj, "persist_result") and hasattr(obj, "cache_policy")]
-    assert len(tasks) >= 12
+    tasks += [curate_tasks.step_task(step) for step in steps]  # the producers' tasks, made from declarations
+    assert len(tasks) >= 14
     assert all(t.persist_result is False and t.cache_policy is NO_CACHE for t in tasks)
 
     marker = tmp_path / "pwned"

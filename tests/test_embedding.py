@@ -217,14 +217,14 @@ def test_shard_d_mismatch_rejected(tiny, tmp_path):
 
 def test_produce_through_prefect(prefect_harness, tmp_path, monkeypatch):
     from sftcurate.core.config import CurateConfig
-    from sftcurate.tasks.curate import produce_token_features
+    from sftcurate.tasks.curate import produce
 
     root = str(tmp_path / "store")
     monkeypatch.setenv("SFTCURATE_STORE", root)
     ex = _examples_artifact(root, EXAMPLES_QA)
     cfg = CurateConfig.model_validate({"models": {"target": "tiny-gpt2", "max_length": 48},
                                        "embedding": {"shard_size": 5, "batch_tokens": 512}})
-    uri = produce_token_features(ex, cfg, None)
+    uri = produce("token_features", ex, cfg, None)
     # the final artifact references its shards (shards.json) and holds no copy of their features
     final = next((tmp_path / "store" / "token_features").glob("*"))
     assert uri.startswith(root) and (final / "shards.json").exists() and not list(final.glob("features*"))

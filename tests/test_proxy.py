@@ -259,13 +259,13 @@ def test_produce_runs_the_prefect_tasks_and_logs_to_mlflow(prefect_harness, stor
     from sftcurate.core.ingest import load_pool
     from sftcurate.core.selectors.base import SelectorInputs
     from sftcurate.core.inputs import load_trajectories_into as load_into
-    from sftcurate.tasks.curate import produce_trajectories as produce
+    from sftcurate.tasks.curate import produce
 
     ex = make_examples(group_rows(8, 8, 3))
     cfg = CurateConfig.model_validate({"models": {"proxy": TINY, "max_length": 64},
                                        "proxy": {"steps": 6, "checkpoints": 3, "batch_size": 8, "shard_size": 10}})
     with tracking.start_run("s2l-test") as run_id:
-        uri = produce(ex, cfg, run_id)
+        uri = produce("trajectories", ex, cfg, run_id)
     meta = read_manifest(uri)["meta"]
     assert len(meta["shards"]) == 2 and meta["steps"] == [2, 4, 6]
     pool = load_pool(ex)
@@ -275,4 +275,4 @@ def test_produce_runs_the_prefect_tasks_and_logs_to_mlflow(prefect_harness, stor
     history = tracking.client().get_metric_history(run_id, "proxy_loss")
     assert [m.step for m in history] == list(range(1, 7))
     assert len(tracking.client().get_metric_history(run_id, "trajectory_mean_loss")) == 3
-    assert produce(ex, cfg, None) == uri   # cached / content-addressed: same artifact
+    assert produce("trajectories", ex, cfg, None) == uri   # cached / content-addressed: same artifact

@@ -1,11 +1,7 @@
-"""Selectors, looked up by name. Importing this package registers every selector module in it."""
-import importlib
-import pkgutil
-
-from sftcurate.core.selectors.base import REGISTRY, Budget, Selector, SelectionResult, SelectorInputs, get_selector, register
-
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "base":
-        importlib.import_module(f"{__name__}.{_module.name}")
+"""Selectors, looked up by name. Importing this package (or any module in it) registers every built-in
+selector: a new one is its own module, imported here, in the order the config's drop-down lists them."""
+from sftcurate.core.selectors.base import (REGISTRY, Budget, Selector, SelectionResult, SelectorInputs, get_selector,
+                                           register)
+from sftcurate.core.selectors import uniform, fishersft, s2l, density, askllm  # noqa: F401,E402  (registers them)
 
 __all__ = ["REGISTRY", "Budget", "Selector", "SelectionResult", "SelectorInputs", "get_selector", "register"]

@@ -9,10 +9,12 @@ index) while they fit the budget.
 from __future__ import annotations
 
 import numpy as np
+from pydantic import Field
 
-from sftcurate.core.selectors.params import AskLLMParams
-from sftcurate.core.selectors.base import (EXAMPLES, MODEL, Budget, Selector, SelectionResult, SelectorInputs,
-                                          fill_in_order, register)
+from sftcurate.core.selectors.base import (DEVICE_HELP, EXAMPLES, MODEL, Budget, Selector, SelectionResult,
+                                          SelectorInputs, SelectorParams, fill_in_order, register)
+from sftcurate.core.tokenize import length_grouped_batches
+from sftcurate.infra.models import resolve_device, resolve_model
 
 PROMPT_HEAD = "###\n"
 PROMPT_TAIL = ("\n###\nDoes the previous paragraph demarcated within ### and ### contain informative signal for "
@@ -58,9 +60,7 @@ def encode_prompt(tokenizer, example: str, max_length: int) -> list[int]:
 def askllm_scores(model, tokenizer, texts: list[str], batch_tokens: int = 4096, max_length: int = 512,
                   device=None) -> np.ndarray:
     """P(yes | Ask-LLM prompt) normalised over yes/no, float64 [len(texts)]."""
-    import torch
-
-    from sftcurate.core.tokenize import length_grouped_batches
+    import torch  # heavy, deferred: importing the selectors (every config does) must not load torch
 
     device = device or next(model.parameters()).device
     yes, no = answer_token_ids(tokenizer)
@@ -89,15 +89,21 @@ def askllm_scores(model, tokenizer, texts: list[str], batch_tokens: int = 4096, 
     return out
 
 
+class AskLLMParams(SelectorParams):
+    batch_tokens: int = Field(4096, gt=0, description="padded tokens per scoring batch")
+    max_length: int = Field(512, gt=8, description="max prompt tokens per scored example")
+    device: str = Field("auto", description=DEVICE_HELP)
+
+
 @register
 class AskLLMSelector(Selector):
+    """Ask-LLM: keep the examples a model most likely calls informative (needs --model and --examples)."""
+
     name = "askllm"
     requires = (EXAMPLES, MODEL)
     Params = AskLLMParams
 
     def select(self, inputs: SelectorInputs, budget: Budget, seed: int) -> SelectionResult:
-        from sftcurate.infra.models import resolve_device, resolve_model
-
         if not inputs.model_spec:
             raise ValueError("askllm: no model spec (requirement 'model')")
         device = resolve_device(self.params.device)

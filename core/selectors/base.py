@@ -1,19 +1,27 @@
 """One interface for every selector (scikit-learn style): inputs, budget and seed in; a selection out.
 
-A selector declares which upstream artifacts it needs (`requires`); the `curate` flow produces exactly those
-and hands them over in `SelectorInputs`. Methods are looked up by name in `REGISTRY`, so the flow, the CLI
-and the compare loop treat them alike.
+A selector is one module: a `Selector` subclass with its `name`, its typed `Params`, what it `requires` and
+`select`, decorated with `@register`. The `curate` flow produces exactly what it requires and hands it over in
+`SelectorInputs`. Methods are looked up by name in `REGISTRY`, so the flow, the CLI and the compare loop treat
+them alike, and the config's method drop-down, its params sections and the CLI's `select` subcommands are
+derived from it.
+
+What a selector requires beyond the pool is a `Requirement`, declared once with `declare`: how a selection
+reads it (`load`), how `sftcurate select` reads it from a file (`from_file`), and how the curate flow makes it
+(`produce`: library calls that `tasks.curate` runs as Prefect tasks). The built-in ones are in
+`core.requirements`; a new one may sit in the module of the selector that needs it.
 """
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from sftcurate.data_contracts import ContractError
 from sftcurate.data_contracts.errors import UserError
 
 # What a selector may require. The flow knows how to make each one.
@@ -22,6 +30,8 @@ TOKEN_FEATURES = "token_features"  # FisherSFT: pre-logit hidden states per loss
 TRAJECTORIES = "trajectories"      # S2L: per-example loss at each proxy checkpoint
 SENTENCE_EMBEDDINGS = "sentence_embeddings"  # DensitySampling: one vector per example
 MODEL = "model"                    # Ask-LLM: a model spec to score with
+
+DEVICE_HELP = "auto (SFTCURATE_DEVICE, else cuda when available, else cpu), cpu, cuda"
 
 
 class BudgetError(UserError):
@@ -100,6 +110,7 @@ class SelectorInputs:
     trajectories: tuple[np.ndarray, np.ndarray] | None = None    # (losses [N, T], steps [T])
     sentence_embeddings: np.ndarray | None = None                # [N, d]
     model_spec: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)          # what other requirements load, by name
 
     @property
     def size(self) -> int:
@@ -117,7 +128,8 @@ class SelectionResult:
 
 
 class Selector:
-    """Base class. Subclasses set `name`, `requires`, `Params` (their typed parameters), and implement `select`."""
+    """Base class. Subclasses set `name`, `requires`, `Params` (their typed parameters), and implement `select`;
+    the first line of the subclass's docstring is its one-line help (`sftcurate select --help`)."""
 
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = (EXAMPLES,)
@@ -139,8 +151,7 @@ def register(cls: type[Selector]) -> type[Selector]:
 
 
 def selector_class(name: str) -> type[Selector]:
-    from sftcurate.core import selectors  # noqa: F401  (importing the package registers every selector)
-
+    # complete here: importing this module ran the package's __init__, which imports every built-in selector
     if name not in REGISTRY:
         close = difflib.get_close_matches(name, sorted(REGISTRY), n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
@@ -152,10 +163,87 @@ def get_selector(name: str, params: SelectorParams | dict | None = None) -> Sele
     return selector_class(name)(params)
 
 
+def selector_help(cls: type[Selector]) -> str:
+    """A selector's one line of help: the first line of its class docstring."""
+    return (cls.__doc__ or cls.name).strip().splitlines()[0]
+
+
+# ---------------------------------------------------------------- requirements: declared once each
+
+@dataclass(frozen=True)
+class Step:
+    """One library call of a production, run as one Prefect task named `task` (what the UI and the terminal
+    show); it returns an artifact URI (`infra.stages.Built`). With `when`, it runs only where `when(cfg)`
+    holds (a prepare step that the config may switch off), and what it would have made is None."""
+
+    task: str
+    run: Callable[..., str]
+    when: Callable[[Any], bool] | None = None
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A markdown summary of a produced artifact for the Prefect UI (`key` names the UI artifact)."""
+
+    key: str
+    description: str
+    markdown: Callable[[str], str]
+
+
+@dataclass(frozen=True)
+class Production:
+    """How the curate flow makes a requirement from the pool, as library calls. `tasks.curate.produce` runs
+    them as Prefect tasks: `prepare(examples_uri, cfg, run_id)` once (what the shards share: an artifact URI or
+    None), then `shard(examples_uri, cfg, prepared, index)` for each of `shards(examples_uri, cfg)` shards,
+    mapped over the flow's task runner, then `commit(examples_uri, cfg, prepared, shard_uris, run_id)`, whose
+    artifact is the requirement's. `cfg` is the run's `CurateConfig`; `run_id` its MLflow run (or None)."""
+
+    shards: Callable[[str, Any], int]
+    shard: Step
+    commit: Step
+    prepare: Step | None = None
+    summary: Summary | None = None
+
+
+@dataclass(frozen=True)
+class FileInput:
+    """How `sftcurate select` takes a requirement from the command line: `--<option> VALUE`, then
+    `read(value, inputs)` fills `inputs` and returns (the pool's ids, its token counts), each None when the
+    file does not say. With `needs_examples`, the pool must come from `--examples` too."""
+
+    option: str
+    help: str
+    read: Callable[[str, SelectorInputs], tuple[list[str] | None, np.ndarray | None]]
+    needs_examples: bool = False
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """What a selector needs beyond the pool, in one declaration: its name (what selectors list in
+    `requires`), `load(artifact_uri, inputs)` filling `SelectorInputs` from the committed artifact (checked
+    against the pool), `produce` (how the curate flow makes that artifact) and `from_file` (how `sftcurate
+    select` reads it). A requirement without `load` is not an artifact (the target model: a spec)."""
+
+    name: str
+    load: Callable[[str, SelectorInputs], None] | None = None
+    produce: Production | None = None
+    from_file: FileInput | None = None
+
+
+REQUIREMENTS: dict[str, Requirement] = {}
+
+
+def declare(requirement: Requirement) -> Requirement:
+    """Register a requirement under its name (one declaration per name)."""
+    known = REQUIREMENTS.get(requirement.name)
+    if known is not None and known != requirement:
+        raise ValueError(f"requirement '{requirement.name}' is declared twice")
+    REQUIREMENTS[requirement.name] = requirement
+    return requirement
+
+
 def check_pool_alignment(uri: str, ids: list[str] | None, pool: pa.Table, what: str) -> None:
     """An upstream artifact's rows must be the pool's examples in pool order; say which row is not."""
-    from sftcurate.data_contracts import ContractError
-
     pool_ids = pool.column("id").to_pylist()
     if ids is None or len(ids) != len(pool_ids):
         raise ContractError(f"{uri}: {what} cover {0 if ids is None else len(ids)} examples but the pool has "

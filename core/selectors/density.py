@@ -10,10 +10,10 @@ bandwidth defaults to the median pairwise distance of a sample divided by sqrt(2
 from __future__ import annotations
 
 import numpy as np
+from pydantic import Field
 
-from sftcurate.core.selectors.params import DensityParams
-from sftcurate.core.selectors.base import (EXAMPLES, SENTENCE_EMBEDDINGS, Budget, Selector, SelectionResult, SelectorInputs,
-                                  fill_in_order, register)
+from sftcurate.core.selectors.base import (EXAMPLES, SENTENCE_EMBEDDINGS, Budget, Selector, SelectionResult,
+                                           SelectorInputs, SelectorParams, fill_in_order, register)
 
 
 def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -42,8 +42,18 @@ def kernel_density(emb: np.ndarray, bandwidth: float | None = None, seed: int = 
     return out, h
 
 
+class DensityParams(SelectorParams):
+    bandwidth: float | None = Field(None, gt=0, description="kernel bandwidth; none: the median heuristic")
+    alpha: float = Field(1.0, ge=0, description="sampling weight = density^-alpha")
+    normalize: bool = Field(True, description="L2-normalise the embeddings first")
+    exact_max: int = Field(8192, gt=0, description="exact density up to this many examples, sampled above")
+    sample: int = Field(4096, gt=0, description="reference points of the sampled density")
+
+
 @register
 class DensitySelector(Selector):
+    """DensitySampling: sample by inverse kernel density of the mean token features (needs --features)."""
+
     name = "density"
     requires = (EXAMPLES, SENTENCE_EMBEDDINGS)
     Params = DensityParams

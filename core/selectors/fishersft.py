@@ -1,28 +1,48 @@
 """FisherSFT (Deb et al., ICML 2025): greedy log-det maximisation over per-token pre-logit features.
 
 Needs the `token_features` artifact (features [T, d], offsets [N+1], aligned with the pool). A sentence costs
-its number of feature rows (its loss tokens), so a token budget is exact. The math lives in `tasks.fisher`.
+its number of feature rows (its loss tokens), so a token budget is exact. The math lives in
+`core.fisher` (the objective) and `core.fisher_greedy` (its greedy).
 """
 from __future__ import annotations
 
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from sftcurate.core.fisher_features import prepare_features
-from sftcurate.core.selectors.params import FisherSFTParams
-from sftcurate.core.selectors.base import (EXAMPLES, TOKEN_FEATURES, Budget, Selector, SelectionResult, SelectorInputs,
-                                  register)
+from sftcurate.core.fisher_greedy import select_from_features
+from sftcurate.core.selectors.base import (DEVICE_HELP, EXAMPLES, TOKEN_FEATURES, Budget, Selector, SelectionResult,
+                                           SelectorInputs, SelectorParams, register)
+
+
+class FisherSFTParams(SelectorParams):
+    lam: float = Field(1.0, gt=0, description="ridge lambda of the design matrix lam*I + sum x x^T")
+    algorithm: Literal["lazy", "naive", "stochastic"] = Field(
+        "lazy", description="greedy variant: lazy (exactly naive's picks, faster), naive, or stochastic")
+    epsilon: float = Field(0.1, gt=0, lt=1, description="stochastic greedy: sample size factor")
+    rule: Literal["celf", "ratio", "gain"] = Field(
+        "celf", description="under a token budget: celf (the better of ratio and gain), ratio (gain per token), "
+        "or gain")
+    device: str = Field("auto", description=DEVICE_HELP)
+    token_norm: Literal["none", "unit"] = Field(
+        "none", description="none: the paper's features; unit: every token's feature scaled to norm 1")
+    lam_mode: Literal["absolute", "relative"] = Field(
+        "absolute", description="absolute: lam as given; relative: lam times the features' mean variance per "
+        "direction (scale-free)")
+    whiten: bool = Field(False, description="whiten the features by the pool's token covariance first")
 
 
 @register
 class FisherSFTSelector(Selector):
+    """FisherSFT: greedy log-det of the picked loss tokens' pre-logit features (needs --features)."""
+
     name = "fishersft"
     requires = (EXAMPLES, TOKEN_FEATURES)
     Params = FisherSFTParams
 
     def select(self, inputs: SelectorInputs, budget: Budget, seed: int) -> SelectionResult:
-        from sftcurate.core.fisher_greedy import select_from_features
-
         if inputs.token_features is None:
             raise ValueError("fishersft: no token features were loaded (requirement 'token_features')")
         features, offsets = inputs.token_features

@@ -23,12 +23,13 @@ once over the whole pool (cluster ids stay comparable across sources).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
-from sftcurate.core.selectors.params import S2LParams
 from sftcurate.core.selectors.base import (
-    EXAMPLES, TRAJECTORIES, Budget, BudgetError, Selector, SelectionResult, SelectorInputs, register,
+    EXAMPLES, TRAJECTORIES, Budget, BudgetError, Selector, SelectionResult, SelectorInputs, SelectorParams, register,
 )
 
 
@@ -213,8 +214,20 @@ def fill_budget_by_clusters(labels: np.ndarray, budget, seed: int, token_counts:
 
 # ---------------------------------------------------------------- the selector
 
+class S2LParams(SelectorParams):
+    clusters: int = Field(100, ge=1, description="K-means clusters (the paper's 100 suits pools of many thousands)")
+    seed: int | None = Field(None, description="K-means and fill seed; none: the selection seed")
+    stratify: bool = Field(False, description="balance the budget across the pool's `source` first")
+    normalize: Literal["none", "zscore"] = Field(
+        "none", description="none: raw losses as in the paper; zscore: per checkpoint")
+    iters: int = Field(100, gt=0, description="Lloyd iterations per K-means start")
+    n_init: int = Field(3, gt=0, description="K-means restarts (the best inertia is kept)")
+
+
 @register
 class S2LSelector(Selector):
+    """S2L: K-means on proxy loss trajectories, the budget filled smallest cluster first (needs --trajectories)."""
+
     name = "s2l"
     requires = (EXAMPLES, TRAJECTORIES)
     Params = S2LParams

@@ -8,6 +8,8 @@ from sftcurate.core.selectors.base import Budget, Selector, SelectionResult, Sel
 
 @register
 class UniformSelector(Selector):
+    """Uniform: a seeded random sample of the pool."""
+
     name = "uniform"
 
     def select(self, inputs: SelectorInputs, budget: Budget, seed: int) -> SelectionResult:
