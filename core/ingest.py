@@ -352,7 +352,8 @@ def build_examples(source: SourceConfig, tokenizer, max_length: int,
                             ("format", fmt), ("raw", raw_json(raw))):
             columns[name].append(value)
     # the one text every stage trains on, and source.too_long (core/training_text.py)
-    columns, prompt_tokens, loss_tokens, stats.text = fit_columns(columns, source, tokenizer, max_length, template)
+    columns, prompt_tokens, loss_tokens, stats.text = fit_columns(columns, source, tokenizer, max_length, template,
+                                                                  is_heldout(columns["id"], source.heldout_fraction))
     heldout = is_heldout(columns["id"], source.heldout_fraction)
     if heldout.all():
         raise IngestError(f"{source.uri}: every example fell into the held-out split; lower source.heldout_fraction "

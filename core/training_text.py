@@ -15,7 +15,8 @@ Templates (`models.template`):
   as `{prompt}`; the loss is on the response, the text after `{response}`, and an eos.
 - `auto` (the default): `chat` when the tokenizer has a chat template, else `plain`.
 
-`source.too_long` (an example whose whole rendering is longer than `max_length` tokens), counted either way:
+`source.too_long` (a pool example whose whole rendering is longer than `max_length` tokens), counted either way
+(held-out examples are evaluation data, never selected nor exported: they stay whole, see `fit_examples`):
 - `cut` (the default): the first assistant turn that does not fit is cut at a token boundary so the rendering
   fits, later turns are removed, and the examples table's `raw` holds the cut record, so what the selector
   scores, what a token budget counts, what the fine-tune trains on and what the export writes are one text.
@@ -177,8 +178,10 @@ class Fitted:
 
 
 def fit_examples(tokenizer, template: str, max_length: int, too_long: str, texts: list[ExampleText],
-                 columns: dict[str, str], where: list[str] | None = None) -> Fitted:
-    """Render every example with `template` and apply the `too_long` rule; `where` names each row for errors."""
+                 columns: dict[str, str], where: list[str] | None = None, heldout=None) -> Fitted:
+    """Render every example with `template` and apply the `too_long` rule; `where` names each row for errors.
+    Rows marked `heldout` are evaluation data, never selected nor exported: they stay whole and uncounted (the
+    held-out loss reads their first max_length tokens, as the fine-tune would; generation sees them whole)."""
     if too_long not in TOO_LONG_RULES:
         raise ValueError(f"too_long must be one of {TOO_LONG_RULES}, got {too_long!r}")
     out = Fitted(template=resolve_template(tokenizer, template), too_long=too_long)
@@ -188,7 +191,7 @@ def fit_examples(tokenizer, template: str, max_length: int, too_long: str, texts
         except TemplateError as exc:
             raise TemplateError(f"{where[row] if where else f'row {row + 1}'}: {exc}") from None
         whole = text.encode(tokenizer)
-        if len(whole.input_ids) > max_length:
+        if len(whole.input_ids) > max_length and not (heldout is not None and heldout[row]):
             if too_long == "drop":
                 out.dropped += 1
                 continue
@@ -269,16 +272,17 @@ def _cut_record(tokenizer, template: str, text: ExampleText, columns: dict[str, 
     return ExampleText(record, text.fmt, prompt, response, turns).rendered(tokenizer, template, columns)
 
 
-def fit_columns(columns: dict[str, list], source, tokenizer, max_length: int, template: str):
+def fit_columns(columns: dict[str, list], source, tokenizer, max_length: int, template: str, heldout=None):
     """Ingest's hook: the examples table's columns rendered with `template` and fitted by `source.too_long`.
     Returns the rows that stay (a cut one with its cut record in `raw`: the export gives back what trains),
     their context and loss tokens, and the counts for the artifact's meta."""
     texts = [ExampleText(json.loads(raw), fmt, p, r, t) for raw, fmt, p, r, t in
              zip(columns["raw"], columns["format"], columns["prompt"], columns["response"], columns["turns"])]
-    fitted = fit_examples(tokenizer, template, max_length, source.too_long, texts, source.columns, columns["origin"])
-    if texts and not fitted.keep:
-        raise UserError(f"{source.uri}: all {len(texts)} examples are longer than models.max_length ({max_length} "
-                        "tokens with the template); raise models.max_length or set source.too_long to cut or keep")
+    fitted = fit_examples(tokenizer, template, max_length, source.too_long, texts, source.columns, columns["origin"],
+                          heldout)
+    if fitted.dropped and all(heldout is not None and heldout[i] for i in fitted.keep):
+        raise UserError(f"{source.uri}: every pool example is longer than models.max_length ({max_length} tokens "
+                        "with the template); raise models.max_length or set source.too_long to cut or keep")
     kept = {name: [values[i] for i in fitted.keep] for name, values in columns.items()}
     for row, (i, text) in enumerate(zip(fitted.keep, fitted.texts)):
         kept["prompt"][row], kept["response"][row], kept["turns"][row] = text.prompt, text.response, text.turns

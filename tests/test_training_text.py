@@ -124,6 +124,28 @@ def test_too_long_records_are_dropped_and_counted(tmp_path, store_root, chat_mod
                                      table.column("response_tokens").to_pylist())) <= 96
 
 
+def test_held_out_examples_stay_whole_and_a_pool_that_all_drops_is_one_line(tmp_path, store_root):
+    from sftcurate.core.ingest import is_heldout
+
+    long_answers = [" ".join(f"word{i}_{j}" for j in range(60)) for i in range(30)]
+    records = [{"prompt": f"question {i}", "response": a} for i, a in enumerate(long_answers)]
+    write_jsonl(tmp_path / "long.jsonl", records)
+    src = SourceConfig(uri=str(tmp_path / "long.jsonl"), heldout_fraction=0.3, too_long="drop")
+    ids = load_examples(ingest(src.model_copy(update={"too_long": "keep"}), source_fingerprint(src), "tiny-gpt2",
+                               48)).column("id").to_pylist()
+    assert 0 < is_heldout(ids, 0.3).sum() < len(ids)
+    with pytest.raises(UserError, match="every pool example is longer than models.max_length"):
+        ingest(src, source_fingerprint(src), "tiny-gpt2", 48)
+    mixed = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(30)] + records
+    write_jsonl(tmp_path / "mixed.jsonl", mixed)
+    src = SourceConfig(uri=str(tmp_path / "mixed.jsonl"), heldout_fraction=0.3, too_long="drop")
+    uri = ingest(src, source_fingerprint(src), "tiny-gpt2", 48)
+    table = load_examples(uri)
+    split = dict(zip(table.column("response").to_pylist(), table.column("split").to_pylist()))
+    assert {split[a] for a in long_answers if a in split} == {"heldout"}  # long ones only where never selected
+    assert examples_meta(uri)["too_long_dropped"] == sum(1 for a in long_answers if a not in split) > 0
+
+
 def test_a_cut_record_is_exported_as_cut_and_counted_as_trained(tmp_path, store_root, chat_model):
     from sftcurate.infra.models import resolve_tokenizer
 
