@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sftcurate.data_contracts import SELECTION
-from sftcurate.infra.store import join, read_table
+from sftcurate.infra.store import join, read_manifest, read_table
 from sftcurate.cli import app
 from sftcurate.core.config import CurateConfig
 from sftcurate.core.selection import load_selection
@@ -102,3 +102,56 @@ def test_reproduce_synthetic_cli(tmp_path):
     assert result.exit_code == 0, result.output
     written = {p.suffix for p in (tmp_path / "syn").iterdir()}
     assert {".png", ".csv", ".md"} <= written
+
+
+@pytest.fixture
+def plugin_selector():
+    """The test-only selector `longest` and its input `response_chars` (tests/plugin_selector.py), registered for
+    one test and removed after it."""
+    from sftcurate.core.selectors.base import REGISTRY, REQUIREMENTS
+    from tests import plugin_selector as plugin
+
+    REGISTRY.setdefault("longest", plugin.LongestSelector)
+    REQUIREMENTS.setdefault(plugin.RESPONSE_CHARS, plugin.RESPONSE_CHARS_INPUT)
+    yield plugin
+    REGISTRY.pop("longest")
+    REQUIREMENTS.pop(plugin.RESPONSE_CHARS)
+
+
+def test_a_selector_and_its_new_input_declared_in_one_module_reach_config_flow_and_cli(plugin_selector, tmp_path,
+                                                                                         monkeypatch):
+    from pydantic import TypeAdapter
+
+    from sftcurate.core.config import method_type, selector_params_model
+    from sftcurate.core.ingest import load_pool
+    from sftcurate.core.selectors.base import REGISTRY
+    from sftcurate.flows.curate import curate
+
+    # the config's drop-down and params sections, derived from the registry
+    assert "longest" in TypeAdapter(method_type(list(REGISTRY))).json_schema()["enum"]
+    sections = selector_params_model(REGISTRY)
+    assert sections.model_fields["longest"].annotation is plugin_selector.LongestParams
+    assert sections.model_validate({"longest": {"min_chars": 3}}).of("longest").min_chars == 3
+
+    # the curate flow makes its input (shards mapped as Prefect tasks) and the selection reads it
+    monkeypatch.setenv("SFTCURATE_STORE", str(tmp_path / "store"))
+    summary = curate(config("longest"))
+    table, meta = load_selection(summary["selection_uri"])
+    pool = load_pool(summary["examples_uri"])
+    chars = np.array([len(r) for r in pool.column("response").to_pylist()])
+    assert table.column("index").to_pylist() == list(np.lexsort((np.arange(len(chars)), -chars))[:12])
+    assert set(meta["inputs"]) == {"response_chars"} and len(read_manifest(meta["inputs"]["response_chars"])
+                                                               ["meta"]["ids"]) == pool.num_rows
+
+    # the CLI's subcommand and its options, derived from the registry; its input read from a file
+    listed = runner.invoke(app, ["select", "--help"])
+    assert listed.exit_code == 0 and "longest" in listed.output and "Longest:" in listed.output
+    helped = runner.invoke(app, ["select", "longest", "--help"])
+    assert "--chars" in helped.output and "--min-chars" in helped.output
+    lengths = tmp_path / "chars.npy"
+    np.save(lengths, np.array([5, 50, 7, 90, 3]))
+    out = tmp_path / "longest.parquet"
+    result = runner.invoke(app, ["select", "longest", "--chars", str(lengths), "--budget", "3", "--min-chars", "6",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert read_table(str(out), SELECTION).column("index").to_pylist() == [3, 1, 2]
