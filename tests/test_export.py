@@ -238,3 +238,17 @@ def test_a_kill_mid_export_leaves_the_previous_file_whole(tmp_path, store_root):
     assert out.read_text() == previous
     export(selection, str(out), overwrite=True)  # the rerun replaces it whole
     assert len(out.read_text().splitlines()) == N
+
+
+def test_the_cli_prints_one_line_for_a_mixed_type_field_and_an_existing_out(tmp_path, store_root):
+    from tests.helpers import invoke
+
+    records = [{"prompt": f"q{i}", "response": f"a{i}", "score": i if i % 2 else f"s{i}"} for i in range(N)]
+    selection = curate_all(write(tmp_path, "jsonl", records))
+    for args, expected in [(["--out", tmp_path / "out.parquet", "--format", "parquet"], "field 'score' is"),
+                           (["--out", tmp_path / "data.jsonl", "--overwrite"], "curated from")]:
+        result = invoke("export", selection, *args)
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert result.exit_code == 2 and len(errors) == 1 and expected in errors[0], result.output[-2000:]
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "out.parquet").exists()
