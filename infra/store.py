@@ -444,11 +444,13 @@ def _remember_verified(token: str, memo: Path) -> None:
 
 
 def artifact_uris(root: str) -> list[str]:
-    """Every artifact folder under a store root that holds a manifest (`<root>/<kind>/<key>`)."""
+    """Every artifact folder under a store root that holds a manifest: `<root>/<kind>/<key>` and the committed
+    checkpoints nested in resumable stages' folders."""
     def listing() -> list[str]:
         fs, path = filesystem_for(root)
         prefix = "" if not root.startswith(("s3://", "memory://")) else root.split("://", 1)[0] + "://"
-        return sorted(prefix + m[: -len(MANIFEST) - 1] for m in fs.glob(f"{path.rstrip('/')}/*/*/{MANIFEST}"))
+        return sorted(prefix + m[: -len(MANIFEST) - 1] for m in fs.find(path.rstrip("/"))
+                      if m.endswith(f"/{MANIFEST}"))
 
     return retrying(root, listing)
 

@@ -130,6 +130,12 @@ def test_sftcurate_verify_reports_damaged_artifacts_and_exits_1(store_root, tmp_
         f"damaged: {examples}: examples.parquet has 1 bytes, its manifest records "
         f"{json.loads((examples / '_MANIFEST.json').read_text())['files']['examples.parquet']['bytes']}"]
     assert invoke("verify", str(examples)).exit_code == 1
+    nested = store.ArtifactWriter(uri=f"{store_root}/finetune_ckpt/k/step-0000001", kind="finetune_ckpt", key="k")
+    nested.write_bytes("state.pt", b"0123456789")
+    nested.commit()
+    Path(nested.path("state.pt")).write_bytes(b"0123456780")  # a checkpoint nested in a stage's folder counts too
+    damaged = verify_store(store_root)["damaged"]
+    assert damaged[nested.uri] == "state.pt does not match the sha256 its manifest records" and len(damaged) == 2
     result = invoke("verify", str(tmp_path / "nowhere"))
     assert result.exit_code == 2 and "no such store or artifact" in result.output
 
