@@ -112,9 +112,22 @@ def read_bytes(uri: str) -> bytes:
     return retrying(uri, read)
 
 
+@contextlib.contextmanager
+def naming_the_file(uri: str):
+    """An OSError while writing `uri` that names no file (write(2) on a full disk names none) names `uri`, so an
+    error message can say which file failed."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = uri
+        raise
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole object. On S3 that is one PUT: no folder to make (s3fs's makedirs checked the bucket with up
     to three requests per file, each one more wait when the endpoint stalls), so a bucket must exist."""
+    @naming_the_file(uri)
     def write() -> None:
         fs, path = filesystem_for(uri)
         if uri.startswith("s3://"):
@@ -145,7 +158,7 @@ def write_whole(uri: str, data: bytes) -> None:
     if parent:
         fs.makedirs(parent, exist_ok=True)
     try:
-        with fs.open(partial, "wb") as f:
+        with naming_the_file(uri), fs.open(partial, "wb") as f:
             f.write(data)
             f.flush()
             with contextlib.suppress(AttributeError, io.UnsupportedOperation):  # in-memory files have no device

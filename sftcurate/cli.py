@@ -81,19 +81,11 @@ DISK_FULL_TEXT = "No space left on device"
 
 
 def _written_path(exc: BaseException) -> str | None:
-    """The file a failed write was writing: the error's own filename, else the innermost `uri` (or bare `path`)
-    that the writing frames held, such as `infra.store.write_bytes`'s (a write() on an open file names none)."""
-    if isinstance(exc, OSError) and exc.filename:
-        return str(exc.filename)
-    found = {"uri": None, "path": None}
-    tb = exc.__traceback__
-    while tb is not None:
-        names = tb.tb_frame.f_locals
-        for name in found:
-            if isinstance(names.get(name), str):
-                found[name] = names[name]
-        tb = tb.tb_next
-    return found["uri"] or found["path"]
+    """The file a failed write was writing, as the error says it (`infra.store` names the file it writes on an
+    error that names none: a write() on an open file)."""
+    from sftcurate.data_contracts.errors import chain
+
+    return next((str(e.filename) for e in chain(exc) if isinstance(e, OSError) and e.filename), None)
 
 
 def stop(exc: BaseException) -> None:

@@ -119,3 +119,33 @@ def test_the_installed_distribution_exposes_one_import_root(tmp_path):
                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "selection_uri" in run.stdout
+
+
+def _attribute_and_call_names(module: str) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(module_source(module))):
+        if isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, ast.Name):
+            names.add(node.id)
+    return names
+
+
+# the one place that imports a module by a name it is given: a user's own answer check, named in the config
+IMPORTS_BY_NAME = {"sftcurate.core.answers"}
+
+
+def test_modules_are_imported_by_import_statements_except_in_one_named_place():
+    """Readers and tools (the code keys, the layer rules above) see every import; importlib's import_module
+    and __import__ would hide one."""
+    offenders = [m for m in all_modules() if m not in IMPORTS_BY_NAME
+                 and {"import_module", "__import__"} & _attribute_and_call_names(m)]
+    assert not offenders, offenders
+
+
+def test_no_code_reads_stack_frames():
+    """Messages are built from values: a renamed local variable must never change what a user reads."""
+    frames = {"f_locals", "f_back", "tb_frame", "_getframe", "currentframe"}
+    offenders = [f"{m}: {sorted(frames & _attribute_and_call_names(m))}" for m in all_modules()
+                 if frames & _attribute_and_call_names(m)]
+    assert not offenders, offenders
