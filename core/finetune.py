@@ -4,7 +4,7 @@ Fair by construction: every selection of the same budget trains with exactly one
 steps, batch size, learning rate, schedule, seed); only the data differ. The loss is on response tokens only
 (`core.tokenize.encode_example`), batches are grouped by length so little compute goes to padding, and the
 batch schedule is a pure function of (selection, seed, step), so a run resumed from a checkpoint takes the
-same batches the uninterrupted run would have taken. The loop itself is `tasks.training.train`, the one the
+same batches the uninterrupted run would have taken. The loop itself is `core.training.train`, the one the
 S2L proxy uses too; this module adds LoRA, the checkpoint layout and the committed result.
 
 Checkpoints (trainable weights + optimizer + RNG + step) are committed artifacts of kind

@@ -13,7 +13,7 @@ Every checkpoint is committed on its own, so a run that dies (or a Prefect retry
 committed checkpoint instead of starting over. The data order is a pure function of (seed, step), the
 learning rate of the step number, dropout is off (training draws no random numbers), and the AdamW state
 (with the torch RNG state, for completeness) travels in the checkpoint, so a resumed run ends with exactly
-the weights of an uninterrupted one. The loop is `tasks.training.train`, shared with target fine-tuning; this
+the weights of an uninterrupted one. The loop is `core.training.train`, shared with target fine-tuning; this
 module adds the proxy's model construction and checkpoint layout.
 
 Everything goes through fsspec (`infra.store`), so an `s3://` store root works as well as a local folder.

@@ -3,7 +3,7 @@
 Work is cut into shards of the pool (`trajectory_shard_task`, one committed artifact per shard, so shards can
 be mapped over a task runner such as Dask and a retry recomputes only what is missing). Inside a shard the
 examples are tokenized once, then each checkpoint makes one pass over them in length-grouped batches
-(`tasks.tokenize.length_grouped_batches`, `proxy.batch_tokens` padded tokens per forward) under
+(`core.tokenize.length_grouped_batches`, `proxy.batch_tokens` padded tokens per forward) under
 `torch.inference_mode`. `trajectory_commit_task` concatenates the shards in pool order and commits the
 "trajectories" artifact: `trajectories.safetensors` (`losses` float32 [N, T], `steps` int64 [T]) and
 `ids.parquet`, plus a summary (mean loss per checkpoint, a PNG of sample trajectories coloured by cluster)
