@@ -100,6 +100,18 @@ Method = method_type(BUILTIN_METHODS)
 
 
 class ParamsSections(Section):
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_selector_integers(cls, value, info):
+        """A selector's counts are whole numbers too (its params model lives with the selector)."""
+        model = cls.model_fields[info.field_name].annotation
+        if isinstance(value, dict) and isinstance(model, type) and issubclass(model, BaseModel):
+            for key, v in value.items():
+                declared = model.model_fields.get(key)
+                if declared is not None and _int_shape(declared.annotation) and v is not None and not _whole(v):
+                    raise ValueError(f"'{key}' expected a whole number, got {type(v).__name__} {v!r}")
+        return value
+
     def of(self, method: str) -> SelectorParams:
         return getattr(self, method, None) or SelectorParams()
 
