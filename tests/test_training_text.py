@@ -237,3 +237,19 @@ def test_a_chat_whose_later_context_does_not_fit_is_cut_after_its_last_whole_ans
     assert examples_meta(uri)["too_long_cut"] == 1
     (row,) = [r for r in load_examples(uri).to_pylist() if r["response"] == "first answer"]
     assert json.loads(row["raw"])["messages"] == messages[:2]  # exported as it trains: up to the whole answer
+
+
+def test_a_chat_template_that_refuses_a_record_names_the_row(chat_model):
+    import copy
+
+    from sftcurate.core.training_text import ExampleText, TemplateError, fit_examples
+    from sftcurate.infra.models import resolve_tokenizer
+
+    tok = copy.deepcopy(resolve_tokenizer(chat_model))
+    tok.chat_template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with "
+                         "a user turn') }}{% endif %}" + CHATML)
+    texts = [ExampleText({"prompt": "p", "response": "r"}, "prompt_response", "p", "r"),
+             ExampleText({"text": "a passage"}, "text", "", "a passage")]
+    with pytest.raises(TemplateError, match=r"^data.jsonl: line 2: the target's chat template refuses .*start with a "
+                                            r"user turn.*set models.template to plain or a format string$"):
+        fit_examples(tok, "auto", 128, "cut", texts, {}, ["data.jsonl: line 1", "data.jsonl: line 2"])
