@@ -12,6 +12,8 @@ An example's `turns` column says which text it trains on (`core.training_text` w
   `eos` (a chat template writes its own end-of-turn marker) and with a fast tokenizer the text is tokenized
   whole, as `apply_chat_template(tokenize=True)` and TRL do, and a token is a loss token when it starts inside
   a loss segment. Truncation cuts the tail.
+Token budgets are `Encoded.n_loss` of this very encoding (counted at ingest by `core.training_text`): no second
+counting rule exists to drift from it.
 """
 from __future__ import annotations
 
@@ -109,15 +111,6 @@ def example_rows(table) -> list[tuple[str, str, str]]:
     """(prompt, response, turns) of every row of an examples table, the input of `encode_pairs`."""
     turns = table.column("turns").to_pylist() if "turns" in table.column_names else [""] * table.num_rows
     return list(zip(table.column("prompt").to_pylist(), table.column("response").to_pylist(), turns))
-
-
-def token_counts(tokenizer, rows, max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(context tokens, loss tokens) per (prompt, response, turns) row, counted on `encode_example`'s own
-    output (the same text, template and truncation training uses), so a budget counts what training sees."""
-    encoded = encode_pairs(tokenizer, rows, max_length)
-    loss = np.array([e.n_loss for e in encoded], dtype=np.int64)
-    total = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
-    return total - loss, loss
 
 
 def length_grouped_batches(lengths: np.ndarray, batch_tokens: int, max_batch: int = 256) -> list[np.ndarray]:
