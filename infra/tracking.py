@@ -29,6 +29,8 @@ PID_TAG, HOST_TAG, PIDNS_TAG = "sftcurate.pid", "sftcurate.host", "sftcurate.pid
 _opened: set[str] = set()
 _opening = threading.Lock()
 SETTING = "MLFLOW_TRACKING_URI"
+# MLflow 3's UI opens an experiment on its GenAI traces overview unless the experiment says it holds training runs
+EXPERIMENT_KIND_TAG, TRAINING_RUNS = "mlflow.experimentKind", "custom_model_development"
 WHAT = "MLflow tracking server"
 
 
@@ -95,6 +97,8 @@ def experiment_id(name: str = EXPERIMENT) -> str:
     c = client()
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # one made before the tag: mark it once
+            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_RUNS)
         return exp.experiment_id
     settings = load_settings()
     location = None
@@ -106,7 +110,7 @@ def experiment_id(name: str = EXPERIMENT) -> str:
         if exp is not None:
             return exp.experiment_id
         try:
-            return c.create_experiment(name, artifact_location=location)
+            return c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: TRAINING_RUNS})
         except ServiceUnavailable:
             raise
         except Exception:  # another machine created it first (a tracking server)

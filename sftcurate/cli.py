@@ -7,7 +7,9 @@ import logging
 import os
 import re
 import shlex
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import List, Literal, Optional
 
@@ -357,6 +359,37 @@ def export(selection: str = typer.Argument(..., help="what to export: a selectio
     except caught() as exc:
         stop(exc)
     emit("export", result, json_out)
+
+
+@app.command()
+def ui(prefect_port: int = typer.Option(4200, help="port of the Prefect UI server started here"),
+       mlflow_port: int = typer.Option(5000, help="port of the MLflow UI server started here"),
+       json_out: Optional[str] = json_option()):
+    """Open the Prefect UI on the local runs' database and the MLflow UI on their tracking store (servers already
+    set in PREFECT_API_URL / MLFLOW_TRACKING_URI are used as they are); prints both addresses; Ctrl-C stops them."""
+    from sftcurate.infra import ui as uis
+
+    try:
+        planned = uis.plan(prefect_port, mlflow_port)
+        with stdout_for_json(json_out):
+            procs = uis.start(planned)
+    except caught() as exc:
+        stop(exc)
+    emit("UIs (Ctrl-C stops the servers started here)", {u.name: u.url for u in planned}, json_out)
+    if not procs:  # both are servers the runs already use
+        return
+    # Ctrl-C, also where a shell started us in the background (which ignores SIGINT), and a plain kill stop the
+    # servers: they run in their own sessions and would outlive this process otherwise
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        console.print("a UI server stopped; see its log under the home's ui/ folder", markup=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        uis.stop(procs)
 
 
 @app.command("ls")

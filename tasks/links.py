@@ -39,5 +39,6 @@ def link_runs(mlflow_run_id: str) -> None:
     else:
         uri = load_settings().tracking_uri
         create_markdown_artifact(
-            f"MLflow run `{mlflow_run_id}` in `{uri}`; open it with `mlflow ui --backend-store-uri {uri}`.",
+            f"MLflow run `{mlflow_run_id}` in `{uri}`; open it with `sftcurate ui` (or `mlflow ui --backend-store-uri "
+            f"{uri}`).",
             key="mlflow-run", description="the MLflow run of this flow run")

@@ -15,6 +15,7 @@ import pytest
 from sftcurate.core.config import DEFAULT_EXAMPLE_BUDGET, CurateConfig
 from sftcurate.data_contracts import SELECTION
 from sftcurate.infra.store import join, read_table
+from tests.conftest import free_port
 from tests.helpers import qa_records, write_jsonl
 
 needs_prefect = pytest.mark.usefixtures("prefect_harness")  # the tests that run a flow
@@ -254,3 +255,34 @@ def test_config_init_describes_every_field_and_reads_back_the_same(model):
     described = [f for f in cls.model_fields.values() if f.description]
     assert described and all(f"# {f.description.split()[0]}" in text for f in described)
     assert "# number of loss tokens to keep (cost-aware)" in text or model == "CompareConfig"
+
+
+def test_ui_plans_the_prefect_server_on_the_local_database_and_mlflow_on_training_runs(monkeypatch, tmp_path):
+    """`sftcurate ui` (servers started by hand once: both answer, Ctrl-C stops both): the Prefect server gets the
+    local runs' PREFECT_HOME and the UI's API address, MLflow the local store and the experiment's runs page; a
+    taken port is one line; servers already set are only pointed at."""
+    import socket
+
+    from sftcurate.infra import tracking, ui
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    prefect, mlflow = ui.plan(free_port(), free_port())
+    assert prefect.env["PREFECT_HOME"] == os.environ["PREFECT_HOME"]
+    assert prefect.env["PREFECT_UI_API_URL"] == f"http://127.0.0.1:{prefect.port}/api"
+    assert "PREFECT_API_URL" not in prefect.env
+    assert prefect.command[1:3] == ["server", "start"] and str(prefect.port) in prefect.command
+    experiment = tracking.client().get_experiment_by_name(tracking.EXPERIMENT)
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.TRAINING_RUNS  # opens on runs, not GenAI
+    assert mlflow.url == f"http://127.0.0.1:{mlflow.port}/#/experiments/{experiment.experiment_id}/runs"
+    assert mlflow.command[mlflow.command.index("--backend-store-uri") + 1] == tracking.load_settings().tracking_uri
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ui.UIError, match=f"port {port} is taken; choose another with --prefect-port"):
+            ui.plan(port, free_port())
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://prefect.example:4200/api")
+    prefect, _ = ui.plan(free_port(), free_port())
+    assert (prefect.url, prefect.port, prefect.command) == ("http://prefect.example:4200", None, [])
