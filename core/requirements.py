@@ -4,7 +4,7 @@ selection reads it, how `sftcurate select` reads it from a file, and how the cur
 | requirement | made by (Prefect tasks, `tasks.curate.produce`) | read by |
 |---|---|---|
 | `token_features` | fit-projection (with `embedding.d_proj`), embed-shard per shard, commit-token-features | FisherSFT |
-| `sentence_embeddings` | the same artifact as `token_features` (made once); the mean token feature per example | DensitySampling |
+| `sentence_embeddings` | the `token_features` artifact (made once); a selection reads its mean per example | Density |
 | `trajectories` | proxy-train, trajectory-shard per shard, trajectory-commit | S2L |
 | `model` | nothing: the target model's spec | Ask-LLM |
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from sftcurate.core import embedding, ingest, proxy, trajectories
+from sftcurate.core.target_records import pool_projection  # also declares target_features (issue 24)
 from sftcurate.core.inputs import (load_features_file, load_sentence_embeddings_into, load_token_features_into,
                                    load_trajectories_file, load_trajectories_into, mean_pool)
 from sftcurate.core.selectors.base import (EXAMPLES, MODEL, REQUIREMENTS, SENTENCE_EMBEDDINGS, TOKEN_FEATURES,
@@ -54,10 +55,8 @@ def pool_shards(examples_uri: str, shard_size: int) -> int:
 # ---------------------------------------------------------------- token features (and sentence embeddings)
 
 def fit_pool_projection(examples_uri: str, cfg, run_id: str | None) -> str:
-    """The projection that reduces the features to `embedding.d_proj` dimensions."""
-    spec, emb = cfg.models.target, cfg.embedding
-    return embedding.fit_projection(examples_uri, spec, model_fingerprint(spec), int(emb.d_proj), emb.projection,
-                                    cfg.models.max_length, emb.batch_tokens, emb.dtype)
+    """The projection that reduces the features to `embedding.d_proj` dimensions (the target's too)."""
+    return pool_projection(examples_uri, cfg)
 
 
 def embed_pool_shard(examples_uri: str, cfg, projection_uri: str | None, index: int) -> str:
@@ -143,7 +142,8 @@ TRAJECTORIES_INPUT = declare(Requirement(
                        summary=Summary("s2l-trajectories", "S2L proxy loss trajectories",
                                        trajectories.summary_markdown)),
     from_file=FileInput("trajectories", "loss trajectories: a trajectories artifact folder, a .safetensors file "
-                        "with `losses` and `steps`, or a .npy array of shape (examples, checkpoints)", read_trajectories)))
+                        "with `losses` and `steps`, or a .npy array of shape (examples, checkpoints)",
+                        read_trajectories)))
 
 
 # ---------------------------------------------------------------- the target model (a spec, not an artifact)
@@ -155,3 +155,4 @@ def read_model_spec(spec: str, inputs: SelectorInputs):
 
 MODEL_INPUT = declare(Requirement(MODEL, from_file=FileInput("model", "model spec to score with (needs --examples)",
                                                             read_model_spec, needs_examples=True)))
+

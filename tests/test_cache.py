@@ -142,7 +142,8 @@ def reworded(source: str) -> str:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
             first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
                 doc = first.value
                 edits.append((doc.lineno, doc.col_offset, doc.end_lineno, doc.end_col_offset,
                               '"""Prose the test rewrote:\n\n    nothing in it is code."""'))
