@@ -264,12 +264,12 @@ def redraw_plot(name: str, summary: dict) -> None:
     (REPO / "docs" / f"evidence-{name}.png").write_bytes(plot_png(cfg, summary["rows"], summary["methods"]))
 
 
-def replace_generated(out: Path, generated: str, title: str) -> Path:
-    """Put `generated` (START ... END) into the markdown file `out` in place of its previous generated section,
+def replace_generated(out: Path, generated: str, title: str, start: str = START, end: str = END) -> Path:
+    """Put `generated` (start ... end) into the markdown file `out` in place of its previous generated section,
     keeping the hand-written analysis around it; a new file starts with `title`."""
     text = out.read_text() if out.exists() else f"{title}\n\n"
-    if START in text and END in text:
-        text = text[:text.index(START)] + generated + text[text.index(END) + len(END) + 1:]
+    if start in text and end in text:
+        text = text[:text.index(start)] + generated + text[text.index(end) + len(end) + 1:]
     else:
         text = text.rstrip() + "\n\n" + generated
     out.write_text(text)

@@ -1,0 +1,194 @@
+"""Evidence where selection should pay (issue 23): skewed, noisy and targeted pools, each built by a rule in
+benchmarks/regimes.py and registered in docs/EVIDENCE.md ("Regimes: protocol") before its first run.
+
+- `iso-skewed`: iso-qa (pycountry's ISO tables as short-answer questions), a 6,000-record training pool with the
+  corpus's own skew (languages and subdivisions are 93% of it), 25 held-out records per group; budgets of 150
+  and 300 examples (2.5% and 5% of the pool). Headline: the balanced-target loss; the generation metric (a
+  normalised match of the short answer) next to it.
+- `faq-noisy`: python-faq with 30% of its training records damaged (swapped, cut, refusal, spam), the held-out
+  split clean; budgets of 3,000 and 6,000 loss tokens. Headline: held-out loss; what share of each damage kind
+  every method picked.
+- `iso-targeted`: iso-qa with a 50-record target file from two small groups (currency, script), the held-out set
+  those groups, the pool everything else; budgets of 150 and 300 examples. Headline: held-out loss (the target's
+  groups); targeted selectors where they exist, and uniform over the target's groups as a reference row.
+
+Every regime runs the `compare` flow (SmolLM2-135M-Instruct with LoRA, 3 replicates, selectors at their shipped
+defaults) and writes its table into docs/EVIDENCE.md between its own markers, whatever it shows.
+
+    python benchmarks/bench_regimes.py --regimes iso-skewed     # one regime (about 40 minutes on 2 cores)
+    python benchmarks/bench_regimes.py --write-only             # the tables again from the saved summaries
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import regimes  # noqa: E402
+from bench_evidence import REPO, doc_sources, faq_records, replace_generated  # noqa: E402
+
+START, END = "<!-- regimes:start -->", "<!-- regimes:end -->"
+CPU = {"iso-skewed": {"budgets": [150, 300], "unit": "examples"},
+       "faq-noisy": {"budgets": [3000, 6000], "unit": "tokens"},
+       "iso-targeted": {"budgets": [150, 300], "unit": "examples"}}
+GPU_SCALE = 4          # on a GPU: budgets x 4 and a pool of 24,000 records where the corpus has them
+
+
+def build(name: str, work: Path, gpu: bool) -> tuple[list[dict], list[dict]]:
+    """(pool records, target records) of a regime, by its registered rule."""
+    if name == "iso-skewed":
+        return regimes.skewed(regimes.iso_qa_records(), pool_size=6000 * (GPU_SCALE if gpu else 1),
+                              heldout_per_group=25, seed=0), []
+    if name == "faq-noisy":
+        return regimes.noisy(faq_records(doc_sources(work)), share=0.3, heldout_fraction=0.15, seed=0), []
+    if name == "iso-targeted":
+        return regimes.targeted(regimes.iso_qa_records(), ["currency", "script"], n_target=50, heldout_per_group=25,
+                                seed=0)
+    raise ValueError(name)
+
+
+def compare_config(name: str, data: Path, target: Path | None, budgets: list[int], unit: str, methods: list[str]):
+    from sftcurate.core.config import CompareConfig
+
+    short = name.startswith("iso")
+    return CompareConfig.model_validate({
+        "name": f"regime-{name}",
+        "source": {"uri": str(data), "group_field": "group", "split_field": "split"},
+        "models": {"target": "builtin:smollm2-135m-instruct", "proxy": "tiny-gpt2", "max_length": 256},
+        "proxy": {"steps": 200, "checkpoints": 8, "batch_size": 16},
+        "methods": methods, "params": {"s2l": {"clusters": 16}}, "target": str(target) if target else None,
+        "budget_unit": unit, "budgets": budgets, "epochs": 3, "replicates": 3, "reference_full": True,
+        "finetune": {"batch_size": 8, "learning_rate": 1e-3, "checkpoint_every": 50},
+        "judge": {"backend": "hf", "model": "builtin:smollm2-135m-instruct", "max_prompts": 48 if short else 12,
+                  "max_new_tokens": 8 if short else 48, "check": "normalized",
+                  "domain": "ISO code questions" if short else "Python documentation"},
+        "seed": 0,
+    })
+
+
+def methods_for(name: str) -> list[str]:
+    from sftcurate.core.selectors import REGISTRY
+
+    wanted = ["fishersft", "s2l"] + (["similarity", "fishersft_target"] if name.endswith("targeted") else [])
+    return [m for m in wanted if m in REGISTRY]
+
+
+def picks_table(summary: dict, pool: list[dict]) -> list[str]:
+    """What each method picked (means over replicates): group shares, and the share of each damage kind."""
+    import pyarrow.parquet as pq
+
+    from sftcurate.infra.store import join
+
+    by_text = {(r["instruction"], r["output"]): r for r in pool}
+    kinds = sorted({r["damage"] for r in pool if r["split"] == "train"})
+    groups = sorted({r["group"] for r in pool})
+    out: dict = {}
+    for cell_name, cell in summary["cells"].items():
+        method, budget = cell_name.split("@")[0], int(cell_name.split("@")[1].split("#")[0])
+        sel = pq.read_table(join(cell["selection_uri"], "selection.parquet")).to_pylist()
+        examples = pq.read_table(join(cell["examples_uri"], "examples.parquet"),
+                                 columns=["id", "prompt", "response"]).to_pylist()
+        text = {e["id"]: (e["prompt"], e["response"]) for e in examples}
+        picked = [by_text.get(text[s["id"]]) for s in sel]
+        picked = [p for p in picked if p is not None]
+        n = max(len(picked), 1)
+        out.setdefault((budget, method), []).append(
+            [len(picked)] + [sum(p["group"] == g for p in picked) / n for g in groups]
+            + [sum(p["damage"] == k for p in picked) / n for k in kinds])
+    train = [r for r in pool if r["split"] == "train"]
+    pool_row = [len(train)] + [sum(r["group"] == g for r in train) / len(train) for g in groups] + \
+        [sum(r["damage"] == k for r in train) / len(train) for k in kinds]
+    head = ["budget", "method", "examples"] + [f"`{g}`" for g in groups] + [f"{k}" for k in kinds]
+    lines = ["", "What each method picked (means over replicates; shares of its picks; the pool's own shares first):",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+             "| - | (pool) | " + " | ".join(f"{v:.2f}" if i else f"{v:,}" for i, v in enumerate(pool_row)) + " |"]
+    for (budget, method), reps in sorted(out.items()):
+        mean = [sum(x[i] for x in reps) / len(reps) for i in range(len(reps[0]))]
+        lines.append(f"| {budget} | {method} | " + " | ".join(f"{v:.2f}" if i else f"{v:.1f}"
+                                                           for i, v in enumerate(mean)) + " |")
+    return lines
+
+
+def regime_section(name: str, pool: list[dict], summary: dict) -> str:
+    rows = {(r["method"], r["budget"]): r for r in summary["rows"]}
+    held = Counter(r["group"] for r in pool if r["split"] == "heldout")
+
+    def cell(r, key, lo, hi, verdict, pct=False):
+        if r.get(key) is None:
+            return "-"
+        f = (lambda v: f"{100 * v:+.1f}") if pct else (lambda v: f"{v:+.4f}")
+        return f"{f(r[key])} [{f(r[lo])}, {f(r[hi])}] {r[verdict]}"
+
+    lines = [f"### `{name}`: {sum(r['split'] == 'train' for r in pool):,} training records, held out "
+             f"{dict(sorted(held.items()))}", "",
+             "| budget | method | held-out loss | vs uniform | balanced-target loss | vs uniform | answers right (%) | "
+             "vs uniform (points) |", "|---|---|---|---|---|---|---|---|"]
+    for b in summary["budgets"]:
+        for m in summary["methods"]:
+            r = rows[(m, b)]
+            answer = "-" if r.get("answer_match") is None else f"{100 * r['answer_match']:.1f}"
+            lines.append(f"| {b} | {m} | {r['heldout_loss']:.4f} | "
+                         f"{cell(r, 'delta_vs_uniform', 'delta_ci_low', 'delta_ci_high', 'verdict')} | "
+                         f"{r['balanced_loss']:.4f} | "
+                         f"{cell(r, 'balanced_delta', 'balanced_delta_ci_low', 'balanced_delta_ci_high', 'balanced_verdict')}"
+                         f" | {answer} | {cell(r, 'answer_delta', 'answer_delta_ci_low', 'answer_delta_ci_high', 'answer_verdict', True)} |")
+    base = rows[("base", 0)]
+    lines += picks_table(summary, pool)
+    lines += ["", f"Base model: held-out loss {base['heldout_loss']:.4f}, balanced {base['balanced_loss']:.4f}. "
+              f"Token compute per cell: {json.dumps(summary['train_tokens'])} loss tokens; {summary['replicates']} "
+              "replicates.", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--regimes", nargs="*", choices=list(CPU), default=list(CPU))
+    ap.add_argument("--work", default=str(REPO / ".sftcurate" / "evidence"))
+    ap.add_argument("--write-only", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+
+    import sftcurate.infra  # noqa: F401  (quiet, offline environment defaults before Prefect starts)
+    from sftcurate.flows.compare import compare
+
+    gpu = torch.cuda.is_available()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    parts, start = [], time.time()
+    for name in args.regimes:
+        pool, target = build(name, work, gpu)
+        saved = work / f"regime-{name}-summary.json"
+        if args.write_only:
+            if not saved.exists():
+                print(f"{name}: no saved summary; skipped", flush=True)
+                continue
+            summary = json.loads(saved.read_text())
+        else:
+            data, target_file = work / f"regime-{name}.jsonl", work / f"regime-{name}-target.jsonl"
+            data.write_text("".join(json.dumps(r) + "\n" for r in pool))
+            target_file.write_text("".join(json.dumps(r) + "\n" for r in target))
+            s = CPU[name]
+            budgets = [b * (GPU_SCALE if gpu else 1) for b in s["budgets"]]
+            methods = methods_for(name)
+            cfg = compare_config(name, data, target_file if target and "similarity" in methods else None, budgets,
+                                 s["unit"], methods)
+            print(f"{name}: {len(pool)} records, methods {methods}", flush=True)
+            summary = compare(cfg)
+            saved.write_text(json.dumps(summary, indent=2, default=str))
+            print(summary["table_markdown"], flush=True)
+        parts.append(regime_section(name, pool, summary))
+        how = "--write-only from saved summaries" if args.write_only else f"{(time.time() - start) / 60:.0f} min"
+        generated = (f"{START}\n## Regimes: results (`python benchmarks/bench_regimes.py`, {time.strftime('%Y-%m-%d')}, "
+                     f"{how})\n\n" + "\n".join(parts) + f"\n{END}\n")
+        replace_generated(REPO / "docs" / "EVIDENCE.md", generated, "# Evidence", START, END)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
