@@ -6,6 +6,7 @@ into one line that names the file and the field.
 from __future__ import annotations
 
 import os
+import re
 import textwrap
 from pathlib import Path
 from typing import Annotated, Literal
@@ -74,6 +75,12 @@ class SourceConfig(Section):
     group_field: str | None = Field(None, description="record field that names each example's group (e.g. "
                                     "category) for per-group metrics; default: where the record came from")
     heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of examples held out, by id hash")
+    split_field: str | None = Field(None, description="record field that names each example's split (train or "
+                                    "heldout): your own held-out set, instead of heldout_fraction or "
+                                    "heldout_per_group")
+    heldout_per_group: int | None = Field(None, gt=0, description="hold out this many examples of every group "
+                                          "instead of a fraction (the lowest id hashes; at most half a group), so "
+                                          "small groups get enough held-out examples for an interval")
     passage_chars: int = Field(800, gt=0, description="target passage length when splitting plain text")
     too_long: Literal["drop", "cut", "keep"] = Field(
         "cut", description="an example longer than models.max_length (with the template): cut it to fit (the "
@@ -152,6 +159,8 @@ class SelectionConfig(Section):
     seed: int = Field(0, description="seed of every random choice")
     params: SelectorParamsConfig = Field(default_factory=SelectorParamsConfig,
                                          description="each selector's parameters (the chosen method's are used)")
+    target: str | None = Field(None, description="a file of target records (any format source.uri reads) that "
+                               "similarity and fishersft_target aim at; embedded like the pool")
 
     @model_validator(mode="before")
     @classmethod
@@ -171,6 +180,13 @@ class SelectionConfig(Section):
         if self.budget is None and self.token_budget is None:
             return DEFAULT_EXAMPLE_BUDGET
         return self.budget
+
+    @model_validator(mode="after")
+    def _target_when_aimed(self):
+        if "target_features" in selector_class(self.method).requires and not self.target:
+            raise ValueError(f"selection.target: selector '{self.method}' aims at a target; set selection.target "
+                             "to a file of target records")
+        return self
 
     @model_validator(mode="after")
     def _positive_budget(self):
@@ -272,9 +288,19 @@ class JudgeConfig(WholeNumbers):
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(5, ge=0)
     backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles each retry")
+    check: str = Field("normalized", description="the generation metric: how a generated answer is checked "
+                       "against the held-out reference: normalized (case, punctuation and articles ignored), "
+                       "exact, or module:function (your function of (generation, reference) -> bool)")
     logprobs: bool = Field(True, description="openai: ask for the answer token's logprobs to record P(slot 1); "
                            "switched off automatically if the endpoint refuses them")
     n_bootstrap: int = Field(1000, gt=0)
+
+    @field_validator("check")
+    @classmethod
+    def _check_form(cls, v: str) -> str:
+        if v not in ("normalized", "exact") and not re.fullmatch(r"[\w.]+:\w+", v):
+            raise ValueError(f"'{v}' is neither normalized, exact nor module:function")
+        return v
 
     @field_validator("template")
     @classmethod
@@ -290,7 +316,7 @@ class JudgeConfig(WholeNumbers):
 
     def identity(self) -> dict:
         """What makes two judgments comparable (cache key); no secret is part of it."""
-        d = self.model_dump(exclude={"concurrency", "timeout_s", "max_retries", "backoff_s"})
+        d = self.model_dump(exclude={"concurrency", "timeout_s", "max_retries", "backoff_s", "check"})
         if self.backend != "openai":
             d.pop("logprobs")
         else:
@@ -366,6 +392,8 @@ class CompareConfig(PoolConfig):
                                      description="one recipe for every cell (max_length defaults to models'); "
                                      "its steps are derived from the token compute")
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    target: str | None = Field(None, description="a file of target records for the methods that aim at one "
+                               "(selection.target of each of their cells)")
     seed: int = Field(0, description="seed of selection, prompt sampling and bootstrap")
 
     @model_validator(mode="after")
@@ -390,7 +418,11 @@ class CompareConfig(PoolConfig):
         return CurateConfig(
             name=f"{self.name}:{method}@{budget}", **self.pool_sections(),
             selection=SelectionConfig(method=method, budget=examples, token_budget=tokens,
-                                      seed=self.seed + replicate, params=self.params))
+                                      seed=self.seed + replicate, params=self.params, target=self.aimed(method)))
+
+    def aimed(self, method: str) -> str | None:
+        """The target file a method's cells aim at (only the methods that aim at one: uniform keeps its key)."""
+        return self.target if "target_features" in selector_class(method).requires else None
 
     def finetune_config(self, train_tokens: int, replicate: int = 0) -> FinetuneConfig:
         """The one recipe, at the budget's token compute; replicate r trains with seed + r."""

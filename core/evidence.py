@@ -141,3 +141,66 @@ def coverage(picked_groups: list[str], pool_groups: list[str]) -> dict:
     return {"groups": len(names), "groups_covered": int(sum(1 for g in names if (picks == g).any())),
             "share_distance": float(0.5 * np.abs(pick_share - pool_share).sum()) if names else 0.0,
             "picks_per_group": {g: int((picks == g).sum()) for g in names}}
+
+
+# ---------------------------------------------------------------- the balanced target and answer checks
+
+def balanced_per_replicate(loss: np.ndarray, tokens: np.ndarray, groups: list[str]) -> np.ndarray:
+    """The balanced-target loss of every replicate: the mean over groups of each group's token-weighted loss, so
+    every group weighs the same whatever its share of the held-out set (or of the pool)."""
+    loss, tokens = _check(loss, tokens)
+    g = np.asarray(groups, dtype=object)
+    per_group = [loss[:, g == name].sum(axis=1) / max(tokens[g == name].sum(), 1.0) for name in sorted(set(groups))]
+    return np.mean(per_group, axis=0)
+
+
+def balanced_bootstrap(loss: np.ndarray, tokens: np.ndarray, groups: list[str], baseline: np.ndarray | None = None,
+                       n_boot: int = 2000, seed: int = 0, level: float = LEVEL) -> Interval:
+    """The balanced-target loss (or, with `baseline`, the paired difference method - baseline) with a `level`
+    interval: a bootstrap that resamples held-out examples within each group (the groups are the design, each
+    keeps its size) plus the spread over replicates, as `bootstrap` adds them."""
+    from scipy import stats
+
+    loss, tokens = _check(loss, tokens)
+    if baseline is not None:
+        baseline, _ = _check(baseline, tokens)
+        reps = min(len(loss), len(baseline))
+        per_rep = (balanced_per_replicate(loss[:reps], tokens, groups)
+                   - balanced_per_replicate(baseline[:reps], tokens, groups))
+        averaged = loss[:reps].mean(axis=0), baseline[:reps].mean(axis=0)
+    else:
+        per_rep = balanced_per_replicate(loss, tokens, groups)
+        averaged = loss.mean(axis=0), None
+    g = np.asarray(groups, dtype=object)
+    members = [np.flatnonzero(g == name) for name in sorted(set(groups))]
+    rng = np.random.default_rng(seed)
+    boots = np.empty(n_boot)
+    for b in range(n_boot):
+        value = 0.0
+        for idx in members:
+            pick = idx[rng.integers(len(idx), size=len(idx))]
+            t = max(tokens[pick].sum(), 1.0)
+            value += averaged[0][pick].sum() / t - (averaged[1][pick].sum() / t if averaged[1] is not None else 0.0)
+        boots[b] = value / len(members)
+    n_rep = len(per_rep)
+    variance = float(boots.var(ddof=1)) + (float(per_rep.var(ddof=1)) / n_rep if n_rep > 1 else 0.0)
+    q = stats.t.ppf(0.5 + level / 2, n_rep - 1) if n_rep > 1 else stats.norm.ppf(0.5 + level / 2)
+    mean, half = float(per_rep.mean()), float(q * np.sqrt(variance))
+    return Interval(mean, mean - half, mean + half)
+
+
+def rate_interval(hits: np.ndarray, baseline: np.ndarray | None = None, n_boot: int = 2000, seed: int = 0,
+                  level: float = LEVEL) -> Interval:
+    """A share of checked answers (`hits[r, i]` in {0, 1}), or with `baseline` the paired difference of two
+    shares on the same prompts, with an interval over prompts and replicates (as `bootstrap`)."""
+    hits = np.atleast_2d(np.asarray(hits, dtype=np.float64))
+    if baseline is not None:
+        base = np.atleast_2d(np.asarray(baseline, dtype=np.float64))
+        reps = min(len(hits), len(base))
+        hits = hits[:reps] - base[:reps]
+    return bootstrap(hits, np.ones(hits.shape[1]), n_boot, seed, level)
+
+
+def improvement_verdict(diff: Interval, replicates: int = 2) -> str:
+    """`verdict` for a metric where higher is better (a share of correct answers)."""
+    return verdict(Interval(-diff.mean, -diff.high, -diff.low), replicates)

@@ -18,7 +18,8 @@ import pyarrow as pa
 
 from sftcurate.core import evidence
 from sftcurate.core.config import BASELINE, CompareConfig
-from sftcurate.core.evaluate import read_eval, read_heldout_losses
+from sftcurate.core.answers import answer_check
+from sftcurate.core.evaluate import load_generations, read_eval, read_heldout_losses
 from sftcurate.core.finetune import finetune_meta
 from sftcurate.core.ingest import load_pool
 from sftcurate.core.selection import load_selection
@@ -57,10 +58,15 @@ def result_rows(cfg: CompareConfig, cells: dict, base_uri: str, examples_uri: st
     base_ci = evidence.bootstrap(base_loss, tokens, n_boot, cfg.seed)
     base_groups = evidence.group_losses(base_loss, tokens, groups)
     pool_groups = load_pool(examples_uri).column("group").to_pylist()
+    check = answer_check(cfg.judge.check)
     rows = [{**_row("base", 0, base_ci, None, base_groups, None, {}, 0, 0, 1),
-             **worst_group_columns(None, None, 1, tested=False)}]
+             **worst_group_columns(None, None, 1, tested=False),
+             **balanced_columns(evidence.balanced_bootstrap(base_loss, tokens, groups, None, n_boot, cfg.seed),
+                                None, 1),
+             **answer_columns(None, None, n_boot, cfg.seed)}]
     for budget in cfg.budgets:
         baseline, _, _ = _losses(cells[(BASELINE, budget)])
+        baseline_hits = answer_hits(cells[(BASELINE, budget)], check)
         # the group to test is fixed from uniform alone, among groups big enough to test: the smallest groups
         # are often the worst, and an interval over one or two of their texts would show only seed noise
         baseline_worst, _ = evidence.worst_group(evidence.group_losses(baseline, tokens, groups),
@@ -79,8 +85,46 @@ def result_rows(cfg: CompareConfig, cells: dict, base_uri: str, examples_uri: st
                        reps[0].get("judge") or {}, float(np.mean([m["tokens_seen"] for m in metas])),
                        float(np.mean([m["steps_done"] for m in metas])), len(reps))
             row.update(worst_group_columns(baseline_worst, worst_diff, len(reps), tested=method != BASELINE))
+            row.update(balanced_columns(
+                evidence.balanced_bootstrap(loss, tokens, groups, None, n_boot, cfg.seed),
+                None if method == BASELINE else evidence.balanced_bootstrap(loss, tokens, groups, baseline, n_boot,
+                                                                            cfg.seed), len(reps)))
+            row.update(answer_columns(answer_hits(reps, check), None if method == BASELINE else baseline_hits,
+                                      n_boot, cfg.seed))
             rows.append(row)
     return rows
+
+
+def balanced_columns(ci, diff, replicates: int) -> dict:
+    """The balanced-target loss (every held-out group weighs the same) and its paired difference to uniform."""
+    return {"balanced_loss": ci.mean, "balanced_ci_low": ci.low, "balanced_ci_high": ci.high,
+            "balanced_delta": diff.mean if diff else None, "balanced_delta_ci_low": diff.low if diff else None,
+            "balanced_delta_ci_high": diff.high if diff else None,
+            "balanced_verdict": evidence.verdict(diff, replicates) if diff else None}
+
+
+def answer_hits(replicates: list[dict], check) -> np.ndarray | None:
+    """hits[r, i]: did the generation for held-out prompt i pass the check, for every replicate that generated
+    (replicate 0 of each cell); prompts in the order of uniform's, which every model shares (one seeded sample)."""
+    tables = [load_generations(r["generations_uri"]) for r in replicates if r.get("generations_uri")]
+    if not tables:
+        return None
+    return np.array([[bool(check(t, ref)) for t, ref in zip(tb.column("text").to_pylist(),
+                                                             tb.column("reference").to_pylist())] for tb in tables],
+                    dtype=np.float64)
+
+
+def answer_columns(hits: np.ndarray | None, baseline: np.ndarray | None, n_boot: int, seed: int) -> dict:
+    """The share of checked answers (the generation metric) and its paired difference to uniform's."""
+    if hits is None:
+        return {k: None for k in ("answer_match", "answer_ci_low", "answer_ci_high", "answer_delta",
+                                  "answer_delta_ci_low", "answer_delta_ci_high", "answer_verdict")}
+    ci = evidence.rate_interval(hits, None, n_boot, seed)
+    diff = evidence.rate_interval(hits, baseline, n_boot, seed) if baseline is not None else None
+    return {"answer_match": ci.mean, "answer_ci_low": ci.low, "answer_ci_high": ci.high,
+            "answer_delta": diff.mean if diff else None, "answer_delta_ci_low": diff.low if diff else None,
+            "answer_delta_ci_high": diff.high if diff else None,
+            "answer_verdict": evidence.improvement_verdict(diff, len(hits)) if diff else None}
 
 
 def worst_group_columns(group: str | None, diff, replicates: int, tested: bool = True) -> dict:
@@ -157,7 +201,41 @@ def _loss_sections(cfg: CompareConfig, by: dict, methods: list[str], train_token
             f"[{_fmt(by[(m, b)]['worst_group_delta_ci_low'], signed=True)}, "
             f"{_fmt(by[(m, b)]['worst_group_delta_ci_high'], signed=True)}] **{by[(m, b)]['worst_group_verdict']}**"
             for b in cfg.budgets) + " |")
+    return lines + _balanced_and_answer_lines(cfg, by, methods, head)
+
+
+def _balanced_and_answer_lines(cfg: CompareConfig, by: dict, methods: list[str], head: str) -> list[str]:
+    """The balanced-target loss and the generation metric, each with its difference to uniform."""
+    base = by[("base", 0)]
+    lines = ["", "## Balanced-target loss (the mean of the held-out groups' losses: every group weighs the same), "
+             f"mean [95% interval], difference to uniform and verdict; base model {_fmt(base['balanced_loss'])}",
+             "", head]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(_balanced_cell(by[(m, b)]) for b in cfg.budgets) + " |")
+    lines += ["", f"## Generation metric: share of held-out prompts answered right (check `{cfg.judge.check}`, "
+              "greedy, replicate 0), % [95% interval over prompts], difference to uniform (positive = better)",
+              "", head]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(_answer_cell(by[(m, b)]) for b in cfg.budgets) + " |")
     return lines
+
+
+def _balanced_cell(r: dict) -> str:
+    text = f"{_fmt(r['balanced_loss'])} [{_fmt(r['balanced_ci_low'])}, {_fmt(r['balanced_ci_high'])}]"
+    if r.get("balanced_delta") is not None:
+        text += (f"; {_fmt(r['balanced_delta'], signed=True)} [{_fmt(r['balanced_delta_ci_low'], signed=True)}, "
+                 f"{_fmt(r['balanced_delta_ci_high'], signed=True)}] **{r['balanced_verdict']}**")
+    return text
+
+
+def _answer_cell(r: dict) -> str:
+    if r.get("answer_match") is None:
+        return "n/a"
+    text = f"{_pct(r['answer_match'])} [{_pct(r['answer_ci_low'])}, {_pct(r['answer_ci_high'])}]"
+    if r.get("answer_delta") is not None:
+        text += (f"; {_fmt(r['answer_delta'], '.1f', 100.0, True)} [{_fmt(r['answer_delta_ci_low'], '.1f', 100.0, True)}"
+                 f", {_fmt(r['answer_delta_ci_high'], '.1f', 100.0, True)}] **{r['answer_verdict']}**")
+    return text
 
 
 def _group_section(cfg: CompareConfig, by: dict, methods: list[str]) -> list[str]:

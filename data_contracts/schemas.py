@@ -155,7 +155,7 @@ HELDOUT_LOSSES = Contract(
 
 EVAL_RESULTS = Contract(
     name="eval_results",
-    version=2,
+    version=3,
     schema=pa.schema([
         ("method", pa.string()),
         ("budget", pa.int64()),
@@ -182,6 +182,20 @@ EVAL_RESULTS = Contract(
         ("losses", pa.int64()),
         ("ties", pa.int64()),
         ("errors", pa.int64()),
+        ("balanced_loss", pa.float64()),      # mean over held-out groups of each group's loss (groups weigh alike)
+        ("balanced_ci_low", pa.float64()),
+        ("balanced_ci_high", pa.float64()),
+        ("balanced_delta", pa.float64()),     # minus uniform's, paired; negative = better
+        ("balanced_delta_ci_low", pa.float64()),
+        ("balanced_delta_ci_high", pa.float64()),
+        ("balanced_verdict", pa.string()),
+        ("answer_match", pa.float64()),       # share of held-out prompts whose generation passes the check
+        ("answer_ci_low", pa.float64()),
+        ("answer_ci_high", pa.float64()),
+        ("answer_delta", pa.float64()),       # minus uniform's, paired over prompts; positive = better
+        ("answer_delta_ci_low", pa.float64()),
+        ("answer_delta_ci_high", pa.float64()),
+        ("answer_verdict", pa.string()),
     ]),
     non_null=("method", "budget"),
 )

@@ -71,8 +71,15 @@ def test_compare_flow_end_to_end_and_adding_a_budget_reruns_only_what_is_new(tmp
     csv_text = read_bytes(join(report, "results.csv")).decode()
     header = csv_text.splitlines()[0]
     assert header.startswith("method,budget,heldout_loss,heldout_ppl,loss_ci_low,loss_ci_high,delta_vs_uniform")
-    assert header.endswith("position_bias,longer_won,lc_win_rate,uniform_worst_group,worst_group_delta,"
-                           "worst_group_delta_ci_low,worst_group_delta_ci_high,worst_group_verdict")
+    assert ("position_bias,longer_won,lc_win_rate,uniform_worst_group,worst_group_delta,"
+            "worst_group_delta_ci_low,worst_group_delta_ci_high,worst_group_verdict,balanced_loss") in header
+    assert header.endswith("answer_delta_ci_low,answer_delta_ci_high,answer_verdict")
+    # the balanced-target loss and the generation metric, each with an interval and a paired difference
+    assert "## Balanced-target loss" in md and "## Generation metric" in md
+    test_row = rows[("test_longest", 8)]
+    assert test_row["balanced_ci_low"] <= test_row["balanced_loss"] <= test_row["balanced_ci_high"]
+    assert test_row["balanced_delta"] is not None and test_row["answer_match"] is not None
+    assert 0.0 <= test_row["answer_match"] <= 1.0 and test_row["answer_delta"] is not None
     table = read_table(join(report, "results.parquet"), EVAL_RESULTS)
     assert table.num_rows == 3
 
