@@ -113,11 +113,16 @@ def _params_options(cls: type[Selector]) -> dict[str, inspect.Parameter]:
     return options
 
 
+def _file_param(option: str) -> str:
+    """The Python name of a file option (`--target-features` -> file_target_features)."""
+    return "file_" + option.replace("-", "_")
+
+
 def _file_options(cls: type[Selector]) -> dict[str, inspect.Parameter]:
     options = {}
     for needed in declared(cls.requires):
         if needed.from_file is not None and needed.from_file.option not in COMMON_OPTIONS:
-            name = f"file_{needed.from_file.option}"
+            name = _file_param(needed.from_file.option)
             options[name] = inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
                                               default=typer.Option(None, f"--{needed.from_file.option}",
                                                                    help=needed.from_file.help))
@@ -147,6 +152,7 @@ def selector_command(method: str, cls: type[Selector], run: Callable, json_help:
                           default=typer.Option(None, "--json", help=json_help)),
     ]
     files, params = _file_options(cls), _params_options(cls)
+    file_options = {r.from_file.option for r in declared(cls.requires) if r.from_file is not None} - set(COMMON_OPTIONS)
 
     def command(**values) -> None:
         chosen = {name[len("param_"):]: values[name] for name in params if values[name] is not None}
@@ -155,7 +161,7 @@ def selector_command(method: str, cls: type[Selector], run: Callable, json_help:
             return select_from_files(
                 method, values["budget"], values["token_budget"], values["seed"],
                 {**chosen, **parse_param_items(values["param"])}, str(values["out_path"]),
-                files={name[len("file_"):]: values[name] for name in files if values[name]},
+                files={option: values[_file_param(option)] for option in file_options if values[_file_param(option)]},
                 examples=values["examples"])
 
         run(method, job, values["json_out"])

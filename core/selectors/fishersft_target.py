@@ -1,0 +1,54 @@
+"""Targeted FisherSFT: the pool sentences that most reduce the predictive variance of the target's tokens under
+FisherSFT's last-layer model (a V-optimal design; the objective, its exact rank-L gains and what the lazy
+greedy guarantees on it: `core.fisher_target`).
+
+Needs the pool's `token_features` and the target's `target_features` (`selection.target`, embedded with the same
+model and projection: `core.target`). A sentence costs its loss tokens, so token budgets work as FisherSFT's.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from sftcurate.core.fisher_target import targeted_greedy
+from sftcurate.core.selectors.base import (EXAMPLES, TOKEN_FEATURES, Budget, Selector, SelectionResult,
+                                           SelectorInputs, SelectorParams, register)
+from sftcurate.core.target import TARGET_FEATURES, target_features
+
+
+class FisherSFTTargetParams(SelectorParams):
+    lam: float = Field(1.0, gt=0, description="ridge lambda of the design matrix lam*I + sum x x^T")
+    algorithm: Literal["naive", "lazy"] = Field(
+        "naive", description="naive: the exact greedy; lazy: fewer evaluations, the same picks only while no "
+        "gain grows (the objective is not submodular; see core/fisher_target.py)")
+    rule: Literal["celf", "ratio", "gain"] = Field(
+        "celf", description="under a token budget: celf (the better of ratio and gain), ratio (gain per token), "
+        "or gain")
+
+
+@register
+class FisherSFTTargetSelector(Selector):
+    """FisherSFT aimed at a target: greedy reduction of the target tokens' predictive variance (needs --features,
+    --target-features)."""
+
+    name = "fishersft_target"
+    requires = (EXAMPLES, TOKEN_FEATURES, TARGET_FEATURES)
+    Params = FisherSFTTargetParams
+
+    def select(self, inputs: SelectorInputs, budget: Budget, seed: int) -> SelectionResult:
+        if inputs.token_features is None:
+            raise ValueError("fishersft_target: no token features were loaded (requirement 'token_features')")
+        features, offsets = inputs.token_features
+        offsets = np.asarray(offsets, dtype=np.int64)
+        if len(offsets) - 1 != inputs.size:
+            raise ValueError(f"fishersft_target: token features cover {len(offsets) - 1} examples but the pool "
+                             f"has {inputs.size}; re-run the embedding stage for this pool")
+        target, _ = target_features(inputs, features.shape[1], self.name)
+        p = self.params
+        res = targeted_greedy(features, offsets, target, lam=p.lam, k=budget.examples, token_budget=budget.tokens,
+                              algorithm=p.algorithm, rule=p.rule)
+        return SelectionResult(indices=res.picks, gains=res.gains, objective=res.objective,
+                               info={**res.info, "algorithm": res.algorithm, "evaluations": res.evaluations,
+                                     "seconds": res.seconds})

@@ -1,0 +1,64 @@
+"""The target a selection aims at (`selection.target`): a file of target records (any format ingest reads) whose
+token features are an artifact of their own, made with the same model, template and projection as the pool's.
+
+The requirement `target_features`: its name, its readers and the check every selector aiming at a target
+makes live here (light: the selectors import it); how the curate flow makes it, and its one declaration
+(`core.selectors.base.declare`), are in `core.target_records`, which imports ingest and the embedding stage:
+
+| | |
+|---|---|
+| made by (the curate flow) | target-ingest (the records, no held-out split), embed-target (one shard: target sets are small), commit-target-features (a token-features artifact of the target) |
+| read by a selection | `inputs.extra["target_features"] = (features [T, d], offsets [M+1])` |
+| read by `sftcurate select` | `--target-features FILE` (a `.safetensors` file with `features` and `offsets`, or a token-features artifact folder) |
+
+Its key is the target records' content, the model, the template and the projection: editing the target file
+re-embeds the target only; the pool's features are reused.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from sftcurate.core.inputs import load_features_file, read_features_artifact
+from sftcurate.core.selectors.base import SelectorInputs
+from sftcurate.data_contracts import ContractError, UserError
+
+TARGET_FEATURES = "target_features"
+
+
+class TargetError(UserError):
+    """The target records are missing, empty or unreadable, or a selector needs a target and none is set."""
+
+
+def checked_target(features, offsets, where: str):
+    """The target's (features, offsets), refused in one line when it holds no loss token."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if len(offsets) < 2 or int(offsets[-1]) == 0:
+        raise TargetError(f"{where}: the target holds no loss tokens ({len(offsets) - 1} examples); "
+                          "give target records with responses")
+    return features, offsets
+
+
+def load_target_features(uri: str, inputs: SelectorInputs) -> None:
+    """inputs.extra['target_features'] = (features [T, d], offsets [M+1]) of the committed target artifact."""
+    features, offsets, _ = read_features_artifact(uri)
+    inputs.extra[TARGET_FEATURES] = checked_target(features, offsets, uri)
+
+
+def read_target_features_file(path: str, inputs: SelectorInputs):
+    try:
+        features, offsets = load_features_file(path)
+    except ContractError as exc:
+        raise TargetError(f"--target-features: {exc}") from None
+    inputs.extra[TARGET_FEATURES] = checked_target(features, offsets, f"--target-features {path}")
+    return None, None  # the target says nothing about the pool
+
+
+def target_features(inputs: SelectorInputs, d: int, method: str):
+    """The loaded target (features, offsets), checked against the pool's feature width d."""
+    if TARGET_FEATURES not in inputs.extra:
+        raise ValueError(f"{method}: no target features were loaded (requirement '{TARGET_FEATURES}')")
+    features, offsets = inputs.extra[TARGET_FEATURES]
+    if int(features.shape[1]) != int(d):
+        raise TargetError(f"{method}: the target's features have d={features.shape[1]} but the pool's have d={d}; "
+                          "embed both with the same model and projection")
+    return features, offsets

@@ -1,0 +1,66 @@
+"""How the curate flow makes the requirement `target_features` (`core.target`) from `selection.target`, and its
+one declaration. Imported by `core.requirements` (which every reader of a declaration imports): it needs
+ingest and the embedding stage, which the selectors, imported by the config, must not import. The pool's
+projection is made here too (`pool_projection`), so that the pool and the target are projected by one
+artifact made by one call.
+"""
+from __future__ import annotations
+
+from sftcurate.core import embedding, ingest
+from sftcurate.core.selectors.base import FileInput, Production, Requirement, Step, declare
+from sftcurate.core.target import (TARGET_FEATURES, TargetError, load_target_features,
+                                   read_target_features_file)
+from sftcurate.infra.models import model_fingerprint
+
+
+def pool_projection(examples_uri: str, cfg) -> str:
+    """The projection that reduces the pool's features (and the target's) to `embedding.d_proj` dimensions."""
+    spec, emb = cfg.models.target, cfg.embedding
+    return embedding.fit_projection(examples_uri, spec, model_fingerprint(spec), int(emb.d_proj), emb.projection,
+                                    cfg.models.max_length, emb.batch_tokens, emb.dtype)
+
+
+def target_source(cfg):
+    """The pool's source settings pointed at the target file: the same columns and format, every record kept
+    (no held-out split, no sample, no limit)."""
+    if not cfg.selection.target:
+        raise TargetError(f"selection.target: selector '{cfg.selection.method}' aims at a target; set "
+                          "selection.target to a file of target records (any format source.uri reads)")
+    return cfg.source.model_copy(update={"uri": cfg.selection.target, "heldout_fraction": 0.0, "limit": None,
+                                         "sample": None, "group_field": None})
+
+
+def ingest_target(examples_uri: str, cfg, run_id: str | None) -> str:
+    """The target's examples artifact (tokenized with the pool's model and template)."""
+    source = target_source(cfg)
+    try:
+        return ingest.ingest(source, ingest.source_fingerprint(source), cfg.models.target, cfg.models.max_length,
+                             cfg.models.template)
+    except ingest.IngestError as exc:
+        raise TargetError(f"selection.target: {str(exc).replace('source.uri', 'selection.target')}") from None
+
+
+def embed_target(examples_uri: str, cfg, target_uri: str, index: int) -> str:
+    """All the target's token features in one shard, with the pool's projection (the same artifact the pool's
+    features were projected with: `pool_projection` of the pool is a cache hit)."""
+    spec, emb = cfg.models.target, cfg.embedding
+    projection = pool_projection(examples_uri, cfg) if emb.d_proj else None
+    n = ingest.examples_meta(target_uri)["n_train"]
+    return embedding.embed_shard(target_uri, index, max(int(n), 1), spec, model_fingerprint(spec),
+                                 cfg.models.max_length, emb.batch_tokens, emb.dtype, projection)
+
+
+def commit_target_features(examples_uri: str, cfg, target_uri: str, shard_uris: list[str],
+                           run_id: str | None) -> str:
+    return embedding.commit_features(target_uri, shard_uris)
+
+
+TARGET_FEATURES_INPUT = declare(Requirement(
+    TARGET_FEATURES, load=load_target_features,
+    produce=Production(prepare=Step("target-ingest", ingest_target),
+                       shards=lambda examples_uri, cfg: 1,
+                       shard=Step("embed-target", embed_target),
+                       commit=Step("commit-target-features", commit_target_features)),
+    from_file=FileInput("target-features", "the target's token features (same model and projection as "
+                        "--features): a .safetensors file with `features` and `offsets`, or a token-features "
+                        "artifact folder", read_target_features_file)))
