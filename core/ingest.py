@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from sftcurate.data_contracts import EXAMPLES, UserError
+from sftcurate.data_contracts.errors import DependencyError
 from sftcurate.core.config import SourceConfig
 from sftcurate.infra import progress
 from sftcurate.infra.hashing import fingerprint
@@ -265,10 +266,17 @@ def read_builtin_python_docs(passage_chars: int) -> list[RawRecord]:
 def read_hf_records(source: SourceConfig) -> list[RawRecord]:
     import datasets
 
+    from sftcurate.infra.models import hub_unreachable, quiet_hub_retries
+
     name = source.uri[3:] if source.uri.startswith("hf:") else source.uri
     try:
-        ds = datasets.load_dataset(name, source.hf_config, split=source.hf_split)
+        with quiet_hub_retries():
+            ds = datasets.load_dataset(name, source.hf_config, split=source.hf_split)
     except Exception as exc:  # the hub raises many types; the user needs the name and the reason
+        if hub_unreachable(exc):
+            raise DependencyError(f"hf:{name}: the Hugging Face hub could not be reached and the dataset is not "
+                                  "in the local cache; check the network (HF_HUB_OFFLINE), or download it and point "
+                                  "source.uri at its files") from None
         raise IngestError(f"hf:{name}: could not load the Hugging Face dataset ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     return [RawRecord(f"hf:{name}", f"row {i + 1}", r) for i, r in enumerate(ds)]

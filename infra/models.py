@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import threading
@@ -234,6 +235,30 @@ def checked_folder(spec: str, folder: Path) -> Path:
     return folder
 
 
+@contextmanager
+def quiet_hub_retries():
+    """huggingface_hub logs each retry of an unreachable hub as a warning ("Retrying in 8s [Retry 4/5]"), a dozen
+    lines before the one error line that says what happened; under its default level they are kept quiet."""
+    logger = logging.getLogger("huggingface_hub")
+    previous = logger.level
+    if previous not in (logging.NOTSET, logging.WARNING):  # someone chose this logger's level: keep it
+        yield
+        return
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+def hub_unreachable(exc: BaseException) -> bool:
+    """Whether a hub call failed because the hub could not be reached (offline, DNS, refused) rather than refused
+    the request."""
+    from sftcurate.data_contracts.errors import chain
+
+    return any(isinstance(e, hub_errors()[1]) for e in chain(exc))
+
+
 def hub_errors():
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
                                         OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
@@ -250,11 +275,12 @@ def loaded(spec: str, what: str, load):
     from sftcurate.data_contracts.errors import DependencyError, chain
 
     try:
-        return load()
+        with quiet_hub_retries():
+            return load()
     except (OSError, ValueError, pickle.UnpicklingError) as exc:
-        refused, offline = hub_errors()  # offline first: a cache miss offline is an EntryNotFoundError too
+        refused, _ = hub_errors()  # offline first: a cache miss offline is an EntryNotFoundError too
         first = next((str(e).strip().splitlines()[0] for e in chain(exc) if str(e).strip()), type(exc).__name__)
-        if any(isinstance(e, offline) for e in chain(exc)):
+        if hub_unreachable(exc):
             raise DependencyError(f"model '{spec}': the Hugging Face hub could not be reached and the {what} is "
                                   "not in the local cache; check the network (HF_HUB_OFFLINE), or download it and "
                                   "give its folder") from None

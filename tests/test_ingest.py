@@ -215,3 +215,28 @@ def test_a_folder_reports_the_files_it_skips(tmp_path, store_root):
     assert meta["n_examples"] == 4
     assert sorted(k.rsplit("/", 1)[-1] for k in meta["skipped_files"]) == ["b.jsonl.7z", "notes.md"]
     assert all("unknown file type" in why for why in meta["skipped_files"].values())
+
+
+def test_an_unreachable_hub_is_one_line_of_the_environment_without_retry_lines(store_root, monkeypatch, caplog):
+    import logging
+
+    import datasets
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from sftcurate.data_contracts.errors import DependencyError
+
+    def load_dataset(*args, **kwargs):  # what datasets does with no network: retries logged, then ConnectionError
+        for attempt in range(1, 6):
+            logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry %d/5].", attempt)
+        try:
+            raise LocalEntryNotFoundError("outgoing traffic has been disabled")
+        except LocalEntryNotFoundError as exc:
+            raise ConnectionError("Couldn't reach 'org/data' on the Hub (LocalEntryNotFoundError)") from exc
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    before = logging.getLogger("huggingface_hub").level
+    with caplog.at_level(logging.NOTSET), pytest.raises(DependencyError, match="hf:org/data: the Hugging Face hub "
+                                                                                "could not be reached"):
+        run_ingest("hf:org/data")
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
+    assert logging.getLogger("huggingface_hub").level == before  # the level is given back
