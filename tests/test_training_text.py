@@ -253,3 +253,28 @@ def test_a_chat_template_that_refuses_a_record_names_the_row(chat_model):
     with pytest.raises(TemplateError, match=r"^data.jsonl: line 2: the target's chat template refuses .*start with a "
                                             r"user turn.*set models.template to plain or a format string$"):
         fit_examples(tok, "auto", 128, "cut", texts, {}, ["data.jsonl: line 1", "data.jsonl: line 2"])
+
+
+def test_multi_turn_chats_under_a_format_string_and_a_cut_under_plain():
+    from sftcurate.core.formats import normalize
+    from sftcurate.core.training_text import ExampleText, fit_examples
+    from sftcurate.infra.models import resolve_tokenizer
+
+    tok = resolve_tokenizer("tiny-gpt2")
+    record = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "first q"},
+                           {"role": "assistant", "content": "first a"}, {"role": "user", "content": "second q"},
+                           {"role": "assistant", "content": " ".join(f"w{i}" for i in range(80))}]}
+    text = ExampleText(record, "messages", *normalize(record, "messages", {}))
+    (formatted,) = fit_examples(tok, "Q: {prompt}\nA: {response}", 1024, "cut", [text], {}).texts
+    e = formatted.encode(tok)
+    assert tok.decode(e.input_ids).startswith("Q: Be brief.\n\nfirst q\nA: first a" + tok.eos_token + "Q: second q\nA: w0")
+    assert tok.decode([t for t, m in zip(e.input_ids, e.loss_mask) if m]).startswith("first a" + tok.eos_token + "w0")
+    short = {"messages": record["messages"][:4] + [{"role": "assistant", "content": "w0"}]}
+    limit = len(ExampleText(short, "messages", *normalize(short, "messages", {})).encode(tok).input_ids) + 10
+    fitted = fit_examples(tok, "plain", limit, "cut", [text], {})
+    (cut,) = fitted.texts
+    assert fitted.cut == 1 and cut.encode(tok).n_loss == fitted.loss_tokens[0]
+    assert limit - 3 <= len(cut.encode(tok).input_ids) <= limit  # room for the second answer's first words
+    turns = cut.record["messages"]
+    assert turns[:4] == record["messages"][:4] and record["messages"][4]["content"].startswith(turns[4]["content"])
+    assert 0 < len(turns[4]["content"]) < len(record["messages"][4]["content"])  # the second answer cut, first whole
