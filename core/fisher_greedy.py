@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sftcurate.core.feature_rows import check_features
-from sftcurate.core.fisher import LogDetObjective, quantize
+from sftcurate.core.fisher import LogDetObjective, pick_device, quantize
 from sftcurate.infra import progress
 
 
@@ -397,8 +397,13 @@ def run_greedy(features, offsets, lam: float = 1.0, algorithm: str = "lazy", k: 
         best.evaluations = sum(r.evaluations for r in runs)
         best.seconds = sum(r.seconds for r in runs)
         return best
-    obj = LogDetObjective(features, offsets, lam=lam, device=device)
     kwargs = {"k": k, "token_budget": token_budget, "costs": costs, "rule": "ratio" if rule == "celf" else rule}
+    if algorithm == "lazy" and pick_device(device).type == "cuda":
+        # deferred: the device greedy builds on this module's result type and budget rules
+        from sftcurate.core.fisher_device import DeviceLogDet, device_lazy_greedy
+
+        return device_lazy_greedy(DeviceLogDet(features, offsets, lam=lam, device=device), **kwargs)
+    obj = LogDetObjective(features, offsets, lam=lam, device=device)
     if algorithm == "stochastic":
         kwargs.update(epsilon=epsilon, seed=seed)
     return ALGORITHMS[algorithm](obj, **kwargs)

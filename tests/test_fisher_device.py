@@ -61,3 +61,14 @@ def test_device_state_tracks_the_direct_log_det():
     res = device_lazy_greedy(obj, k=12)
     assert obj.value() - obj.initial_value() == pytest.approx(sum(res.gains), rel=1e-9)
     assert float(obj.logdet_A) == pytest.approx(obj.value(), rel=1e-9)
+
+
+def test_sharded_storage_gives_the_same_picks():
+    from sftcurate.core.feature_rows import ShardedRows
+
+    x, off = pool(6)
+    cut = int(off[40])
+    rows = ShardedRows([x[:cut], x[cut:]], np.array([0, cut], dtype=np.int64))
+    whole = device_lazy_greedy(DeviceLogDet(x, off, 1.0, device="cpu"), k=25)
+    sharded = device_lazy_greedy(DeviceLogDet(rows, off, 1.0, device="cpu"), k=25)
+    assert sharded.picks == whole.picks
