@@ -267,7 +267,8 @@ def test_multi_turn_chats_under_a_format_string_and_a_cut_under_plain():
     text = ExampleText(record, "messages", *normalize(record, "messages", {}))
     (formatted,) = fit_examples(tok, "Q: {prompt}\nA: {response}", 1024, "cut", [text], {}).texts
     e = formatted.encode(tok)
-    assert tok.decode(e.input_ids).startswith("Q: Be brief.\n\nfirst q\nA: first a" + tok.eos_token + "Q: second q\nA: w0")
+    assert tok.decode(e.input_ids).startswith("Q: Be brief.\n\nfirst q\nA: first a" + tok.eos_token +
+                                              "Q: second q\nA: w0")
     assert tok.decode([t for t, m in zip(e.input_ids, e.loss_mask) if m]).startswith("first a" + tok.eos_token + "w0")
     short = {"messages": record["messages"][:4] + [{"role": "assistant", "content": "w0"}]}
     limit = len(ExampleText(short, "messages", *normalize(short, "messages", {})).encode(tok).input_ids) + 10
