@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from sftcurate.core.feature_rows import ShardedRows, check_features
-from sftcurate.core.fisher_incremental import kept_grams, logdets
+from sftcurate.core.fisher_incremental import GradientBounds, kept_grams, logdets
 
 QUANTUM = 2.0 ** -36
 EPS32 = float(np.finfo(np.float32).eps)
@@ -60,7 +60,7 @@ class LogDetObjective:
 
     def __init__(self, features, offsets, lam: float = 1.0, device=None, dtype: torch.dtype = torch.float64,
                  refresh_every: int = 64, batch_rows: int | None = None, trace_cache_bytes: int = 1 << 30,
-                 incremental: bool = True):
+                 incremental: bool = True, gradient_bytes: int = 1 << 30):
         if lam <= 0:
             raise ValueError(f"lam must be > 0, got {lam}")
         features, offsets = check_features(features, offsets)
@@ -101,6 +101,8 @@ class LogDetObjective:
         self.trace_cache_bytes = trace_cache_bytes
         self._C: np.ndarray | None = None
         self.incremental = kept_grams(self) if incremental else None
+        self.gradient = GradientBounds(self) if self.incremental is None and GradientBounds.suits(
+            self, gradient_bytes) else None
 
     # ------------------------------------------------------------------ evaluation
     def gather(self, cand: np.ndarray, width: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -234,7 +236,8 @@ class LogDetObjective:
         width = int(self.lengths[cand].max())
         return self.times_U(self.gather(cand, width, torch.float32), self._U32_factor())
 
-    def _gains32(self, cand: np.ndarray, form: str, Y: torch.Tensor) -> np.ndarray:
+    def _gains32(self, cand: np.ndarray, form: str, Y: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+        """(float32 gains, the Cholesky factors of I + Gram, where they succeeded)."""
         G = Y @ Y.transpose(1, 2) if form == "L" else Y.transpose(1, 2) @ Y
         G.diagonal(dim1=1, dim2=2).add_(1.0)
         chol, info = torch.linalg.cholesky_ex(G)
@@ -242,14 +245,14 @@ class LogDetObjective:
         bad = (info != 0).cpu().numpy()
         if bad.any():  # float32 rounding broke positive definiteness: take float64 for those few
             g[bad] = self.batch_gains(cand[bad], form).cpu().numpy()
-        return g
+        return g, chol, ~bad
 
     def _screen_chunk(self, cand, form, eps, tau, div) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(gains32, upper bounds, gain margins) of one chunk; `eps` is the margin without the trace."""
         lens = self.lengths[cand]
         if not len(cand) or int(lens.max()) == 0:
             return np.zeros(len(cand)), eps.copy(), eps
-        C = self._trace_cache()
+        C = self.trace_cache()
         Y = None
         if C is not None:  # t = <A^-1, X_i^T X_i> from the cached packed Grams: d^2/2 work, not L d^2
             t = C[cand] @ self._packed_ainv().astype(np.float32)
@@ -265,20 +268,24 @@ class LogDetObjective:
         gain_eps = self.margin(cand, t_hi)
         r = np.maximum(np.minimum(lens, self.d), 1)
         ub = r * np.log1p(t_hi / r) + gain_eps
+        if self.gradient is not None:
+            ub = np.minimum(ub, self.gradient.bound(cand))
         need = quantize(ub / div) >= tau
         g = np.full(len(cand), np.nan)
         if need.any():
             pos = np.flatnonzero(need)
             Yn = self._Y32(cand[pos]) if Y is None else Y[torch.from_numpy(pos).to(self.device)]
-            g[pos] = self._gains32(cand[pos], form, Yn)
+            g[pos], chol, ok = self._gains32(cand[pos], form, Yn)
             ub[pos] = np.minimum(ub[pos], g[pos] + gain_eps[pos])
+            if self.gradient is not None and form == "L":
+                self.gradient.keep(cand[pos], chol, ok, g[pos] + gain_eps[pos], gain_eps[pos])
         return g, ub, gain_eps
 
     def _packed_ainv(self) -> np.ndarray:
         iu = np.triu_indices(self.d)
         return self.Ainv.cpu().numpy()[iu]
 
-    def _trace_cache(self) -> np.ndarray | None:
+    def trace_cache(self) -> np.ndarray | None:
         """Packed upper triangles of every X_i^T X_i (off-diagonals doubled), float32 [N, d(d+1)/2], built once
         when they fit in `trace_cache_bytes`: then a trace screen reads d(d+1)/2 numbers instead of computing
         X_i U. Storing C in float32 perturbs t by at most u ||A^-1||_2-Gershgorin ||X_i||_F^2, inside `margin`."""
@@ -334,6 +341,8 @@ class LogDetObjective:
             self._refactor()
         self.U = torch.linalg.cholesky(self.Ainv)
         self._U32 = None
+        if self.gradient is not None:
+            self.gradient.record()
         # Gershgorin: ||A^-1||_2 <= max absolute row sum (d^2 work, a bound, unlike a power iteration)
         self.ainv_bound = min(1.0 / self.lam, float(self.Ainv.abs().sum(1).max()))
         return gain

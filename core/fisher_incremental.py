@@ -296,3 +296,91 @@ class StaleGrams:
 
     def margin(self, cand: np.ndarray, missed: np.ndarray) -> np.ndarray:
         return gram_margin(self.obj, cand, missed)
+
+
+class GradientBounds:
+    """Upper bounds of stale gains from the gradient at the point they were computed (the float32 screen, d=64
+    class features): the gain f(P) = log det(I + X_i P X_i^T) is concave in P = A^-1, so with H_i = X_i^T
+    (I + M_i)^-1 X_i, its gradient at the P_s of the pick count s when the gain was computed,
+
+        f(P_now) <= f(P_s) - <H_i, P_s - P_now>            (P_s - P_now is positive semidefinite)
+
+    tight to first order in the change, unlike the stale gain f(P_s) itself: on pools whose sentences are all
+    alike every pick lowers every gain by about the same amount, so stale gains keep thousands of candidates in
+    contention per pick that this bound drops after d(d+1)/2 multiply-adds each. H_i is kept packed in float32
+    ([N, d(d+1)/2], when it fits in `max_bytes`) with the packed P of every pick count. The float32 H_i is
+    off by X_i^T E X_i with ||E||_2 <= ||dM||_2 <= margin_i (E = (I + M~)^-1 - (I + M)^-1), which moves the
+    bound by at most margin_i <X_i^T X_i, D> (D = P_s - P_now positive semidefinite, so |<F, D>| <= ||F||_2
+    tr D), plus its own float32 rounding, 2 kappa u ||X_i||_F^2 tr D: both are added. <X_i^T X_i, D> comes
+    from the trace cache when there is one (the drop of the sentence's trace, usually far below
+    ||X_i||_F^2 tr D), else that product."""
+
+    @staticmethod
+    def suits(obj, max_bytes: int = 1 << 30) -> bool:
+        return obj.device.type == "cpu" and obj.n * (obj.d * (obj.d + 1) // 2) * 4 <= max_bytes
+
+    def __init__(self, obj):
+        self.obj = obj
+        self.iu = np.triu_indices(obj.d)
+        p = len(self.iu[0])
+        self.weight = torch.from_numpy(np.where(self.iu[0] == self.iu[1], 1.0, 2.0)).to(torch.float32)
+        self.flat = torch.from_numpy(self.iu[0] * obj.d + self.iu[1])
+        self.H = np.zeros((obj.n, p), dtype=np.float32)   # zero pages until written
+        self.at = np.full(obj.n, -1, dtype=np.int64)        # the pick count of each H_i (-1: none)
+        self.gain_hi = np.zeros(obj.n)                      # an upper bound of the exact gain at that count
+        self.eps = np.zeros(obj.n)                          # the float32 margin then
+        # <H_i, P_s> and <C_i, P_s> in float64 of the stored float32 H_i and C_i: the bound's <H_i, P_s - P_now>
+        # is then one product with P_now per sentence, not one per pick count s
+        self.h_then = np.zeros(obj.n)
+        self.c_then = np.zeros(obj.n)
+        self.packed: list[np.ndarray] = []                  # P = A^-1 of every pick count, packed upper
+        self.traces: list[float] = []
+        self.record()
+
+    def record(self) -> None:
+        """After a pick (and at the start): the new A^-1."""
+        P = self.obj.Ainv.cpu().numpy()
+        self.packed.append(P[self.iu].copy())
+        self.traces.append(float(np.trace(P)))
+
+    def keep(self, cand: np.ndarray, chol: torch.Tensor, ok: np.ndarray, gain_hi: np.ndarray,
+             eps: np.ndarray) -> None:
+        """H_i of float32-screened sentences (L form: chol = chol(I + M_i), L x L) whose Cholesky succeeded."""
+        pos = np.flatnonzero(ok)
+        if not len(pos):
+            return
+        sel = torch.from_numpy(pos)
+        X = self.obj.gather(cand[pos], chol.shape[-1], torch.float32)
+        Z = torch.linalg.solve_triangular(chol[sel], X, upper=False)          # chol^-1 X_i
+        H = torch.index_select((Z.transpose(1, 2) @ Z).reshape(len(pos), -1), 1, self.flat) * self.weight
+        idx = cand[pos]
+        self.H[idx] = H.numpy()
+        self.at[idx] = len(self.packed) - 1
+        self.gain_hi[idx], self.eps[idx] = gain_hi[pos], eps[pos]
+        self.h_then[idx], self.c_then[idx] = self._with(idx, self.packed[-1])
+
+    def bound(self, cand: np.ndarray) -> np.ndarray:
+        """Upper bounds of the current float64 gains of `cand` (inf where no H_i is kept)."""
+        out = np.full(len(cand), np.inf)
+        pos = np.flatnonzero(self.at[cand] >= 0)
+        if not len(pos):
+            return out
+        idx = cand[pos]
+        h_now, c_now = self._with(idx, self.packed[-1])
+        drop = self.h_then[idx] - h_now
+        tr_D = np.maximum(np.asarray(self.traces)[self.at[idx]] - self.traces[-1], 0.0)
+        u = float(np.finfo(np.float32).eps)
+        # <C_i, D> from the float32 C_i: its rounding is within u ||X_i||_F^2 tr D, counted once more below
+        energy = np.maximum(self.c_then[idx] - c_now, 0.0) if self.obj.trace_cache() is not None \
+            else self.obj.sq_norms[idx] * tr_D
+        slack = energy * self.eps[idx] + (2.0 * self.obj.kappa + 1.0) * u * self.obj.sq_norms[idx] * tr_D
+        # float64 products of size d(d+1)/2 over values up to ||X_i||_F^2 ||A^-1||: their rounding, generously
+        slack += 1e-12 * self.obj.sq_norms[idx] * self.obj.ainv_bound
+        out[pos] = self.gain_hi[idx] - drop + slack
+        return out
+
+    def _with(self, idx: np.ndarray, P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(<H_i, P>, <C_i, P>) in float64 for packed P (C: the objective's trace cache; zeros without one)."""
+        h = self.H[idx].astype(np.float64) @ P
+        C = self.obj.trace_cache()
+        return h, (C[idx].astype(np.float64) @ P if C is not None else np.zeros(len(idx)))
