@@ -310,6 +310,24 @@ def is_heldout(ids: list[str], fraction: float) -> np.ndarray:
     return np.array([int(i[:8], 16) / 2**32 < fraction for i in ids], dtype=bool)
 
 
+def heldout_mask(ids: list[str], groups: list[str], source, named: list | None = None) -> np.ndarray:
+    """The held-out split: what the records name in `source.split_field` (`named`), else
+    `source.heldout_per_group` examples of every group (those with the lowest id hashes, at most half of a
+    group, so it keeps training examples), else `source.heldout_fraction` of all by id hash. Each depends on the
+    examples' content alone: every run draws the same split."""
+    if source.split_field is not None:
+        return np.array([s == "heldout" for s in named], dtype=bool)
+    if source.heldout_per_group is None:
+        return is_heldout(ids, source.heldout_fraction)
+    mask = np.zeros(len(ids), dtype=bool)
+    g = np.asarray(groups, dtype=object)
+    for name in set(groups):
+        members = np.flatnonzero(g == name)
+        take = min(source.heldout_per_group, len(members) // 2)
+        mask[members[np.argsort([ids[i] for i in members], kind="stable")[:take]]] = True
+    return mask
+
+
 @dataclass
 class IngestStats:
     records: int = 0
@@ -323,7 +341,7 @@ def build_examples(source: SourceConfig, tokenizer, max_length: int,
     records = read_records(source)
     stats = IngestStats(records=len(records))
     columns: dict[str, list] = {name: [] for name in ("id", "prompt", "response", "turns", "source", "group", "origin",
-                                                       "format", "raw")}
+                                                       "split_hint", "format", "raw")}
     seen: set[str] = set()
     fmt_by_file: dict[str, str] = {}
     for n_read, raw in enumerate(records, 1):
@@ -357,12 +375,14 @@ def build_examples(source: SourceConfig, tokenizer, max_length: int,
         for name, value in (("id", eid), ("prompt", prompt), ("response", response), ("turns", turns),
                             ("source", raw.where),
                             ("group", record_group(raw, source.group_field)), ("origin", f"{raw.where}: {raw.row}"),
+                            ("split_hint", record_split(raw, source.split_field)),
                             ("format", fmt), ("raw", raw_json(raw))):
             columns[name].append(value)
     # the one text every stage trains on, and source.too_long (core/training_text.py)
     columns, prompt_tokens, loss_tokens, stats.text = fit_columns(columns, source, tokenizer, max_length, template,
-                                                                  is_heldout(columns["id"], source.heldout_fraction))
-    heldout = is_heldout(columns["id"], source.heldout_fraction)
+                                                                  heldout_mask(columns["id"], columns["group"], source,
+                                                                               columns["split_hint"]))
+    heldout = heldout_mask(columns["id"], columns["group"], source, columns.pop("split_hint"))
     if heldout.all():
         raise IngestError(f"{source.uri}: every example fell into the held-out split; lower source.heldout_fraction "
                           "or add data")
@@ -377,6 +397,20 @@ def raw_json(raw: RawRecord) -> str:
     """The user's record exactly as read (every field, in order), for export; values JSON cannot hold (bytes,
     dates in parquet) become their string form."""
     return json.dumps(raw.record, ensure_ascii=False, default=str)
+
+
+SPLITS = ("train", "heldout")
+
+
+def record_split(raw: RawRecord, field: str | None) -> str | None:
+    """The split a record names in `source.split_field` (train or heldout), or None without one."""
+    if field is None:
+        return None
+    value = raw.record.get(field) if isinstance(raw.record, dict) else None
+    if value not in SPLITS:
+        raise IngestError(f"{raw.where}: {raw.row}: field '{field}' (source.split_field) is {value!r}; it must be "
+                          f"one of {', '.join(SPLITS)}")
+    return value
 
 
 def record_group(raw: RawRecord, field: str | None) -> str:
