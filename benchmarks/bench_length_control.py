@@ -51,18 +51,21 @@ def commit_selection(examples_uri: str, pool, token_counts: np.ndarray, picks: l
     from sftcurate.core.selection import KIND, selection_table
     from sftcurate.core.selectors.base import SelectionResult
     from sftcurate.data_contracts import SELECTION
+    from sftcurate.data_contracts.manifests import SelectionMeta
     from sftcurate.infra.stages import build_once
 
     def build(writer) -> None:
         table = selection_table(SelectionResult(indices=picks), pool, token_counts)
         writer.write_table("selection.parquet", table, SELECTION)
-        writer.meta.update({"method": "uniform-length-matched", "token_budget": budget, "seed": seed,
-                            "reference": reference_uri, "examples_uri": examples_uri, "selected": table.num_rows,
-                            "selected_tokens": int(np.asarray(table.column("tokens")).sum())})
+        writer.meta.update({"method": "uniform-length-matched", "budget": None, "token_budget": budget,
+                            "seed": seed, "params": {}, "inputs": {}, "model": None, "examples_uri": examples_uri,
+                            "pool_size": len(token_counts), "pool_tokens": int(token_counts.sum()),
+                            "selected": table.num_rows, "selected_tokens": int(np.asarray(table.column("tokens")).sum()),
+                            "objective": None, "info": {"reference": reference_uri, "bins": BINS}})
 
     return build_once(KIND, "sftcurate.core.selection", {"method": "uniform-length-matched", "token_budget": budget, "seed": seed,
                                        "bins": BINS, "picks": picks}, build,
-                      upstream={"examples": examples_uri, "reference": reference_uri})
+                      upstream={"examples": examples_uri, "reference": reference_uri}, meta=SelectionMeta)
 
 
 def heldout(eval_uri: str) -> tuple[np.ndarray, np.ndarray]:

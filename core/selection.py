@@ -16,8 +16,9 @@ from sftcurate.core.selectors.base import (
     get_selector,
 )
 from sftcurate.data_contracts import SELECTION
-from sftcurate.infra.stages import Built, build_once
-from sftcurate.infra.store import join, read_manifest, read_table
+from sftcurate.data_contracts.manifests import SelectionMeta
+from sftcurate.infra.stages import Built, build_once, read_meta
+from sftcurate.infra.store import join, read_table
 
 KIND = "selection"
 
@@ -82,7 +83,7 @@ def run_selection(examples_uri: str, method: str, budget: Budget, seed: int, par
                   "model": model_fingerprint(model_spec) if MODEL in selector.requires else None}
     upstream = {"examples": examples_uri, **{r: u for r, u in input_uris.items() if r in selector.requires}}
     return build_once(KIND, (__name__, type(selector).__module__, *loader_code(selector.requires)), key_params,
-                      build, upstream=upstream, store_root=store_root)
+                      build, upstream=upstream, store_root=store_root, meta=SelectionMeta)
 
 
 def binding_limit(budget: Budget, selected: int, tokens_kept: int, pool_size: int) -> str:
@@ -102,5 +103,11 @@ def binding_limit(budget: Budget, selected: int, tokens_kept: int, pool_size: in
 
 
 def load_selection(selection_uri: str) -> tuple[pa.Table, dict]:
-    """The selection table and its manifest meta (method, budget, objective, ...)."""
-    return read_table(join(selection_uri, "selection.parquet"), SELECTION), read_manifest(selection_uri)["meta"]
+    """The selection table and its manifest meta (method, budget, objective, ...), checked (`SelectionMeta`)."""
+    return (read_table(join(selection_uri, "selection.parquet"), SELECTION),
+            selection_meta(selection_uri).model_dump())
+
+
+def selection_meta(selection_uri: str) -> SelectionMeta:
+    """A selection's manifest meta, typed: `selection_meta(uri).selected_tokens`."""
+    return read_meta(selection_uri, SelectionMeta)

@@ -24,7 +24,7 @@ from sftcurate.core.finetune import finetune_meta
 from sftcurate.core.ingest import examples_meta
 from sftcurate.core.judge import judge_note
 from sftcurate.core.report import FULL, commit_report, markdown_table, result_rows
-from sftcurate.core.selection import load_selection
+from sftcurate.core.selection import selection_meta
 from sftcurate.flows.curate import ingest_pool, log_datasets, select_pipeline
 from sftcurate.infra import progress, tracking
 from sftcurate.infra.env import ensure_home
@@ -61,7 +61,7 @@ def run_cell(cfg: CompareConfig, method: str, budget: int, replicate: int, train
                 size = pool_size(cfg)
             examples_uri, selection_uri = select_pipeline(cfg.curate_config(selector, size, replicate, unit), child)
         if train_tokens is None:
-            train_tokens = round(cfg.epochs * load_selection(selection_uri)[1]["selected_tokens"])
+            train_tokens = round(cfg.epochs * selection_meta(selection_uri).selected_tokens)
         ft = cfg.finetune_config(train_tokens, replicate)
         with progress.stage(f"{name} finetune", timings):
             model_uri = call(finetune_task, examples_uri, selection_uri, cfg.models.target, ft, child)

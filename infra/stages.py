@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
+from sftcurate.data_contracts.manifests import ManifestMeta, check_meta
 from sftcurate.infra import progress
 from sftcurate.infra.hashing import code_key, fingerprint
 from sftcurate.infra.store import ArtifactStore, ArtifactWriter, artifact_damage, read_manifest
@@ -64,12 +65,14 @@ def _lock_for(uri: str) -> threading.Lock:
 
 
 def build_once(kind: str, code: str | tuple[str, ...], params: dict, build: Callable[[ArtifactWriter], None], *,
-               upstream: dict | None = None, store_root: str | None = None, resumable: bool = False) -> Built:
+               upstream: dict | None = None, store_root: str | None = None, resumable: bool = False,
+               meta: type[ManifestMeta] | None = None) -> Built:
     """Return the committed artifact for these inputs and this code, building it first when it is missing.
 
     `build(writer)` writes the files and `writer.meta`; the manifest is written after it returns. With
     `resumable`, a crashed attempt's files are kept for `build` to resume from (it must check what it finds);
-    otherwise they are cleared first."""
+    otherwise they are cleared first. With `meta` (the kind's `data_contracts.manifests` model), `writer.meta`
+    is validated against it before the manifest is written."""
     store = ArtifactStore(store_root)
     key = stage_key(kind, code, params, upstream)
     uri = store.uri(kind, key)
@@ -83,6 +86,13 @@ def build_once(kind: str, code: str | tuple[str, ...], params: dict, build: Call
             progress.damaged(kind, uri, damage)
         writer = ArtifactWriter(uri=uri, kind=kind, key=key) if resumable and not damage else store.begin(kind, key)
         build(writer)
+        if meta is not None:  # a stage writing meta its kind does not declare is a bug: a traceback, not a line
+            writer.meta = meta.model_validate(writer.meta).model_dump()
         writer.commit()
     progress.artifact(kind, uri, reused=False)
     return Built(uri, False)
+
+
+def read_meta(uri: str, meta: type[ManifestMeta]) -> ManifestMeta:
+    """A committed artifact's manifest meta as its kind's typed model (checked: one line if it does not fit)."""
+    return check_meta(meta, read_manifest(uri)["meta"], uri)
