@@ -15,6 +15,7 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, create_model,
                       field_validator, model_validator)
 
+from sftcurate.core.gate import GateConfig
 from sftcurate.core.selectors import REGISTRY
 from sftcurate.core.selectors.base import SelectorParams, selector_class, selector_help
 from sftcurate.core.training_text import check_template
@@ -161,6 +162,8 @@ class SelectionConfig(Section):
                                          description="each selector's parameters (the chosen method's are used)")
     target: str | None = Field(None, description="a file of target records (any format source.uri reads) that "
                                "similarity and fishersft_target aim at; embedded like the pool")
+    gate: GateConfig | None = Field(None, description="a quality gate before the selector: drop the worst share of "
+                                    "the pool by a score (any selector, uniform included)")
 
     @model_validator(mode="before")
     @classmethod

@@ -10,6 +10,7 @@ from prefect.runtime import flow_run
 
 from sftcurate.core.config import CurateConfig
 from sftcurate.core.curation_report import curation_report
+from sftcurate.core.gate_scores import gate_markdown
 from sftcurate.core.ingest import examples_meta, source_fingerprint
 from sftcurate.core.selection import binding_limit, load_selection
 from sftcurate.core.selectors.base import MODEL, Budget, BudgetError, selector_class
@@ -20,6 +21,7 @@ from sftcurate.infra.runners import task_runner_from_settings
 from sftcurate.infra.store import join, read_bytes, read_manifest
 from sftcurate.tasks.common import call
 from sftcurate.tasks.curate import curated_task, ingest_task, produce_inputs, select_task
+from sftcurate.tasks.gate import gate_pool
 from sftcurate.tasks.links import flow_run_name, link_runs
 
 
@@ -42,6 +44,9 @@ def select_pipeline(cfg: CurateConfig, run_id: str | None, timings: dict | None 
     requires = selector_class(cfg.selection.method).requires
     with progress.stage("ingest", timings):
         examples_uri = ingest_pool(cfg)
+    if cfg.selection.gate is not None:  # every later stage reads the gated pool (core/gate.py)
+        with progress.stage("gate", timings):
+            examples_uri = gate_pool(examples_uri, cfg, run_id)
     meta = examples_meta(examples_uri)
     budget.check(meta["n_train"], meta["train_tokens"])
     input_uris = produce_inputs(requires, examples_uri, cfg, run_id, lambda name: progress.stage(name, timings))
@@ -86,7 +91,7 @@ def curate(config: CurateConfig = CurateConfig()) -> dict:
             "name": cfg.name, "method": cfg.selection.method, "pool_size": meta["pool_size"],
             "heldout_size": ex_meta["n_heldout"], "duplicates_removed": ex_meta["duplicates_removed"],
             "template": ex_meta.get("template"), "too_long_cut": ex_meta.get("too_long_cut"),
-            "too_long_dropped": ex_meta.get("too_long_dropped"),
+            "too_long_dropped": ex_meta.get("too_long_dropped"), "gate_dropped": ex_meta.get("gate_dropped"),
             "budget": cfg.selection.examples_budget, "token_budget": cfg.selection.token_budget,
             "binding_limit": binding_limit(selection_budget(cfg), meta["selected"], meta["selected_tokens"],
                                            meta["pool_size"]),
@@ -113,6 +118,10 @@ def curate(config: CurateConfig = CurateConfig()) -> dict:
         tracking.log_bytes(run_id, read_bytes(join(selection_uri, "_MANIFEST.json")), "selection_manifest.json", "selection")
         tracking.log_bytes(run_id, json.dumps(summary, indent=2, default=str).encode(), "summary.json")
         report, png = curation_report(examples_uri, selection_uri, cfg.name)
+        if ex_meta.get("gate_uri"):
+            report += "\n" + gate_markdown(ex_meta["gate_uri"])
+            tracking.log_bytes(run_id, read_bytes(join(ex_meta["gate_uri"], "dropped.jsonl")), "gate_dropped.jsonl",
+                               "report")
         tracking.log_bytes(run_id, report.encode(), "report.md", "report")
         tracking.log_bytes(run_id, png, "report.png", "report")
         create_markdown_artifact(summary_markdown(summary) + "\n" + report, key="curation-summary",
