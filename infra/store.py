@@ -401,7 +401,8 @@ def _identities(fs, root: str, names, remote: bool) -> dict[str, tuple[int, tupl
         for name in names:
             info = found.get(f"{root}/{name}")
             out[name] = None if info is None else (int(info.get("size") or 0), (
-                f"{root}/{name}", int(info.get("size") or 0), str(info.get("ETag") or info.get("etag") or "")))
+                f"{root}/{name}", int(info.get("size") or 0),
+                str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("created") or "")))
         return out
     out = {}
     for name in names:
@@ -429,7 +430,7 @@ def artifact_damage(uri: str, manifest: dict | None = None) -> str | None:
     def check() -> str | None:
         fs, root = filesystem_for(uri)
         root = root.rstrip("/")
-        found = _identities(fs, root, sorted(listed), uri.startswith("s3://"))
+        found = _identities(fs, root, sorted(listed), remote="://" in uri and not uri.startswith("file://"))
         for name in sorted(listed):
             record = listed[name]
             if found[name] is None:
