@@ -8,8 +8,9 @@ Scores (higher is worse; computed in `core.gate_scores`, an artifact of their ow
   - `proxy_not_falling`: the proxy's loss at its last checkpoint minus its first (an example whose loss does not
     fall while the proxy trains on the pool is noise to it).
 
-This module is light (the config imports it): the typed parameters, the drop rule and the restriction of a
-selector's inputs to the kept examples.
+This module is light (the config imports it): the typed parameters and the drop rule. The curate flow then
+commits the pool without the dropped examples (`core.gate_scores.gated_examples`), which every later stage
+reads: features and trajectories are made for the kept examples only, and any selector composes with the gate.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from sftcurate.core.selectors.base import SelectionResult, SelectorInputs
 
 GateScore = Literal["target_loss", "proxy_final_loss", "proxy_not_falling"]
 
@@ -45,37 +45,3 @@ def gate_keep(scores: np.ndarray, drop: float) -> np.ndarray:
     keep = np.ones(n, dtype=bool)
     keep[worst_first[:n_drop]] = False
     return keep
-
-
-def restrict_inputs(inputs: SelectorInputs, kept: np.ndarray) -> SelectorInputs:
-    """The selector's inputs on the kept examples only (`kept`: pool positions, ascending). Pool-aligned inputs
-    are restricted (the pool, token counts, token features, trajectories, sentence embeddings, and any `extra`
-    array with one row per example); what is not about the pool (the target, a model spec) is kept whole.
-    Token features are gathered into memory (the kept rows only)."""
-    kept = np.asarray(kept, dtype=np.int64)
-    n = inputs.size
-    out = SelectorInputs(pool=inputs.pool.take(kept), token_counts=np.asarray(inputs.token_counts)[kept],
-                         model_spec=inputs.model_spec)
-    if inputs.token_features is not None:
-        features, offsets = inputs.token_features
-        offsets = np.asarray(offsets, dtype=np.int64)
-        lengths = np.diff(offsets)[kept]
-        rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in kept]) if len(kept) else \
-            np.zeros(0, np.int64)
-        taken = features.take(rows) if not isinstance(features, np.ndarray) else features[rows]
-        out.token_features = (np.asarray(taken), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-    if inputs.trajectories is not None:
-        losses, steps = inputs.trajectories
-        out.trajectories = (np.asarray(losses)[kept], steps)
-    if inputs.sentence_embeddings is not None:
-        out.sentence_embeddings = np.asarray(inputs.sentence_embeddings)[kept]
-    out.extra = {name: (value[kept] if isinstance(value, np.ndarray) and value.ndim >= 1 and len(value) == n
-                        else value) for name, value in inputs.extra.items()}
-    return out
-
-
-def in_pool_positions(result: SelectionResult, kept: np.ndarray) -> SelectionResult:
-    """A selection made on the kept examples, with its picks mapped back to pool positions."""
-    kept = np.asarray(kept, dtype=np.int64)
-    result.indices = [int(kept[i]) for i in result.indices]
-    return result

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from sftcurate.core.config import ConfigError, CurateConfig, load_config
-from sftcurate.core.gate import gate_keep, in_pool_positions, restrict_inputs
+from sftcurate.core.gate import gate_keep
 from sftcurate.core.gate_scores import proxy_scores, target_losses
-from sftcurate.core.selectors import SelectionResult, SelectorInputs
 from sftcurate.core.tokenize import encode_pairs, example_rows
 from sftcurate.infra.models import resolve_tokenizer
 
@@ -78,23 +77,6 @@ def test_proxy_scores_are_the_last_loss_and_how_little_it_fell():
     assert proxy_scores(losses, "proxy_final_loss").tolist() == [1.0, 3.2, 0.9]
     assert np.allclose(proxy_scores(losses, "proxy_not_falling"), [-2.0, 0.2, -0.1])
     assert np.flatnonzero(~gate_keep(proxy_scores(losses, "proxy_not_falling"), 0.34)).tolist() == [1]
-
-
-def test_restricted_inputs_cover_the_kept_examples_and_picks_map_back():
-    offsets = np.array([0, 2, 2, 5, 6], dtype=np.int64)
-    features = np.arange(12, dtype=np.float32).reshape(6, 2)
-    inputs = SelectorInputs(pool=pa.table({"id": list("abcd")}), token_counts=np.diff(offsets),
-                            token_features=(features, offsets), sentence_embeddings=np.eye(4),
-                            trajectories=(np.arange(8.0).reshape(4, 2), np.array([1, 2])))
-    inputs.extra["per_example"], inputs.extra["target_features"] = np.arange(4), (features, offsets)
-    kept = np.array([0, 2])
-    sub = restrict_inputs(inputs, kept)
-    assert sub.pool.column("id").to_pylist() == ["a", "c"] and sub.token_counts.tolist() == [2, 3]
-    assert sub.token_features[0].tolist() == features[[0, 1, 2, 3, 4]].tolist()
-    assert sub.token_features[1].tolist() == [0, 2, 5]
-    assert sub.trajectories[0].tolist() == [[0.0, 1.0], [4.0, 5.0]] and sub.sentence_embeddings.shape == (2, 4)
-    assert sub.extra["per_example"].tolist() == [0, 2] and sub.extra["target_features"] is inputs.extra["target_features"]
-    assert in_pool_positions(SelectionResult(indices=[1, 0]), kept).indices == [2, 0]
 
 
 def test_unknown_or_mistyped_gate_settings_are_one_line_naming_the_field():

@@ -179,3 +179,36 @@ def test_a_missing_or_empty_target_file_is_one_line_naming_it(tmp_path, content)
         ingest_target("unused", cfg, None)
     message = str(err.value)
     assert message.startswith("selection.target: ") and str(path) in message and "\n" not in message
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_curate_flow_embeds_the_target_with_the_pools_projection_and_aims_at_it(store_root, tmp_path):
+    from sftcurate.core.ingest import examples_meta, load_pool
+    from sftcurate.core.inputs import read_features_artifact
+    from sftcurate.core.selection import load_selection
+    from sftcurate.flows.curate import curate
+    from sftcurate.infra.store import read_manifest
+    from tests.helpers import qa_records, write_jsonl
+
+    target_file = write_jsonl(tmp_path / "target.jsonl", qa_records(4))
+    summaries = {}
+    for method in ("similarity", "fishersft_target"):
+        summaries[method] = curate(CurateConfig.model_validate({
+            "name": f"aimed-{method}", "source": {"uri": "builtin:python-docs", "limit": 40},
+            "selection": {"method": method, "budget": 4, "target": str(target_file)},
+            "embedding": {"d_proj": 8}, "models": {"target": "tiny-gpt2", "max_length": 64}}))
+    table, meta = load_selection(summaries["fishersft_target"]["selection_uri"])
+    assert table.num_rows == 4 and meta["objective"] < meta["info"]["initial_variance"]
+    target_uri = meta["inputs"][TARGET_FEATURES]
+    target_meta = read_manifest(target_uri)["meta"]
+    pool_meta = read_manifest(meta["inputs"]["token_features"])["meta"]
+    assert target_meta["projection_uri"] == pool_meta["projection_uri"] is not None  # one projection, both sides
+    assert examples_meta(target_meta["examples_uri"])["n_train"] == 4 and target_meta["d"] == pool_meta["d"] == 8
+    features, offsets, _ = read_features_artifact(target_uri)
+    assert features.shape[1] == 8 and len(offsets) == 5
+    sim_table, sim_meta = load_selection(summaries["similarity"]["selection_uri"])
+    assert sim_meta["inputs"][TARGET_FEATURES] == target_uri  # the target's features are made once
+    scores = sim_table.column("score").to_pylist()
+    assert scores == sorted(scores, reverse=True) and sim_table.num_rows == 4
+    assert set(sim_table.column("id").to_pylist()) <= set(load_pool(summaries["similarity"]["examples_uri"])
+                                                          .column("id").to_pylist())
