@@ -267,7 +267,7 @@ def hub_errors():
         (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError)
 
 
-def loaded(spec: str, what: str, load):
+def load_or_explain(spec: str, what: str, load):
     """`load()` (a from_pretrained call) with its failure as one line naming the spec: an unknown hub id or an
     unloadable folder is the user's (exit 2), an unreachable hub the environment's (exit 1)."""
     import pickle
@@ -323,7 +323,7 @@ def resolve_tokenizer(spec: str):
         return train_bpe_tokenizer(parse_tiny_spec(spec)["vocab"])
     with loading_lock() as tf:  # local_folder too: two threads would download or convert into one folder
         folder = local_folder(spec)
-        tok = loaded(spec, "tokenizer", lambda: tf.AutoTokenizer.from_pretrained(str(folder)) if folder else
+        tok = load_or_explain(spec, "tokenizer", lambda: tf.AutoTokenizer.from_pretrained(str(folder)) if folder else
                      tf.AutoTokenizer.from_pretrained(spec, revision=hub_revision()))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -353,7 +353,7 @@ def resolve_model(spec: str, dtype: str | None = None, device: str | None = None
         torch_dtype = getattr(torch, dtype) if dtype else torch.float32
         with loading_lock() as tf:  # local_folder too: two threads would download or convert into one folder
             folder = local_folder(spec)
-            model = loaded(spec, "model", lambda: tf.AutoModelForCausalLM.from_pretrained(
+            model = load_or_explain(spec, "model", lambda: tf.AutoModelForCausalLM.from_pretrained(
                 str(folder) if folder else spec, **({} if folder else {"revision": hub_revision()}), dtype=torch_dtype))
         model.eval()
         loaded = LoadedModel(model, resolve_tokenizer(spec), spec, model_fingerprint(spec))

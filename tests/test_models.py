@@ -130,7 +130,7 @@ def test_hub_failures_are_one_line_of_their_kind():
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
     from sftcurate.data_contracts.errors import DependencyError
-    from sftcurate.infra.models import loaded
+    from sftcurate.infra.models import load_or_explain
 
     def fails(error):
         def load():
@@ -141,7 +141,7 @@ def test_hub_failures_are_one_line_of_their_kind():
         return load
 
     with pytest.raises(DependencyError, match="hub could not be reached .* not in the local cache"):
-        loaded("org/model", "model", fails(LocalEntryNotFoundError("outgoing traffic has been disabled")))
+        load_or_explain("org/model", "model", fails(LocalEntryNotFoundError("outgoing traffic has been disabled")))
     import httpx
 
     response = httpx.Response(404, request=httpx.Request("GET", "https://huggingface.co/org/model"))
@@ -152,4 +152,4 @@ def test_hub_failures_are_one_line_of_their_kind():
 
         missing = RepositoryNotFoundError("404 Repository Not Found", response=requests.Response())
     with pytest.raises(ModelSpecError, match="has no such model at revision main"):
-        loaded("org/model", "model", fails(missing))
+        load_or_explain("org/model", "model", fails(missing))
