@@ -114,18 +114,6 @@ def first_party_imports(name: str) -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
-@lru_cache(maxsize=None)
-def code_closure(name: str) -> tuple[str, ...]:
-    """`name` and every first-party module reachable from it through imports (whole modules)."""
-    seen, todo = {name}, [name]
-    while todo:
-        for dep in first_party_imports(todo.pop()):
-            if dep not in seen:
-                seen.add(dep)
-                todo.append(dep)
-    return tuple(sorted(seen))
-
-
 # ---------------------------------------------------------------- code keys from definitions
 
 WHOLE = None             # a reference to all of a module
@@ -270,5 +258,5 @@ def code_key(name: str) -> str:
 
 def forget_code_keys() -> None:
     """Drop the memoised sources and keys (tests that edit code in place call this)."""
-    for cached in (_spec, module_source, first_party_imports, code_closure, module_units, reached_units, code_key):
+    for cached in (_spec, module_source, first_party_imports, module_units, reached_units, code_key):
         getattr(cached, "cache_clear", lambda: None)()  # a test may have replaced module_source
