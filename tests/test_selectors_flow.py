@@ -155,3 +155,20 @@ def test_a_selector_and_its_new_input_declared_in_one_module_reach_config_flow_a
                                  "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert read_table(str(out), SELECTION).column("index").to_pylist() == [3, 1, 2]
+
+
+def test_the_config_form_and_the_cli_offer_every_registered_selector_and_parameter():
+    from sftcurate.core.selectors.base import REGISTRY
+
+    built_in = [name for name in REGISTRY if name != "longest"]
+    selection = CurateConfig.model_json_schema()["$defs"]["SelectionConfig"]["properties"]
+    assert selection["method"]["enum"] == built_in
+    sections = CurateConfig.model_fields["selection"].annotation.model_fields["params"].annotation.model_fields
+    assert list(sections) == [name for name in built_in if REGISTRY[name].Params.model_fields]
+    listed = runner.invoke(app, ["select", "--help"], terminal_width=200)
+    assert all(name in listed.output for name in built_in), listed.output
+    for name in built_in:
+        helped = runner.invoke(app, ["select", name, "--help"], terminal_width=200)
+        assert helped.exit_code == 0, helped.output
+        for field in REGISTRY[name].Params.model_fields:  # s2l's own `seed` is the common --seed's name
+            assert f"--{field.replace('_', '-')}" in helped.output, (name, field)
