@@ -285,3 +285,24 @@ def test_ui_plans_the_prefect_server_on_the_local_database_and_mlflow_on_trainin
     monkeypatch.setenv("PREFECT_API_URL", "http://prefect.example:4200/api")
     prefect, _ = ui.plan(free_port(), free_port())
     assert (prefect.url, prefect.port, prefect.command) == ("http://prefect.example:4200", None, [])
+
+
+def test_every_command_takes_json():
+    """`--json -` on every command (the README says so); what it writes is checked command by command above."""
+    import typer
+
+    from sftcurate.cli import app
+
+    def leaves(command, path=()):
+        if hasattr(command, "list_commands"):  # a group (`select` makes its commands from the selector registry)
+            context = typer.Context(command)
+            for name in command.list_commands(context):
+                yield from leaves(command.get_command(context, name), (*path, name))
+        else:
+            yield path, command
+
+    found = dict(leaves(typer.main.get_command(app)))
+    assert {("run",), ("export",), ("ls",), ("ui",), ("config", "show"), ("compare",)} <= set(found)
+    missing = [" ".join(path) for path, command in found.items()
+               if not any("--json" in getattr(p, "opts", ()) for p in command.params)]
+    assert not missing, missing
