@@ -13,8 +13,8 @@ import warnings
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, Task, TaskID,
+                           TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
 
 CHATTY_LOGGERS = ("mlflow", "alembic", "transformers", "datasets", "httpx", "httpcore", "urllib3", "botocore",
@@ -53,14 +53,28 @@ def quiet_prefect_console() -> None:
                 handler.setLevel(logging.ERROR)
 
 
+class OnceCounted(ProgressColumn):
+    """A column shown once the stage's loop has reported how many steps it has: before that, a count of `0/?` and
+    an ETA of `-:--:--` read as a stuck stage (ingest showed `0/?` for 25 s); the spinner and the elapsed time
+    say it is working."""
+
+    def __init__(self, column: ProgressColumn):
+        super().__init__()
+        self.column = column
+
+    def render(self, task: Task):
+        return self.column.render(task) if task.total is not None else Text("")
+
+
 class StageDisplay:
     """Listens to `infra.progress`: a row per running stage (indented by nesting), a bar with count, rate and
     ETA once the stage's loop reports steps, and a `done` line with the wall time when the stage ends."""
 
     def __init__(self, console: Console):
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=24),
-                                 MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-                                 TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[extra]}"),
+                                 OnceCounted(MofNCompleteColumn()), TextColumn("{task.fields[rate]}"),
+                                 TimeElapsedColumn(), OnceCounted(TextColumn("eta")),
+                                 OnceCounted(TimeRemainingColumn()), TextColumn("{task.fields[extra]}"),
                                  console=console, transient=True)
         self.console = console
         self.rows: dict[str, TaskID] = {}

@@ -306,3 +306,24 @@ def test_every_command_takes_json():
     missing = [" ".join(path) for path, command in found.items()
                if not any("--json" in getattr(p, "opts", ()) for p in command.params)]
     assert not missing, missing
+
+
+def test_a_stage_shows_no_count_or_eta_until_its_loop_reports_how_many_steps():
+    """Ingest showed `0/?` and `eta -:--:--` for 25 s, which read as stuck; the row shows the spinner and the
+    elapsed time until a count is known."""
+    import io
+
+    from rich.console import Console
+
+    from sftcurate.terminal import OnceCounted, StageDisplay
+
+    display = StageDisplay(Console(file=io.StringIO(), width=120))
+    display.on_event("ingest", "start", {})
+    task = display.progress.tasks[display.rows["ingest"]]
+
+    def counted() -> str:
+        return " ".join(str(c.render(task)) for c in display.progress.columns if isinstance(c, OnceCounted))
+
+    assert counted().strip() == ""
+    display.on_event("ingest", "step", {"step": 3, "steps": 12, "unit": "rows"})
+    assert counted().split()[:2] == ["3/12", "eta"]
