@@ -28,7 +28,7 @@ import torch
 
 from sftcurate.core.feature_rows import ShardedRows, check_features
 from sftcurate.core.fisher import QUANTUM, pick_device
-from sftcurate.core.fisher_greedy import GreedyResult, _check_rule, _setup, report_pick
+from sftcurate.core.greedy_base import GreedyResult, check_rule, greedy_setup, report_pick
 
 
 def quantize_t(values: torch.Tensor) -> torch.Tensor:
@@ -196,8 +196,8 @@ def device_lazy_greedy(obj: DeviceLogDet, k: int | None = None, token_budget: in
                        rule: str = "ratio", block: int = 64, max_block: int = 1 << 15) -> GreedyResult:
     """The lazy greedy with bounds, blocks and decisions on `obj.device`: exactly the naive greedy's picks."""
     t0 = time.perf_counter()
-    rule = _check_rule(rule, token_budget)
-    k, costs, fits = _setup(obj, k, token_budget, costs)
+    rule = check_rule(rule, token_budget)
+    k, costs, fits = greedy_setup(obj, k, token_budget, costs)
     st = _DeviceLazy(obj, costs, rule, fits, block, max_block)
     used, picks, gains = 0, [], []
     while len(picks) < k:

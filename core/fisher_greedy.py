@@ -5,56 +5,19 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from sftcurate.core.feature_rows import check_features
 from sftcurate.core.fisher import LogDetObjective, pick_device, quantize
-from sftcurate.infra import progress
-
-
-@dataclass
-class GreedyResult:
-    picks: list[int]
-    gains: list[float]
-    objective: float               # log det A of the picked set (lam*I included)
-    initial: float                 # log det(lam*I) = d log lam; objective - initial = sum(gains)
-    evaluations: int               # single-sentence gain evaluations
-    seconds: float
-    algorithm: str
-    info: dict = field(default_factory=dict)
-
-
-def _setup(obj, k, token_budget, costs):
-    n = obj.n
-    costs = np.asarray(obj.lengths if costs is None else costs, dtype=np.int64)
-    if k is None and token_budget is None:
-        raise ValueError("set k (sentences) or token_budget (tokens)")
-    k = n if k is None else min(int(k), n)
-    fits = np.ones(n, dtype=bool) if token_budget is None else costs <= token_budget
-    return k, costs, fits
+from sftcurate.core.fisher_device import DeviceLogDet, device_lazy_greedy
+from sftcurate.core.greedy_base import GreedyResult, check_rule, greedy_setup, report_pick  # noqa: F401  (re-exported)
 
 
 def _keys(gains: np.ndarray, cand: np.ndarray, costs: np.ndarray, rule: str) -> np.ndarray:
     if rule == "ratio":
         return quantize(gains / np.maximum(costs[cand], 1))
     return quantize(gains)
-
-
-def _check_rule(rule: str, token_budget) -> str:
-    """The one check of a greedy's rule (`run_greedy` resolves 'celf' into these two first)."""
-    if rule not in ("gain", "ratio"):
-        raise ValueError(f"rule must be 'celf' (run_greedy), 'ratio' or 'gain', got '{rule}'")
-    return rule if token_budget is not None else "gain"
-
-
-def report_pick(n_picks: int, k: int, used: int, token_budget: int | None) -> None:
-    """Progress of a greedy: tokens spent of a token budget, else picks of k."""
-    if token_budget is not None:
-        progress.step("greedy", min(used, token_budget), token_budget, unit="tokens")
-    else:
-        progress.step("greedy", n_picks, k, unit="picks")
 
 
 def _sampled_greedy(obj: LogDetObjective, k, token_budget, costs, rule: str, fits, candidates) -> tuple:
@@ -85,8 +48,8 @@ def naive_greedy(obj: LogDetObjective, k: int | None = None, token_budget: int |
                  costs=None, rule: str = "ratio") -> GreedyResult:
     """Re-evaluates every remaining candidate at every step (batched), picks the best key, lowest index on ties."""
     t0 = time.perf_counter()
-    rule = _check_rule(rule, token_budget)
-    k, costs, fits = _setup(obj, k, token_budget, costs)
+    rule = check_rule(rule, token_budget)
+    k, costs, fits = greedy_setup(obj, k, token_budget, costs)
     picks, gains, used = _sampled_greedy(obj, k, token_budget, costs, rule, fits, lambda rem: np.arange(len(rem)))
     return GreedyResult(picks, gains, obj.value(), obj.initial_value(), obj.n_evals,
                         time.perf_counter() - t0, "naive", {"rule": rule, "tokens": used})
@@ -242,10 +205,12 @@ class _LazyState:
         if size < len(cand):
             cand = cand[np.argpartition(-self.ub[cand], size - 1)[:size]]
         self.screened_bounds.append(self.ub[cand].copy())
-        g = self.g32[cand]  # the last float32 (or float64) gain: an estimate of the stale exact key
+        # what the plain lazy greedy would hold as this candidate's bound: its last float32 (or float64) gain, a
+        # stale gain (not `ub`, which gradient bounds may have brought far below it), else the bound
+        g = self.g32[cand]
         known = np.isfinite(g)
-        self.screened_estimates.append(np.where(known, np.minimum(self.ub[cand], quantize(
-            np.where(known, g, 0.0) / self.div[cand])), self.ub[cand]))
+        self.screened_estimates.append(np.where(known, quantize(np.where(known, g, 0.0) / self.div[cand]),
+                                                self.ub[cand]))
         self.stats["rounds"] += 1
         if not self.switch.screening:
             self._plain(cand, step)
@@ -325,10 +290,10 @@ def lazy_greedy(obj: LogDetObjective, k: int | None = None, token_budget: int | 
     mode. Kept float64 Grams (`core.fisher_incremental`, wide features) are always used when present.
     """
     t0 = time.perf_counter()
-    rule = _check_rule(rule, token_budget)
+    rule = check_rule(rule, token_budget)
     if screen not in ("auto", "always", "never"):
         raise ValueError(f"screen must be 'auto', 'always' or 'never', got '{screen}'")
-    k, costs, fits = _setup(obj, k, token_budget, costs)
+    k, costs, fits = greedy_setup(obj, k, token_budget, costs)
     switch = ScreenSwitch(enabled=screen != "always" and obj.incremental is None)
     if screen == "never" and obj.incremental is None:
         switch.plain_until = obj.n + 1
@@ -357,8 +322,8 @@ def stochastic_greedy(obj: LogDetObjective, k: int | None = None, token_budget: 
     if not 0 < epsilon < 1:
         raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
     t0 = time.perf_counter()
-    rule = _check_rule(rule, token_budget)
-    k, costs, fits = _setup(obj, k, token_budget, costs)
+    rule = check_rule(rule, token_budget)
+    k, costs, fits = greedy_setup(obj, k, token_budget, costs)
     rng = np.random.default_rng(seed)
     k_est = k
     if token_budget is not None and fits.any():
@@ -399,9 +364,6 @@ def run_greedy(features, offsets, lam: float = 1.0, algorithm: str = "lazy", k: 
         return best
     kwargs = {"k": k, "token_budget": token_budget, "costs": costs, "rule": "ratio" if rule == "celf" else rule}
     if algorithm == "lazy" and pick_device(device).type == "cuda":
-        # deferred: the device greedy builds on this module's result type and budget rules
-        from sftcurate.core.fisher_device import DeviceLogDet, device_lazy_greedy
-
         return device_lazy_greedy(DeviceLogDet(features, offsets, lam=lam, device=device), **kwargs)
     obj = LogDetObjective(features, offsets, lam=lam, device=device)
     if algorithm == "stochastic":
