@@ -1,9 +1,10 @@
 """The target a selection aims at (`selection.target`): a file of target records (any format ingest reads) whose
 token features are an artifact of their own, made with the same model, template and projection as the pool's.
 
-The requirement `target_features`: its name, its readers and the check every selector aiming at a target
-makes live here (light: the selectors import it); how the curate flow makes it, and its one declaration
-(`core.selectors.base.declare`), are in `core.target_records`, which imports ingest and the embedding stage:
+The requirement `target_features`: its name and the check every selector aiming at a target makes live here
+(this module imports no other of the project's: the selectors import it while their package is being
+imported); how it is read and made, and its one declaration (`core.selectors.base.declare`), are in
+`core.target_records`, which imports ingest and the embedding stage:
 
 | | |
 |---|---|
@@ -18,9 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sftcurate.core.inputs import load_features_file, read_features_artifact
-from sftcurate.core.selectors.base import SelectorInputs
-from sftcurate.data_contracts import ContractError, UserError
+from sftcurate.data_contracts import UserError
 
 TARGET_FEATURES = "target_features"
 
@@ -38,22 +37,7 @@ def checked_target(features, offsets, where: str):
     return features, offsets
 
 
-def load_target_features(uri: str, inputs: SelectorInputs) -> None:
-    """inputs.extra['target_features'] = (features [T, d], offsets [M+1]) of the committed target artifact."""
-    features, offsets, _ = read_features_artifact(uri)
-    inputs.extra[TARGET_FEATURES] = checked_target(features, offsets, uri)
-
-
-def read_target_features_file(path: str, inputs: SelectorInputs):
-    try:
-        features, offsets = load_features_file(path)
-    except ContractError as exc:
-        raise TargetError(f"--target-features: {exc}") from None
-    inputs.extra[TARGET_FEATURES] = checked_target(features, offsets, f"--target-features {path}")
-    return None, None  # the target says nothing about the pool
-
-
-def target_features(inputs: SelectorInputs, d: int, method: str):
+def target_features(inputs, d: int, method: str):
     """The loaded target (features, offsets), checked against the pool's feature width d."""
     if TARGET_FEATURES not in inputs.extra:
         raise ValueError(f"{method}: no target features were loaded (requirement '{TARGET_FEATURES}')")

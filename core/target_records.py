@@ -7,9 +7,10 @@ artifact made by one call.
 from __future__ import annotations
 
 from sftcurate.core import embedding, ingest
-from sftcurate.core.selectors.base import FileInput, Production, Requirement, Step, declare
-from sftcurate.core.target import (TARGET_FEATURES, TargetError, load_target_features,
-                                   read_target_features_file)
+from sftcurate.core.selectors.base import FileInput, Production, Requirement, SelectorInputs, Step, declare
+from sftcurate.core.inputs import load_features_file, read_features_artifact
+from sftcurate.core.target import TARGET_FEATURES, TargetError, checked_target
+from sftcurate.data_contracts import ContractError
 from sftcurate.infra.models import model_fingerprint
 
 
@@ -53,6 +54,21 @@ def embed_target(examples_uri: str, cfg, target_uri: str, index: int) -> str:
 def commit_target_features(examples_uri: str, cfg, target_uri: str, shard_uris: list[str],
                            run_id: str | None) -> str:
     return embedding.commit_features(target_uri, shard_uris)
+
+
+def load_target_features(uri: str, inputs: SelectorInputs) -> None:
+    """inputs.extra['target_features'] = (features [T, d], offsets [M+1]) of the committed target artifact."""
+    features, offsets, _ = read_features_artifact(uri)
+    inputs.extra[TARGET_FEATURES] = checked_target(features, offsets, uri)
+
+
+def read_target_features_file(path: str, inputs: SelectorInputs):
+    try:
+        features, offsets = load_features_file(path)
+    except ContractError as exc:
+        raise TargetError(f"--target-features: {exc}") from None
+    inputs.extra[TARGET_FEATURES] = checked_target(features, offsets, f"--target-features {path}")
+    return None, None  # the target says nothing about the pool
 
 
 TARGET_FEATURES_INPUT = declare(Requirement(

@@ -14,7 +14,6 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from sftcurate.core.inputs import mean_pool
 from sftcurate.core.selectors.base import (EXAMPLES, SENTENCE_EMBEDDINGS, Budget, Selector, SelectionResult,
                                            SelectorInputs, SelectorParams, fill_in_order, register)
 from sftcurate.core.target import TARGET_FEATURES, target_features
@@ -24,6 +23,15 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to norm 1 (a zero row, an example without loss tokens, stays zero: cosine 0 to anything)."""
     vectors = np.asarray(vectors, dtype=np.float64)
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def example_means(features, offsets: np.ndarray) -> np.ndarray:
+    """The mean token feature of every target example that has loss tokens (a target is small: read whole)."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    counts = np.diff(offsets)
+    rows = np.asarray(features[0:int(offsets[-1])], dtype=np.float64)
+    starts = offsets[:-1][counts > 0]
+    return np.add.reduceat(rows, starts, axis=0) / counts[counts > 0][:, None]
 
 
 def round_robin(cosines: np.ndarray, token_counts: np.ndarray, budget: Budget) -> tuple[list[int], list[int]]:
@@ -74,7 +82,7 @@ class SimilaritySelector(Selector):
             raise ValueError(f"similarity: sentence embeddings cover {0 if pool is None else pool.shape[0]} "
                              f"examples but the pool has {inputs.size}")
         features, offsets = target_features(inputs, pool.shape[1], self.name)
-        target = mean_pool(features, offsets)[np.diff(offsets) > 0]
+        target = example_means(features, offsets)
         pool = unit_rows(pool)
         if self.params.aggregate == "mean":
             centre = unit_rows(unit_rows(target).mean(0, keepdims=True))[0]
