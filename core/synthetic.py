@@ -20,12 +20,20 @@ Setup (what this module does, all seeded):
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+
+from sftcurate.core.fisher_greedy import run_greedy
+from sftcurate.core.inputs import mean_pool
+from sftcurate.core.selectors.base import Budget, SelectorInputs
+from sftcurate.core.selectors.density import DensitySelector
+from sftcurate.infra import tracking
 
 DEFAULTS = {"d": 10, "L": 20, "n_classes": 10, "n_sentences": 1000, "scale_sigma": 0.5, "scale_mode": "sentence",
             "theta_scale": None, "lam": 1.0,
@@ -84,13 +92,6 @@ def tv_errors(x: np.ndarray, theta_true: np.ndarray, theta_hat: np.ndarray) -> t
 
 def orderings(x: np.ndarray, offsets: np.ndarray, n_max: int, seed: int, lam: float) -> dict[str, list[int]]:
     """Pick order of each method for the largest budget (every method is nested in n)."""
-    import pyarrow as pa
-
-    from sftcurate.core.embedding import mean_pool
-    from sftcurate.core.fisher_greedy import run_greedy
-    from sftcurate.core.selectors.base import Budget, SelectorInputs
-    from sftcurate.core.selectors.density import DensitySelector
-
     n = len(offsets) - 1
     lengths = np.diff(offsets)
     out = {"uniform": np.random.default_rng(seed).permutation(n)[:n_max].tolist()}
@@ -132,9 +133,7 @@ def summarize(all_runs: list[dict], n_grid) -> list[dict]:
 
 
 def write_outputs(out_dir: Path, rows: list[dict], n_grid, params: dict, runs: int) -> dict[str, Path]:
-    import csv
-
-    import matplotlib
+    import matplotlib  # heavy, deferred: only the reproduction's plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -207,8 +206,6 @@ def run_synthetic(out_dir, runs: int = 20, seed: int = 0, n_grid=N_GRID, log_to_
               "seconds": round(time.perf_counter() - t0, 2), "run_id": None}
     (Path(out_dir) / "synthetic.json").write_text(json.dumps(result, indent=2))
     if log_to_mlflow:
-        from sftcurate.infra import tracking
-
         with tracking.start_run("reproduce-synthetic", tags={"sftcurate.kind": "reproduce"},
                                 params={**params, "runs": runs, "seed": seed, "n_grid": list(n_grid)}) as run_id:
             for r in rows:

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.states import Completed
@@ -111,8 +111,6 @@ def map_tasks(task_fn, arg_tuples: list[tuple]) -> list[str]:
 def task_logger(name: str):
     """Prefect's run logger inside a flow or task run (shown in the UI), a plain logger outside one."""
     try:
-        from prefect import get_run_logger
-
         return get_run_logger()
     except Exception:  # outside a flow or task run
         return logging.getLogger(name)
