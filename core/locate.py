@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sftcurate.core.config import DEFAULT_EXAMPLE_BUDGET
 from sftcurate.data_contracts.errors import UserError
 from sftcurate.infra import tracking
 from sftcurate.infra.settings import load_settings
@@ -118,11 +117,19 @@ def _curate_runs(filter_string: str, limit: int) -> list:
 
 
 def _selection_of(run) -> str:
-    uri = run.data.tags.get(SELECTION_TAG) or _summary(run).get("selection_uri")
+    uri = run.data.tags.get(SELECTION_TAG) or _summary(run).get("selection_uri") or _selection_dataset(run)
     if not uri:
         raise SelectionNotFound(f"MLflow run {run.info.run_id} ('{run.info.run_name}'): no selection recorded; it is "
                                 "not a finished curation (`sftcurate ls` lists those)")
     return uri
+
+
+def _selection_dataset(run) -> str | None:
+    """The selection in the run's Datasets column: a `compare` cell's run has it (and no summary of its own)."""
+    for item in getattr(run.inputs, "dataset_inputs", None) or []:
+        if item.dataset.name == "selection":
+            return json.loads(item.dataset.source).get("uri")
+    return None
 
 
 def _summary(run) -> dict:
@@ -165,6 +172,9 @@ def _budgets(params: dict) -> dict:
     budget was set)."""
     budget, tokens = _param_int(params.get("selection.budget")), _param_int(params.get("selection.token_budget"))
     if budget is None and tokens is None and "selection.budget" in params:
+        # deferred on purpose: the config module loads every selector (torch among them), seconds `ls` need not wait
+        from sftcurate.core.config import DEFAULT_EXAMPLE_BUDGET
+
         budget = DEFAULT_EXAMPLE_BUDGET
     return {"budget": budget, "token_budget": tokens}
 

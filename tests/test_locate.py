@@ -80,3 +80,15 @@ def test_a_token_budget_alone_has_no_example_cap_and_no_budget_at_all_the_defaul
     assert SelectionConfig(token_budget=4000).examples_budget is None
     assert SelectionConfig().examples_budget == DEFAULT_EXAMPLE_BUDGET
     assert SelectionConfig(budget=10, token_budget=4000).examples_budget == 10
+
+
+def test_a_compare_cells_run_is_found_by_the_selection_in_its_datasets(store_root):
+    """A `compare` cell's MLflow run has no summary of its own; its Datasets column names the selection."""
+    with tracking.start_run(f"cell-{uuid.uuid4().hex[:8]}", tags={"method": "uniform"}) as run_id:
+        tracking.log_dataset(run_id, "pool", f"{store_root}/examples/abc", "abc", "pool")
+        tracking.log_dataset(run_id, "selection", f"{store_root}/selection/def", "def", "training")
+    assert locate_selection(run_id).selection_uri == f"{store_root}/selection/def"
+    with tracking.start_run("not-a-curation") as other:
+        pass
+    with pytest.raises(SelectionNotFound, match=f"MLflow run {other} \\('not-a-curation'\\): no selection recorded"):
+        locate_selection(other)
