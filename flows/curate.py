@@ -12,7 +12,7 @@ from sftcurate.core.config import CurateConfig
 from sftcurate.core.curation_report import curation_report
 from sftcurate.core.gate_scores import gate_markdown
 from sftcurate.core.ingest import examples_meta, source_fingerprint
-from sftcurate.core.selection import binding_limit, load_selection
+from sftcurate.core.selection import binding_limit, selection_meta
 from sftcurate.core.selectors.base import MODEL, Budget, BudgetError, selector_class
 from sftcurate.infra import progress, tracking
 from sftcurate.infra.env import ensure_home
@@ -85,34 +85,34 @@ def curate(config: CurateConfig = CurateConfig()) -> dict:
         examples_uri, selection_uri = select_pipeline(cfg, run_id, timings)
         with progress.stage("records", timings):
             curated_uri = call(curated_task, examples_uri, selection_uri)
-        table, meta = load_selection(selection_uri)
+        meta = selection_meta(selection_uri)
         ex_meta = examples_meta(examples_uri)
         summary = {
-            "name": cfg.name, "method": cfg.selection.method, "pool_size": meta["pool_size"],
+            "name": cfg.name, "method": cfg.selection.method, "pool_size": meta.pool_size,
             "heldout_size": ex_meta["n_heldout"], "duplicates_removed": ex_meta["duplicates_removed"],
             "template": ex_meta.get("template"), "too_long_cut": ex_meta.get("too_long_cut"),
             "too_long_dropped": ex_meta.get("too_long_dropped"), "gate_dropped": ex_meta.get("gate_dropped"),
             "budget": cfg.selection.examples_budget, "token_budget": cfg.selection.token_budget,
-            "binding_limit": binding_limit(selection_budget(cfg), meta["selected"], meta["selected_tokens"],
-                                           meta["pool_size"]),
-            "selected": meta["selected"], "pool_tokens": meta["pool_tokens"], "tokens_kept": meta["selected_tokens"],
-            "objective": meta.get("objective"), "target_model": cfg.models.target,
+            "binding_limit": binding_limit(selection_budget(cfg), meta.selected, meta.selected_tokens,
+                                           meta.pool_size),
+            "selected": meta.selected, "pool_tokens": meta.pool_tokens, "tokens_kept": meta.selected_tokens,
+            "objective": meta.objective, "target_model": cfg.models.target,
             "target_fingerprint": model_fingerprint(cfg.models.target),
             "examples_uri": examples_uri, "selection_uri": selection_uri, "curated_uri": curated_uri,
             "mlflow_run_id": run_id,
             "flow_run_id": str(flow_run.id or ""), "timings": timings,
         }
-        metrics = {"pool_size": meta["pool_size"], "selected": meta["selected"], "pool_tokens": meta["pool_tokens"],
-                   "tokens_kept": meta["selected_tokens"], "duplicates_removed": ex_meta["duplicates_removed"],
-                   "kept_token_fraction": meta["selected_tokens"] / max(meta["pool_tokens"], 1),
+        metrics = {"pool_size": meta.pool_size, "selected": meta.selected, "pool_tokens": meta.pool_tokens,
+                   "tokens_kept": meta.selected_tokens, "duplicates_removed": ex_meta["duplicates_removed"],
+                   "kept_token_fraction": meta.selected_tokens / max(meta.pool_tokens, 1),
                    **{f"seconds_{k}": v for k, v in timings.items()}}
-        if meta.get("objective") is not None:
-            metrics["objective"] = meta["objective"]
+        if meta.objective is not None:
+            metrics["objective"] = meta.objective
         tracking.log_metrics(run_id, metrics)
         # what `sftcurate ls` and `sftcurate export NAME|RUN_ID` read (core/locate.py)
         tracking.set_tags(run_id, {"sftcurate.selection_uri": selection_uri, "sftcurate.curated_uri": curated_uri,
-                                   "sftcurate.selected": meta["selected"],
-                                   "sftcurate.tokens_kept": meta["selected_tokens"]})
+                                   "sftcurate.selected": meta.selected,
+                                   "sftcurate.tokens_kept": meta.selected_tokens})
         log_datasets(run_id, examples_uri, selection_uri)
         tracking.log_bytes(run_id, read_bytes(join(selection_uri, "selection.parquet")), "selection.parquet", "selection")
         tracking.log_bytes(run_id, read_bytes(join(selection_uri, "_MANIFEST.json")), "selection_manifest.json", "selection")
