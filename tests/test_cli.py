@@ -327,3 +327,33 @@ def test_a_stage_shows_no_count_or_eta_until_its_loop_reports_how_many_steps():
     assert counted().strip() == ""
     display.on_event("ingest", "step", {"step": 3, "steps": 12, "unit": "rows"})
     assert counted().split()[:2] == ["3/12", "eta"]
+
+
+@needs_prefect
+def test_shard_tasks_mapped_on_the_thread_runner_split_the_process_threads():
+    """Four shard tasks on a thread runner of two workers: each torch op gets half the process's threads while
+    they run, and the process has them all back afterwards."""
+    import threading
+
+    import torch
+    from prefect import flow
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from sftcurate.infra.stages import Built
+    from sftcurate.tasks.common import map_tasks, stage_task
+
+    seen, lock = [], threading.Lock()
+
+    @stage_task("threads-probe")
+    def probe(i: int) -> Built:
+        with lock:
+            seen.append(torch.get_num_threads())
+        return Built(f"mem://{i}", reused=False)
+
+    @flow(task_runner=ThreadPoolTaskRunner(max_workers=2), persist_result=False)
+    def mapped() -> list[str]:
+        return map_tasks(probe, [(i,) for i in range(4)])
+
+    torch.set_num_threads(4)
+    assert mapped() == [f"mem://{i}" for i in range(4)]
+    assert seen == [2, 2, 2, 2] and torch.get_num_threads() == 4
