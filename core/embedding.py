@@ -67,9 +67,9 @@ def last_hidden(model, ids, attn=None):
     return model(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states[-1]
 
 
-def embed_encoded(model, encoded: list[Encoded], batch_tokens: int, device=None, projection=None,
-                  pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(features float32 [T, d'], offsets int64 [n+1]) of already-encoded examples, in input order."""
+def _layout(model, encoded: list[Encoded], device, projection):
+    """What both feature paths start from: (device, loss rows per example, offsets, the zeroed output, the
+    projection on the device or None, example lengths)."""
     import torch
 
     device = device or next(model.parameters()).device
@@ -77,12 +77,18 @@ def embed_encoded(model, encoded: list[Encoded], batch_tokens: int, device=None,
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     d_out = projection.shape[1] if projection is not None else int(model.config.hidden_size)
     out = np.zeros((int(offsets[-1]), d_out), dtype=np.float32)
+    proj = None if projection is None else torch.as_tensor(np.asarray(projection, np.float32), device=device)
+    return device, counts, offsets, out, proj, np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
+
+
+def embed_encoded(model, encoded: list[Encoded], batch_tokens: int, device=None, projection=None,
+                  pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(features float32 [T, d'], offsets int64 [n+1]) of already-encoded examples, in input order."""
+    import torch
+
+    device, counts, offsets, out, proj, lengths = _layout(model, encoded, device, projection)
     if not encoded:
         return out, offsets
-    proj = None
-    if projection is not None:
-        proj = torch.as_tensor(np.asarray(projection, dtype=np.float32), device=device)
-    lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
     done = 0
     with torch.inference_mode():
         for batch in length_grouped_batches(lengths, batch_tokens):
@@ -162,15 +168,9 @@ def embed_packed(model, encoded: list[Encoded], batch_tokens: int, device=None, 
     rows leave the model's body, projected on the device and drained to the host while the next batch runs."""
     import torch
 
-    device = device or next(model.parameters()).device
-    counts = np.array([e.n_loss for e in encoded], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    d_out = projection.shape[1] if projection is not None else int(model.config.hidden_size)
-    out = np.zeros((int(offsets[-1]), d_out), dtype=np.float32)
+    device, counts, offsets, out, proj, lengths = _layout(model, encoded, device, projection)
     if not encoded:
         return out, offsets
-    proj = None if projection is None else torch.as_tensor(np.asarray(projection, np.float32), device=device)
-    lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
     drain = _Drain(out, max(min(batch_tokens, len(out)), int(counts.max())), device)
     done = 0
     with torch.inference_mode():

@@ -28,7 +28,8 @@ import torch
 
 from sftcurate.core.feature_rows import ShardedRows, check_features
 from sftcurate.core.fisher import QUANTUM, pick_device
-from sftcurate.core.greedy_base import GreedyResult, check_rule, greedy_setup, report_pick
+from sftcurate.core.fisher_incremental import logdets
+from sftcurate.core.greedy_base import GreedyResult, check_rule, greedy_setup, lazy_loop
 
 
 def quantize_t(values: torch.Tensor) -> torch.Tensor:
@@ -75,9 +76,9 @@ class DeviceLogDet:
             if width <= self.d:
                 G = (X @ self.Ainv) @ X.transpose(1, 2)
                 G.diagonal(dim1=1, dim2=2).add_(1.0)
-                out[lo:lo + step] = _logdets(G)
+                out[lo:lo + step] = logdets(G)
             else:
-                out[lo:lo + step] = _logdets(self.A + X.transpose(1, 2) @ X) - self.logdet_A
+                out[lo:lo + step] = logdets(self.A + X.transpose(1, 2) @ X) - self.logdet_A
         return out
 
     def add(self, i: int) -> torch.Tensor:
@@ -121,15 +122,6 @@ def _on_device(features, device: torch.device) -> torch.Tensor:
         return out
     X = features if torch.is_tensor(features) else torch.as_tensor(np.asarray(features))
     return (X if X.dtype in (torch.float32, torch.float64) else X.float()).to(device)
-
-
-def _logdets(G: torch.Tensor) -> torch.Tensor:
-    chol, info = torch.linalg.cholesky_ex(G)
-    out = 2.0 * chol.diagonal(dim1=1, dim2=2).log().sum(-1)
-    bad = info != 0
-    if bool(bad.any()):
-        out[bad] = torch.linalg.slogdet(G[bad])[1]
-    return out
 
 
 class _DeviceLazy:
@@ -199,16 +191,7 @@ def device_lazy_greedy(obj: DeviceLogDet, k: int | None = None, token_budget: in
     rule = check_rule(rule, token_budget)
     k, costs, fits = greedy_setup(obj, k, token_budget, costs)
     st = _DeviceLazy(obj, costs, rule, fits, block, max_block)
-    used, picks, gains = 0, [], []
-    while len(picks) < k:
-        i = st.next_pick(len(picks), None if token_budget is None else token_budget - used)
-        if i is None:
-            break
-        gains.append(obj.add(i))
-        picks.append(i)
-        used += int(costs[i])
-        st.ub[i] = -math.inf
-        report_pick(len(picks), k, used, token_budget)
+    picks, gains, used = lazy_loop(obj, st, k, costs, token_budget)
     gains_h = torch.stack(gains).cpu().numpy().tolist() if gains else []
     info = {"rule": rule, "tokens": used, "rounds": st.rounds, "device": str(obj.device)}
     return GreedyResult(picks, gains_h, obj.value(), obj.initial_value(), obj.n_evals,

@@ -11,7 +11,8 @@ import numpy as np
 from sftcurate.core.feature_rows import check_features
 from sftcurate.core.fisher import LogDetObjective, pick_device, quantize
 from sftcurate.core.fisher_device import DeviceLogDet, device_lazy_greedy
-from sftcurate.core.greedy_base import GreedyResult, check_rule, greedy_setup, report_pick  # noqa: F401  (re-exported)
+from sftcurate.core.greedy_base import (GreedyResult, check_rule, greedy_setup, lazy_loop,  # noqa: F401
+                                       report_pick)  # GreedyResult re-exported
 
 
 def _keys(gains: np.ndarray, cand: np.ndarray, costs: np.ndarray, rule: str) -> np.ndarray:
@@ -194,14 +195,14 @@ class _LazyState:
         self.stats["rechecks"] += len(idx)
 
     def _block(self, F: np.ndarray, step: int, size: int) -> None:
-        """Screen the `size` stale candidates with the highest bounds; the first few in full to set tau.
-        Plain (unscreened) steps take the `batch` highest bounds first, then every stale candidate whose bound
-        reaches the best float64 key found (each must be evaluated unless a later one raises that key)."""
+        """Screen the `size` stale candidates with the highest bounds, the first few in full to set tau, then
+        every stale candidate whose bound reaches tau (each must be looked at unless a later one raises tau).
+        Plain (unscreened) steps start from the `batch` highest bounds and evaluate in float64."""
         cand = F[(self.fresh[F] != step) & (self.ub[F] > -math.inf)]
-        if not self.switch.screening:
-            size = self.batch if self.tau == -math.inf else min(int((self.ub[cand] >= self.tau).sum()),
-                                                                  self.max_batch)
-            size = max(size, 1)
+        if self.tau > -math.inf:  # every stale bound at or above the best key found must be looked at anyway
+            size = max(1, min(int((self.ub[cand] >= self.tau).sum()), self.max_batch))
+        elif not self.switch.screening:
+            size = self.batch
         if size < len(cand):
             cand = cand[np.argpartition(-self.ub[cand], size - 1)[:size]]
         self.screened_bounds.append(self.ub[cand].copy())
@@ -298,16 +299,7 @@ def lazy_greedy(obj: LogDetObjective, k: int | None = None, token_budget: int | 
     if screen == "never" and obj.incremental is None:
         switch.plain_until = obj.n + 1
     st = _LazyState(obj, costs, rule, fits, front, batch, max_batch, switch)
-    used, picks, gains = 0, [], []
-    while len(picks) < k:
-        i = st.next_pick(len(picks), None if token_budget is None else token_budget - used)
-        if i is None:
-            break
-        gains.append(obj.add(i))
-        picks.append(i)
-        used += int(costs[i])
-        st.ub[i] = -math.inf
-        report_pick(len(picks), k, used, token_budget)
+    picks, gains, used = lazy_loop(obj, st, k, costs, token_budget)
     info = {"rule": rule, "tokens": used, "screens": obj.n_screens, **st.stats, **switch.stats}
     return GreedyResult(picks, gains, obj.value(), obj.initial_value(), obj.n_evals,
                         time.perf_counter() - t0, "lazy", info)

@@ -2,6 +2,7 @@
 becomes (k, costs, what fits), the rule check, and progress."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,3 +46,19 @@ def report_pick(n_picks: int, k: int, used: int, token_budget: int | None) -> No
         progress.step("greedy", min(used, token_budget), token_budget, unit="tokens")
     else:
         progress.step("greedy", n_picks, k, unit="picks")
+
+
+def lazy_loop(obj, state, k: int, costs: np.ndarray, token_budget: int | None) -> tuple[list, list, int]:
+    """The lazy greedies' outer loop: ask `state.next_pick` for the naive greedy's pick within what is left of the
+    budget, add it, retire its bound. Returns (picks, gains as `obj.add` gave them, tokens used)."""
+    used, picks, gains = 0, [], []
+    while len(picks) < k:
+        i = state.next_pick(len(picks), None if token_budget is None else token_budget - used)
+        if i is None:
+            break
+        gains.append(obj.add(i))
+        picks.append(i)
+        used += int(costs[i])
+        state.ub[i] = -math.inf
+        report_pick(len(picks), k, used, token_budget)
+    return picks, gains, used
