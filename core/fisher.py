@@ -220,8 +220,11 @@ class LogDetObjective:
         g = np.full(len(cand), np.nan)
         ub = np.zeros(len(cand))
         eps = self.margin(cand) if len(cand) else np.zeros(0)
+        t, grad = self._traces_and_gradient_bounds(cand)
         for form, chunk in self.chunks(cand):
-            g[chunk], ub[chunk], eps[chunk] = self._screen_chunk(cand[chunk], form, eps[chunk], tau, div[chunk])
+            g[chunk], ub[chunk], eps[chunk] = self._screen_chunk(
+                cand[chunk], form, eps[chunk], tau, div[chunk], None if t is None else t[chunk],
+                None if grad is None else grad[chunk])
         self.n_screens += len(cand)
         self.n_evals += int(np.isfinite(g).sum())
         return g, ub, eps
@@ -247,15 +250,34 @@ class LogDetObjective:
             g[bad] = self.batch_gains(cand[bad], form).cpu().numpy()
         return g, chol, ~bad
 
-    def _screen_chunk(self, cand, form, eps, tau, div) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(gains32, upper bounds, gain margins) of one chunk; `eps` is the margin without the trace."""
+    def _traces_and_gradient_bounds(self, cand: np.ndarray, slice_size: int = 4096):
+        """With the trace cache: (t = <A^-1, X_i^T X_i> of every candidate, gradient bounds or None), in slices
+        of `slice_size` sentences (one float64 product with the packed A^-1 each, shared by both); else
+        (None, None) and each chunk computes t from X_i U."""
+        C = self.trace_cache()
+        if C is None or not len(cand):
+            return None, None
+        P = self._packed_ainv()
+        t = np.empty(len(cand))
+        grad = None if self.gradient is None else np.empty(len(cand))
+        for lo in range(0, len(cand), slice_size):
+            part = cand[lo:lo + slice_size]
+            t[lo:lo + len(part)] = C[part].astype(np.float64) @ P
+            if grad is not None:
+                grad[lo:lo + len(part)] = self.gradient.bound(part, t[lo:lo + len(part)])
+        return t, grad
+
+    def _screen_chunk(self, cand, form, eps, tau, div, t=None, grad=None) -> tuple[np.ndarray, np.ndarray,
+                                                                                    np.ndarray]:
+        """(gains32, upper bounds, gain margins) of one chunk; `eps` is the margin without the trace; `t` and
+        `grad` the chunk's traces and gradient bounds when `_traces_and_gradient_bounds` had them."""
         lens = self.lengths[cand]
         if not len(cand) or int(lens.max()) == 0:
             return np.zeros(len(cand)), eps.copy(), eps
         C = self.trace_cache()
         Y = None
         if C is not None:  # t = <A^-1, X_i^T X_i> from the cached packed Grams: d^2/2 work, not L d^2
-            t = C[cand] @ self._packed_ainv().astype(np.float32)
+            t = C[cand] @ self._packed_ainv().astype(np.float32) if t is None else t
             # float32 storage (built from float32 products) and a float32 dot over p = d(d+1)/2 terms: each
             # perturbs t by at most (L resp. p/8 blocked partial sums) * u * ||A^-1||_Gershgorin * ||X_i||_F^2
             p = C.shape[1]
@@ -269,7 +291,7 @@ class LogDetObjective:
         r = np.maximum(np.minimum(lens, self.d), 1)
         ub = r * np.log1p(t_hi / r) + gain_eps
         if self.gradient is not None:
-            ub = np.minimum(ub, self.gradient.bound(cand))
+            ub = np.minimum(ub, self.gradient.bound(cand) if grad is None else grad)
         need = quantize(ub / div) >= tau
         g = np.full(len(cand), np.nan)
         if need.any():

@@ -81,17 +81,19 @@ class _Front:
 class ScreenSwitch:
     """Whether the float32 screen pays for itself, measured as the lazy greedy runs.
 
-    A screened step's cost is its wall time; what the plain lazy greedy (float64 gains of the stale candidates
+    A screened step's cost is its CPU time; what the plain lazy greedy (float64 gains of the stale candidates
     whose bound reaches the pick, no screen) would have spent at that step is estimated as the number of such
-    candidates, from the best estimate of each one's stale gain (float64 key, else float32 gain, else its
-    bound), times the measured time of one float64 gain. While the screened steps' decayed cost exceeds the
-    decayed estimate, the greedy evaluates plainly; it probes the screen again after `probe` plain picks (the
-    interval doubles after each probe that loses, up to `max_probe`). Both modes pick exactly what the naive
-    greedy picks; only their cost differs."""
+    candidates, from each one's stale gain (its last float64 or float32 gain, else its bound), times the
+    measured time of one float64 gain. While the screened steps' decayed cost exceeds the decayed estimate by
+    a quarter, the greedy evaluates plainly; it probes the screen again after `probe` plain picks (the interval
+    doubles after each probe that loses, up to `max_probe`). Both modes pick exactly what the naive greedy
+    picks; only their cost differs."""
 
     DECAY = 0.7         # weight of the past in the decayed sums, per screened step
     # (times are CPU seconds of this process: on a shared machine wall time measures the neighbours)
     MIN_BATCH = 16      # float64 batches smaller than this are mostly overhead: not timed
+    HYSTERESIS = 1.25   # step aside only when the screen costs this much more: CPU times on a shared machine
+                        # jitter by ~10-20%, and a wrong switch to plain costs more than a late one
 
     def __init__(self, enabled: bool, probe: int = 16, max_probe: int = 256, warmup: int = 3):
         self.enabled, self.probe, self.max_probe, self.warmup = enabled, probe, max_probe, warmup
@@ -121,7 +123,7 @@ class ScreenSwitch:
         self.spent = self.DECAY * self.spent + seconds
         self.plain = self.DECAY * self.plain + plain_candidates * self.t64 / self.n64
         self.screened_steps += 1
-        if self.screened_steps >= self.warmup and self.spent > self.plain:
+        if self.screened_steps >= self.warmup and self.spent > self.HYSTERESIS * self.plain:
             self.stats["switches_to_plain"] += 1
             self.plain_until = step + 1 + self.probe
             self.probe = min(2 * self.probe, self.max_probe)
@@ -195,14 +197,13 @@ class _LazyState:
         self.stats["rechecks"] += len(idx)
 
     def _block(self, F: np.ndarray, step: int, size: int) -> None:
-        """Screen the `size` stale candidates with the highest bounds, the first few in full to set tau, then
-        every stale candidate whose bound reaches tau (each must be looked at unless a later one raises tau).
-        Plain (unscreened) steps start from the `batch` highest bounds and evaluate in float64."""
+        """Screen the `size` stale candidates with the highest bounds; the first few in full to set tau.
+        Plain (unscreened) steps take the `batch` highest bounds first, then every stale candidate whose bound
+        reaches the best float64 key found (each must be evaluated unless a later one raises that key)."""
         cand = F[(self.fresh[F] != step) & (self.ub[F] > -math.inf)]
-        if self.tau > -math.inf:  # every stale bound at or above the best key found must be looked at anyway
-            size = max(1, min(int((self.ub[cand] >= self.tau).sum()), self.max_batch))
-        elif not self.switch.screening:
-            size = self.batch
+        if not self.switch.screening:  # every stale bound at or above the best key must be evaluated anyway
+            size = self.batch if self.tau == -math.inf else max(1, min(int((self.ub[cand] >= self.tau).sum()),
+                                                                       self.max_batch))
         if size < len(cand):
             cand = cand[np.argpartition(-self.ub[cand], size - 1)[:size]]
         self.screened_bounds.append(self.ub[cand].copy())
