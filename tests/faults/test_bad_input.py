@@ -253,9 +253,9 @@ CASES = [
         "--budget", "2", "--out", w.dir / "o.parquet"], "'losses' has 3 checkpoints but 'steps' has 2")),
     # ---- selection files (sftcurate export)
     ("export-not-committed", lambda w: (["export", f"{w.store}/selection/no-such-key", "--out", w.dir / "x.jsonl"],
-                                        "no-such-key: no _MANIFEST.json")),
+                                        "no-such-key: no committed selection or curated artifact there")),
     ("export-not-a-selection", lambda w: (["export", w.examples_uri, "--out", w.dir / "x.jsonl"],
-                                          "not a selection committed by `sftcurate run`")),
+                                          "a 'examples' artifact, not a selection")),
     ("export-over-an-existing-file", lambda w: (["export", w.selection_uri, "--out", w.file(
         "existing.jsonl", "an earlier export\n")], "existing.jsonl: already exists; pass --overwrite")),
     ("export-over-its-own-source", lambda w: (["export", w.selection_uri, "--out", w.data, "--overwrite"],
