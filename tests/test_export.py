@@ -252,3 +252,14 @@ def test_the_cli_prints_one_line_for_a_mixed_type_field_and_an_existing_out(tmp_
         assert result.exit_code == 2 and len(errors) == 1 and expected in errors[0], result.output[-2000:]
         assert "Traceback" not in result.output
     assert not (tmp_path / "out.parquet").exists()
+
+
+def test_a_curated_artifact_missing_its_records_is_rebuilt_by_export(tmp_path, store_root):
+    from pathlib import Path
+
+    selection = curate_all(write(tmp_path, "jsonl", [plain(i) for i in range(N)]))
+    curated = Path(export(selection, str(tmp_path / "first.jsonl"))["curated_uri"])
+    (curated / "records.jsonl").unlink()
+    result = export(selection, str(tmp_path / "again.jsonl"))
+    assert Path(result["curated_uri"]) == curated and (curated / "records.jsonl").exists()
+    assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "first.jsonl").read_bytes()
