@@ -41,12 +41,14 @@ import numpy as np
 from sftcurate.core.formats import ROLE_NAMES, RecordError, column, normalize
 from sftcurate.core.tokenize import Encoded, encode_example
 from sftcurate.data_contracts import UserError
+from sftcurate.infra import progress
 
 AUTO, CHAT, PLAIN = "auto", "chat", "plain"
 TOO_LONG_RULES = ("drop", "cut", "keep")
 CHAT_FIELDS = {"messages": ("messages", "role", "content"), "sharegpt": ("conversations", "from", "value")}
 RESPONSE_FIELDS = {"text": "text", "prompt_response": "response", "alpaca": "output"}
 MAX_CUT_TRIES = 8
+PROGRESS_EVERY = 200  # examples between progress reports (a chat template renders a few hundred per second)
 # Stands in for an assistant turn's content to find where the template puts it; no real text contains it.
 _PROBE = "\x00sftcurate-assistant-content\x00"
 
@@ -186,6 +188,9 @@ def fit_examples(tokenizer, template: str, max_length: int, too_long: str, texts
         raise ValueError(f"too_long must be one of {TOO_LONG_RULES}, got {too_long!r}")
     out = Fitted(template=resolve_template(tokenizer, template), too_long=too_long)
     for row, text in enumerate(texts):
+        if (row + 1) % PROGRESS_EVERY == 0 or row + 1 == len(texts):
+            progress.step(f"ingest: {out.template} template, too_long {too_long}", row + 1, len(texts),
+                          unit="examples")
         try:
             text = text.rendered(tokenizer, out.template, columns)
         except TemplateError as exc:

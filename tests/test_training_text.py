@@ -10,6 +10,7 @@ from sftcurate.core.config import CurateConfig, FinetuneConfig, SourceConfig
 from sftcurate.core.ingest import examples_meta, ingest, load_examples, load_pool, source_fingerprint
 from sftcurate.core.tokenize import encode_pairs, example_rows
 from sftcurate.data_contracts import UserError
+from sftcurate.infra import progress
 from tests.helpers import write_jsonl
 
 # ChatML with a default system prompt, as SmolLM2-Instruct's template.
@@ -151,7 +152,13 @@ def test_a_cut_record_is_exported_as_cut_and_counted_as_trained(tmp_path, store_
 
     long_answer = " ".join(f"word{i}" for i in range(200))
     write_jsonl(tmp_path / "mixed.jsonl", [chat(i) for i in range(3)] + [chat(9, long_answer)])
-    uri = run_ingest(str(tmp_path / "mixed.jsonl"), chat_model, max_length=96)  # cut is the default
+    events = []
+    unsubscribe = progress.subscribe(lambda name, event, detail: events.append((name, detail.get("step"))))
+    try:
+        uri = run_ingest(str(tmp_path / "mixed.jsonl"), chat_model, max_length=96)  # cut is the default
+    finally:
+        unsubscribe()
+    assert ("ingest: chat template, too_long cut", 4) in events  # the rendering reports its progress, labelled
     meta, rows = examples_meta(uri), load_examples(uri).to_pylist()
     assert (meta["too_long"], meta["too_long_cut"], meta["too_long_dropped"], meta["n_examples"]) == ("cut", 1, 0, 4)
     (cut,) = [r for r in rows if r["response"].startswith("word0 word1")]
