@@ -3,7 +3,11 @@
 Every artifact is a folder `<root>/<kind>/<key>/` whose files are written first and whose `_MANIFEST.json`
 is written last. Readers only trust folders with a manifest, so a crash never leaves a half-artifact that
 looks complete. Keys are content addresses (fingerprints of inputs + parameters + code), which makes a
-re-run with the same inputs find the artifact already committed.
+re-run with the same inputs find the artifact already committed. Readers trust a manifest only while the files
+match it (verified reads, `artifact_damage`): a damaged artifact is rebuilt by its stage, never used.
+
+Longer than most modules because its parts share one set of primitives (`filesystem_for`, `retrying`, whole
+writes): the retry loop for S3, typed IO validated by the contracts, the writer and its manifest, verified reads.
 """
 from __future__ import annotations
 
