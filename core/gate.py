@@ -6,7 +6,9 @@ Scores (higher is worse; computed in `core.gate_scores`, an artifact of their ow
     mismatched answers are surprising to the model the user fine-tunes);
   - `proxy_final_loss`: the S2L proxy's loss at its last checkpoint (what the proxy never learned);
   - `proxy_not_falling`: the proxy's loss at its last checkpoint minus its first (an example whose loss does not
-    fall while the proxy trains on the pool is noise to it).
+    fall while the proxy trains on the pool is noise to it);
+  - `askllm`: 1 - P("yes") when the target model is asked whether the example is informative (Ask-LLM's
+    prompt and score, `core.selectors.askllm`).
 
 This module is light (the config imports it): the typed parameters and the drop rule. The curate flow then
 commits the pool without the dropped examples (`core.gate_scores.gated_examples`), which every later stage
@@ -20,7 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 
-GateScore = Literal["target_loss", "proxy_final_loss", "proxy_not_falling"]
+GateScore = Literal["target_loss", "proxy_final_loss", "proxy_not_falling", "askllm"]
 
 
 class GateConfig(BaseModel):
@@ -29,8 +31,9 @@ class GateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     score: GateScore = Field("target_loss", description="target_loss (the target model's mean loss per loss token), "
-                             "proxy_final_loss (the S2L proxy's last-checkpoint loss) or proxy_not_falling (its "
-                             "last-checkpoint loss minus its first)")
+                             "proxy_final_loss (the S2L proxy's last-checkpoint loss), proxy_not_falling (its "
+                             "last-checkpoint loss minus its first) or askllm (1 - the target model's Ask-LLM "
+                             "P(yes))")
     drop: float = Field(0.1, gt=0, lt=1, description="share of the pool dropped: the examples with the highest "
                         "scores")
 

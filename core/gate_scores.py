@@ -3,8 +3,9 @@
 MLflow show.
 
 `target_loss` runs the target model once over the pool (the batched, length-grouped loss pass that S2L uses
-for its trajectories, `core.trajectories.example_losses`); the two proxy scores read the S2L trajectories
-artifact, so a gate on them costs nothing more when the selector is S2L.
+for its trajectories, `core.trajectories.example_losses`); `askllm` once more with Ask-LLM's prompt; the two
+proxy scores read the S2L trajectories artifact, so a gate on them costs nothing more when the selector is
+S2L.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pyarrow as pa
 from sftcurate.core.gate import GateConfig, gate_keep
 from sftcurate.core.ingest import KIND as EXAMPLES_KIND, examples_fingerprint, load_examples, load_pool
 from sftcurate.core.inputs import load_trajectories_file
+from sftcurate.core.selectors.askllm import askllm_scores, example_text
 from sftcurate.core.selectors.base import check_pool_alignment
 from sftcurate.core.tokenize import encode_pairs, example_rows
 from sftcurate.core.trajectories import example_losses
@@ -87,6 +89,20 @@ def gate_on_target_loss(examples_uri: str, gate: GateConfig, model_spec: str, ma
     def scores_of_pool(pool):
         loaded = resolve_model(model_spec)
         return target_losses(loaded.model, loaded.tokenizer, pool, max_length, batch_tokens)
+
+    return commit_gate(examples_uri, gate, scores_of_pool,
+                       {"model": model_fingerprint(model_spec), "max_length": max_length})
+
+
+def gate_on_askllm(examples_uri: str, gate: GateConfig, model_spec: str, batch_tokens: int,
+                    max_length: int) -> Built:
+    from sftcurate.infra.models import model_fingerprint, resolve_model
+
+    def scores_of_pool(pool):
+        loaded = resolve_model(model_spec)
+        texts = [example_text(p, r) for p, r in zip(pool.column("prompt").to_pylist(),
+                                                     pool.column("response").to_pylist())]
+        return 1.0 - askllm_scores(loaded.model, loaded.tokenizer, texts, batch_tokens, max_length)
 
     return commit_gate(examples_uri, gate, scores_of_pool,
                        {"model": model_fingerprint(model_spec), "max_length": max_length})

@@ -15,6 +15,12 @@ def gate_target_loss_task(examples_uri: str, cfg: CurateConfig) -> str:
 
 
 @stage_task("gate-scores")
+def gate_askllm_task(examples_uri: str, cfg: CurateConfig) -> str:
+    return gate_scores.gate_on_askllm(examples_uri, cfg.selection.gate, cfg.models.target,
+                                      cfg.embedding.batch_tokens, cfg.models.max_length)
+
+
+@stage_task("gate-scores")
 def gate_trajectories_task(examples_uri: str, cfg: CurateConfig, trajectories_uri: str) -> str:
     return gate_scores.gate_on_trajectories(examples_uri, cfg.selection.gate, trajectories_uri)
 
@@ -25,13 +31,15 @@ def gated_examples_task(examples_uri: str, gate_uri: str) -> str:
 
 
 def gate_pool(examples_uri: str, cfg: CurateConfig, run_id: str | None) -> str:
-    """The gated examples artifact of the pool: scores (the target's losses, or the S2L proxy's trajectories on
-    the whole pool), then the pool without its worst `selection.gate.drop` share."""
+    """The gated examples artifact of the pool: scores (the target's losses or Ask-LLM answers, or the S2L
+    proxy's trajectories on the whole pool), then the pool without its worst `selection.gate.drop` share."""
     if cfg.selection.gate.score == "target_loss":
         gate_uri = call(gate_target_loss_task, examples_uri, cfg)
+    elif cfg.selection.gate.score == "askllm":
+        gate_uri = call(gate_askllm_task, examples_uri, cfg)
     else:
         gate_uri = call(gate_trajectories_task, examples_uri, cfg, produce("trajectories", examples_uri, cfg, run_id))
     return call(gated_examples_task, examples_uri, gate_uri)
 
 
-__all__ = ["gate_pool", "gate_target_loss_task", "gate_trajectories_task", "gated_examples_task"]
+__all__ = ["gate_pool", "gate_target_loss_task", "gate_askllm_task", "gate_trajectories_task", "gated_examples_task"]

@@ -79,6 +79,53 @@ def test_proxy_scores_are_the_last_loss_and_how_little_it_fell():
     assert np.flatnonzero(~gate_keep(proxy_scores(losses, "proxy_not_falling"), 0.34)).tolist() == [1]
 
 
+def test_gate_artifacts_on_askllm_and_proxy_trajectories_score_and_drop_as_declared(store_root):
+    from sftcurate.core.config import SourceConfig
+    from sftcurate.core.gate import GateConfig
+    from sftcurate.core.gate_scores import (dropped_records, gate_on_askllm, gate_on_trajectories, gated_examples,
+                                            kept_positions)
+    from sftcurate.core.ingest import examples_meta, ingest, load_pool, source_fingerprint
+    from sftcurate.core.selectors.askllm import askllm_scores, example_text
+    from sftcurate.data_contracts import TRAJECTORIES, TRAJECTORIES_IDS
+    from sftcurate.infra.models import resolve_model
+    from sftcurate.infra.stages import build_once
+    from sftcurate.infra.store import read_manifest
+
+    source = SourceConfig(uri="builtin:python-docs", limit=24)
+    examples_uri = ingest(source, source_fingerprint(source), "tiny-gpt2", 64)
+    pool = load_pool(examples_uri)
+    n = pool.num_rows
+
+    gate_uri = gate_on_askllm(examples_uri, GateConfig(score="askllm", drop=0.25), "tiny-gpt2", 4096, 64)
+    loaded = resolve_model("tiny-gpt2")
+    p_yes = askllm_scores(loaded.model, loaded.tokenizer, [example_text(p, r) for p, r in zip(
+        pool.column("prompt").to_pylist(), pool.column("response").to_pylist())], 4096, 64)
+    kept = kept_positions(gate_uri, examples_uri)
+    assert len(kept) == n - round(0.25 * n)
+    assert sorted(r["index"] for r in dropped_records(gate_uri)) == sorted(set(range(n)) - set(kept.tolist()))
+    assert np.allclose([r["score"] for r in dropped_records(gate_uri)],
+                       sorted(1 - p_yes, reverse=True)[:n - len(kept)])
+
+    losses = np.tile(np.array([3.0, 2.0, 1.0], np.float32), (n, 1))
+    losses[[2, 5], -1] = 3.5                                       # two examples whose loss never falls
+
+    def trajectories(writer) -> None:  # a committed trajectories artifact, as the S2L stage writes one
+        writer.write_tensors("trajectories.safetensors", {"losses": losses, "steps": np.array([1, 2, 3])},
+                             TRAJECTORIES)
+        writer.write_table("ids.parquet", pa.table({"id": pool.column("id"), "pool_index": np.arange(n),
+                                                    "source": [""] * n}), TRAJECTORIES_IDS)
+
+    trajectories_uri = build_once("trajectories", __name__, {"planted": [2, 5]}, trajectories)
+    gate_uri = gate_on_trajectories(examples_uri, GateConfig(score="proxy_not_falling", drop=2 / n),
+                                    trajectories_uri)
+    assert [r["index"] for r in dropped_records(gate_uri)] == [2, 5]
+    gated = gated_examples(examples_uri, gate_uri)
+    assert load_pool(gated).column("id").to_pylist() == [i for k, i in enumerate(pool.column("id").to_pylist())
+                                                          if k not in (2, 5)]
+    assert examples_meta(gated)["n_heldout"] == examples_meta(examples_uri)["n_heldout"]
+    assert read_manifest(gated)["meta"]["gate_dropped"] == 2
+
+
 def test_unknown_or_mistyped_gate_settings_are_one_line_naming_the_field():
     for overrides, field in ((["selection.gate.share=0.1"], "selection.gate.share"),
                              (["selection.gate.score=perplexity"], "selection.gate.score"),
