@@ -24,7 +24,8 @@ Templates (`models.template`):
 - `drop`: left out of the pool and the held-out split.
 - `keep`: the record stays whole: its budget counts every loss token of the whole rendering (what a trainer
   without a length limit trains on), while token features, trajectories and this project's own fine-tune see
-  its first `max_length` tokens.
+  its first `max_length` tokens (FisherSFT's token budget costs a record by its feature rows: with token budgets
+  use `cut` or `drop`).
 Why `cut` by default: `max_length` caps the forward passes, so it is often far below the length of passages or
 answers; dropping would empty pools of long passages (the built-in corpus in 800-character passages is mostly
 longer than 128 tokens) and change which examples exist with a compute setting, and `keep` selects on a text the
