@@ -89,8 +89,8 @@ class ScreenSwitch:
     doubles after each probe that loses, up to `max_probe`). Both modes pick exactly what the naive greedy
     picks; only their cost differs."""
 
-    DECAY = 0.7         # weight of the past in the decayed sums, per screened step
-    # (times are CPU seconds of this process: on a shared machine wall time measures the neighbours)
+    DECAY = 0.7         # weight of the past in the decayed sums, per screened step (times are CPU seconds of
+                        # this process: on a shared machine wall time measures the neighbours)
     MIN_BATCH = 16      # float64 batches smaller than this are mostly overhead: not timed
     HYSTERESIS = 1.25   # step aside only when the screen costs this much more: CPU times on a shared machine
                         # jitter by ~10-20%, and a wrong switch to plain costs more than a late one
@@ -117,7 +117,7 @@ class ScreenSwitch:
         return self.screening
 
     def observe(self, step: int, seconds: float, plain_candidates: int) -> None:
-        """After a screened step: its wall time and how many float64 gains the plain greedy would have taken."""
+        """After a screened step: its CPU time and how many float64 gains the plain greedy would have taken."""
         if not self.enabled or not self.screening or self.n64 == 0:
             return
         self.spent = self.DECAY * self.spent + seconds
@@ -182,9 +182,11 @@ class _LazyState:
     def _recheck(self, F: np.ndarray, step: int) -> None:
         """Float64 gains of the fresh float32 candidates that can still win (ub >= tau)."""
         idx = F[(self.fresh[F] == step) & ~self.exact[F] & (self.ub[F] >= self.tau)]
-        t0 = time.process_time()
+        timed = len(idx) >= self.switch.MIN_BATCH  # a CPU clock read is not free: only where it counts
+        t0 = time.process_time() if timed else 0.0
         g64 = self.obj.gains(idx)
-        self.switch.timed_float64(time.process_time() - t0, len(idx))
+        if timed:
+            self.switch.timed_float64(time.process_time() - t0, len(idx))
         ratio = np.abs(g64 - self.g32[idx]) / np.maximum(self.eps[idx], 1e-300)
         self.stats["max_error_over_margin"] = max(self.stats["max_error_over_margin"], float(ratio.max()))
         if (ratio > 0.5).any():  # closer to the margin than ever measured: widen it for the rest of the run
