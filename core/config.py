@@ -18,6 +18,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 from sftcurate.core.gate import GateConfig
 from sftcurate.core.selectors import REGISTRY
 from sftcurate.core.selectors.base import SelectorParams, selector_class, selector_help
+from sftcurate.core.target import TARGET_FEATURES
 from sftcurate.core.training_text import check_template
 from sftcurate.data_contracts.errors import UserError
 
@@ -186,9 +187,14 @@ class SelectionConfig(Section):
 
     @model_validator(mode="after")
     def _target_when_aimed(self):
-        if "target_features" in selector_class(self.method).requires and not self.target:
+        aims = TARGET_FEATURES in selector_class(self.method).requires
+        if aims and not self.target:
             raise ValueError(f"selection.target: selector '{self.method}' aims at a target; set selection.target "
                              "to a file of target records")
+        if self.target and not aims:  # a target nothing reads would look like one that was aimed at
+            raise ValueError(f"selection.target: selector '{self.method}' does not aim at a target; choose one "
+                             "that does (" + ", ".join(n for n, c in REGISTRY.items() if TARGET_FEATURES in c.requires)
+                             + ") or unset selection.target")
         return self
 
     @model_validator(mode="after")

@@ -42,11 +42,16 @@ from sftcurate.infra import progress
 ROWS_PER_CHUNK = 1 << 15  # padded token rows per batched gain evaluation (memory ~ rows * d * 8 B * 3)
 
 
+def _take(features, rows: np.ndarray) -> np.ndarray:
+    """Rows by global index of in-memory or sharded (memory-mapped) features, as float64."""
+    if not isinstance(features, np.ndarray) and hasattr(features, "take"):  # ShardedRows, memory-mapped shards
+        return np.asarray(features.take(rows), dtype=np.float64)
+    return np.asarray(features[rows], dtype=np.float64)
+
+
 def _rows(features, lo: int, hi: int) -> np.ndarray:
     """Rows lo..hi of in-memory or sharded (memory-mapped) features as float64."""
-    if not isinstance(features, np.ndarray) and hasattr(features, "take"):  # ShardedRows, memory-mapped shards
-        return np.asarray(features.take(np.arange(lo, hi, dtype=np.int64)), dtype=np.float64)
-    return np.asarray(features[lo:hi], dtype=np.float64)
+    return _take(features, np.arange(lo, hi, dtype=np.int64))
 
 
 def target_second_moment(target_features, chunk_rows: int = 1 << 16) -> np.ndarray:
@@ -109,11 +114,11 @@ class TargetVariance:
         return out
 
     def _padded_gains(self, sentences: np.ndarray, width: int) -> np.ndarray:
+        lengths = self.lengths[sentences]
+        slot = np.arange(width)[None, :] < lengths[:, None]                  # [n, width]: a real row
+        rows = (self.offsets[sentences][:, None] + np.arange(width)[None, :])[slot]
         x = np.zeros((len(sentences), width, self.d), dtype=np.float64)
-        for row, i in enumerate(sentences):
-            lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
-            if hi > lo:
-                x[row, :hi - lo] = self.sentence(int(i))
+        x[slot] = _take(self.features, rows)                                  # one gather for the whole chunk
         xt = x.transpose(0, 2, 1)
         m = np.eye(width)[None] + (x @ self.inverse) @ xt
         numerator = (x @ self.weighted) @ xt
