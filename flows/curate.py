@@ -90,6 +90,7 @@ def curate(config: CurateConfig = CurateConfig()) -> dict:
         summary = {
             "name": cfg.name, "method": cfg.selection.method, "pool_size": meta.pool_size,
             "heldout_size": ex_meta["n_heldout"], "duplicates_removed": ex_meta["duplicates_removed"],
+            "files_skipped": len(ex_meta.get("skipped_files") or {}),  # which and why: the examples' manifest
             "template": ex_meta.get("template"), "too_long_cut": ex_meta.get("too_long_cut"),
             "too_long_dropped": ex_meta.get("too_long_dropped"), "gate_dropped": ex_meta.get("gate_dropped"),
             "budget": cfg.selection.examples_budget, "token_budget": cfg.selection.token_budget,

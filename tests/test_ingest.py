@@ -217,6 +217,19 @@ def test_a_folder_reports_the_files_it_skips(tmp_path, store_root):
     assert all("unknown file type" in why for why in meta["skipped_files"].values())
 
 
+def test_a_run_summary_counts_the_skipped_files(tmp_path, store_root, prefect_harness):
+    from sftcurate.core.config import CurateConfig
+    from sftcurate.flows.curate import curate
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "a.jsonl", qa_records(20))
+    (data / "b.jsonl.lz4").write_bytes(b"a codec fsspec has no reader for here")
+    summary = curate(CurateConfig.model_validate({"source": {"uri": str(data)}, "selection": {"budget": 3},
+                                                  "models": {"target": TOK, "max_length": 128}}))
+    assert summary["files_skipped"] == 1
+
+
 def test_an_unreachable_hub_is_one_line_of_the_environment_without_retry_lines(store_root, monkeypatch, caplog):
     import logging
 
