@@ -434,26 +434,6 @@ def verify(uri: Optional[str] = typer.Argument(None, help="a store root or one a
         raise typer.Exit(1)
 
 
-@app.command()
-def verify(uri: Optional[str] = typer.Argument(None, help="a store root or one artifact folder (default: "
-                                                         "SFTCURATE_STORE)"),
-           json_out: Optional[str] = json_option()):
-    """Check every committed artifact's files against the sizes and sha256s its manifest records; exit 1 if any
-    is damaged (the next run that needs it rebuilds it)."""
-    from sftcurate.infra.store import verify_store
-
-    try:
-        with stdout_for_json(json_out):
-            result = verify_store(uri)
-    except caught() as exc:
-        stop(exc)
-    for artifact, damage in result["damaged"].items():
-        console.print(f"damaged: {artifact}: {damage}", markup=False, highlight=False, soft_wrap=True)
-    emit("verify", result, json_out, shown={"checked": result["checked"], "damaged": len(result["damaged"])})
-    if result["damaged"]:
-        raise typer.Exit(1)
-
-
 def _write_json(target: str, obj) -> None:
     text = json.dumps(obj, indent=2, default=str)
     if target == "-":
