@@ -46,6 +46,10 @@ CATEGORIES = {
     "concurrent": [("runs started together in a fresh home", "tests/faults/test_concurrent_runs.py", "")],
     "runs": [("killed and interrupted MLflow runs", "tests/faults/test_killed_runs.py", "")],
     "loading": [("model loading on threads", "tests/faults/test_thread_safe_loading.py", "")],
+    "damaged": [("a damaged artifact (altered in place, truncated, deleted; local and S3): rebuilt, or one line",
+                 "tests/faults/test_damaged_artifacts.py", "")],
+    "export": [("SIGKILL of export before its rename: the previous file whole", "tests/test_export.py",
+                "kill_mid_export")],
 }
 
 
