@@ -39,24 +39,31 @@ CPU = {"iso-skewed": {"budgets": [150, 300], "unit": "examples"},
 GPU_SCALE = 4          # on a GPU: budgets x 4 and a pool of 24,000 records where the corpus has them
 
 
-def build(name: str, work: Path, gpu: bool) -> tuple[list[dict], list[dict]]:
-    """(pool records, target records) of a regime, by its registered rule."""
+def build(name: str, work: Path, gpu: bool, smoke: bool = False) -> tuple[list[dict], list[dict]]:
+    """(pool records, target records) of a regime, by its registered rule (`smoke`: a few records of each)."""
+    held = 3 if smoke else 25
     if name == "iso-skewed":
-        return regimes.skewed(regimes.iso_qa_records(), pool_size=6000 * (GPU_SCALE if gpu else 1),
-                              heldout_per_group=25, seed=0), []
+        pool_size = 120 if smoke else 6000 * (GPU_SCALE if gpu else 1)
+        return regimes.skewed(regimes.iso_qa_records(), pool_size=pool_size, heldout_per_group=held, seed=0), []
     if name == "faq-noisy":
-        return regimes.noisy(faq_records(doc_sources(work)), share=0.3, heldout_fraction=0.15, seed=0), []
+        records = faq_records(doc_sources(work))
+        return regimes.noisy(records[::4] if smoke else records, share=0.3, heldout_fraction=0.15, seed=0), []
     if name == "iso-targeted":
-        return regimes.targeted(regimes.iso_qa_records(), ["currency", "script"], n_target=50, heldout_per_group=25,
-                                seed=0)
+        records = regimes.iso_qa_records()
+        pool, target = regimes.targeted(records[::40] if smoke else records, ["currency", "script"],
+                                        n_target=6 if smoke else 50, heldout_per_group=held, seed=0)
+        return pool, target
     raise ValueError(name)
 
 
-def compare_config(name: str, data: Path, target: Path | None, budgets: list[int], unit: str, methods: list[str]):
+def compare_config(name: str, data: Path, target: Path | None, budgets: list[int], unit: str, methods: list[str],
+                   smoke: bool = False):
     from sftcurate.core.config import CompareConfig
 
     short = name.startswith("iso")
-    return CompareConfig.model_validate({
+    if smoke:   # the code paths at tiny sizes: a tiny model, one budget, 2 replicates, a few prompts
+        budgets = [20] if unit == "examples" else [400]
+    cfg = CompareConfig.model_validate({
         "name": f"regime-{name}",
         "source": {"uri": str(data), "group_field": "group", "split_field": "split"},
         "models": {"target": "builtin:smollm2-135m-instruct", "proxy": "tiny-gpt2", "max_length": 256},
@@ -69,6 +76,14 @@ def compare_config(name: str, data: Path, target: Path | None, budgets: list[int
                   "domain": "ISO code questions" if short else "Python documentation"},
         "seed": 0,
     })
+    if smoke:
+        cfg = CompareConfig.model_validate({**cfg.model_dump(), "models": {"target": "tiny-gpt2", "proxy": "tiny-gpt2",
+                                                                            "max_length": 64},
+                                            "replicates": 2, "reference_full": False,
+                                            "proxy": {"steps": 10, "checkpoints": 2, "batch_size": 8},
+                                            "judge": {**cfg.judge.model_dump(), "model": "tiny-gpt2",
+                                                      "max_prompts": 4, "max_new_tokens": 4}})
+    return cfg
 
 
 def methods_for(name: str) -> list[str]:
@@ -84,18 +99,16 @@ def picks_table(summary: dict, pool: list[dict]) -> list[str]:
 
     from sftcurate.infra.store import join
 
-    by_text = {(r["instruction"], r["output"]): r for r in pool}
     kinds = sorted({r["damage"] for r in pool if r["split"] == "train"})
     groups = sorted({r["group"] for r in pool})
     out: dict = {}
     for cell_name, cell in summary["cells"].items():
         method, budget = cell_name.split("@")[0], int(cell_name.split("@")[1].split("#")[0])
         sel = pq.read_table(join(cell["selection_uri"], "selection.parquet")).to_pylist()
-        examples = pq.read_table(join(cell["examples_uri"], "examples.parquet"),
-                                 columns=["id", "prompt", "response"]).to_pylist()
-        text = {e["id"]: (e["prompt"], e["response"]) for e in examples}
-        picked = [by_text.get(text[s["id"]]) for s in sel]
-        picked = [p for p in picked if p is not None]
+        examples = pq.read_table(join(cell["examples_uri"], "examples.parquet"), columns=["id", "origin"]).to_pylist()
+        # "file: line N" names the pool record an example came from (its text may have been cut to fit)
+        line = {e["id"]: int(e["origin"].rsplit("line ", 1)[1]) for e in examples}
+        picked = [pool[line[s["id"]] - 1] for s in sel]
         n = max(len(picked), 1)
         out.setdefault((budget, method), []).append(
             [len(picked)] + [sum(p["group"] == g for p in picked) / n for g in groups]
@@ -150,6 +163,7 @@ def main() -> int:
     ap.add_argument("--regimes", nargs="*", choices=list(CPU), default=list(CPU))
     ap.add_argument("--work", default=str(REPO / ".sftcurate" / "evidence"))
     ap.add_argument("--write-only", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="every code path at tiny sizes; writes to --work only")
     args = ap.parse_args()
 
     import torch
@@ -166,7 +180,7 @@ def main() -> int:
         run_now = name in args.regimes and not args.write_only
         if not run_now and not saved.exists():
             continue
-        pool, target = build(name, work, gpu)
+        pool, target = build(name, work, gpu, args.smoke)
         if not run_now:
             summary = json.loads(saved.read_text())
         else:
@@ -177,7 +191,7 @@ def main() -> int:
             budgets = [b * (GPU_SCALE if gpu else 1) for b in s["budgets"]]
             methods = methods_for(name)
             cfg = compare_config(name, data, target_file if target and "similarity" in methods else None, budgets,
-                                 s["unit"], methods)
+                                 s["unit"], methods, args.smoke)
             print(f"{name}: {len(pool)} records, methods {methods}", flush=True)
             summary = compare(cfg)
             saved.write_text(json.dumps(summary, indent=2, default=str))
@@ -186,7 +200,8 @@ def main() -> int:
         how = "--write-only from saved summaries" if args.write_only else f"this run {(time.time() - start) / 60:.0f} min"
         generated = (f"{START}\n## Regimes: results (`python benchmarks/bench_regimes.py`, {time.strftime('%Y-%m-%d')}, "
                      f"{how})\n\n" + "\n".join(parts) + f"\n{END}\n")
-        replace_generated(REPO / "docs" / "EVIDENCE.md", generated, "# Evidence", START, END)
+        out = work / "EVIDENCE-smoke.md" if args.smoke else REPO / "docs" / "EVIDENCE.md"
+        replace_generated(out, generated, "# Evidence", START, END)
     return 0
 
 

@@ -68,7 +68,7 @@ def _by_group(records: list[dict]) -> dict[str, list[int]]:
 
 def hold_out_per_group(records: list[dict], per_group: int, rng: np.random.Generator) -> list[dict]:
     """Copies of `records` with `per_group` of each group (a seeded draw, at most half a group) marked heldout."""
-    out = [dict(r, split="train") for r in records]
+    out = [dict(r, split="train", damage=r.get("damage", "clean")) for r in records]
     for members in _by_group(records).values():
         take = min(per_group, len(members) // 2)
         for i in rng.choice(members, size=take, replace=False):
@@ -107,7 +107,7 @@ def noisy(records: list[dict], share: float = 0.3, heldout_per_group: int | None
     if heldout_per_group is not None:
         marked = hold_out_per_group(records, heldout_per_group, rng)
     else:
-        marked = [dict(r, split="heldout" if u < heldout_fraction else "train")
+        marked = [dict(r, split="heldout" if u < heldout_fraction else "train", damage="clean")
                   for r, u in zip(records, rng.random(len(records)))]
     train = [i for i, r in enumerate(marked) if r["split"] == "train"]
     for n, pos in enumerate(rng.choice(len(train), size=int(round(share * len(train))), replace=False)):
@@ -135,5 +135,6 @@ def targeted(records: list[dict], target_groups: list[str], n_target: int, heldo
     taken = set(target_idx) | set(held_idx)
     pool = [dict(records[i], split="heldout") for i in held_idx]
     pool += [dict(r, split="train") for i, r in enumerate(records) if i not in taken]
-    target = [dict(records[i], split="target") for i in target_idx]
+    # a target file is read with the pool's source settings, so its records carry a split the reader accepts
+    target = [dict(records[i], split="train") for i in target_idx]
     return pool, target
