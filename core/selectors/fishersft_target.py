@@ -34,7 +34,8 @@ class FisherSFTTargetSelector(Selector):
     --target-features)."""
 
     name = "fishersft_target"
-    requires = (EXAMPLES, TOKEN_FEATURES, TARGET_FEATURES)
+    # the target first: a missing or empty target stops the run before the pool is embedded
+    requires = (EXAMPLES, TARGET_FEATURES, TOKEN_FEATURES)
     Params = FisherSFTTargetParams
 
     def select(self, inputs: SelectorInputs, budget: Budget, seed: int) -> SelectionResult:

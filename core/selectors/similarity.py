@@ -73,7 +73,8 @@ class SimilaritySelector(Selector):
     --target-features)."""
 
     name = "similarity"
-    requires = (EXAMPLES, SENTENCE_EMBEDDINGS, TARGET_FEATURES)
+    # the target first: a missing or empty target stops the run before the pool is embedded
+    requires = (EXAMPLES, TARGET_FEATURES, SENTENCE_EMBEDDINGS)
     Params = SimilarityParams
 
     def select(self, inputs: SelectorInputs, budget: Budget, seed: int) -> SelectionResult:
