@@ -38,12 +38,27 @@ def _load(model_uri: str | None, target_spec: str, dtype: str | None = None):
     return loaded.model, loaded.tokenizer
 
 
-def heldout_rows(examples_uri: str) -> list[tuple[str, str, str]]:
-    """(id, prompt, response) of the held-out split."""
+def heldout_rows(examples_uri: str, with_turns: bool = False) -> list[tuple]:
+    """(id, prompt, response) of the held-out split, and its rendered text (`turns`) with `with_turns`."""
     from sftcurate.core.ingest import load_split
 
     t = load_split(examples_uri, "heldout")
-    return list(zip(t.column("id").to_pylist(), t.column("prompt").to_pylist(), t.column("response").to_pylist()))
+    columns = ["id", "prompt", "response"] + (["turns"] if with_turns else [])
+    return list(zip(*(t.column(c).to_pylist() for c in columns)))
+
+
+def rendered_context(turns: str) -> str:
+    """What the model sees before its first answer in the one text it trains on (`core.training_text`): the chat
+    template's system and user turns and the assistant header, or a format string's head; "" for a plain
+    example (its prompt is the context as it is)."""
+    if not turns.startswith("{"):
+        return ""
+    context = []
+    for text, is_loss in json.loads(turns)["segments"]:
+        if is_loss:
+            break
+        context.append(text)
+    return "".join(context)
 
 
 # ---------------------------------------------------------------- held-out loss
@@ -124,12 +139,15 @@ def read_eval(eval_uri: str) -> dict:
 # ---------------------------------------------------------------- generations
 
 def generation_prompts(examples_uri: str, cfg: GenerationConfig) -> list[dict]:
-    """The seeded held-out prompt sample: [{prompt_id, prompt, reference}], identical for every model."""
-    rows = sorted(heldout_rows(examples_uri))
+    """The seeded held-out prompt sample: [{prompt_id, prompt, input, reference}], identical for every model."""
+    rows = sorted(heldout_rows(examples_uri, with_turns=True))
     out = []
-    for eid, prompt, response in rows:
+    for eid, prompt, response, turns in rows:
+        # `prompt` is what a reader (and the judge) sees; `input` what the model is given: the same text it was
+        # fine-tuned on up to its answer (the chat template or format string), so it answers as it learned to
+        context = rendered_context(turns)
         if prompt:
-            out.append({"prompt_id": eid, "prompt": prompt, "reference": response})
+            out.append({"prompt_id": eid, "prompt": prompt, "input": context or prompt, "reference": response})
             continue
         words = response.split(" ")
         if len([w for w in words if w]) < cfg.prompt_words + 4:
@@ -141,7 +159,7 @@ def generation_prompts(examples_uri: str, cfg: GenerationConfig) -> list[dict]:
             if seen >= cfg.prompt_words:
                 break
         head = " ".join(kept)
-        out.append({"prompt_id": eid, "prompt": head, "reference": response[len(head):]})
+        out.append({"prompt_id": eid, "prompt": head, "input": context + head, "reference": response[len(head):]})
     if not out:
         raise UserError(f"{examples_uri}: no held-out example can serve as a generation prompt; "
                         "raise source.heldout_fraction or add data")
@@ -199,7 +217,7 @@ def generate(examples_uri: str, model_uri: str | None, target_spec: str, target_
     def build(writer) -> None:
         prompts = generation_prompts(examples_uri, cfg)
         model, tokenizer = _load(model_uri, target_spec)
-        texts = generate_texts(model, tokenizer, [p["prompt"] for p in prompts], cfg)
+        texts = generate_texts(model, tokenizer, [p["input"] for p in prompts], cfg)
         table = pa.table({"prompt_id": [p["prompt_id"] for p in prompts], "prompt": [p["prompt"] for p in prompts],
                           "reference": [p["reference"] for p in prompts], "text": texts})
         writer.write_table("generations.parquet", table, GENERATIONS)

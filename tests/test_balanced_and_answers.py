@@ -99,3 +99,13 @@ def test_split_field_names_the_heldout_set_and_a_bad_value_is_one_line(tmp_path)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(IngestError, match=r"data.jsonl: .*'part' \(source.split_field\) is 'test'"):
         build_examples(source, tokenizer, 64)
+
+
+def test_generation_input_is_the_trained_text_up_to_the_answer():
+    from sftcurate.core.evaluate import rendered_context
+
+    turns = json.dumps({"segments": [["<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nCode of France?"
+                                      "<|im_end|>\n<|im_start|>assistant\n", False], ["FR<|im_end|>", True],
+                                     ["\n", False]], "eos": False})
+    assert rendered_context(turns).endswith("Code of France?<|im_end|>\n<|im_start|>assistant\n")
+    assert rendered_context("") == ""          # a plain example: its prompt is the model's input as it is
