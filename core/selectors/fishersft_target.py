@@ -30,8 +30,7 @@ class FisherSFTTargetParams(SelectorParams):
 
 @register
 class FisherSFTTargetSelector(Selector):
-    """FisherSFT aimed at a target: greedy reduction of the target tokens' predictive variance (needs --features,
-    --target-features)."""
+    """Targeted FisherSFT: least predictive variance of the target's tokens (needs --features, --target-features)."""
 
     name = "fishersft_target"
     # the target first: a missing or empty target stops the run before the pool is embedded

@@ -69,8 +69,7 @@ class SimilarityParams(SelectorParams):
 
 @register
 class SimilaritySelector(Selector):
-    """Similarity (RDS+): the examples whose mean token feature is closest to the target's (needs --features,
-    --target-features)."""
+    """Similarity (RDS+): mean token features closest to the target's (needs --features, --target-features)."""
 
     name = "similarity"
     # the target first: a missing or empty target stops the run before the pool is embedded
