@@ -6,11 +6,11 @@ The requirement `target_features`: its name and the check every selector aiming 
 imported); how it is read and made, and its one declaration (`core.selectors.base.declare`), are in
 `core.target_records`, which imports ingest and the embedding stage:
 
-| | |
-|---|---|
-| made by (the curate flow) | target-ingest (the records, no held-out split), embed-target (one shard: target sets are small), commit-target-features (a token-features artifact of the target) |
-| read by a selection | `inputs.extra["target_features"] = (features [T, d], offsets [M+1])` |
-| read by `sftcurate select` | `--target-features FILE` (a `.safetensors` file with `features` and `offsets`, or a token-features artifact folder) |
+- made by the curate flow: target-ingest (the records, no held-out split), embed-target (one shard: target
+  sets are small), commit-target-features (a token-features artifact of the target);
+- read by a selection into `inputs.extra["target_features"] = (features [T, d], offsets [M+1])`;
+- read by `sftcurate select` from `--target-features FILE` (a `.safetensors` file with `features` and
+  `offsets`, or a token-features artifact folder).
 
 Its key is the target records' content, the model, the template and the projection: editing the target file
 re-embeds the target only; the pool's features are reused.

@@ -142,7 +142,8 @@ def test_select_cli_aims_at_target_features(tmp_path):
         assert group[picks[:5]].all() and group[picks].mean() >= 0.8, (method, picks)
 
     missing = runner.invoke(app, ["select", "similarity", "--features", str(pool_file), "--target-features",
-                                  str(tmp_path / "nope.safetensors"), "--budget", "3", "--out", str(tmp_path / "o.parquet")])
+                                  str(tmp_path / "nope.safetensors"), "--budget", "3",
+                                  "--out", str(tmp_path / "o.parquet")])
     assert missing.exit_code == 2 and "--target-features" in missing.stderr and "nope.safetensors" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
     empty = tmp_path / "empty.safetensors"
