@@ -367,18 +367,21 @@ def run_greedy(features, offsets, lam: float = 1.0, algorithm: str = "lazy", k: 
 
 
 def select_from_features(features, offsets, budget, lam: float = 1.0, algorithm: str = "lazy", seed: int = 0,
-                         epsilon: float = 0.1, rule: str = "celf", device=None) -> GreedyResult:
+                         epsilon: float = 0.1, rule: str = "celf", device=None, costs=None) -> GreedyResult:
     """FisherSFT on in-memory features under a budget (anything with `examples`, `tokens` and `check(n, tokens)`,
-    such as the selectors' `Budget`; a sentence costs its rows). The greedy's own result, its `info` holding
-    what a selection manifest records (algorithm, lam, n, d, tokens, evaluations, ...)."""
+    such as the selectors' `Budget`). A sentence costs `costs` (the loss tokens its record trains on) or, without
+    them, its feature rows (the same number unless `source.too_long: keep` measured a record past max_length).
+    The greedy's own result, its `info` holding what a selection manifest records (algorithm, lam, n, d, tokens,
+    evaluations, ...)."""
     features, offsets = check_features(features, offsets)
     lengths = np.diff(offsets)
-    budget.check(len(lengths), int(offsets[-1]))
+    costs = lengths if costs is None else np.asarray(costs, dtype=np.int64)
+    budget.check(len(lengths), int(costs.sum()))
     res = run_greedy(features, offsets, lam=lam, algorithm=algorithm, k=budget.examples,
-                     token_budget=budget.tokens, costs=lengths, seed=seed, epsilon=epsilon, rule=rule,
+                     token_budget=budget.tokens, costs=costs, seed=seed, epsilon=epsilon, rule=rule,
                      device=device)
     res.info = {"algorithm": res.algorithm, "lam": lam, "evaluations": res.evaluations,
                 "seconds": round(res.seconds, 3), "n": len(lengths), "d": int(features.shape[1]),
-                "objective_initial": res.initial, "tokens": int(lengths[res.picks].sum()) if res.picks else 0,
+                "objective_initial": res.initial, "tokens": int(costs[res.picks].sum()) if res.picks else 0,
                 **res.info}
     return res

@@ -1,7 +1,8 @@
 """FisherSFT (Deb et al., ICML 2025): greedy log-det maximisation over per-token pre-logit features.
 
 Needs the `token_features` artifact (features [T, d], offsets [N+1], aligned with the pool). A sentence costs
-its number of feature rows (its loss tokens), so a token budget is exact. The math lives in
+the loss tokens its record trains on (`inputs.token_counts`), so a token budget is exact under every
+`source.too_long` rule. The math lives in
 `core.fisher` (the objective) and `core.fisher_greedy` (its greedy).
 """
 from __future__ import annotations
@@ -54,5 +55,5 @@ class FisherSFTSelector(Selector):
         features, lam = prepare_features(features, p.lam, unit_tokens=p.token_norm == "unit",
                                          relative_lam=p.lam_mode == "relative", whiten=p.whiten)
         res = select_from_features(features, offsets, budget, lam=lam, algorithm=p.algorithm, seed=seed,
-                                   epsilon=p.epsilon, rule=p.rule, device=p.device)
+                                   epsilon=p.epsilon, rule=p.rule, device=p.device, costs=inputs.token_counts)
         return SelectionResult(indices=res.picks, gains=res.gains, objective=res.objective, info=res.info)
