@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import List, Literal, Optional
+from typing import List, Literal, Optional, get_args
 
 import sftcurate.infra  # noqa: F401  (environment defaults before Prefect/MLflow are imported)
 import typer
@@ -340,10 +340,10 @@ def export(selection: str = typer.Argument(..., help="what to export: a selectio
                                                     "printed by `run`), a Prefect flow-run id, an MLflow run id, or "
                                                     "a config's name (its latest curation)"),
            out_path: str = typer.Option(..., "--out", help="where to write: a local path or s3://"),
-           fmt: ExportFormatChoice = typer.Option("jsonl", "--format",
-                                                  help="jsonl or parquet: your records as they were; messages: "
-                                                       "OpenAI chat messages (jsonl); hf: a Hugging Face datasets "
-                                                       "folder"),
+           # the choices in the help, checked by core.export: a bad value is one error line, not click's usage panel
+           fmt: str = typer.Option("jsonl", "--format", metavar="[" + "|".join(get_args(ExportFormatChoice)) + "]",
+                                   help="jsonl or parquet: your records as they were; messages: OpenAI chat "
+                                        "messages (jsonl); hf: a Hugging Face datasets folder"),
            push_to_hub: Optional[str] = typer.Option(None, help="also push to this Hugging Face dataset repo"),
            overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out (never a source)"),
            json_out: Optional[str] = json_option()):

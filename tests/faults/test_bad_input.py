@@ -306,10 +306,7 @@ def error_lines(text: str) -> list[str]:
 
 
 # Known to break the one-line rule, each with the reason; strict, so a fix shows up as a failure to remove it here.
-KNOWN_BROKEN = {
-    "export-bad-format": "--format is a typer choice list (a3388a2): a bad value prints click's usage panel, "
-                         "exit 2, not one error: line",
-}
+KNOWN_BROKEN: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name,case", [
