@@ -378,11 +378,13 @@ def build_examples(source: SourceConfig, tokenizer, max_length: int,
                             ("split_hint", record_split(raw, source.split_field)),
                             ("format", fmt), ("raw", raw_json(raw))):
             columns[name].append(value)
+    # the split is drawn once, before source.too_long drops anything, and travels with the rows that stay: a
+    # per-group draw made again after a drop could move a held-out example (never cut) into the pool
+    columns["heldout"] = list(heldout_mask(columns["id"], columns["group"], source, columns.pop("split_hint")))
     # the one text every stage trains on, and source.too_long (core/training_text.py)
     columns, prompt_tokens, loss_tokens, stats.text = fit_columns(columns, source, tokenizer, max_length, template,
-                                                                  heldout_mask(columns["id"], columns["group"], source,
-                                                                               columns["split_hint"]))
-    heldout = heldout_mask(columns["id"], columns["group"], source, columns.pop("split_hint"))
+                                                                  np.array(columns["heldout"], dtype=bool))
+    heldout = np.array(columns.pop("heldout"), dtype=bool)
     if heldout.all():
         raise IngestError(f"{source.uri}: every example fell into the held-out split; lower source.heldout_fraction "
                           "or add data")

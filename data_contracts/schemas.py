@@ -65,17 +65,17 @@ EXAMPLES = Contract(
     name="examples",
     version=4,
     schema=pa.schema([
-        ("id", pa.string()),            # stable content hash; drives the held-out split
+        ("id", pa.string()),            # stable content hash; drives the held-out split (unless source.split_field)
         ("prompt", pa.string()),        # "" for plain text
-        ("response", pa.string()),      # loss tokens come from here
-        ("turns", pa.string()),         # "" or a chat's segments [[text, is_loss], ...]: loss on every assistant turn
+        ("response", pa.string()),      # the answer as the user wrote it (cut when source.too_long cut it)
+        ("turns", pa.string()),         # the rendered text every stage trains on (core.training_text): its segments
         ("source", pa.string()),        # file / dataset / builtin the row came from (used for stratification)
         ("group", pa.string()),         # the record's group for per-group metrics: source.group_field, or source
         ("origin", pa.string()),        # file (or data set) and line / row of the record
         ("format", pa.string()),        # the record's format (text, prompt_response, alpaca, messages, sharegpt)
         ("raw", pa.string()),           # the record exactly as read, as JSON (what export gives back)
-        ("prompt_tokens", pa.int64()),
-        ("response_tokens", pa.int64()),
+        ("prompt_tokens", pa.int64()),   # context tokens of the rendered text (template markup and prompts)
+        ("response_tokens", pa.int64()),  # its loss tokens: what a token budget counts
         ("split", pa.string()),         # "train" (the pool) or "heldout"
     ]),
     non_null=("id", "prompt", "response", "turns", "source", "group", "origin", "format", "raw", "prompt_tokens",
