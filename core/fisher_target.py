@@ -187,8 +187,8 @@ def _greedy(objective: TargetVariance, k: int | None, token_budget: int | None, 
             best = _lazy_pick(objective, heap, available, costs, rule)
             if best is None:
                 break
-            pick, violated = best
-            violations += violated
+            pick, grown = best
+            violations += grown
         else:
             cand = np.flatnonzero(available)
             if not len(cand):
@@ -206,16 +206,19 @@ def _greedy(objective: TargetVariance, k: int | None, token_budget: int | None, 
 
 def _lazy_pick(objective: TargetVariance, heap: list, available: np.ndarray, costs: np.ndarray, rule: str):
     """Pop stale keys until one candidate's fresh key is at least the next stale key (see the module's note on
-    what that guarantees here). Returns (pick, 1 if its fresh key exceeded its stale one else 0) or None."""
+    what that guarantees here). Returns (pick, how many re-evaluated keys had grown past their stale value) or
+    None when nothing fits."""
+    grown = 0
     while heap:
         stale, i = heapq.heappop(heap)
         if not available[i]:
-            continue
+            continue            # picked, or too long for the token budget left (which only shrinks)
         fresh = float(_key(np.array([objective.gain(i)]), costs[i:i + 1], rule)[0])
+        grown += int(fresh > -stale * (1 + 1e-9) + 1e-12)
         while heap and not available[heap[0][1]]:
             heapq.heappop(heap)
         if not heap or fresh >= -heap[0][0]:
-            return i, int(fresh > -stale * (1 + 1e-9) + 1e-12)
+            return i, grown
         heapq.heappush(heap, (-fresh, i))
     return None
 
