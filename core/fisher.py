@@ -222,13 +222,12 @@ class LogDetObjective:
         g = np.full(len(cand), np.nan)
         ub = np.zeros(len(cand))
         eps = self.margin(cand) if len(cand) else np.zeros(0)
-        t, grad = self._traces_and_gradient_bounds(cand)
+        t = self._traces(cand)
         # screens mostly read cached traces and bounds: chunks as large as an accelerator's, so that per-chunk
         # overhead does not dominate where the trace prunes almost everything (the benchmark generator)
         for form, chunk in self.chunks(cand, max(self.batch_rows, DEVICE_BATCH_ROWS)):
             g[chunk], ub[chunk], eps[chunk] = self._screen_chunk(
-                cand[chunk], form, eps[chunk], tau, div[chunk], None if t is None else t[chunk],
-                None if grad is None else grad[chunk])
+                cand[chunk], form, eps[chunk], tau, div[chunk], None if t is None else t[chunk])
         self.n_screens += len(cand)
         self.n_evals += int(np.isfinite(g).sum())
         return g, ub, eps
@@ -254,27 +253,17 @@ class LogDetObjective:
             g[bad] = self.batch_gains(cand[bad], form).cpu().numpy()
         return g, chol, ~bad
 
-    def _traces_and_gradient_bounds(self, cand: np.ndarray, slice_size: int = 4096):
-        """With the trace cache: (t = <A^-1, X_i^T X_i> of every candidate, gradient bounds or None), in slices
-        of `slice_size` sentences (one float32 product with the packed A^-1 each, shared by both); else
-        (None, None) and each chunk computes t from X_i U."""
+    def _traces(self, cand: np.ndarray) -> np.ndarray | None:
+        """With the trace cache: t = <A^-1, X_i^T X_i> of every candidate (one float32 product with the packed
+        A^-1); else None and each chunk computes t from X_i U."""
         C = self.trace_cache()
         if C is None or not len(cand):
-            return None, None
-        P = self._packed_ainv().astype(np.float32)
-        t = np.empty(len(cand))
-        grad = None if self.gradient is None else np.empty(len(cand))
-        for lo in range(0, len(cand), slice_size):
-            part = cand[lo:lo + slice_size]
-            t[lo:lo + len(part)] = C[part] @ P
-            if grad is not None:
-                grad[lo:lo + len(part)] = self.gradient.bound(part, t[lo:lo + len(part)])
-        return t, grad
+            return None
+        return (C[cand] @ self._packed_ainv().astype(np.float32)).astype(np.float64)
 
-    def _screen_chunk(self, cand, form, eps, tau, div, t=None, grad=None) -> tuple[np.ndarray, np.ndarray,
-                                                                                    np.ndarray]:
-        """(gains32, upper bounds, gain margins) of one chunk; `eps` is the margin without the trace; `t` and
-        `grad` the chunk's traces and gradient bounds when `_traces_and_gradient_bounds` had them."""
+    def _screen_chunk(self, cand, form, eps, tau, div, t=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(gains32, upper bounds, gain margins) of one chunk; `eps` is the margin without the trace; `t` the
+        chunk's traces when `_traces` had them."""
         lens = self.lengths[cand]
         if not len(cand) or int(lens.max()) == 0:
             return np.zeros(len(cand)), eps.copy(), eps
@@ -294,9 +283,11 @@ class LogDetObjective:
         gain_eps = self.margin(cand, t_hi)
         r = np.maximum(np.minimum(lens, self.d), 1)
         ub = r * np.log1p(t_hi / r) + gain_eps
-        if self.gradient is not None:
-            ub = np.minimum(ub, self.gradient.bound(cand) if grad is None else grad)
         need = quantize(ub / div) >= tau
+        if self.gradient is not None and need.any():  # only where Jensen's bound did not already drop them
+            pos = np.flatnonzero(need)
+            ub[pos] = np.minimum(ub[pos], self.gradient.bound(cand[pos], t[pos] if C is not None else None))
+            need = quantize(ub / div) >= tau
         g = np.full(len(cand), np.nan)
         if need.any():
             pos = np.flatnonzero(need)
