@@ -25,6 +25,8 @@ other and stale bounds prune little: the worst case for lazy evaluation.
                                                     # ~400 s), new alone at N=10,000, K=500, and the d_proj table
                                                     # (64/128/256, random and PCA) on the real SmolLM2 artifact
                                                     # under .sftcurate/artifacts when present and on synthetic
+    python benchmarks/bench_fishersft.py --sentence-rank   # rank-r sentence factors vs the tokens (N=2,000, mean
+                                                           # 256 tokens, d=64, K=50, r = 8/16/32)
 Exit status 1 when a target is missed.
 """
 from __future__ import annotations
