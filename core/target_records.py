@@ -23,12 +23,13 @@ def pool_projection(examples_uri: str, cfg) -> str:
 
 def target_source(cfg):
     """The pool's source settings pointed at the target file: the same columns and format, every record kept
-    (no held-out split, no sample, no limit)."""
+    (no held-out split, no split or group field, no sample, no limit)."""
     if not cfg.selection.target:
         raise TargetError(f"selection.target: selector '{cfg.selection.method}' aims at a target; set "
                           "selection.target to a file of target records (any format source.uri reads)")
-    return cfg.source.model_copy(update={"uri": cfg.selection.target, "heldout_fraction": 0.0, "limit": None,
-                                         "sample": None, "group_field": None})
+    update = {"uri": cfg.selection.target, "heldout_fraction": 0.0, "limit": None, "sample": None,
+              "group_field": None, "split_field": None}  # every target record is the target's, whatever it says
+    return cfg.source.model_copy(update={k: v for k, v in update.items() if k in type(cfg.source).model_fields})
 
 
 def ingest_target(examples_uri: str, cfg, run_id: str | None) -> str:

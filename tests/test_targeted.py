@@ -173,6 +173,19 @@ def test_config_refuses_unknown_target_settings_and_a_missing_target(tmp_path):
                            "selection.params.similarity.aggregate=median"])
 
 
+def test_the_target_keeps_every_record_whatever_the_pools_split_settings(store_root, tmp_path):
+    from sftcurate.core.ingest import examples_meta
+    from tests.helpers import qa_records, write_jsonl
+
+    records = [dict(r, split="heldout") for r in qa_records(5)]      # a split the pool's reader would honour
+    target = write_jsonl(tmp_path / "target.jsonl", records)
+    cfg = CurateConfig.model_validate({
+        "source": {"uri": "builtin:python-docs", "split_field": "split", "heldout_fraction": 0.5, "limit": 2},
+        "selection": {"method": "similarity", "target": str(target)}, "models": {"target": "tiny-gpt2"}})
+    meta = examples_meta(ingest_target("unused", cfg, None))
+    assert meta["n_train"] == 5 and meta["n_heldout"] == 0
+
+
 @pytest.mark.parametrize("content", [None, ""])
 def test_a_missing_or_empty_target_file_is_one_line_naming_it(tmp_path, content):
     path = tmp_path / "target.jsonl"
