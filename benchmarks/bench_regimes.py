@@ -166,14 +166,17 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="every code path at tiny sizes; writes to --work only")
     args = ap.parse_args()
 
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)   # before the import below reads where the home is
+
     import torch
 
     import sftcurate.infra  # noqa: F401  (quiet, offline environment defaults before Prefect starts)
     from sftcurate.flows.compare import compare
+    from sftcurate.infra.env import ensure_home
 
+    ensure_home()                             # the Prefect database lives there: it must exist before a flow runs
     gpu = torch.cuda.is_available()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
     parts, start = [], time.time()
     for name in CPU:   # every regime with a result: those run now, and the others from their saved summaries
         saved = work / f"regime-{name}-summary.json"

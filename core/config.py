@@ -403,6 +403,8 @@ class CompareConfig(PoolConfig):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     target: str | None = Field(None, description="a file of target records for the methods that aim at one "
                                "(selection.target of each of their cells)")
+    gate: GateConfig | None = Field(None, description="a quality gate in front of every method, uniform "
+                                    "included (selection.gate of every cell)")
     seed: int = Field(0, description="seed of selection, prompt sampling and bootstrap")
 
     @model_validator(mode="after")
@@ -427,7 +429,8 @@ class CompareConfig(PoolConfig):
         return CurateConfig(
             name=f"{self.name}:{method}@{budget}", **self.pool_sections(),
             selection=SelectionConfig(method=method, budget=examples, token_budget=tokens,
-                                      seed=self.seed + replicate, params=self.params, target=self.aimed(method)))
+                                      seed=self.seed + replicate, params=self.params, target=self.aimed(method),
+                                      gate=self.gate))
 
     def aimed(self, method: str) -> str | None:
         """The target file a method's cells aim at (only the methods that aim at one: uniform keeps its key)."""

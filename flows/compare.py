@@ -32,6 +32,7 @@ from sftcurate.infra.runners import task_runner_from_settings
 from sftcurate.infra.store import join, read_bytes, read_manifest
 from sftcurate.tasks.common import call
 from sftcurate.tasks.evaluate import finetune_task, generate_task, heldout_task, judge_sanity_task, judge_task
+from sftcurate.tasks.gate import gate_pool
 from sftcurate.tasks.links import flow_run_name, link_runs
 
 # ---------------------------------------------------------------- report
@@ -93,7 +94,12 @@ def log_cell_artifacts(run_id: str, cell: dict) -> None:
 
 
 def pool_size(cfg: CompareConfig) -> int:
-    return examples_meta(ingest_pool(cfg.curate_config(BASELINE, 1)))["n_train"]
+    """Training examples of the pool every cell selects from (behind the gate, when there is one)."""
+    curate = cfg.curate_config(BASELINE, 1)
+    examples_uri = ingest_pool(curate)
+    if curate.selection.gate is not None:
+        examples_uri = gate_pool(examples_uri, curate, None)
+    return examples_meta(examples_uri)["n_train"]
 
 
 @flow(name="compare", flow_run_name=flow_run_name, log_prints=True, persist_result=False,
