@@ -11,8 +11,8 @@ import numpy as np
 from sftcurate.core.feature_rows import check_features
 from sftcurate.core.fisher import LogDetObjective, pick_device, quantize
 from sftcurate.core.fisher_device import DeviceLogDet, device_lazy_greedy
-from sftcurate.core.greedy_base import (GreedyResult, check_rule, greedy_setup, lazy_loop,  # noqa: F401
-                                       report_pick)  # GreedyResult re-exported
+from sftcurate.core.greedy_base import (GreedyResult, check_rule, greedy_setup, greedy_section,  # noqa: F401
+                                       lazy_loop, report_pick)  # GreedyResult re-exported
 
 
 def _keys(gains: np.ndarray, cand: np.ndarray, costs: np.ndarray, rule: str) -> np.ndarray:
@@ -349,8 +349,11 @@ def run_greedy(features, offsets, lam: float = 1.0, algorithm: str = "lazy", k: 
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm '{algorithm}' is unknown; choose one of {sorted(ALGORITHMS)}")
     if rule == "celf" and token_budget is not None:
-        runs = [run_greedy(features, offsets, lam, algorithm, k, token_budget, costs, seed, epsilon, r, device)
-                for r in ("ratio", "gain")]
+        runs = []
+        for n, r in enumerate(("ratio", "gain"), 1):
+            with greedy_section(f"greedy, CELF pass {n} of 2 ({r} rule)"):
+                runs.append(run_greedy(features, offsets, lam, algorithm, k, token_budget, costs, seed, epsilon, r,
+                                       device))
         best = max(runs, key=lambda r: (r.objective, r.info["rule"] == "ratio"))
         best.info.update(rule="celf", celf_winner=best.info["rule"],
                          celf_objectives={r.info["rule"]: r.objective for r in runs})

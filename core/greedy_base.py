@@ -2,6 +2,8 @@
 becomes (k, costs, what fits), the rule check, and progress."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass, field
 
@@ -40,12 +42,28 @@ def check_rule(rule: str, token_budget) -> str:
     return rule if token_budget is not None else "gain"
 
 
+# The progress section a greedy reports under: CELF's two passes name their rule, so the second pass's bar is
+# labelled as what it is rather than the first one restarting.
+SECTION: contextvars.ContextVar[str] = contextvars.ContextVar("greedy_section", default="greedy")
+
+
+@contextlib.contextmanager
+def greedy_section(name: str):
+    """A greedy pass reported as a stage of its own (the terminal draws its bar under this name)."""
+    token = SECTION.set(name)
+    try:
+        with progress.stage(name):
+            yield
+    finally:
+        SECTION.reset(token)
+
+
 def report_pick(n_picks: int, k: int, used: int, token_budget: int | None) -> None:
     """Progress of a greedy: tokens spent of a token budget, else picks of k."""
     if token_budget is not None:
-        progress.step("greedy", min(used, token_budget), token_budget, unit="tokens")
+        progress.step(SECTION.get(), min(used, token_budget), token_budget, unit="tokens")
     else:
-        progress.step("greedy", n_picks, k, unit="picks")
+        progress.step(SECTION.get(), n_picks, k, unit="picks")
 
 
 def lazy_loop(obj, state, k: int, costs: np.ndarray, token_budget: int | None) -> tuple[list, list, int]:

@@ -72,3 +72,17 @@ def test_sharded_storage_gives_the_same_picks():
     whole = device_lazy_greedy(DeviceLogDet(x, off, 1.0, device="cpu"), k=25)
     sharded = device_lazy_greedy(DeviceLogDet(rows, off, 1.0, device="cpu"), k=25)
     assert sharded.picks == whole.picks
+
+
+def test_celf_passes_report_progress_under_their_own_names():
+    from sftcurate.core.fisher_greedy import run_greedy
+    from sftcurate.infra import progress
+
+    x, off = pool(7, n=60)
+    seen = []
+    unsubscribe = progress.subscribe(lambda name, event, d: seen.append(name) if event == "step" else None)
+    try:
+        run_greedy(x, off, 1.0, "lazy", token_budget=60, rule="celf")
+    finally:
+        unsubscribe()
+    assert list(dict.fromkeys(seen)) == ["greedy, CELF pass 1 of 2 (ratio rule)", "greedy, CELF pass 2 of 2 (gain rule)"]
