@@ -203,7 +203,9 @@ def table_to_bytes(table: pa.Table, contract: Contract, where: str) -> bytes:
 
 
 def write_table(uri: str, table: pa.Table, contract: Contract) -> None:
-    write_bytes(uri, table_to_bytes(table, contract, uri))
+    data = table_to_bytes(table, contract, uri)
+    with naming_the_file(uri):   # here too: the error names the table's file whatever writes the bytes below
+        write_bytes(uri, data)
 
 
 def read_table(uri: str, contract: Contract) -> pa.Table:
