@@ -60,7 +60,7 @@ class LogDetObjective:
 
     def __init__(self, features, offsets, lam: float = 1.0, device=None, dtype: torch.dtype = torch.float64,
                  refresh_every: int = 64, batch_rows: int | None = None, trace_cache_bytes: int = 1 << 30,
-                 incremental: bool = True, gradient_bytes: int = 1 << 30):
+                 incremental: bool = True, gradient_bytes: int = 0):
         if lam <= 0:
             raise ValueError(f"lam must be > 0, got {lam}")
         features, offsets = check_features(features, offsets)
