@@ -50,19 +50,8 @@ def encode_example(tokenizer, prompt: str, response: str, max_length: int | None
 
 
 def encode_turns(tokenizer, turns: str, max_length: int | None = None) -> Encoded:
-    ids: list[int] = []
-    mask: list[int] = []
-    for text, is_loss in json.loads(turns):
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-        if is_loss:
-            piece = piece + [tokenizer.eos_token_id]
-        ids += piece
-        mask += [int(bool(is_loss))] * len(piece)
-    if max_length is not None:
-        ids, mask = ids[:max_length], mask[:max_length]
-    if mask:
-        mask[0] = 0
-    return Encoded(ids, mask)
+    """A chat's turns ([[text, is_loss], ...]) with an eos after every loss turn."""
+    return encode_rendered(tokenizer, {"segments": json.loads(turns), "eos": True}, max_length)
 
 
 def encode_rendered(tokenizer, rendered: dict, max_length: int | None = None) -> Encoded:

@@ -268,3 +268,15 @@ def fill_in_order(order: np.ndarray, token_counts: np.ndarray, budget: Budget) -
         picked.append(i)
         used += n
     return picked
+
+
+def pool_token_features(inputs: "SelectorInputs", who: str) -> tuple:
+    """(features, offsets int64) of the pool's token features, checked to cover the pool (one line otherwise)."""
+    if inputs.token_features is None:
+        raise ValueError(f"{who}: no token features were loaded (requirement 'token_features')")
+    features, offsets = inputs.token_features
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if len(offsets) - 1 != inputs.size:
+        raise ValueError(f"{who}: token features cover {len(offsets) - 1} examples but the pool has {inputs.size}; "
+                         "re-run the embedding stage for this pool")
+    return features, offsets

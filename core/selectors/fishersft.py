@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 from pydantic import Field
 
 from sftcurate.core.fisher_features import prepare_features
 from sftcurate.core.fisher_greedy import select_from_features
-from sftcurate.core.selectors.base import (DEVICE_HELP, EXAMPLES, TOKEN_FEATURES, Budget, Selector, SelectionResult,
-                                           SelectorInputs, SelectorParams, register)
+from sftcurate.core.selectors.base import (DEVICE_HELP, EXAMPLES, TOKEN_FEATURES, Budget, SelectionResult, Selector,
+                                           SelectorInputs, SelectorParams, pool_token_features, register)
 
 
 class FisherSFTParams(SelectorParams):
@@ -44,13 +43,7 @@ class FisherSFTSelector(Selector):
     Params = FisherSFTParams
 
     def select(self, inputs: SelectorInputs, budget: Budget, seed: int) -> SelectionResult:
-        if inputs.token_features is None:
-            raise ValueError("fishersft: no token features were loaded (requirement 'token_features')")
-        features, offsets = inputs.token_features
-        offsets = np.asarray(offsets, dtype=np.int64)
-        if len(offsets) - 1 != inputs.size:
-            raise ValueError(f"fishersft: token features cover {len(offsets) - 1} examples but the pool has "
-                             f"{inputs.size}; re-run the embedding stage for this pool")
+        features, offsets = pool_token_features(inputs, self.name)
         p = self.params
         features, lam = prepare_features(features, p.lam, unit_tokens=p.token_norm == "unit",
                                          relative_lam=p.lam_mode == "relative", whiten=p.whiten)

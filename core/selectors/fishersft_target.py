@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 from pydantic import Field
 
 from sftcurate.core.fisher_target import targeted_greedy
-from sftcurate.core.selectors.base import (EXAMPLES, TOKEN_FEATURES, Budget, Selector, SelectionResult,
-                                           SelectorInputs, SelectorParams, register)
+from sftcurate.core.selectors.base import (EXAMPLES, TOKEN_FEATURES, Budget, SelectionResult, Selector,
+                                           SelectorInputs, SelectorParams, pool_token_features, register)
 from sftcurate.core.target import TARGET_FEATURES, target_features
 
 
@@ -38,13 +37,7 @@ class FisherSFTTargetSelector(Selector):
     Params = FisherSFTTargetParams
 
     def select(self, inputs: SelectorInputs, budget: Budget, seed: int) -> SelectionResult:
-        if inputs.token_features is None:
-            raise ValueError("fishersft_target: no token features were loaded (requirement 'token_features')")
-        features, offsets = inputs.token_features
-        offsets = np.asarray(offsets, dtype=np.int64)
-        if len(offsets) - 1 != inputs.size:
-            raise ValueError(f"fishersft_target: token features cover {len(offsets) - 1} examples but the pool "
-                             f"has {inputs.size}; re-run the embedding stage for this pool")
+        features, offsets = pool_token_features(inputs, self.name)
         target, _ = target_features(inputs, features.shape[1], self.name)
         p = self.params
         res = targeted_greedy(features, offsets, target, lam=p.lam, k=budget.examples, token_budget=budget.tokens,
