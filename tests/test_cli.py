@@ -166,6 +166,7 @@ def test_state_lives_in_one_home_per_user_unless_a_project_keeps_its_own(tmp_pat
     monkeypatch.delenv("SFTCURATE_HOME", raising=False)
     monkeypatch.delenv("SFTCURATE_MODEL_CACHE", raising=False)
     monkeypatch.delenv("SFTCURATE_STORE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)   # mlflow.set_tracking_uri exports it (earlier tests)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     seen = []
