@@ -51,18 +51,24 @@ def bootstrap(loss: np.ndarray, tokens: np.ndarray, n_boot: int = 2000, seed: in
     which seeds were drawn (the spread of the R replicate means, with Student's t at R-1 degrees of freedom, so
     two replicates give a wide interval and more replicates a narrower one). Pass a difference of two cells'
     losses (same examples, paired replicates) to get the interval of the difference."""
-    from scipy import stats
-
     loss, tokens = _check(loss, tokens)
-    n_rep, n = loss.shape
+    n = loss.shape[1]
     per_rep = loss.sum(axis=1) / max(tokens.sum(), 1.0)
-    mean = float(per_rep.mean())
     rng = np.random.default_rng(seed)
     averaged = loss.mean(axis=0)
     boots = np.empty(n_boot)
     for b in range(n_boot):
         idx = rng.integers(n, size=n)
         boots[b] = averaged[idx].sum() / max(tokens[idx].sum(), 1.0)
+    return _interval(per_rep, boots, level)
+
+
+def _interval(per_rep: np.ndarray, boots: np.ndarray, level: float) -> Interval:
+    """The mean of the replicate values `per_rep` with a `level` interval adding the bootstrap's variance over
+    held-out examples (`boots`) and the seeds' (their spread, Student's t at R-1 degrees of freedom)."""
+    from scipy import stats
+
+    n_rep, mean = len(per_rep), float(per_rep.mean())
     variance = float(boots.var(ddof=1)) + (float(per_rep.var(ddof=1)) / n_rep if n_rep > 1 else 0.0)
     q = stats.t.ppf(0.5 + level / 2, n_rep - 1) if n_rep > 1 else stats.norm.ppf(0.5 + level / 2)
     half = float(q * np.sqrt(variance))
@@ -158,35 +164,23 @@ def balanced_bootstrap(loss: np.ndarray, tokens: np.ndarray, groups: list[str], 
                        n_boot: int = 2000, seed: int = 0, level: float = LEVEL) -> Interval:
     """The balanced-target loss (or, with `baseline`, the paired difference method - baseline) with a `level`
     interval: a bootstrap that resamples held-out examples within each group (the groups are the design, each
-    keeps its size) plus the spread over replicates, as `bootstrap` adds them."""
-    from scipy import stats
-
+    keeps its size) plus the spread over replicates, as `bootstrap` adds them. With the same tokens on both
+    sides a difference of balanced losses is the balanced loss of the difference, as in `paired_difference`."""
     loss, tokens = _check(loss, tokens)
     if baseline is not None:
         baseline, _ = _check(baseline, tokens)
         reps = min(len(loss), len(baseline))
-        per_rep = (balanced_per_replicate(loss[:reps], tokens, groups)
-                   - balanced_per_replicate(baseline[:reps], tokens, groups))
-        averaged = loss[:reps].mean(axis=0), baseline[:reps].mean(axis=0)
-    else:
-        per_rep = balanced_per_replicate(loss, tokens, groups)
-        averaged = loss.mean(axis=0), None
+        loss = loss[:reps] - baseline[:reps]
+    per_rep = balanced_per_replicate(loss, tokens, groups)
+    averaged = loss.mean(axis=0)
     g = np.asarray(groups, dtype=object)
     members = [np.flatnonzero(g == name) for name in sorted(set(groups))]
     rng = np.random.default_rng(seed)
     boots = np.empty(n_boot)
     for b in range(n_boot):
-        value = 0.0
-        for idx in members:
-            pick = idx[rng.integers(len(idx), size=len(idx))]
-            t = max(tokens[pick].sum(), 1.0)
-            value += averaged[0][pick].sum() / t - (averaged[1][pick].sum() / t if averaged[1] is not None else 0.0)
-        boots[b] = value / len(members)
-    n_rep = len(per_rep)
-    variance = float(boots.var(ddof=1)) + (float(per_rep.var(ddof=1)) / n_rep if n_rep > 1 else 0.0)
-    q = stats.t.ppf(0.5 + level / 2, n_rep - 1) if n_rep > 1 else stats.norm.ppf(0.5 + level / 2)
-    mean, half = float(per_rep.mean()), float(q * np.sqrt(variance))
-    return Interval(mean, mean - half, mean + half)
+        picks = [idx[rng.integers(len(idx), size=len(idx))] for idx in members]
+        boots[b] = np.mean([averaged[p].sum() / max(tokens[p].sum(), 1.0) for p in picks])
+    return _interval(per_rep, boots, level)
 
 
 def rate_interval(hits: np.ndarray, baseline: np.ndarray | None = None, n_boot: int = 2000, seed: int = 0,

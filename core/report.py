@@ -89,8 +89,8 @@ def result_rows(cfg: CompareConfig, cells: dict, base_uri: str, examples_uri: st
                 evidence.balanced_bootstrap(loss, tokens, groups, None, n_boot, cfg.seed),
                 None if method == BASELINE else evidence.balanced_bootstrap(loss, tokens, groups, baseline, n_boot,
                                                                             cfg.seed), len(reps)))
-            row.update(answer_columns(answer_hits(reps, check), None if method == BASELINE else baseline_hits,
-                                      n_boot, cfg.seed))
+            hits = baseline_hits if method == BASELINE else answer_hits(reps, check)
+            row.update(answer_columns(hits, None if method == BASELINE else baseline_hits, n_boot, cfg.seed))
             rows.append(row)
     return rows
 
