@@ -51,9 +51,14 @@ def services_root(root: str | Path | None = None) -> Path:
     return Path(root or os.environ.get("SFTCURATE_SERVICES_DIR") or DEFAULT_ROOT).resolve()
 
 
-def executable(name: str) -> str:
+def installed(name: str) -> str | None:
+    """The console script `name`: beside this interpreter (the project's virtualenv) first, else on PATH."""
     local = Path(sys.executable).parent / name
-    found = str(local) if local.exists() else shutil.which(name)
+    return str(local) if local.exists() else shutil.which(name)
+
+
+def executable(name: str) -> str:
+    found = installed(name)
     if not found:
         raise ServiceError(f"{name}: not found next to {sys.executable} or on PATH; run `make install`")
     return found

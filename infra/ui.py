@@ -9,7 +9,6 @@ for that side: its address is printed. The MLflow address opens the sftcurate ex
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 from sftcurate.data_contracts.errors import DependencyError, UserError
 from sftcurate.infra import tracking
 from sftcurate.infra.env import ensure_home
+from sftcurate.infra.services import installed
 from sftcurate.infra.settings import load_settings
 
 HOST = "127.0.0.1"
@@ -42,8 +42,7 @@ class UI:
 
 
 def _executable(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.exists() else shutil.which(name)
+    found = installed(name)
     if not found:
         raise UIError(f"{name}: not found next to {sys.executable} or on PATH; run `make install`")
     return found
