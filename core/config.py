@@ -220,6 +220,10 @@ class ModelsConfig(Section):
 class EmbeddingConfig(Section):
     batch_tokens: int = Field(4096, gt=0, description="padded tokens per forward batch")
     shard_size: int = Field(2048, gt=0, description="examples per token-features shard")
+    sentence_rank: int | None = Field(
+        None, ge=1, description="store each sentence's rank-r factor (min(tokens, r) rows) instead of its tokens: "
+        "FisherSFT's log det is exact when a sentence's rank is at most r, else loses the energy reported; off "
+        "(tokens) by default")
     d_proj: int | None = Field(None, description="reduce features to this many dimensions")
     projection: Literal["random", "pca"] = Field("random", description="how to reduce d when d_proj is set")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
