@@ -18,7 +18,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 from sftcurate.core.gate import GateConfig
 from sftcurate.core.selectors import REGISTRY
 from sftcurate.core.selectors.base import SelectorParams, selector_class, selector_help
-from sftcurate.core.target import TARGET_FEATURES
+from sftcurate.core.target import needs_target, reads_target
 from sftcurate.core.training_text import check_template
 from sftcurate.data_contracts.errors import UserError
 
@@ -162,7 +162,8 @@ class SelectionConfig(Section):
     params: SelectorParamsConfig = Field(default_factory=SelectorParamsConfig,
                                          description="each selector's parameters (the chosen method's are used)")
     target: str | None = Field(None, description="a file of target records (any format source.uri reads) that "
-                               "similarity and fishersft_target aim at; embedded like the pool")
+                               "similarity and fishersft_target aim at, and s2l and fishersft when it is set; "
+                               "embedded like the pool")
     gate: GateConfig | None = Field(None, description="a quality gate before the selector: drop the worst share of "
                                     "the pool by a score (any selector, uniform included)")
 
@@ -187,13 +188,13 @@ class SelectionConfig(Section):
 
     @model_validator(mode="after")
     def _target_when_aimed(self):
-        aims = TARGET_FEATURES in selector_class(self.method).requires
-        if aims and not self.target:
+        cls = selector_class(self.method)
+        if needs_target(cls) and not self.target:
             raise ValueError(f"selection.target: selector '{self.method}' aims at a target; set selection.target "
                              "to a file of target records")
-        if self.target and not aims:  # a target nothing reads would look like one that was aimed at
+        if self.target and not reads_target(cls):  # a target nothing reads would look like one that was aimed at
             raise ValueError(f"selection.target: selector '{self.method}' does not aim at a target; choose one "
-                             "that does (" + ", ".join(n for n, c in REGISTRY.items() if TARGET_FEATURES in c.requires)
+                             "that does (" + ", ".join(n for n, c in REGISTRY.items() if reads_target(c))
                              + ") or unset selection.target")
         return self
 
@@ -227,6 +228,9 @@ class EmbeddingConfig(Section):
     d_proj: int | None = Field(None, description="reduce features to this many dimensions")
     projection: Literal["random", "pca"] = Field("random", description="how to reduce d when d_proj is set")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    model: str = Field("target", description="the model whose token features FisherSFT reads: target (models."
+                       "target), proxy (models.proxy, a smaller model; the target is then only fine-tuned) or "
+                       "any model spec")
 
 
 class ProxyConfig(Section):
@@ -437,8 +441,9 @@ class CompareConfig(PoolConfig):
                                       gate=self.gate))
 
     def aimed(self, method: str) -> str | None:
-        """The target file a method's cells aim at (only the methods that aim at one: uniform keeps its key)."""
-        return self.target if "target_features" in selector_class(method).requires else None
+        """The target file a method's cells aim at: only the methods that need one (uniform keeps its key, and
+        s2l and fishersft stay the untargeted methods a comparison holds the aimed ones against)."""
+        return self.target if needs_target(selector_class(method)) else None
 
     def finetune_config(self, train_tokens: int, replicate: int = 0) -> FinetuneConfig:
         """The one recipe, at the budget's token compute; replicate r trains with seed + r."""

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sftcurate.core.feature_rows import check_features
+from sftcurate.core.selectors.base import Budget, SelectionResult, SelectorInputs, pool_token_features
+from sftcurate.core.target import target_features
 from sftcurate.infra import progress
 
 ROWS_PER_CHUNK = 1 << 15  # padded token rows per batched gain evaluation (memory ~ rows * d * 8 B * 3)
@@ -252,3 +254,16 @@ def targeted_greedy(features, offsets, target_features, lam: float = 1.0, k: int
     return TargetedResult(picks=[int(p) for p in picks], gains=[float(g) for g in gains], objective=float(value),
                           initial=float(initial), evaluations=int(evaluations),
                           seconds=time.perf_counter() - start, algorithm=algorithm, info=info)
+
+
+def targeted_selection(inputs: SelectorInputs, budget: Budget, method: str, lam: float, algorithm: str,
+                       rule: str) -> SelectionResult:
+    """A selection by the targeted greedy on the pool's token features against the loaded target's (the
+    selector `fishersft_target`, and `fishersft` when a target is set)."""
+    features, offsets = pool_token_features(inputs, method)
+    target, _ = target_features(inputs, features.shape[1], method)
+    res = targeted_greedy(features, offsets, target, lam=lam, k=budget.examples, token_budget=budget.tokens,
+                          algorithm=algorithm, rule=rule)
+    return SelectionResult(indices=res.picks, gains=res.gains, objective=res.objective,
+                           info={**res.info, "algorithm": res.algorithm, "evaluations": res.evaluations,
+                                 "seconds": res.seconds, "target": True})

@@ -7,6 +7,13 @@ selection reads it, how `sftcurate select` reads it from a file, and how the cur
 | `sentence_embeddings` | the `token_features` artifact (made once); a selection reads its mean per example | Density |
 | `trajectories` | proxy-train, trajectory-shard per shard, trajectory-commit | S2L |
 | `model` | nothing: the target model's spec | Ask-LLM |
+| `target_features` | target-ingest, embed-target, commit-target-features | similarity, fishersft_target, FisherSFT |
+| `target_trajectories` | target-ingest, target-trajectories, commit-target-trajectories | S2L with a target |
+
+The two target rows are declared in `core.target_records`; FisherSFT reads `target_features` only with a target.
+
+Token features (and the target's) come from `embedding.model`: the target model by default, `proxy` for
+`models.proxy`, or any model spec (`feature_model`); the target model is then only fine-tuned.
 
 This module sits above the selectors and the stages that make their inputs (`core.embedding`,
 `core.trajectories`, `core.proxy`); a selection's key reaches only the loader of each of its requirements
@@ -17,12 +24,13 @@ from __future__ import annotations
 import numpy as np
 
 from sftcurate.core import embedding, ingest, proxy, trajectories
-from sftcurate.core.target_records import pool_projection  # also declares target_features (issue 24)
+from sftcurate.core.target import reads_target
+from sftcurate.core.target_records import feature_model, pool_projection  # also declares the target's inputs
 from sftcurate.core.inputs import (load_features_file, load_sentence_embeddings_into, load_token_features_into,
                                    load_trajectories_file, load_trajectories_into, mean_pool)
 from sftcurate.core.selectors.base import (EXAMPLES, MODEL, REQUIREMENTS, SENTENCE_EMBEDDINGS, TOKEN_FEATURES,
                                            TRAJECTORIES, FileInput, Production, Requirement, SelectorInputs,
-                                           SelectorParamError, Step, Summary, declare)
+                                           SelectorParamError, Step, Summary, declare, selector_class)
 from sftcurate.infra import tracking
 from sftcurate.infra.models import model_fingerprint
 from sftcurate.infra.store import read_manifest
@@ -31,6 +39,13 @@ from sftcurate.infra.store import read_manifest
 def declared(requires) -> list[Requirement]:
     """The declarations of a selector's requirements beyond the pool, in its order."""
     return [requirement(name) for name in requires if name != EXAMPLES]
+
+
+def selection_requires(selection) -> tuple[str, ...]:
+    """What a run of `selection` (a `SelectionConfig`) makes and reads, in order: the selector's requirements,
+    with those it reads of a target when `selection.target` is set."""
+    cls = selector_class(selection.method)
+    return cls.requirements(target=bool(selection.target) and reads_target(cls))
 
 
 def loader_code(requires) -> tuple[str, ...]:
@@ -60,7 +75,7 @@ def fit_pool_projection(examples_uri: str, cfg, run_id: str | None) -> str:
 
 
 def embed_pool_shard(examples_uri: str, cfg, projection_uri: str | None, index: int) -> str:
-    spec, emb = cfg.models.target, cfg.embedding
+    spec, emb = feature_model(cfg), cfg.embedding
     return embedding.embed_shard(examples_uri, index, emb.shard_size, spec, model_fingerprint(spec),
                                  cfg.models.max_length, emb.batch_tokens, emb.dtype, projection_uri)
 

@@ -15,6 +15,7 @@ from sftcurate.core.selectors.base import (
     MODEL, Budget, SelectionResult, SelectorInputs, SelectorParams,
     get_selector,
 )
+from sftcurate.core.target import TARGETS
 from sftcurate.data_contracts import SELECTION
 from sftcurate.data_contracts.manifests import SelectionMeta
 from sftcurate.infra.stages import Built, build_once, read_meta
@@ -59,10 +60,12 @@ def run_selection(examples_uri: str, method: str, budget: Budget, seed: int, par
     from sftcurate.infra.models import model_fingerprint
 
     selector = get_selector(method, params)
+    # a selector that aims at a target optionally (S2L, FisherSFT) reads it when the run made it
+    requires = type(selector).requirements(target=any(name in input_uris for name in TARGETS))
 
     def build(writer) -> None:
         pool = load_pool(examples_uri)
-        inputs = build_inputs(pool, selector.requires, input_uris, model_spec)
+        inputs = build_inputs(pool, requires, input_uris, model_spec)
         budget.check(inputs.size, int(inputs.token_counts.sum()))
         result = selector.select(inputs, budget, seed)
         if len(set(result.indices)) != len(result.indices):
@@ -80,9 +83,9 @@ def run_selection(examples_uri: str, method: str, budget: Budget, seed: int, par
 
     key_params = {"method": method, "budget": budget.examples, "token_budget": budget.tokens, "seed": seed,
                   "params": selector.params,
-                  "model": model_fingerprint(model_spec) if MODEL in selector.requires else None}
-    upstream = {"examples": examples_uri, **{r: u for r, u in input_uris.items() if r in selector.requires}}
-    return build_once(KIND, (__name__, type(selector).__module__, *loader_code(selector.requires)), key_params,
+                  "model": model_fingerprint(model_spec) if MODEL in requires else None}
+    upstream = {"examples": examples_uri, **{r: u for r, u in input_uris.items() if r in requires}}
+    return build_once(KIND, (__name__, type(selector).__module__, *loader_code(requires)), key_params,
                       build, upstream=upstream, store_root=store_root, meta=SelectionMeta)
 
 

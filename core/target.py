@@ -12,6 +12,13 @@ imported); how it is read and made, and its one declaration (`core.selectors.bas
 - read by `sftcurate select` from `--target-features FILE` (a `.safetensors` file with `features` and
   `offsets`, or a token-features artifact folder).
 
+The requirement `target_trajectories` (S2L with a target): the target's records ingested the same way, their
+losses at every checkpoint of the proxy trained on the pool (`--target-trajectories FILE` on the command line).
+
+A selector needs a target when a target requirement is in its `requires` (similarity, fishersft_target); it
+aims at one optionally when only its `requirements(target=True)` lists one (S2L, FisherSFT): then it reads the
+target when `selection.target` is set and runs as before when it is not.
+
 Its key is the target records' content, the model, the template and the projection: editing the target file
 re-embeds the target only; the pool's features are reused.
 """
@@ -22,6 +29,18 @@ import numpy as np
 from sftcurate.data_contracts import UserError
 
 TARGET_FEATURES = "target_features"
+TARGET_TRAJECTORIES = "target_trajectories"   # S2L: the target's losses at the pool proxy's checkpoints
+TARGETS = (TARGET_FEATURES, TARGET_TRAJECTORIES)
+
+
+def needs_target(cls) -> bool:
+    """Whether selector class `cls` cannot run without a target (it requires one)."""
+    return any(name in TARGETS for name in cls.requires)
+
+
+def reads_target(cls) -> bool:
+    """Whether selector class `cls` reads a target when one is set (it needs one, or aims at one optionally)."""
+    return any(name in TARGETS for name in cls.requirements(target=True))
 
 
 class TargetError(UserError):

@@ -12,8 +12,9 @@ from sftcurate.core.config import CurateConfig
 from sftcurate.core.curation_report import curation_report
 from sftcurate.core.gate_scores import gate_markdown
 from sftcurate.core.ingest import examples_meta, source_fingerprint
+from sftcurate.core.requirements import selection_requires
 from sftcurate.core.selection import binding_limit, selection_meta
-from sftcurate.core.selectors.base import MODEL, Budget, BudgetError, selector_class
+from sftcurate.core.selectors.base import MODEL, Budget, BudgetError
 from sftcurate.infra import progress, tracking
 from sftcurate.infra.env import ensure_home
 from sftcurate.infra.models import model_fingerprint
@@ -41,7 +42,7 @@ def select_pipeline(cfg: CurateConfig, run_id: str | None, timings: dict | None 
     timings = {} if timings is None else timings
     budget = selection_budget(cfg)
     budget.check(pool_size=2**62)  # <= 0 budgets fail before anything is read or committed
-    requires = selector_class(cfg.selection.method).requires
+    requires = selection_requires(cfg.selection)  # with what the selector reads of a target, when one is set
     with progress.stage("ingest", timings):
         examples_uri = ingest_pool(cfg)
     if cfg.selection.gate is not None:  # every later stage reads the gated pool (core/gate.py)

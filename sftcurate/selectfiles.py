@@ -16,10 +16,11 @@ import typer
 import yaml
 
 from sftcurate.core.ingest import load_pool
-from sftcurate.core.requirements import declared
+from sftcurate.core.requirements import declared, requirement
 from sftcurate.core.selection import selection_table
 from sftcurate.core.selectors.base import (REGISTRY, Budget, Selector, SelectorInputs, SelectorParamError,
                                            get_selector, parse_params, selector_class, selector_help)
+from sftcurate.core.target import TARGETS
 from sftcurate.data_contracts import SELECTION, UserError
 from sftcurate.infra.store import write_table
 
@@ -46,14 +47,17 @@ def select_from_files(method: str, budget: int | None, token_budget: int | None,
                       out_path: str, files: dict[str, str] | None = None, examples: str | None = None) -> dict:
     """Run `method` on the inputs named by `files` (requirement option -> file or value, as the requirements'
     `from_file` declare) and on the pool of `examples` when given; write the selection manifest to `out_path`."""
-    selector = get_selector(method, parse_params(method, selector_class(method).Params, params, where="--param"))
+    cls = selector_class(method)
+    selector = get_selector(method, parse_params(method, cls.Params, params, where="--param"))
     files = files or {}
+    # a selector that aims at a target optionally (s2l, fishersft) reads it when its file is given
+    requires = cls.requirements(target=any(files.get(_target_option(name)) for name in TARGETS))
     pool, counts = None, None
     inputs = SelectorInputs(pool=pa.table({"id": pa.array([], pa.string())}), token_counts=np.zeros(0, np.int64))
     if examples:
         pool = load_pool(examples)
         counts = np.asarray(pool.column("response_tokens"), dtype=np.int64)
-    for needed in declared(selector.requires):
+    for needed in declared(requires):
         source = needed.from_file
         if source is None:
             raise UserError(f"selector '{method}' needs '{needed.name}', which `sftcurate select` cannot read from "
@@ -66,7 +70,7 @@ def select_from_files(method: str, budget: int | None, token_budget: int | None,
             pool = _placeholder_pool(len(ids), ids)
         counts = file_counts if counts is None else counts
     if counts is None:
-        given = ", ".join(f"--{r.from_file.option}" for r in declared(selector.requires) if r.from_file)
+        given = ", ".join(f"--{r.from_file.option}" for r in declared(requires) if r.from_file)
         raise UserError(f"selector '{method}': pass {given + ' or ' if given else ''}--examples to define the pool")
     if pool is None:
         pool = _placeholder_pool(len(counts))
@@ -118,9 +122,15 @@ def _file_param(option: str) -> str:
     return "file_" + option.replace("-", "_")
 
 
+def _target_option(name: str) -> str | None:
+    """The command-line option of target requirement `name` (`--target-features`, `--target-trajectories`)."""
+    source = requirement(name).from_file
+    return source.option if source is not None else None
+
+
 def _file_options(cls: type[Selector]) -> dict[str, inspect.Parameter]:
     options = {}
-    for needed in declared(cls.requires):
+    for needed in declared(cls.requirements(target=True)):  # a target's options too, where it is optional
         if needed.from_file is not None and needed.from_file.option not in COMMON_OPTIONS:
             name = _file_param(needed.from_file.option)
             options[name] = inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
@@ -152,7 +162,8 @@ def selector_command(method: str, cls: type[Selector], run: Callable, json_help:
                           default=typer.Option(None, "--json", help=json_help)),
     ]
     files, params = _file_options(cls), _params_options(cls)
-    file_options = {r.from_file.option for r in declared(cls.requires) if r.from_file is not None} - set(COMMON_OPTIONS)
+    file_options = {r.from_file.option for r in declared(cls.requirements(target=True))
+                    if r.from_file is not None} - set(COMMON_OPTIONS)
 
     def command(**values) -> None:
         chosen = {name[len("param_"):]: values[name] for name in params if values[name] is not None}

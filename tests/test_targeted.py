@@ -160,9 +160,9 @@ def test_select_cli_aims_at_target_features(tmp_path):
 def test_config_refuses_unknown_target_settings_and_a_missing_target(tmp_path):
     with pytest.raises(ConfigError, match=r"selection\.target.*'similarity' aims at a target"):
         load_config(None, ["selection.method=similarity"])
-    with pytest.raises(ConfigError, match=r"'fishersft' does not aim at a target; choose one that does \(similarity, "
-                       r"fishersft_target\) or unset selection\.target"):
-        load_config(None, ["selection.method=fishersft", "selection.target=t.jsonl"])
+    with pytest.raises(ConfigError, match=r"'density' does not aim at a target; choose one that does \(fishersft, "
+                       r"s2l, similarity, fishersft_target\) or unset selection\.target"):
+        load_config(None, ["selection.method=density", "selection.target=t.jsonl"])
     with pytest.raises(ConfigError, match=r"field 'selection\.targt' is unknown"):
         load_config(None, ["selection.targt=x.jsonl"])
     with pytest.raises(ConfigError, match=r"selection\.params\.similarity\.aggregat"):

@@ -138,6 +138,14 @@ class Selector:
     def __init__(self, params: SelectorParams | dict | None = None):
         self.params = parse_params(self.name, self.Params, params)
 
+    @classmethod
+    def requirements(cls, target: bool = False) -> tuple[str, ...]:
+        """What a run of this selector reads, in the order it is made: `requires`, and with a target set
+        (`selection.target`, `--target-features`) what the selector reads of it too. A selector that can aim at
+        a target without needing one (S2L, FisherSFT) overrides this; one that needs a target lists it in
+        `requires`."""
+        return cls.requires
+
     def select(self, inputs: SelectorInputs, budget: Budget, seed: int) -> SelectionResult:
         raise NotImplementedError
 

@@ -4,6 +4,11 @@ Needs the `token_features` artifact (features [T, d], offsets [N+1], aligned wit
 the loss tokens its record trains on (`inputs.token_counts`), so a token budget is exact under every
 `source.too_long` rule. The math lives in
 `core.fisher` (the objective) and `core.fisher_greedy` (its greedy).
+
+With a target (`selection.target`, `--target-features`) it aims at it: the sentences that most reduce the
+target's predictive variance, as `fishersft_target` picks them (`core.fisher_target`), with `lam`, `rule` and
+`target_algorithm`; the feature variants (token_norm, lam_mode, whiten) transform the pool's features only, so
+they are refused there rather than applied to one side.
 """
 from __future__ import annotations
 
@@ -14,7 +19,10 @@ from pydantic import Field
 from sftcurate.core.fisher_features import prepare_features
 from sftcurate.core.fisher_greedy import select_from_features
 from sftcurate.core.selectors.base import (DEVICE_HELP, EXAMPLES, TOKEN_FEATURES, Budget, SelectionResult, Selector,
-                                           SelectorInputs, SelectorParams, pool_token_features, register)
+                                           SelectorInputs, SelectorParamError, SelectorParams, pool_token_features,
+                                           register)
+from sftcurate.core.fisher_target import targeted_selection
+from sftcurate.core.target import TARGET_FEATURES
 
 
 class FisherSFTParams(SelectorParams):
@@ -32,6 +40,9 @@ class FisherSFTParams(SelectorParams):
         "absolute", description="absolute: lam as given; relative: lam times the features' mean variance per "
         "direction (scale-free)")
     whiten: bool = Field(False, description="whiten the features by the pool's token covariance first")
+    target_algorithm: Literal["naive", "lazy"] = Field(
+        "naive", description="with a target: the targeted greedy's variant (naive: exact; lazy: fewer "
+        "evaluations, not always naive's picks: core/fisher_target.py)")
 
 
 @register
@@ -42,9 +53,20 @@ class FisherSFTSelector(Selector):
     requires = (EXAMPLES, TOKEN_FEATURES)
     Params = FisherSFTParams
 
+    @classmethod
+    def requirements(cls, target: bool = False) -> tuple[str, ...]:
+        # the target first: a missing or empty target stops the run before the pool is embedded
+        return (EXAMPLES, TARGET_FEATURES, TOKEN_FEATURES) if target else cls.requires
+
     def select(self, inputs: SelectorInputs, budget: Budget, seed: int) -> SelectionResult:
-        features, offsets = pool_token_features(inputs, self.name)
         p = self.params
+        if TARGET_FEATURES in inputs.extra:
+            for name in ("token_norm", "lam_mode", "whiten"):
+                if name in p.model_fields_set and getattr(p, name) != type(p).model_fields[name].default:
+                    raise SelectorParamError(f"params.fishersft.{name}: transforms the pool's features only; with "
+                                             "a target leave it at its default")
+            return targeted_selection(inputs, budget, self.name, p.lam, p.target_algorithm, p.rule)
+        features, offsets = pool_token_features(inputs, self.name)
         features, lam = prepare_features(features, p.lam, unit_tokens=p.token_norm == "unit",
                                          relative_lam=p.lam_mode == "relative", whiten=p.whiten)
         res = select_from_features(features, offsets, budget, lam=lam, algorithm=p.algorithm, seed=seed,

@@ -11,10 +11,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from sftcurate.core.fisher_target import targeted_greedy
+from sftcurate.core.fisher_target import targeted_selection
 from sftcurate.core.selectors.base import (EXAMPLES, TOKEN_FEATURES, Budget, SelectionResult, Selector,
-                                           SelectorInputs, SelectorParams, pool_token_features, register)
-from sftcurate.core.target import TARGET_FEATURES, target_features
+                                           SelectorInputs, SelectorParams, register)
+from sftcurate.core.target import TARGET_FEATURES
 
 
 class FisherSFTTargetParams(SelectorParams):
@@ -37,11 +37,6 @@ class FisherSFTTargetSelector(Selector):
     Params = FisherSFTTargetParams
 
     def select(self, inputs: SelectorInputs, budget: Budget, seed: int) -> SelectionResult:
-        features, offsets = pool_token_features(inputs, self.name)
-        target, _ = target_features(inputs, features.shape[1], self.name)
         p = self.params
-        res = targeted_greedy(features, offsets, target, lam=p.lam, k=budget.examples, token_budget=budget.tokens,
-                              algorithm=p.algorithm, rule=p.rule)
-        return SelectionResult(indices=res.picks, gains=res.gains, objective=res.objective,
-                               info={**res.info, "algorithm": res.algorithm, "evaluations": res.evaluations,
-                                     "seconds": res.seconds})
+        return targeted_selection(inputs, budget, self.name, p.lam, p.algorithm, p.rule)
+

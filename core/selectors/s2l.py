@@ -15,6 +15,15 @@ when it still fits the cluster's share (a longer one is skipped, like `fill_in_o
 leave unused (granularity) is topped up at the end from the unpicked examples in a seeded random order, as
 long as they fit. With both limits set, each cluster's share holds in both.
 
+With a target (`selection.target`, requirement `target_trajectories`: the target's records' losses at the same
+proxy checkpoints), each target example is assigned to its nearest K-means centre (after the pool's
+normalization) and a cluster's weight is how many target examples it received. `target_share` of the budget is
+then water-filled over the clusters with weight > 0 as above, except that each remaining cluster's share of
+what is left is in proportion to its weight (smallest cluster first, a cluster smaller than its share taken
+whole and the rest flowing on); equal weights are exactly Algorithm 1. What that leaves of the whole budget
+(the rest of the share, or target clusters too small to hold it) is filled by Algorithm 1 over the unpicked
+examples of every cluster. Without a target nothing of this runs: the picks are those of Algorithm 1.
+
 `stratify=True` (for pools such as MathInstruct, whose `source` field names the sub-data set; the official
 code keeps that field for this purpose): the budget is split across `source` values in proportion to their size (largest-remainder rounding;
 token mass for a token budget), then S2L fills each source's quota from that source's members, clustered
@@ -29,8 +38,10 @@ import numpy as np
 from pydantic import Field
 
 from sftcurate.core.selectors.base import (
-    EXAMPLES, TRAJECTORIES, Budget, BudgetError, Selector, SelectionResult, SelectorInputs, SelectorParams, register,
+    EXAMPLES, TRAJECTORIES, Budget, BudgetError, Selector, SelectionResult, SelectorInputs, SelectorParamError,
+    SelectorParams, register,
 )
+from sftcurate.core.target import TARGET_TRAJECTORIES, TargetError
 
 
 # ---------------------------------------------------------------- k-means
@@ -100,13 +111,24 @@ def kmeans(x, k: int, seed: int = 0, iters: int = 100, n_init: int = 3,
     return remap[labels].numpy().astype(np.int64), centres[used].float().numpy()
 
 
-def normalize_trajectories(losses: np.ndarray, how: str) -> np.ndarray:
+def normalize_trajectories(losses: np.ndarray, how: str, reference: np.ndarray | None = None) -> np.ndarray:
+    """`losses` normalized as `how` says, with the statistics of `reference` (default: `losses` itself), so a
+    target's trajectories are placed among the pool's clusters by the pool's own scale."""
     if how == "none":
         return losses
     if how == "zscore":
-        std = losses.std(axis=0)
-        return (losses - losses.mean(axis=0)) / np.where(std > 0, std, 1.0)
+        reference = losses if reference is None else reference
+        std = reference.std(axis=0)
+        return (losses - reference.mean(axis=0)) / np.where(std > 0, std, 1.0)
     raise ValueError(f"s2l: param 'normalize' must be 'none' or 'zscore', got '{how}'")
+
+
+def target_weights(target: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """How many target rows fall nearest each centre (int64 [k]); ties go to the lower centre."""
+    target = np.asarray(target, dtype=np.float64)
+    centres = np.asarray(centres, dtype=np.float64)
+    dist = ((target[:, None, :] - centres[None, :, :]) ** 2).sum(-1)
+    return np.bincount(dist.argmin(1), minlength=len(centres)).astype(np.int64)
 
 
 # ---------------------------------------------------------------- budget filling
@@ -116,19 +138,23 @@ def _as_budget(budget) -> Budget:
 
 
 def _s2l_fill(members_by_cluster: list[np.ndarray], budget: Budget, rng: np.random.Generator,
-              token_counts: np.ndarray) -> list[int]:
-    """Algorithm 1 on given clusters (lists of example indices); returns picks in pick order."""
+              token_counts: np.ndarray, weights: list[int] | None = None) -> list[int]:
+    """Algorithm 1 on given clusters (lists of example indices); returns picks in pick order. With `weights`
+    (positive integers, one per cluster) each cluster's share of what is left is in proportion to its weight
+    among the clusters still to fill; all weights 1 is Algorithm 1 itself (integer arithmetic, same picks)."""
     by_tokens = budget.tokens is not None
     mass = [int(token_counts[m].sum()) if by_tokens else len(m) for m in members_by_cluster]
     order = sorted(range(len(members_by_cluster)), key=lambda c: (mass[c], len(members_by_cluster[c]), c))
+    weights = [1] * len(members_by_cluster) if weights is None else [int(w) for w in weights]
+    weight_left = sum(weights)
     left_ex = budget.examples
     left_tok = budget.tokens
     picked: list[int] = []
     perms = {c: rng.permutation(members_by_cluster[c]) for c in order}   # one draw per cluster, in cluster order
     for j, c in enumerate(order):
-        remaining_clusters = len(order) - j
-        share_ex = math.ceil(left_ex / remaining_clusters) if left_ex is not None else None
-        share_tok = left_tok // remaining_clusters if left_tok is not None else None
+        share_ex = -(-left_ex * weights[c] // weight_left) if left_ex is not None else None   # rounded up
+        share_tok = left_tok * weights[c] // weight_left if left_tok is not None else None
+        weight_left -= weights[c]
         if share_tok is not None and j == len(order) - 1:
             share_tok = left_tok
         taken, used = 0, 0
@@ -212,6 +238,33 @@ def fill_budget_by_clusters(labels: np.ndarray, budget, seed: int, token_counts:
     return picked
 
 
+def fill_toward_target(labels: np.ndarray, weights: np.ndarray, budget, seed: int,
+                       token_counts: np.ndarray | None = None, share: float = 1.0) -> list[int]:
+    """S2L's filling aimed at a target (module docstring): `share` of the budget over the clusters with weight
+    > 0 (`weights[c]`: target examples nearest centre c), each in proportion to its weight; what is left of the
+    budget by Algorithm 1 over every cluster's unpicked examples. Returns pool indices in pick order."""
+    budget = _as_budget(budget)
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    token_counts = np.ones(n, dtype=np.int64) if token_counts is None else np.asarray(token_counts, dtype=np.int64)
+    budget.check(n, int(token_counts.sum()))
+    rng = np.random.default_rng(seed)
+    aimed = [int(c) for c in np.unique(labels) if c < len(weights) and weights[c] > 0]
+    part = Budget(examples=None if budget.examples is None else int(round(budget.examples * share)),
+                  tokens=None if budget.tokens is None else int(budget.tokens * share))
+    picked: list[int] = []
+    if aimed and (part.examples is None or part.examples > 0) and (part.tokens is None or part.tokens > 0):
+        picked = _s2l_fill([np.flatnonzero(labels == c) for c in aimed], part, rng, token_counts,
+                           weights=[int(weights[c]) for c in aimed])
+    rest = Budget(examples=None if budget.examples is None else budget.examples - len(picked),
+                  tokens=None if budget.tokens is None else budget.tokens - int(token_counts[picked].sum()))
+    if (rest.examples is not None and rest.examples <= 0) or (rest.tokens is not None and rest.tokens <= 0):
+        return picked
+    unpicked = np.setdiff1d(np.arange(n), np.asarray(picked, dtype=np.int64))
+    clusters = [unpicked[labels[unpicked] == c] for c in np.unique(labels[unpicked])]
+    return picked + _s2l_fill(clusters, rest, rng, token_counts)
+
+
 # ---------------------------------------------------------------- the selector
 
 class S2LParams(SelectorParams):
@@ -222,6 +275,9 @@ class S2LParams(SelectorParams):
         "none", description="none: raw losses as in the paper; zscore: per checkpoint")
     iters: int = Field(100, gt=0, description="Lloyd iterations per K-means start")
     n_init: int = Field(3, gt=0, description="K-means restarts (the best inertia is kept)")
+    target_share: float = Field(
+        1.0, ge=0, le=1, description="with a target (selection.target): the share of the budget spread over the "
+        "clusters its examples fall into, in proportion to how many; the rest as without a target")
 
 
 @register
@@ -231,6 +287,11 @@ class S2LSelector(Selector):
     name = "s2l"
     requires = (EXAMPLES, TRAJECTORIES)
     Params = S2LParams
+
+    @classmethod
+    def requirements(cls, target: bool = False) -> tuple[str, ...]:
+        # the pool's trajectories first: they train the proxy the target's losses are read with
+        return cls.requires + ((TARGET_TRAJECTORIES,) if target else ())
 
     def select(self, inputs: SelectorInputs, budget: Budget, seed: int) -> SelectionResult:
         if inputs.trajectories is None:
@@ -244,12 +305,23 @@ class S2LSelector(Selector):
         budget.check(inputs.size, int(np.asarray(inputs.token_counts).sum()))
         labels, centres = kmeans(normalize_trajectories(losses, p.normalize), int(p.clusters), seed=seed,
                                  iters=int(p.iters), n_init=int(p.n_init))
-        strata = None
+        target = self._target(inputs, losses, steps)
+        strata, aimed = None, {}
         if p.stratify:
+            if target is not None:
+                raise SelectorParamError("params.s2l.stratify: a target decides where the budget goes; unset "
+                                         "stratify or selection.target")
             if "source" not in inputs.pool.column_names:
                 raise ValueError("s2l: stratify=true needs a 'source' column in the pool")
             strata = np.array(inputs.pool.column("source").to_pylist(), dtype=object)
-        picked = fill_budget_by_clusters(labels, budget, seed, inputs.token_counts, strata)
+        if target is None:
+            picked = fill_budget_by_clusters(labels, budget, seed, inputs.token_counts, strata)
+        else:
+            weights = target_weights(target, centres)
+            picked = fill_toward_target(labels, weights, budget, seed, inputs.token_counts, p.target_share)
+            aimed = {"target_examples": int(len(target)), "target_share": float(p.target_share),
+                     "target_weights": weights.tolist(),
+                     "picks_in_target_clusters": int((weights[labels[picked]] > 0).sum()) if picked else 0}
         sizes = np.bincount(labels, minlength=len(centres))
         per_cluster = np.bincount(labels[picked], minlength=len(centres)) if picked else np.zeros(len(centres), int)
         return SelectionResult(
@@ -261,5 +333,21 @@ class S2LSelector(Selector):
                   "clusters_covered": int((per_cluster > 0).sum()),
                   "smallest_cluster": int(sizes.min()) if len(sizes) else 0,
                   "largest_cluster": int(sizes.max()) if len(sizes) else 0,
-                  "cluster_sizes": sizes.tolist(), "picks_per_cluster": per_cluster.tolist()},
+                  "cluster_sizes": sizes.tolist(), "picks_per_cluster": per_cluster.tolist(), **aimed},
         )
+
+    def _target(self, inputs: SelectorInputs, losses: np.ndarray, steps) -> np.ndarray | None:
+        """The target's trajectories normalized like the pool's, or None without a target; checked to come
+        from the same proxy checkpoints."""
+        if TARGET_TRAJECTORIES not in inputs.extra:
+            return None
+        target, target_steps = inputs.extra[TARGET_TRAJECTORIES]
+        target = np.asarray(target, dtype=np.float64)
+        if target.ndim != 2 or target.shape[0] == 0:
+            raise TargetError(f"s2l: the target's trajectories hold no example (shape {target.shape}); give "
+                              "target records with responses")
+        target_steps, steps = np.asarray(target_steps).tolist(), np.asarray(steps).tolist()
+        if target_steps != steps or target.shape[1] != losses.shape[1]:
+            raise TargetError(f"s2l: the target's trajectories are at steps {target_steps} but the pool's at "
+                              f"{steps}; compute both with the same proxy")
+        return normalize_trajectories(target, self.params.normalize, reference=losses)
