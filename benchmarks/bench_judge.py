@@ -77,30 +77,31 @@ def known_pairs_generations(n_prompts: int, work: Path) -> str:
 def measure(spec: str, gens_uri: str, timings: dict) -> dict:
     from sftcurate.core.config import JudgeConfig
     from sftcurate.core.judge import judge_sanity
-    from sftcurate.infra.store import read_manifest
+    from sftcurate.data_contracts.manifests import JudgeSanityMeta
+    from sftcurate.infra.stages import read_meta
 
     cfg = JudgeConfig(backend="hf", model=spec, domain="Python programming")
     start = time.perf_counter()
     built = judge_sanity(gens_uri, cfg)
     uri = str(built)
-    meta = read_manifest(uri)["meta"]
+    meta = read_meta(uri, JudgeSanityMeta)
     seconds = time.perf_counter() - start
     if built.reused and spec in timings:  # the judgments came from the store: keep the time they took to make
         seconds = timings[spec]
     timings[spec] = seconds
-    return {"judge": spec, "accuracy": meta["accuracy"], "averaged_accuracy": order_averaged_accuracy(uri),
-            "position_bias": meta["position_bias"],
-            "pairs": meta["pairs"], "errors": meta["errors"], "trusted": meta["trusted"],
-            "seconds_per_judgment": seconds / max(2 * meta["pairs"], 1)}
+    return {"judge": spec, "accuracy": meta.accuracy, "averaged_accuracy": order_averaged_accuracy(uri),
+            "position_bias": meta.position_bias, "pairs": meta.pairs, "errors": meta.errors,
+            "trusted": meta.trusted, "seconds_per_judgment": seconds / max(2 * meta.pairs, 1)}
 
 
 def order_averaged_accuracy(sanity_uri: str) -> float:
     """A softer reading of the same judgments: the reference's probability averaged over both orders
     (p_first when it is first, 1 - p_first when it is second) above 0.5 counts as right. It removes a constant
     position bias; a judge that cannot pass even this has no signal to calibrate."""
-    from sftcurate.core.judge import load_judgments
+    from sftcurate.data_contracts import JUDGMENTS
+    from sftcurate.infra.store import join, read_table
 
-    table, _ = load_judgments(sanity_uri)
+    table = read_table(join(sanity_uri, "judgments.parquet"), JUDGMENTS)  # a sanity artifact's judgments
     by_prompt: dict[str, dict[str, float]] = {}
     for r in table.to_pylist():
         if r["p_first"] is not None:

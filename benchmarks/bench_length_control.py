@@ -124,7 +124,7 @@ def main() -> int:
             for key, uri in (("uniform", uni["eval_uri"]), ("s2l", s2l["eval_uri"]), ("control", eval_uri)):
                 loss[key].append(heldout(uri)[0])
             sizes["s2l"].append(len(reference))
-            sizes["uniform"].append(load_selection(uni["selection_uri"])[1]["selected"])
+            sizes["uniform"].append(load_selection(uni["selection_uri"])[1].selected)
             sizes["control"].append(len(picks))
             print(f"{budget} #{r}: control {len(picks)} examples, {int(counts[picks].sum())} tokens, held-out "
                   f"loss {read_eval(eval_uri)['loss']:.4f} "

@@ -8,8 +8,10 @@ import io
 import numpy as np
 import pyarrow as pa
 
-from sftcurate.core.ingest import examples_meta, load_pool
+from sftcurate.core.ingest import load_pool
 from sftcurate.core.selection import load_selection
+from sftcurate.data_contracts.manifests import ExamplesMeta
+from sftcurate.infra.stages import read_meta
 
 SAMPLE_PICKS = 5
 SNIPPET_CHARS = 90
@@ -42,9 +44,9 @@ def report_data(examples_uri: str, selection_uri: str) -> dict:
     pool_groups, pool_counts = np.unique(groups, return_counts=True)
     picked_groups = dict(zip(*np.unique(groups[index], return_counts=True))) if len(index) else {}
     gains = np.asarray([g if g is not None else np.nan for g in picks.column("gain").to_pylist()], dtype=np.float64)
-    info = meta.get("info") or {}
+    info = meta.info
     data = {
-        "method": meta.get("method"), "selected": len(index), "pool_size": pool.num_rows,
+        "method": meta.method, "selected": len(index), "pool_size": pool.num_rows,
         "pick_tokens": np.asarray(picks.column("tokens"), dtype=np.int64),
         "pool_tokens": np.asarray(pool.column("response_tokens"), dtype=np.int64),
         "sample": [{"rank": r, "id": pool.column("id")[int(i)].as_py(), "group": groups[int(i)],
@@ -55,19 +57,16 @@ def report_data(examples_uri: str, selection_uri: str) -> dict:
         "groups": [(g, int(n), int(picked_groups.get(g, 0))) for g, n in zip(pool_groups, pool_counts)],
         "gains": gains if np.isfinite(gains).any() else None,
         "cluster_sizes": info.get("cluster_sizes"), "picks_per_cluster": info.get("picks_per_cluster"),
-        "text": text_summary(examples_meta(examples_uri)),
+        "text": text_summary(read_meta(examples_uri, ExamplesMeta)),
     }
     data["knee"] = knee(data["gains"]) if data["gains"] is not None else None
     return data
 
 
-def text_summary(meta: dict) -> dict | None:
-    """The template the examples were tokenized with and what `source.too_long` did (None for examples
-    ingested before templates existed)."""
-    if "too_long" not in meta:
-        return None
-    return {"template": meta["template"], "max_length": meta["max_length"], "too_long": meta["too_long"],
-            "dropped": meta["too_long_dropped"], "cut": meta["too_long_cut"], "whole": meta["too_long_whole"]}
+def text_summary(meta: ExamplesMeta) -> dict:
+    """The template the examples were tokenized with and what `source.too_long` did."""
+    return {"template": meta.template, "max_length": meta.max_length, "too_long": meta.too_long,
+            "dropped": meta.too_long_dropped, "cut": meta.too_long_cut, "whole": meta.too_long_whole}
 
 
 def text_lines(text: dict) -> list[str]:
@@ -102,8 +101,7 @@ def report_markdown(data: dict, name: str) -> str:
         covered = sum(1 for p in picks if p)
         lines += ["", "## Clusters (S2L)", "", f"{covered} of {len(sizes)} clusters have picks; smallest clusters "
                   f"first: " + ", ".join(f"{s}→{p}" for s, p in sorted(zip(sizes, picks))[:12]) + " (size→picks)."]
-    if data.get("text"):
-        lines += text_lines(data["text"])
+    lines += text_lines(data["text"])
     pick_len, pool_len = data["pick_tokens"], data["pool_tokens"]
     lines += ["", "## Lengths (loss tokens)", "", "| | examples | mean | median | p90 |", "|---|---|---|---|---|"]
     for label, v in (("picks", pick_len), ("pool", pool_len)):

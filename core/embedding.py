@@ -25,8 +25,9 @@ from sftcurate.data_contracts import TOKEN_FEATURES, TOKEN_FEATURES_IDS, Contrac
 from sftcurate.core.ingest import load_pool, shard_bounds
 from sftcurate.core.inputs import SHARD_REFS, load_features_file, mean_pool, read_features_artifact  # noqa: F401  (re-exported)
 from sftcurate.infra import progress
-from sftcurate.infra.stages import Built, build_once
-from sftcurate.infra.store import join, read_manifest, read_tensors, root_of
+from sftcurate.data_contracts.manifests import FeatureShardMeta, ProjectionMeta, TokenFeaturesMeta
+from sftcurate.infra.stages import Built, build_once, content_key, read_meta
+from sftcurate.infra.store import join, read_tensors, root_of
 from sftcurate.core.packing import DEVICE_BATCH_TOKENS, pack, packed_batches, packed_hidden, packs
 from sftcurate.core.tokenize import Encoded, encode_pairs, example_rows, length_grouped_batches, pad_batch
 
@@ -282,7 +283,8 @@ def fit_projection(examples_uri: str, model_spec: str, model_fp: str, d_proj: in
     params = {"model": model_fp, "d_proj": d_proj, "method": method, "seed": PROJECTION_SEED,
               "max_length": max_length}
     upstream = {"examples": examples_uri} if method == "pca" else {}  # a random projection is pool-independent
-    return build_once(PROJECTION_KIND, __name__, params, build, upstream=upstream, store_root=store_root)
+    return build_once(PROJECTION_KIND, __name__, params, build, upstream=upstream, store_root=store_root,
+                      meta=ProjectionMeta)
 
 
 def load_projection(projection_uri: str | None) -> np.ndarray | None:
@@ -318,7 +320,8 @@ def embed_shard(examples_uri: str, shard_index: int, shard_size: int, model_spec
     params = {"shard_index": shard_index, "shard_size": shard_size, "model": model_fp, "max_length": max_length,
               "dtype": dtype}
     upstream = {"examples": examples_uri, "projection": projection_uri}
-    return build_once(SHARD_KIND, __name__, params, build, upstream=upstream, store_root=store_root)
+    return build_once(SHARD_KIND, __name__, params, build, upstream=upstream, store_root=store_root,
+                      meta=FeatureShardMeta)
 
 
 def commit_features(examples_uri: str, shard_uris: list[str], store_root: str | None = None) -> Built:
@@ -330,19 +333,18 @@ def commit_features(examples_uri: str, shard_uris: list[str], store_root: str | 
 
     def build(writer) -> None:
         n_pool = load_pool(examples_uri).num_rows
-        manifests = [read_manifest(u) for u in shard_uris]
-        metas = [m["meta"] for m in manifests]
-        rows = sum(m["rows"] for m in metas)
+        metas = [read_meta(u, FeatureShardMeta) for u in shard_uris]
+        rows = sum(m.rows for m in metas)
         if rows != n_pool:
             raise ContractError(f"{examples_uri}: the pool has {n_pool} examples but the feature shards hold {rows}; "
                                 "re-run the embedding shards")
-        dims = {m["d"] for m in metas}
+        dims = {m.d for m in metas}
         if len(dims) > 1:
             raise ContractError(f"feature shards disagree on d ({sorted(dims)}); re-run the embedding stage")
         root = root_of(writer.uri)
         refs = []
-        for k, (u, man) in enumerate(zip(shard_uris, manifests)):
-            ref = {"index": k, "key": man["key"], "rows": man["meta"]["rows"], "tokens": man["meta"]["tokens"]}
+        for k, (u, meta) in enumerate(zip(shard_uris, metas)):
+            ref = {"index": k, "key": content_key(u), "rows": meta.rows, "tokens": meta.tokens}
             u = str(u).rstrip("/")
             if u.startswith(root + "/"):
                 ref["artifact"] = u[len(root) + 1:]
@@ -352,12 +354,12 @@ def commit_features(examples_uri: str, shard_uris: list[str], store_root: str | 
         writer.write_json(SHARD_REFS, {"shards": refs})
         writer.meta.update({"examples_uri": examples_uri, "n_examples": n_pool, "shards": len(shard_uris),
                             "layout": "shard_refs",
-                            "tokens": int(sum(m["tokens"] for m in metas)), "d": dims.pop() if dims else None,
-                            "model": metas[0]["model"] if metas else None,
-                            "projection_uri": metas[0]["projection_uri"] if metas else None})
+                            "tokens": int(sum(m.tokens for m in metas)), "d": dims.pop() if dims else None,
+                            "model": metas[0].model if metas else None,
+                            "projection_uri": metas[0].projection_uri if metas else None})
 
     return build_once(KIND, __name__, {}, build, upstream={"examples": examples_uri, "shards": list(shard_uris)},
-                      store_root=store_root)
+                      store_root=store_root, meta=TokenFeaturesMeta)
 
 
 # ---------------------------------------------------------------- readers

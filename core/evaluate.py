@@ -18,8 +18,9 @@ import pyarrow as pa
 
 from sftcurate.data_contracts import GENERATIONS, HELDOUT_LOSSES, UserError
 from sftcurate.infra import progress, tracking
-from sftcurate.infra.stages import Built, build_once
-from sftcurate.infra.store import join, read_bytes, read_manifest, read_table
+from sftcurate.data_contracts.manifests import GenerationsMeta, HeldoutEvalMeta
+from sftcurate.infra.stages import Built, build_once, read_meta
+from sftcurate.infra.store import join, read_bytes, read_table
 from sftcurate.core.config import GenerationConfig
 from sftcurate.core.tokenize import encode_pairs, example_rows, length_grouped_batches
 
@@ -119,7 +120,8 @@ def evaluate_heldout(examples_uri: str, model_uri: str | None, target_spec: str,
                             "examples_uri": examples_uri, "max_length": max_length})
 
     uri = build_once(EVAL_KIND, __name__, {"target": target_fingerprint, "max_length": max_length}, build,
-                     upstream={"examples": examples_uri, "model": model_uri}, store_root=store_root)
+                     upstream={"examples": examples_uri, "model": model_uri}, store_root=store_root,
+                     meta=HeldoutEvalMeta)
     metrics = read_eval(uri)
     if run_id:
         prefix = "heldout" if model_uri else "base_heldout"
@@ -227,10 +229,11 @@ def generate(examples_uri: str, model_uri: str | None, target_spec: str, target_
                             "mean_chars": float(np.mean([len(t) for t in texts])) if texts else 0.0})
 
     uri = build_once(GEN_KIND, __name__, {"target": target_fingerprint, "generation": cfg}, build,
-                     upstream={"examples": examples_uri, "model": model_uri}, store_root=store_root)
+                     upstream={"examples": examples_uri, "model": model_uri}, store_root=store_root,
+                     meta=GenerationsMeta)
     if run_id:
-        meta = read_manifest(uri)["meta"]
-        tracking.log_metrics(run_id, {"generations/n": meta["n"], "generations/mean_chars": meta["mean_chars"]})
+        meta = read_meta(uri, GenerationsMeta)
+        tracking.log_metrics(run_id, {"generations/n": meta.n, "generations/mean_chars": meta.mean_chars})
     return uri
 
 

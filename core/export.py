@@ -20,12 +20,12 @@ import pyarrow.parquet as pq
 
 from sftcurate.core.formats import ROLE_NAMES, column
 from sftcurate.core.ingest import load_examples
-from sftcurate.core.selection import load_selection
+from sftcurate.core.selection import load_selection, selection_meta
 from sftcurate.data_contracts import EXAMPLES, UserError
 from sftcurate.data_contracts.errors import DependencyError
-from sftcurate.infra.stages import Built, build_once
-from sftcurate.infra.store import (exists, filesystem_for, join, read_bytes, read_manifest, read_table, root_of,
-                                   write_whole)
+from sftcurate.data_contracts.manifests import CuratedMeta, ExamplesMeta
+from sftcurate.infra.stages import Built, build_once, read_meta
+from sftcurate.infra.store import exists, filesystem_for, join, read_bytes, read_table, root_of, write_whole
 
 KIND = "curated"
 ExportFormat = Literal["jsonl", "parquet", "messages", "hf"]
@@ -57,7 +57,7 @@ def commit_curated(examples_uri: str, selection_uri: str, store_root: str | None
     """The curated artifact of a selection: the original records and their chat-message form, in pick order."""
 
     def build(writer) -> None:
-        columns = read_manifest(examples_uri)["meta"].get("columns") or {}
+        columns = read_meta(examples_uri, ExamplesMeta).columns
         rows = curated_rows(examples_uri, selection_uri)
         writer.write_bytes("records.jsonl", "".join(r["raw"] + "\n" for r in rows).encode())
         writer.write_bytes("messages.jsonl", "".join(
@@ -71,7 +71,7 @@ def commit_curated(examples_uri: str, selection_uri: str, store_root: str | None
         writer.meta.update({"records": len(rows), "selection_uri": selection_uri, "examples_uri": examples_uri})
 
     return build_once(KIND, __name__, {}, build, upstream={"examples": examples_uri, "selection": selection_uri},
-                      store_root=store_root)
+                      store_root=store_root, meta=CuratedMeta)
 
 
 def records(curated_uri: str) -> list[dict]:
@@ -89,13 +89,10 @@ def export(selection_uri: str, out: str, fmt: ExportFormat = "jsonl", push_to_hu
     kill or a full disk mid-export leaves the previous file as it was."""
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"--format {fmt}: use jsonl, parquet, messages or hf")
-    meta = read_manifest(selection_uri)["meta"]
-    if "examples_uri" not in meta:
-        raise UserError(f"{selection_uri}: not a selection committed by `sftcurate run`; pass the selection_uri "
-                        "its summary printed")
-    check_destination(out, meta["examples_uri"], fmt, overwrite)
+    examples_uri = selection_meta(selection_uri).examples_uri  # one line if it is not a selection
+    check_destination(out, examples_uri, fmt, overwrite)
     # the curated artifact lives beside the selection, not in whatever store the current folder implies
-    curated = commit_curated(meta["examples_uri"], selection_uri, store_root=root_of(selection_uri))
+    curated = commit_curated(examples_uri, selection_uri, store_root=root_of(selection_uri))
     rows = records(curated)
     if fmt == "jsonl":
         write_whole(out, read_bytes(join(curated, "records.jsonl")))

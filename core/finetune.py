@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from sftcurate.data_contracts import UserError
+from sftcurate.data_contracts.manifests import FinetunedMeta
 from sftcurate.infra import tracking
-from sftcurate.infra.stages import Built, build_once, stage_key
+from sftcurate.infra.stages import Built, build_once, content_key, read_meta, stage_key
 from sftcurate.infra.models import default_device
 from sftcurate.infra.store import ArtifactStore, is_committed, join, read_bytes, read_manifest, remove_tree, write_bytes
 from sftcurate.core.config import FinetuneConfig
@@ -232,20 +233,21 @@ def finetune(examples_uri: str, selection_uri: str, target_spec: str, target_fin
         })
 
     uri = build_once(**_stage(examples_uri, selection_uri, target_fingerprint, cfg), build=build,
-                     store_root=store_root)
-    Checkpoints(store, read_manifest(uri)["key"]).clear()  # the committed model supersedes its checkpoints
-    _record(run_id, read_manifest(uri)["meta"], cfg, target_spec)
+                     store_root=store_root, meta=FinetunedMeta)
+    Checkpoints(store, content_key(uri)).clear()  # the committed model supersedes its checkpoints
+    _record(run_id, finetune_meta(uri), cfg, target_spec)
     return uri
 
 
-def _record(run_id: str | None, meta: dict, cfg: FinetuneConfig, target_spec: str) -> None:
+def _record(run_id: str | None, meta: FinetunedMeta, cfg: FinetuneConfig, target_spec: str) -> None:
     if not run_id:
         return
     tracking.log_params(run_id, fairness_params(cfg, target_spec))
-    tracking.log_metrics(run_id, {f"finetune/{k}": meta[k] for k in (
-        "steps_done", "train_examples", "tokens_seen", "final_loss", "tokens_per_s", "padding_fraction",
-        "trainable_parameters") if meta.get(k) is not None}, step=meta.get("steps_done"))  # at the last step: a
-    # total logged at step 0 would draw a false dip under the training curve's finetune/tokens_seen
+    metrics = meta.model_dump(include={"steps_done", "train_examples", "tokens_seen", "final_loss", "tokens_per_s",
+                                       "padding_fraction", "trainable_parameters"})
+    # at the last step: a total logged at step 0 would draw a false dip under the training curve's tokens_seen
+    tracking.log_metrics(run_id, {f"finetune/{k}": v for k, v in metrics.items() if v is not None},
+                         step=meta.steps_done)
 
 
 # ---------------------------------------------------------------- loading
@@ -254,30 +256,31 @@ def load_finetuned(model_uri: str):
     """(model, tokenizer) of a committed fine-tune, in eval mode; LoRA weights merged into the base."""
     from sftcurate.infra.models import resolve_model, resolve_tokenizer
 
-    meta = read_manifest(model_uri)["meta"]
+    meta = finetune_meta(model_uri)
     files = read_manifest(model_uri)["files"]
     with tempfile.TemporaryDirectory() as tmp:
         for name in files:
             target = Path(tmp) / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(read_bytes(join(model_uri, name)))
-        if meta["mode"] == "lora":
+        if meta.mode == "lora":
             from peft import PeftModel
 
-            base = resolve_model(meta["target_spec"], dtype=meta["config"].get("dtype"))
+            base = resolve_model(meta.target_spec, dtype=meta.config.get("dtype"))
             model = PeftModel.from_pretrained(base.model, tmp).merge_and_unload()
             tokenizer = base.tokenizer
         else:
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(tmp)
-            tokenizer = resolve_tokenizer(meta["target_spec"])
+            tokenizer = resolve_tokenizer(meta.target_spec)
     model.to(default_device()).eval()
     return model, tokenizer
 
 
-def finetune_meta(model_uri: str) -> dict:
-    return read_manifest(model_uri)["meta"]
+def finetune_meta(model_uri: str) -> FinetunedMeta:
+    """A committed fine-tune's manifest meta, typed: `finetune_meta(uri).steps_done`."""
+    return read_meta(model_uri, FinetunedMeta)
 
 
 __all__ = ["FinetuneConfig", "finetune", "load_finetuned", "finetune_meta", "train", "TrainStats", "prepare_model",

@@ -23,7 +23,9 @@ from sftcurate.core.selectors.base import check_pool_alignment
 from sftcurate.core.tokenize import encode_pairs, example_rows
 from sftcurate.core.trajectories import example_losses
 from sftcurate.data_contracts import EXAMPLES, ContractError
-from sftcurate.infra.stages import Built, build_once
+from sftcurate.data_contracts.manifests import ExamplesMeta, GateMeta
+from sftcurate.infra.models import model_fingerprint, resolve_model
+from sftcurate.infra.stages import Built, build_once, read_meta
 from sftcurate.infra.store import join, read_bytes, read_manifest
 
 KIND = "gate"
@@ -79,13 +81,11 @@ def commit_gate(examples_uri: str, gate: GateConfig, scores_of_pool, key_params:
         })
 
     return build_once(KIND, __name__, {"score": gate.score, "drop": gate.drop, **key_params}, build,
-                      upstream={"examples": examples_uri, **(upstream or {})})
+                      upstream={"examples": examples_uri, **(upstream or {})}, meta=GateMeta)
 
 
 def gate_on_target_loss(examples_uri: str, gate: GateConfig, model_spec: str, max_length: int,
                         batch_tokens: int) -> Built:
-    from sftcurate.infra.models import model_fingerprint, resolve_model
-
     def scores_of_pool(pool):
         loaded = resolve_model(model_spec)
         return target_losses(loaded.model, loaded.tokenizer, pool, max_length, batch_tokens)
@@ -96,8 +96,6 @@ def gate_on_target_loss(examples_uri: str, gate: GateConfig, model_spec: str, ma
 
 def gate_on_askllm(examples_uri: str, gate: GateConfig, model_spec: str, batch_tokens: int,
                     max_length: int) -> Built:
-    from sftcurate.infra.models import model_fingerprint, resolve_model
-
     def scores_of_pool(pool):
         loaded = resolve_model(model_spec)
         texts = [example_text(p, r) for p, r in zip(pool.column("prompt").to_pylist(),
@@ -130,21 +128,21 @@ def gated_examples(examples_uri: str, gate_uri: str) -> Built:
         table = table.filter(pa.array(keep_rows))
         gated_train = np.asarray(table.column("split").to_pylist()) == "train"
         writer.write_table("examples.parquet", table, EXAMPLES)
-        meta = read_manifest(gate_uri)["meta"]
         writer.meta.update({
-            **read_manifest(examples_uri)["meta"], "fingerprint": examples_fingerprint(table),
+            **read_meta(examples_uri, ExamplesMeta).model_dump(exclude_unset=True),
+            "fingerprint": examples_fingerprint(table),
             "n_examples": table.num_rows, "n_train": int(gated_train.sum()),
             "train_tokens": int(np.asarray(table.column("response_tokens"))[gated_train].sum()),
-            "gate_uri": gate_uri, "gated_from": examples_uri, "gate_dropped": meta["dropped"],
+            "gate_uri": gate_uri, "gated_from": examples_uri, "gate_dropped": read_meta(gate_uri, GateMeta).dropped,
         })
 
     return build_once(EXAMPLES_KIND, __name__, {"gate": True}, build,
-                      upstream={"examples": examples_uri, "gate": gate_uri})
+                      upstream={"examples": examples_uri, "gate": gate_uri}, meta=ExamplesMeta)
 
 
 def kept_positions(gate_uri: str, examples_uri: str) -> np.ndarray:
     """The pool positions the gate keeps, ascending, after checking the gate was made for this pool."""
-    if read_manifest(gate_uri)["meta"]["examples_key"] != read_manifest(examples_uri)["key"]:
+    if read_meta(gate_uri, GateMeta).examples_key != read_manifest(examples_uri)["key"]:
         raise ContractError(f"{gate_uri}: these gate scores were computed for another pool than {examples_uri}; "
                             "re-run the gate for this pool")
     return np.flatnonzero(np.load(io.BytesIO(read_bytes(join(gate_uri, "kept.npy")))))
@@ -157,15 +155,15 @@ def dropped_records(gate_uri: str) -> list[dict]:
 
 def gate_markdown(gate_uri: str) -> str:
     """The gate's section of the curation report: what it scored, the threshold, and the worst dropped records."""
-    meta = read_manifest(gate_uri)["meta"]
+    meta = read_meta(gate_uri, GateMeta)
     dropped = dropped_records(gate_uri)
-    quantiles = ", ".join(f"q{float(q):.1f} {v:.3f}" for q, v in meta["score_quantiles"].items())
+    quantiles = ", ".join(f"q{float(q):.1f} {v:.3f}" for q, v in meta.score_quantiles.items())
     rows = "\n".join(f"| {r['index']} | `{r['id']}` | {r['score']:.3f} | "
                      f"{' '.join(r['response'].split())[:PREVIEW_CHARS].replace('|', '/')} |"
                      for r in dropped[:REPORT_ROWS])
-    threshold = "none" if meta["threshold"] is None else f"{meta['threshold']:.3f}"
-    return (f"## Quality gate\n\nScore `{meta['score']}` (higher is worse), drop share {meta['drop']}: "
-            f"**{meta['dropped']:,} of {meta['pool_size']:,} examples dropped** before selecting; the highest "
+    threshold = "none" if meta.threshold is None else f"{meta.threshold:.3f}"
+    return (f"## Quality gate\n\nScore `{meta.score}` (higher is worse), drop share {meta.drop}: "
+            f"**{meta.dropped:,} of {meta.pool_size:,} examples dropped** before selecting; the highest "
             f"kept score is {threshold}. Pool scores: {quantiles}. All dropped records with their scores: "
             f"`{join(gate_uri, 'dropped.jsonl')}`.\n\n| pool index | id | score | response |\n|---|---|---|---|\n"
             f"{rows}\n")

@@ -20,11 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sftcurate.data_contracts import EXAMPLES, UserError
 from sftcurate.data_contracts.errors import DependencyError
+from sftcurate.data_contracts.manifests import ExamplesMeta
 from sftcurate.core.config import SourceConfig
 from sftcurate.infra import progress
 from sftcurate.infra.hashing import fingerprint
-from sftcurate.infra.stages import Built, build_once
-from sftcurate.infra.store import (file_digest, filesystem_for, join, read_bytes, read_manifest, read_table,
+from sftcurate.infra.stages import Built, build_once, read_meta
+from sftcurate.infra.store import (file_digest, filesystem_for, join, read_bytes, read_table,
                                    retrying)
 from sftcurate.core.formats import RecordError, detect_format, normalize
 from sftcurate.core.training_text import fit_columns
@@ -450,7 +451,7 @@ def ingest(source: SourceConfig, source_fp: str, tokenizer_spec: str, max_length
 
     params = {"source": source, "source_fingerprint": source_fp, "tokenizer": model_fingerprint(tokenizer_spec),
               "max_length": max_length, "template": template}
-    return build_once(KIND, __name__, params, build, store_root=store_root)
+    return build_once(KIND, __name__, params, build, store_root=store_root, meta=ExamplesMeta)
 
 
 # ---------------------------------------------------------------- readers for later stages
@@ -470,8 +471,9 @@ def load_pool(examples_uri: str) -> pa.Table:
     return load_split(examples_uri, "train")
 
 
-def examples_meta(examples_uri: str) -> dict:
-    return read_manifest(examples_uri)["meta"]
+def examples_meta(examples_uri: str) -> ExamplesMeta:
+    """The examples artifact's manifest meta, typed: `examples_meta(uri).n_train`."""
+    return read_meta(examples_uri, ExamplesMeta)
 
 
 def n_shards(n: int, shard_size: int) -> int:

@@ -25,13 +25,15 @@ import numpy as np
 import pyarrow as pa
 
 from sftcurate.core.config import JudgeConfig
+from sftcurate.core.evaluate import load_generations
 from sftcurate.core.judge_backends import (  # re-exported: the protocol and its backends
     WEAK_JUDGES, HFJudge, JudgeBackend, JudgeHTTPError, OpenAIJudge, Verdict, as_verdict, make_backend, parse_answer,
 )
 from sftcurate.data_contracts import JUDGMENTS, UserError
+from sftcurate.data_contracts.manifests import JudgeSanityMeta, JudgmentsMeta
 from sftcurate.infra import progress, tracking
-from sftcurate.infra.stages import Built, build_once
-from sftcurate.infra.store import join, read_manifest, read_table
+from sftcurate.infra.stages import Built, build_once, read_meta
+from sftcurate.infra.store import join, read_table
 
 KIND = "judgments"
 
@@ -209,8 +211,6 @@ def summarize(judgments: pa.Table, n_bootstrap: int = 1000, seed: int = 0) -> di
 def run_judge(gens_a_uri: str, gens_b_uri: str, method_a: str, method_b: str, cfg: JudgeConfig, seed: int = 0,
               run_id: str | None = None, store_root: str | None = None, backend=None) -> Built:
     """Judge A's generations against B's (e.g. a method vs uniform) and commit the judgments artifact."""
-    from sftcurate.core.evaluate import load_generations
-
     def build(writer) -> None:
         judge = backend or make_backend(cfg)
         table = judge_pairs(judge, load_generations(gens_a_uri), load_generations(gens_b_uri), method_a,
@@ -231,8 +231,9 @@ def run_judge(gens_a_uri: str, gens_b_uri: str, method_a: str, method_b: str, cf
 
     uri = build_once(KIND, __name__, {"method_a": method_a, "method_b": method_b, "judge": cfg.identity(),
                                       "seed": seed}, build,
-                     upstream={"generations_a": gens_a_uri, "generations_b": gens_b_uri}, store_root=store_root)
-    summary = read_manifest(uri)["meta"]["summary"]
+                     upstream={"generations_a": gens_a_uri, "generations_b": gens_b_uri}, store_root=store_root,
+                     meta=JudgmentsMeta)
+    summary = read_meta(uri, JudgmentsMeta).summary
     if run_id:
         # the manifest is strict JSON: a summary value with no number behind it (NaN) reads back as None
         tracking.log_metrics(run_id, {f"judge/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
@@ -260,8 +261,6 @@ def judge_sanity(gens_uri: str, cfg: JudgeConfig, seed: int = 0, store_root: str
     """Before any win rate: the judge on pairs whose better side is known (each held-out prompt's reference
     continuation against a degraded one), both orders. Accuracy = share of valid prompts where the reference
     won in both orders; with position bias it says whether this judge's win rates can be trusted."""
-    from sftcurate.core.evaluate import load_generations
-
     def build(writer) -> None:
         gens = load_generations(gens_uri)
         references = gens.column("reference").to_pylist()
@@ -279,11 +278,11 @@ def judge_sanity(gens_uri: str, cfg: JudgeConfig, seed: int = 0, store_root: str
                             "threshold": TRUSTED_ACCURACY, "judge": cfg.identity(), "summary": summary})
 
     return build_once(SANITY_KIND, __name__, {"judge": cfg.identity(), "seed": seed}, build,
-                      upstream={"generations": gens_uri}, store_root=store_root)
+                      upstream={"generations": gens_uri}, store_root=store_root, meta=JudgeSanityMeta)
 
 
-def load_judgments(uri: str) -> tuple[pa.Table, dict]:
-    return read_table(join(uri, "judgments.parquet"), JUDGMENTS), read_manifest(uri)["meta"]
+def load_judgments(uri: str) -> tuple[pa.Table, JudgmentsMeta]:
+    return read_table(join(uri, "judgments.parquet"), JUDGMENTS), read_meta(uri, JudgmentsMeta)
 
 
 __all__ = ["WEAK_JUDGES", "HFJudge", "JudgeBackend", "JudgeHTTPError", "OpenAIJudge", "Verdict", "as_verdict",

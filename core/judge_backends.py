@@ -19,6 +19,7 @@ from typing import Protocol
 
 from sftcurate.core.config import ENV_BASE_URL, ENV_KEYS, ENV_MODEL, JudgeConfig
 from sftcurate.data_contracts import UserError
+from sftcurate.infra.models import default_device, resolve_model
 
 WEAK_JUDGES = {
     "builtin:smollm2-135m-instruct": "a 135M-parameter judge (SmolLM2-135M) is weak: its preferences barely beat "
@@ -84,11 +85,7 @@ class HFJudge:
     concurrency = 1
 
     def __init__(self, spec: str = "builtin:smollm2-135m-instruct"):
-        from sftcurate.infra.models import resolve_model
-
         self.spec = spec
-        from sftcurate.infra.models import default_device
-
         loaded = resolve_model(spec, device=default_device())
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.model.eval()

@@ -16,8 +16,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from sftcurate.data_contracts.errors import UserError
+from sftcurate.data_contracts.manifests import CuratedMeta
 from sftcurate.infra import tracking
 from sftcurate.infra.settings import load_settings
+from sftcurate.infra.stages import read_meta
 from sftcurate.infra.store import is_committed, read_manifest
 
 SELECTION_TAG, CURATED_TAG = "sftcurate.selection_uri", "sftcurate.curated_uri"
@@ -79,12 +81,11 @@ def _from_artifact(ref: str) -> Found:
     if not is_committed(uri):
         raise SelectionNotFound(f"{ref}: no committed selection or curated artifact there; pass the selection_uri "
                                 "or curated_uri a run printed, a run id, or a config name (`sftcurate ls`)")
-    manifest = read_manifest(uri)
-    kind, meta = manifest.get("kind"), manifest.get("meta") or {}
+    kind = read_manifest(uri).get("kind")
     if kind == "selection":
         return Found(uri, "selection URI")
-    if kind == "curated" and meta.get("selection_uri"):
-        return Found(meta["selection_uri"], "curated URI")
+    if kind == "curated":
+        return Found(read_meta(uri, CuratedMeta).selection_uri, "curated URI")
     raise SelectionNotFound(f"{ref}: a '{kind}' artifact, not a selection; pass the selection_uri or curated_uri "
                             "a run printed")
 
@@ -98,7 +99,7 @@ def _quoted(text: str) -> str:
 
 
 def _run_by_id(run_id: str):
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # deferred on purpose: MLflow takes seconds to import
 
     try:
         return tracking.client().get_run(run_id)

@@ -28,10 +28,14 @@ from pathlib import Path
 
 import pyarrow as pa
 from sftcurate.data_contracts import UserError
-from sftcurate.infra.models import loading_lock, resolve_device
-from sftcurate.infra.stages import Built, build_once
+from sftcurate.data_contracts.manifests import ProxyMeta
+from sftcurate.infra.local_cache import local_copy
+from sftcurate.infra.models import (TINY, build_tiny_gpt2, loading_lock, model_fingerprint, resolve_device,
+                                   resolve_model)
+from sftcurate.infra.settings import load_settings
+from sftcurate.infra.stages import Built, build_once, read_meta
 from sftcurate.infra.store import (
-    ArtifactWriter, MANIFEST, filesystem_for, is_committed, join, read_bytes, read_manifest,
+    ArtifactWriter, MANIFEST, filesystem_for, is_committed, join, read_bytes,
 )
 from sftcurate.core.config import ProxyConfig
 from sftcurate.core.ingest import load_pool
@@ -95,9 +99,6 @@ def local_dir(uri: str) -> Path:
     by its URI and manifest (a re-committed folder gets a new copy)."""
     from fsspec.implementations.local import LocalFileSystem
 
-    from sftcurate.infra.local_cache import local_copy
-    from sftcurate.infra.settings import load_settings
-
     fs, path = filesystem_for(uri)
     if isinstance(fs, LocalFileSystem):
         return Path(path)
@@ -130,8 +131,6 @@ def _wrap_lora(model):
 def build_fresh(proxy_spec: str, cfg: ProxyConfig, corpus: tuple[str, ...], proxy_uri: str):
     """(model, tokenizer) at step 0; the tokenizer (and a tiny LoRA base) are committed to the artifact."""
     import torch
-
-    from sftcurate.infra.models import TINY, build_tiny_gpt2, resolve_model
 
     if proxy_spec.startswith(TINY):
         loaded = build_tiny_gpt2(proxy_spec, corpus=corpus)
@@ -169,8 +168,6 @@ def load_tokenizer(proxy_uri: str):
 
 
 def load_base(proxy_uri: str, proxy_spec: str):
-    from sftcurate.infra.models import resolve_model
-
     if is_committed(join(proxy_uri, "base")):
         folder = str(local_dir(join(proxy_uri, "base")))
         with loading_lock() as tf:
@@ -196,8 +193,6 @@ def load_checkpoint_model(proxy_uri: str, ckpt_uri: str, proxy_spec: str, lora: 
 def train_proxy(examples_uri: str, proxy_spec: str, proxy: ProxyConfig | dict, max_length: int = 256,
                 run_id: str | None = None, store_root: str | None = None, device: str | None = None) -> Built:
     """The proxy artifact: trained (or resumed from its committed checkpoints) unless it is committed."""
-    from sftcurate.infra.models import model_fingerprint
-
     cfg = as_proxy_config(proxy)
     steps_at = checkpoint_steps(cfg.steps, cfg.checkpoints)
 
@@ -228,7 +223,7 @@ def train_proxy(examples_uri: str, proxy_spec: str, proxy: ProxyConfig | dict, m
 
     params = {"proxy": model_fingerprint(proxy_spec), "training": training_params(cfg), "max_length": max_length}
     return build_once(KIND, __name__, params, build, upstream={"examples": examples_uri}, store_root=store_root,
-                      resumable=True)
+                      resumable=True, meta=ProxyMeta)
 
 
 def recipe(cfg: ProxyConfig) -> Recipe:
@@ -284,10 +279,10 @@ def _train(uri: str, key: str, proxy_spec: str, cfg: ProxyConfig, rows: list[tup
 
 # ---------------------------------------------------------------- readers
 
-def proxy_info(proxy_uri: str) -> dict:
-    """The proxy manifest meta: spec, lora, steps, checkpoints [{step, uri}], ..."""
-    return read_manifest(proxy_uri)["meta"]
+def proxy_info(proxy_uri: str) -> ProxyMeta:
+    """The proxy manifest meta, typed: `proxy_info(uri).spec`, `.lora`, `.steps`, `.checkpoints`, ..."""
+    return read_meta(proxy_uri, ProxyMeta)
 
 
 def proxy_checkpoints(proxy_uri: str) -> list[tuple[int, str]]:
-    return [(int(c["step"]), c["uri"]) for c in proxy_info(proxy_uri)["checkpoints"]]
+    return [(c.step, c.uri) for c in proxy_info(proxy_uri).checkpoints]

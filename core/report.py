@@ -24,6 +24,7 @@ from sftcurate.core.finetune import finetune_meta
 from sftcurate.core.ingest import load_pool
 from sftcurate.core.selection import load_selection
 from sftcurate.data_contracts import EVAL_RESULTS
+from sftcurate.data_contracts.manifests import CompareReportMeta, JudgeSanityMeta
 from sftcurate.infra.stages import build_once
 
 KIND = "compare_report"
@@ -82,8 +83,8 @@ def result_rows(cfg: CompareConfig, cells: dict, base_uri: str, examples_uri: st
             cover = evidence.coverage([pool_groups[i] for i in picks], pool_groups)
             metas = [finetune_meta(r["model_uri"]) for r in reps]
             row = _row(method, budget, ci, diff, evidence.group_losses(loss, tokens, groups), cover,
-                       reps[0].get("judge") or {}, float(np.mean([m["tokens_seen"] for m in metas])),
-                       float(np.mean([m["steps_done"] for m in metas])), len(reps))
+                       reps[0].get("judge") or {}, float(np.mean([m.tokens_seen for m in metas])),
+                       float(np.mean([m.steps_done for m in metas])), len(reps))
             row.update(worst_group_columns(baseline_worst, worst_diff, len(reps), tested=method != BASELINE))
             row.update(balanced_columns(
                 evidence.balanced_bootstrap(loss, tokens, groups, None, n_boot, cfg.seed),
@@ -157,7 +158,7 @@ def _row(method, budget, ci, diff, per_group, cover, judge, tokens_seen, steps, 
 
 
 def markdown_table(cfg: CompareConfig, rows: list[dict], methods: list[str], train_tokens: dict[int, int],
-                   note: str | None, sanity: dict) -> str:
+                   note: str | None, sanity: JudgeSanityMeta) -> str:
     by = {(r["method"], r["budget"]): r for r in rows}
     head = "| Method | " + " | ".join(str(b) for b in cfg.budgets) + " |\n|---|" + "---|" * len(cfg.budgets)
     lines = _loss_sections(cfg, by, methods, train_tokens, head)
@@ -254,14 +255,15 @@ def _group_section(cfg: CompareConfig, by: dict, methods: list[str]) -> list[str
     return lines
 
 
-def _judge_sections(cfg: CompareConfig, by: dict, methods: list[str], sanity: dict, head: str) -> list[str]:
+def _judge_sections(cfg: CompareConfig, by: dict, methods: list[str], sanity: JudgeSanityMeta,
+                    head: str) -> list[str]:
     """The judge's sanity check, win rates against uniform and their tallies and biases."""
     judged = [m for m in methods[1:] if m != FULL]
-    trusted = bool(sanity.get("trusted"))
-    lines = ["", f"**Judge sanity check:** on {sanity['pairs']} pairs whose better side is known (a held-out "
+    trusted = sanity.trusted
+    lines = ["", f"**Judge sanity check:** on {sanity.pairs} pairs whose better side is known (a held-out "
               f"reference against another prompt's reference, a truncated or a shuffled text, both orders) the judge "
-              f"picked the reference in {_pct(sanity['accuracy'])}% (needs {_pct(sanity.get('threshold', 0.8))}%), "
-              f"position bias {_fmt(sanity['position_bias'], '.2f')}: "
+              f"picked the reference in {_pct(sanity.accuracy)}% (needs {_pct(sanity.threshold)}%), "
+              f"position bias {_fmt(sanity.position_bias, '.2f')}: "
               + ("its win rates below can be read as evidence." if trusted else
                  "**the win rates below are NOT evidence**; read the held-out metrics above."),
               "", f"## Win rate vs Uniform (%){'' if trusted else ' (NOT EVIDENCE: the judge failed its sanity check)'}"
@@ -356,7 +358,7 @@ def commit_report(cfg: CompareConfig, rows: list[dict], cells: dict, base_uri: s
 
     upstream = {"base": base_uri, "judge_sanity": sanity_uri, **{f"{m}@{b}#{i}": {k: rep[k] for k in ARTIFACT_KEYS if k in rep}
                                      for (m, b), reps in cells.items() for i, rep in enumerate(reps)}}
-    return build_once(KIND, __name__, {"config": cfg}, build, upstream=upstream)
+    return build_once(KIND, __name__, {"config": cfg}, build, upstream=upstream, meta=CompareReportMeta)
 
 
 __all__ = ["result_rows", "markdown_table", "csv_bytes", "plot_png", "commit_report", "read_eval", "FULL"]

@@ -33,7 +33,8 @@ from sftcurate.core.selectors.base import (EXAMPLES, MODEL, REQUIREMENTS, SENTEN
                                            SelectorParamError, Step, Summary, declare, selector_class)
 from sftcurate.infra import tracking
 from sftcurate.infra.models import model_fingerprint
-from sftcurate.infra.store import read_manifest
+from sftcurate.data_contracts.manifests import TokenFeaturesMeta
+from sftcurate.infra.stages import read_meta
 
 
 def declared(requires) -> list[Requirement]:
@@ -64,7 +65,7 @@ def requirement(name: str) -> Requirement:
 
 
 def pool_shards(examples_uri: str, shard_size: int) -> int:
-    return ingest.n_shards(ingest.examples_meta(examples_uri)["n_train"], shard_size)
+    return ingest.n_shards(ingest.examples_meta(examples_uri).n_train, shard_size)
 
 
 # ---------------------------------------------------------------- token features (and sentence embeddings)
@@ -84,9 +85,9 @@ def commit_pool_features(examples_uri: str, cfg, projection_uri: str | None, sha
                          run_id: str | None) -> str:
     uri = embedding.commit_features(examples_uri, shard_uris)
     if run_id:
-        meta = read_manifest(uri)["meta"]
-        tracking.log_metrics(run_id, {"embedding.tokens": meta["tokens"], "embedding.d": meta["d"] or 0,
-                                      "embedding.shards": meta["shards"]})
+        meta = read_meta(uri, TokenFeaturesMeta)
+        tracking.log_metrics(run_id, {"embedding.tokens": meta.tokens, "embedding.d": meta.d or 0,
+                                      "embedding.shards": meta.shards})
     return uri
 
 

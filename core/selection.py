@@ -18,6 +18,7 @@ from sftcurate.core.selectors.base import (
 from sftcurate.core.target import TARGETS
 from sftcurate.data_contracts import SELECTION
 from sftcurate.data_contracts.manifests import SelectionMeta
+from sftcurate.infra.models import model_fingerprint
 from sftcurate.infra.stages import Built, build_once, read_meta
 from sftcurate.infra.store import join, read_table
 
@@ -57,8 +58,6 @@ def run_selection(examples_uri: str, method: str, budget: Budget, seed: int, par
 
     `input_uris` maps each requirement the selector has (token features, trajectories) to its committed
     artifact; `model_spec` is the model of a selector that scores with one (Ask-LLM)."""
-    from sftcurate.infra.models import model_fingerprint
-
     selector = get_selector(method, params)
     # a selector that aims at a target optionally (S2L, FisherSFT) reads it when the run made it
     requires = type(selector).requirements(target=any(name in input_uris for name in TARGETS))
@@ -105,10 +104,9 @@ def binding_limit(budget: Budget, selected: int, tokens_kept: int, pool_size: in
     return f"the selector: it stopped at {selected:,} examples ({tokens_kept:,} tokens) within the budget"
 
 
-def load_selection(selection_uri: str) -> tuple[pa.Table, dict]:
-    """The selection table and its manifest meta (method, budget, objective, ...), checked (`SelectionMeta`)."""
-    return (read_table(join(selection_uri, "selection.parquet"), SELECTION),
-            selection_meta(selection_uri).model_dump())
+def load_selection(selection_uri: str) -> tuple[pa.Table, SelectionMeta]:
+    """The selection table and its manifest meta, typed (`meta.method`, `meta.budget`, `meta.objective`)."""
+    return read_table(join(selection_uri, "selection.parquet"), SELECTION), selection_meta(selection_uri)
 
 
 def selection_meta(selection_uri: str) -> SelectionMeta:

@@ -59,7 +59,7 @@ def embed_target(examples_uri: str, cfg, target_uri: str, index: int) -> str:
     features were projected with: `pool_projection` of the pool is a cache hit) and the pool's feature model."""
     spec, emb = feature_model(cfg), cfg.embedding
     projection = pool_projection(examples_uri, cfg) if emb.d_proj else None
-    n = ingest.examples_meta(target_uri)["n_train"]
+    n = ingest.examples_meta(target_uri).n_train
     return embedding.embed_shard(target_uri, index, max(int(n), 1), spec, model_fingerprint(spec),
                                  cfg.models.max_length, emb.batch_tokens, emb.dtype, projection)
 
@@ -104,7 +104,7 @@ def pool_proxy(examples_uri: str, cfg) -> str:
 
 def target_trajectory_shard(examples_uri: str, cfg, target_uri: str, index: int) -> str:
     """The target's losses at every checkpoint of the pool's proxy, all in one shard (target sets are small)."""
-    n = ingest.examples_meta(target_uri)["n_train"]
+    n = ingest.examples_meta(target_uri).n_train
     return trajectories.trajectory_shard(pool_proxy(examples_uri, cfg), target_uri, index, max(int(n), 1),
                                          cfg.proxy.batch_tokens)
 

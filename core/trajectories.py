@@ -21,8 +21,9 @@ from sftcurate.core.ingest import load_pool, shard_bounds
 from sftcurate.core.inputs import load_trajectories_file  # noqa: F401  (re-exported)
 from sftcurate.core.proxy import load_checkpoint_model, load_tokenizer, proxy_checkpoints, proxy_info
 from sftcurate.infra import progress
-from sftcurate.infra.stages import Built, build_once
-from sftcurate.infra.store import join, read_manifest, read_tensors
+from sftcurate.data_contracts.manifests import TrajectoriesMeta, TrajectoryShardMeta
+from sftcurate.infra.stages import Built, build_once, read_meta
+from sftcurate.infra.store import join, read_tensors
 from sftcurate.core.packing import (DEVICE_BATCH_TOKENS, LOGITS_FROM_HIDDEN, pack, packed_batches,
                                     packed_token_losses, packs)
 from sftcurate.core.tokenize import Encoded, encode_pairs, example_rows, length_grouped_batches, pad_batch
@@ -132,11 +133,11 @@ def shard_losses(proxy_uri: str, examples_uri: str, shard_index: int, shard_size
     device = device or default_device()
     pool = load_pool(examples_uri)
     lo, hi = shard_bounds(pool.num_rows, shard_index, shard_size)
-    encoded = encode_pairs(load_tokenizer(proxy_uri), example_rows(pool.slice(lo, hi - lo)), int(info["max_length"]))
+    encoded = encode_pairs(load_tokenizer(proxy_uri), example_rows(pool.slice(lo, hi - lo)), info.max_length)
     ckpts = proxy_checkpoints(proxy_uri)
     losses = np.zeros((len(encoded), len(ckpts)), dtype=np.float32)
     for t, (_step, ckpt_uri) in enumerate(ckpts):
-        model = load_checkpoint_model(proxy_uri, ckpt_uri, info["spec"], bool(info["lora"])).to(device)
+        model = load_checkpoint_model(proxy_uri, ckpt_uri, info.spec, info.lora).to(device)
         losses[:, t] = example_losses(model, encoded, batch_tokens, device)
         del model
     return losses, np.array([s for s, _ in ckpts], dtype=np.int64)
@@ -156,7 +157,8 @@ def trajectory_shard(proxy_uri: str, examples_uri: str, shard_index: int, shard_
 
     # batch_tokens changes speed only, so it stays out of the key
     return build_once(SHARD_KIND, __name__, {"shard_index": shard_index, "shard_size": shard_size}, build,
-                      upstream={"proxy": proxy_uri, "examples": examples_uri}, store_root=store_root)
+                      upstream={"proxy": proxy_uri, "examples": examples_uri}, store_root=store_root,
+                      meta=TrajectoryShardMeta)
 
 
 def commit_trajectories(proxy_uri: str, examples_uri: str, shard_uris: list[str],
@@ -188,7 +190,7 @@ def commit_trajectories(proxy_uri: str, examples_uri: str, shard_uris: list[str]
 
     return build_once(KIND, __name__, {}, build,
                       upstream={"proxy": proxy_uri, "examples": examples_uri, "shards": list(shard_uris)},
-                      store_root=store_root)
+                      store_root=store_root, meta=TrajectoriesMeta)
 
 
 def summarize(losses: np.ndarray, steps: np.ndarray, seed: int = 0) -> dict:
@@ -227,10 +229,10 @@ def trajectory_png(losses: np.ndarray, steps: np.ndarray, seed: int = 0) -> byte
 
 def summary_markdown(uri: str) -> str:
     """The committed trajectories' summary as markdown (mean and std loss per checkpoint, where the PNG is)."""
-    meta = read_manifest(uri)["meta"]
+    meta = read_meta(uri, TrajectoriesMeta)
     rows = "\n".join(f"| {int(s)} | {m:.4f} | {d:.4f} |"
-                     for s, m, d in zip(meta["steps"], meta["mean_loss"], meta["std_loss"]))
-    png = meta.get("summary_png")
+                     for s, m, d in zip(meta.steps, meta.mean_loss, meta.std_loss))
+    png = meta.summary_png
     png = f"\n\nTrajectory plot (PNG in the artifact store): `{png}`\n" if png else ""
     return (f"# S2L loss trajectories\n\nArtifact: `{uri}`\n\n"
             f"| checkpoint step | mean loss | std |\n|---|---|---|\n{rows}{png}")
@@ -241,11 +243,11 @@ def log_summary(run_id: str, uri: str) -> None:
     from sftcurate.infra import tracking
     from sftcurate.infra.store import read_bytes
 
-    meta = read_manifest(uri)["meta"]
-    for s, m, d in zip(meta["steps"], meta["mean_loss"], meta["std_loss"]):
+    meta = read_meta(uri, TrajectoriesMeta)
+    for s, m, d in zip(meta.steps, meta.mean_loss, meta.std_loss):
         tracking.log_metrics(run_id, {"trajectory_mean_loss": m, "trajectory_std_loss": d}, int(s))
-    if meta.get("summary_png"):
-        tracking.log_bytes(run_id, read_bytes(meta["summary_png"]), "trajectories.png", "s2l")
+    if meta.summary_png:
+        tracking.log_bytes(run_id, read_bytes(meta.summary_png), "trajectories.png", "s2l")
     tracking.log_bytes(run_id, summary_markdown(uri).encode(), "trajectories.md", "s2l")
 
 

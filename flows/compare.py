@@ -25,11 +25,13 @@ from sftcurate.core.ingest import examples_meta
 from sftcurate.core.judge import judge_note
 from sftcurate.core.report import FULL, commit_report, markdown_table, result_rows
 from sftcurate.core.selection import selection_meta
+from sftcurate.data_contracts.manifests import JudgeSanityMeta, JudgmentsMeta
 from sftcurate.flows.curate import ingest_pool, log_datasets, select_pipeline
 from sftcurate.infra import progress, tracking
 from sftcurate.infra.env import ensure_home
 from sftcurate.infra.runners import task_runner_from_settings
-from sftcurate.infra.store import join, read_bytes, read_manifest
+from sftcurate.infra.stages import read_meta
+from sftcurate.infra.store import join, read_bytes
 from sftcurate.tasks.common import call
 from sftcurate.tasks.evaluate import finetune_task, generate_task, heldout_task, judge_sanity_task, judge_task
 from sftcurate.tasks.gate import gate_pool
@@ -70,7 +72,7 @@ def run_cell(cfg: CompareConfig, method: str, budget: int, replicate: int, train
             eval_uri = call(heldout_task, examples_uri, model_uri, cfg.models.target, cfg.models.max_length, child)
         cell = {"examples_uri": examples_uri, "selection_uri": selection_uri, "model_uri": model_uri,
                 "eval_uri": eval_uri, "heldout": read_eval(eval_uri), "train_tokens": train_tokens,
-                "steps_done": finetune_meta(model_uri)["steps_done"], "mlflow_run_id": child}
+                "steps_done": finetune_meta(model_uri).steps_done, "mlflow_run_id": child}
         if replicate == 0 and method != FULL:
             with progress.stage(f"{name} generate", timings):
                 cell["generations_uri"] = call(generate_task, examples_uri, model_uri, cfg.models.target,
@@ -79,7 +81,7 @@ def run_cell(cfg: CompareConfig, method: str, budget: int, replicate: int, train
                 with progress.stage(f"{name} judge", timings):
                     cell["judgments_uri"] = call(judge_task, cell["generations_uri"], baseline["generations_uri"],
                                                  method, BASELINE, cfg.judge, cfg.seed, child)
-                cell["judge"] = read_manifest(cell["judgments_uri"])["meta"]["summary"]
+                cell["judge"] = read_meta(cell["judgments_uri"], JudgmentsMeta).summary
         log_cell_artifacts(child, cell)
     return cell
 
@@ -99,7 +101,7 @@ def pool_size(cfg: CompareConfig) -> int:
     examples_uri = ingest_pool(curate)
     if curate.selection.gate is not None:
         examples_uri = gate_pool(examples_uri, curate, None)
-    return examples_meta(examples_uri)["n_train"]
+    return examples_meta(examples_uri).n_train
 
 
 @flow(name="compare", flow_run_name=flow_run_name, log_prints=True, persist_result=False,
@@ -129,9 +131,9 @@ def compare(config: CompareConfig = CompareConfig()) -> dict:
             base_uri = call(heldout_task, examples_uri, None, cfg.models.target, cfg.models.max_length, parent)
         with progress.stage("judge sanity", timings):  # known pairs: is this judge's win rate evidence at all?
             sanity_uri = call(judge_sanity_task, first["generations_uri"], cfg.judge, cfg.seed)
-        sanity = read_manifest(sanity_uri)["meta"]
-        tracking.log_metrics(parent, {"judge_sanity/accuracy": sanity["accuracy"],
-                                      "judge_sanity/position_bias": sanity["position_bias"]})
+        sanity = read_meta(sanity_uri, JudgeSanityMeta)
+        tracking.log_metrics(parent, {"judge_sanity/accuracy": sanity.accuracy,
+                                      "judge_sanity/position_bias": sanity.position_bias})
         note = judge_note(cfg.judge)
         with progress.stage("report", timings):
             rows = result_rows(cfg, cells, base_uri, examples_uri, methods)
@@ -142,7 +144,7 @@ def compare(config: CompareConfig = CompareConfig()) -> dict:
             "budget_unit": cfg.budget_unit, "replicates": cfg.replicates, "train_tokens": train_tokens,
             "target_model": cfg.models.target, "base_heldout_loss": read_eval(base_uri)["loss"],
             "base_eval_uri": base_uri, "judge_backend": cfg.judge.backend, "judge_note": note,
-            "judge_sanity": {k: sanity[k] for k in ("accuracy", "pairs", "errors", "position_bias", "trusted")},
+            "judge_sanity": sanity.model_dump(include={"accuracy", "pairs", "errors", "position_bias", "trusted"}),
             "judge_sanity_uri": sanity_uri,
             "cells": {f"{m}@{b}" + (f"#{r}" if r else ""): {k: v for k, v in c.items() if k != "mlflow_run_id"}
                       for (m, b), reps in cells.items() for r, c in enumerate(reps)},

@@ -19,7 +19,8 @@ from sftcurate.infra import progress, tracking
 from sftcurate.infra.env import ensure_home
 from sftcurate.infra.models import model_fingerprint
 from sftcurate.infra.runners import task_runner_from_settings
-from sftcurate.infra.store import join, read_bytes, read_manifest
+from sftcurate.infra.stages import content_key
+from sftcurate.infra.store import join, read_bytes
 from sftcurate.tasks.common import call
 from sftcurate.tasks.curate import curated_task, ingest_task, produce_inputs, select_task
 from sftcurate.tasks.gate import gate_pool
@@ -49,7 +50,7 @@ def select_pipeline(cfg: CurateConfig, run_id: str | None, timings: dict | None 
         with progress.stage("gate", timings):
             examples_uri = gate_pool(examples_uri, cfg, run_id)
     meta = examples_meta(examples_uri)
-    budget.check(meta["n_train"], meta["train_tokens"])
+    budget.check(meta.n_train, meta.train_tokens)
     input_uris = produce_inputs(requires, examples_uri, cfg, run_id, lambda name: progress.stage(name, timings))
     with progress.stage("select", timings):
         selection_uri = call(select_task, examples_uri, cfg.selection.method, budget, cfg.selection.seed,
@@ -60,11 +61,11 @@ def select_pipeline(cfg: CurateConfig, run_id: str | None, timings: dict | None 
 
 def log_datasets(run_id: str, examples_uri: str, selection_uri: str) -> None:
     """The pool and the selection in the MLflow run's Datasets column, by URI and content key."""
-    ex, sel = read_manifest(examples_uri), read_manifest(selection_uri)
-    tracking.log_dataset(run_id, "pool", examples_uri, ex["key"], "pool", rows=ex["meta"]["n_train"],
-                         tokens=ex["meta"].get("train_tokens"))
-    tracking.log_dataset(run_id, "selection", selection_uri, sel["key"], "training", rows=sel["meta"]["selected"],
-                         tokens=sel["meta"].get("selected_tokens"))
+    ex, sel = examples_meta(examples_uri), selection_meta(selection_uri)
+    tracking.log_dataset(run_id, "pool", examples_uri, content_key(examples_uri), "pool", rows=ex.n_train,
+                         tokens=ex.train_tokens)
+    tracking.log_dataset(run_id, "selection", selection_uri, content_key(selection_uri), "training",
+                         rows=sel.selected, tokens=sel.selected_tokens)
 
 
 def summary_markdown(summary: dict) -> str:
@@ -90,10 +91,10 @@ def curate(config: CurateConfig = CurateConfig()) -> dict:
         ex_meta = examples_meta(examples_uri)
         summary = {
             "name": cfg.name, "method": cfg.selection.method, "pool_size": meta.pool_size,
-            "heldout_size": ex_meta["n_heldout"], "duplicates_removed": ex_meta["duplicates_removed"],
-            "files_skipped": len(ex_meta.get("skipped_files") or {}),  # which and why: the examples' manifest
-            "template": ex_meta.get("template"), "too_long_cut": ex_meta.get("too_long_cut"),
-            "too_long_dropped": ex_meta.get("too_long_dropped"), "gate_dropped": ex_meta.get("gate_dropped"),
+            "heldout_size": ex_meta.n_heldout, "duplicates_removed": ex_meta.duplicates_removed,
+            "files_skipped": len(ex_meta.skipped_files),  # which and why: the examples' manifest
+            "template": ex_meta.template, "too_long_cut": ex_meta.too_long_cut,
+            "too_long_dropped": ex_meta.too_long_dropped, "gate_dropped": ex_meta.gate_dropped,
             "budget": cfg.selection.examples_budget, "token_budget": cfg.selection.token_budget,
             "binding_limit": binding_limit(selection_budget(cfg), meta.selected, meta.selected_tokens,
                                            meta.pool_size),
@@ -105,7 +106,7 @@ def curate(config: CurateConfig = CurateConfig()) -> dict:
             "flow_run_id": str(flow_run.id or ""), "timings": timings,
         }
         metrics = {"pool_size": meta.pool_size, "selected": meta.selected, "pool_tokens": meta.pool_tokens,
-                   "tokens_kept": meta.selected_tokens, "duplicates_removed": ex_meta["duplicates_removed"],
+                   "tokens_kept": meta.selected_tokens, "duplicates_removed": ex_meta.duplicates_removed,
                    "kept_token_fraction": meta.selected_tokens / max(meta.pool_tokens, 1),
                    **{f"seconds_{k}": v for k, v in timings.items()}}
         if meta.objective is not None:
@@ -120,9 +121,9 @@ def curate(config: CurateConfig = CurateConfig()) -> dict:
         tracking.log_bytes(run_id, read_bytes(join(selection_uri, "_MANIFEST.json")), "selection_manifest.json", "selection")
         tracking.log_bytes(run_id, json.dumps(summary, indent=2, default=str).encode(), "summary.json")
         report, png = curation_report(examples_uri, selection_uri, cfg.name)
-        if ex_meta.get("gate_uri"):
-            report += "\n" + gate_markdown(ex_meta["gate_uri"])
-            tracking.log_bytes(run_id, read_bytes(join(ex_meta["gate_uri"], "dropped.jsonl")), "gate_dropped.jsonl",
+        if ex_meta.gate_uri:
+            report += "\n" + gate_markdown(ex_meta.gate_uri)
+            tracking.log_bytes(run_id, read_bytes(join(ex_meta.gate_uri, "dropped.jsonl")), "gate_dropped.jsonl",
                                "report")
         tracking.log_bytes(run_id, report.encode(), "report.md", "report")
         tracking.log_bytes(run_id, png, "report.png", "report")

@@ -29,6 +29,7 @@ from sftcurate.infra.store import ArtifactStore, exists, is_committed, join, rea
 from sftcurate.core.config import CurateConfig
 from sftcurate.core.ingest import examples_meta, load_examples, source_fingerprint
 from sftcurate.core.selection import load_selection
+from sftcurate.flows.curate import curate
 from sftcurate.tasks.links import flow_run_name, link_runs
 
 STATE_DIR = "refresh-state"
@@ -143,8 +144,6 @@ def report_markdown(report: dict) -> str:
 @flow(name="refresh", flow_run_name=flow_run_name, log_prints=True, persist_result=False)
 def refresh(config: CurateConfig = CurateConfig()) -> dict:
     """Re-run the curation if the source data changed (cache hits otherwise) and report what changed."""
-    from sftcurate.flows.curate import curate
-
     cfg = config if isinstance(config, CurateConfig) else CurateConfig.model_validate(config)
     store_root = ArtifactStore().root
     previous = read_state(cfg.name, store_root)
@@ -156,9 +155,9 @@ def refresh(config: CurateConfig = CurateConfig()) -> dict:
 
     ex_meta = examples_meta(summary["examples_uri"])
     current = {
-        "name": cfg.name, "source": cfg.source.uri, "source_fingerprint": ex_meta.get("source_fingerprint", fp_now),
-        "examples_uri": summary["examples_uri"], "examples_fingerprint": ex_meta["fingerprint"],
-        "n_examples": ex_meta["n_examples"], "selection_uri": summary["selection_uri"],
+        "name": cfg.name, "source": cfg.source.uri, "source_fingerprint": ex_meta.source_fingerprint,
+        "examples_uri": summary["examples_uri"], "examples_fingerprint": ex_meta.fingerprint,
+        "n_examples": ex_meta.n_examples, "selection_uri": summary["selection_uri"],
         "config_fingerprint": fingerprint(cfg.model_dump()), "updated": time.time(),
         "flow_run_id": str(flow_run.id or ""), "curate_flow_run_id": summary["flow_run_id"],
     }

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from sftcurate.infra.settings import load_settings
+from sftcurate.infra.store import file_digest, filesystem_for, retrying
 
 def file_sha256(path: Path) -> str:
     """sha256 of a local file's bytes, remembered per (path, size, mtime, inode) in the cache folder."""
@@ -32,8 +33,6 @@ def file_sha256(path: Path) -> str:
         return memo.read_text().strip()
     except OSError:
         pass
-    from sftcurate.infra.store import file_digest
-
     digest = file_digest(str(path)).hex()
     memo.parent.mkdir(parents=True, exist_ok=True)
     tmp = memo.with_name(f".{memo.name}.{os.getpid()}-{threading.get_ident()}")
@@ -53,8 +52,6 @@ def folder_key(folder: Path) -> str:
 def remote_folder_key(uri: str) -> str:
     """A key of a remote folder's content from its listing: every object's relative path, size and ETag (S3
     changes an object's ETag whenever its bytes change), fetched through the storage retry loop."""
-    from sftcurate.infra.store import filesystem_for, retrying
-
     def listing() -> list:
         fs, path = filesystem_for(uri)
         root = path.rstrip("/")
@@ -74,8 +71,6 @@ def local_copy(uri: str, cache: Path, name: str, verify: Callable[[Path], None] 
     """`cache/name`, a local copy of the remote file or folder `uri`. `name` must key the content (a copy that
     exists is returned as is) unless `refresh` (fetched again, replacing the old copy). `verify(tmp)` may refuse
     the fetched bytes by raising; nothing is kept then."""
-    from sftcurate.infra.store import filesystem_for, retrying
-
     target = Path(cache) / name
     if target.exists() and not refresh:
         return target

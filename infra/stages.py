@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-from sftcurate.data_contracts.manifests import ManifestMeta, check_meta
+from sftcurate.data_contracts.manifests import M, ManifestMeta, check_meta, meta_to_write
 from sftcurate.infra import progress
 from sftcurate.infra.hashing import code_key, fingerprint
 from sftcurate.infra.store import ArtifactStore, ArtifactWriter, artifact_damage, read_manifest
@@ -72,7 +72,7 @@ def build_once(kind: str, code: str | tuple[str, ...], params: dict, build: Call
     `build(writer)` writes the files and `writer.meta`; the manifest is written after it returns. With
     `resumable`, a crashed attempt's files are kept for `build` to resume from (it must check what it finds);
     otherwise they are cleared first. With `meta` (the kind's `data_contracts.manifests` model), `writer.meta`
-    is validated against it before the manifest is written."""
+    is checked against it before the manifest is written (one line naming the field if it does not fit)."""
     store = ArtifactStore(store_root)
     key = stage_key(kind, code, params, upstream)
     uri = store.uri(kind, key)
@@ -86,13 +86,14 @@ def build_once(kind: str, code: str | tuple[str, ...], params: dict, build: Call
             progress.damaged(kind, uri, damage)
         writer = ArtifactWriter(uri=uri, kind=kind, key=key) if resumable and not damage else store.begin(kind, key)
         build(writer)
-        if meta is not None:  # a stage writing meta its kind does not declare is a bug: a traceback, not a line
-            writer.meta = meta.model_validate(writer.meta).model_dump()
+        if meta is not None:  # a stage writing meta its kind does not declare is a bug: a traceback
+            writer.meta = meta_to_write(meta, kind, writer.meta)
         writer.commit()
     progress.artifact(kind, uri, reused=False)
     return Built(uri, False)
 
 
-def read_meta(uri: str, meta: type[ManifestMeta]) -> ManifestMeta:
-    """A committed artifact's manifest meta as its kind's typed model (checked: one line if it does not fit)."""
-    return check_meta(meta, read_manifest(uri)["meta"], uri)
+def read_meta(uri: str, meta: type[M]) -> M:
+    """A committed artifact's manifest meta as its kind's typed model: one line if the artifact is of another
+    kind, or was committed with a meta this version does not read (then: rebuild it)."""
+    return check_meta(meta, read_manifest(uri), uri)

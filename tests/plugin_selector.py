@@ -64,7 +64,7 @@ def read_chars_file(path: str, inputs: SelectorInputs):
 
 RESPONSE_CHARS_INPUT = declare(Requirement(
     RESPONSE_CHARS, load=load_chars,
-    produce=Production(shards=lambda examples_uri, cfg: n_shards(examples_meta(examples_uri)["n_train"], SHARD_SIZE),
+    produce=Production(shards=lambda examples_uri, cfg: n_shards(examples_meta(examples_uri).n_train, SHARD_SIZE),
                        shard=Step("response-chars-shard", chars_shard),
                        commit=Step("response-chars-commit", commit_chars)),
     from_file=FileInput("chars", "a .npy array: each example's response length in characters", read_chars_file)))

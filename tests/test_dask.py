@@ -51,17 +51,17 @@ def assert_same_selection(single: dict, dask: dict) -> None:
     floats = ("objective", "info")
 
     def comparable(meta):
-        return {k: v for k, v in meta.items() if k not in IGNORED_META + floats}
+        return {k: v for k, v in meta.model_dump().items() if k not in IGNORED_META + floats}
 
     assert comparable(meta_a) == comparable(meta_b)
     timing = {"seconds"}
-    assert {k: v for k, v in (meta_a.get("info") or {}).items() if k not in timing} == \
-        {k: v for k, v in (meta_b.get("info") or {}).items() if k not in timing}
-    assert (meta_a["objective"] is None) == (meta_b["objective"] is None)
-    if meta_a["objective"] is not None:
-        assert meta_a["objective"] == pytest.approx(meta_b["objective"], rel=1e-5)
+    assert {k: v for k, v in meta_a.info.items() if k not in timing} == \
+        {k: v for k, v in meta_b.info.items() if k not in timing}
+    assert (meta_a.objective is None) == (meta_b.objective is None)
+    if meta_a.objective is not None:
+        assert meta_a.objective == pytest.approx(meta_b.objective, rel=1e-5)
     assert single["selection_uri"].rsplit("/", 2)[-2:] == dask["selection_uri"].rsplit("/", 2)[-2:] or \
-        meta_a["inputs"] != meta_b["inputs"]  # same content key unless inputs are store URIs
+        meta_a.inputs != meta_b.inputs  # same content key unless inputs are store URIs
 
 
 def test_runner_from_settings(monkeypatch):

@@ -61,7 +61,7 @@ def curate_all(uri: str, **source) -> str:
                                        # 128: every record fits whole (a longer one is exported as cut)
                                        "models": {"target": "tiny-gpt2", "max_length": 128}})
     examples_uri, selection_uri = select_pipeline(cfg, None)
-    assert examples_meta(examples_uri)["n_train"] == N
+    assert examples_meta(examples_uri).n_train == N
     return selection_uri
 
 

@@ -122,7 +122,7 @@ def test_gate_artifacts_on_askllm_and_proxy_trajectories_score_and_drop_as_decla
     gated = gated_examples(examples_uri, gate_uri)
     assert load_pool(gated).column("id").to_pylist() == [i for k, i in enumerate(pool.column("id").to_pylist())
                                                           if k not in (2, 5)]
-    assert examples_meta(gated)["n_heldout"] == examples_meta(examples_uri)["n_heldout"]
+    assert examples_meta(gated).n_heldout == examples_meta(examples_uri).n_heldout
     assert read_manifest(gated)["meta"]["gate_dropped"] == 2
 
 
@@ -149,10 +149,10 @@ def test_a_curation_behind_the_gate_selects_from_the_gated_pool_and_reports_what
         "models": {"target": "tiny-gpt2", "max_length": 64}})
     summary = curate(cfg)
     meta = examples_meta(summary["examples_uri"])
-    gate_uri, ungated = meta["gate_uri"], meta["gated_from"]
-    n_ungated = examples_meta(ungated)["n_train"]
-    assert summary["gate_dropped"] == round(0.25 * n_ungated) == n_ungated - meta["n_train"]
-    assert summary["pool_size"] == meta["n_train"] and meta["n_heldout"] == examples_meta(ungated)["n_heldout"]
+    gate_uri, ungated = meta.gate_uri, meta.gated_from
+    n_ungated = examples_meta(ungated).n_train
+    assert summary["gate_dropped"] == round(0.25 * n_ungated) == n_ungated - meta.n_train
+    assert summary["pool_size"] == meta.n_train and meta.n_heldout == examples_meta(ungated).n_heldout
     dropped = dropped_records(gate_uri)
     kept_ids = set(load_pool(summary["examples_uri"]).column("id").to_pylist())
     assert len(dropped) == summary["gate_dropped"] and not kept_ids & {r["id"] for r in dropped}

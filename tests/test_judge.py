@@ -277,7 +277,7 @@ def test_openai_backend_end_to_end_with_retries_and_secret_key(store_root, monke
             uri = run_judge(a_uri, b_uri, METHOD_A, METHOD_B, cfg, seed=0, run_id=run_id, backend=backend)
             tracking.log_params(run_id, {"judge": cfg.identity()})
     table, meta = load_judgments(uri)
-    s = meta["summary"]
+    s = meta.summary
     assert s["win_rate"] == 1.0 and s["wins"] == 6 and s["errors"] == 0 and s["position_bias"] == 0.5
     assert s["ci_low"] == 1.0
     assert table.num_rows == 12

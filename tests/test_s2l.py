@@ -95,7 +95,7 @@ def test_end_to_end_tiny_proxy_learns_groups_at_different_speeds(store_root):
     # through the selection task, which loads the trajectories with tasks.trajectories.load_into
     table, meta = load_selection(run_selection(ex, "s2l", budget, 0, {"clusters": 3}, {"trajectories": traj}))
     assert table.num_rows == 6 and table.column("cluster").null_count == 0
-    assert meta["info"]["clusters_covered"] == 3
+    assert meta.info["clusters_covered"] == 3
 
 
 # ---------------------------------------------------------------- (c) edge cases, tokens, determinism

@@ -47,12 +47,12 @@ def flow_runs(tmp_path_factory):
 def test_every_selector_runs_through_the_flow(flow_runs, method):
     summary = flow_runs[method]
     table, meta = load_selection(summary["selection_uri"])
-    assert summary["selected"] == table.num_rows == 12 and meta["method"] == method
+    assert summary["selected"] == table.num_rows == 12 and meta.method == method
     assert len(set(table.column("index").to_pylist())) == 12
     assert summary["tokens_kept"] == sum(table.column("tokens").to_pylist())
     if method == "fishersft":
         gains = np.array(table.column("gain").to_pylist())
-        assert (gains > 0).all() and meta["objective"] is not None
+        assert (gains > 0).all() and meta.objective is not None
     if method == "s2l":
         assert None not in table.column("cluster").to_pylist()
     if method == "askllm":
@@ -62,7 +62,7 @@ def test_every_selector_runs_through_the_flow(flow_runs, method):
 
 def test_select_cli_from_files_matches_the_flow(flow_runs, tmp_path):
     fisher_table, fisher_meta = load_selection(flow_runs["fishersft"]["selection_uri"])
-    features = join(fisher_meta["inputs"]["token_features"], "features-00000.safetensors")
+    features = join(fisher_meta.inputs["token_features"], "features-00000.safetensors")
     out = tmp_path / "fisher.parquet"
     result = runner.invoke(app, ["select", "fishersft", "--features", features, "--budget", "12", "--lam", "1.0",
                                  "--algorithm", "naive", "--out", str(out)])
@@ -77,7 +77,7 @@ def test_select_cli_from_files_matches_the_flow(flow_runs, tmp_path):
     assert sum(read_table(str(tmp_path / "tok.parquet"), SELECTION).column("tokens").to_pylist()) <= 500
 
     s2l_table, s2l_meta = load_selection(flow_runs["s2l"]["selection_uri"])
-    trajectories = join(s2l_meta["inputs"]["trajectories"], "trajectories.safetensors")
+    trajectories = join(s2l_meta.inputs["trajectories"], "trajectories.safetensors")
     out = tmp_path / "s2l.parquet"
     result = runner.invoke(app, ["select", "s2l", "--trajectories", trajectories, "--budget", "12",
                                  "--clusters", "4", "--seed", "1", "--out", str(out)])
@@ -140,7 +140,7 @@ def test_a_selector_and_its_new_input_declared_in_one_module_reach_config_flow_a
     pool = load_pool(summary["examples_uri"])
     chars = np.array([len(r) for r in pool.column("response").to_pylist()])
     assert table.column("index").to_pylist() == list(np.lexsort((np.arange(len(chars)), -chars))[:12])
-    assert set(meta["inputs"]) == {"response_chars"} and len(read_manifest(meta["inputs"]["response_chars"])
+    assert set(meta.inputs) == {"response_chars"} and len(read_manifest(meta.inputs["response_chars"])
                                                                ["meta"]["ids"]) == pool.num_rows
 
     # the CLI's subcommand and its options, derived from the registry; its input read from a file

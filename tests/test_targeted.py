@@ -183,7 +183,7 @@ def test_the_target_keeps_every_record_whatever_the_pools_split_settings(store_r
         "source": {"uri": "builtin:python-docs", "split_field": "split", "heldout_fraction": 0.5, "limit": 2},
         "selection": {"method": "similarity", "target": str(target)}, "models": {"target": "tiny-gpt2"}})
     meta = examples_meta(ingest_target("unused", cfg, None))
-    assert meta["n_train"] == 5 and meta["n_heldout"] == 0
+    assert meta.n_train == 5 and meta.n_heldout == 0
 
 
 @pytest.mark.parametrize("content", [None, ""])
@@ -215,16 +215,16 @@ def test_curate_flow_embeds_the_target_with_the_pools_projection_and_aims_at_it(
             "selection": {"method": method, "budget": 4, "target": str(target_file)},
             "embedding": {"d_proj": 8}, "models": {"target": "tiny-gpt2", "max_length": 64}}))
     table, meta = load_selection(summaries["fishersft_target"]["selection_uri"])
-    assert table.num_rows == 4 and meta["objective"] < meta["info"]["initial_variance"]
-    target_uri = meta["inputs"][TARGET_FEATURES]
+    assert table.num_rows == 4 and meta.objective < meta.info["initial_variance"]
+    target_uri = meta.inputs[TARGET_FEATURES]
     target_meta = read_manifest(target_uri)["meta"]
-    pool_meta = read_manifest(meta["inputs"]["token_features"])["meta"]
+    pool_meta = read_manifest(meta.inputs["token_features"])["meta"]
     assert target_meta["projection_uri"] == pool_meta["projection_uri"] is not None  # one projection, both sides
-    assert examples_meta(target_meta["examples_uri"])["n_train"] == 4 and target_meta["d"] == pool_meta["d"] == 8
+    assert examples_meta(target_meta["examples_uri"]).n_train == 4 and target_meta["d"] == pool_meta["d"] == 8
     features, offsets, _ = read_features_artifact(target_uri)
     assert features.shape[1] == 8 and len(offsets) == 5
     sim_table, sim_meta = load_selection(summaries["similarity"]["selection_uri"])
-    assert sim_meta["inputs"][TARGET_FEATURES] == target_uri  # the target's features are made once
+    assert sim_meta.inputs[TARGET_FEATURES] == target_uri  # the target's features are made once
     scores = sim_table.column("score").to_pylist()
     assert scores == sorted(scores, reverse=True) and sim_table.num_rows == 4
     assert set(sim_table.column("id").to_pylist()) <= set(load_pool(summaries["similarity"]["examples_uri"])

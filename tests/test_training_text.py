@@ -63,7 +63,7 @@ def test_features_and_fine_tuning_see_the_same_chat_template_ids(tmp_path, store
                                        "selection": {"method": "uniform", "budget": 6},
                                        "models": {"target": chat_model, "max_length": 128}})
     examples_uri, selection_uri = select_pipeline(cfg, None)
-    assert examples_meta(examples_uri)["template"] == "chat"
+    assert examples_meta(examples_uri).template == "chat"
     seen: dict[str, list] = {}
 
     def recording(path):
@@ -119,7 +119,7 @@ def test_too_long_records_are_dropped_and_counted(tmp_path, store_root, chat_mod
     write_jsonl(tmp_path / "mixed.jsonl", [chat(i) for i in range(5)] + [chat(9, long_answer), chat(8, long_answer)])
     uri = run_ingest(str(tmp_path / "mixed.jsonl"), chat_model, max_length=96, too_long="drop")
     meta, table = examples_meta(uri), load_examples(uri)
-    assert (meta["too_long_dropped"], meta["too_long_cut"], meta["n_examples"]) == (2, 0, 5)
+    assert (meta.too_long_dropped, meta.too_long_cut, meta.n_examples) == (2, 0, 5)
     assert long_answer not in table.column("response").to_pylist()
     assert max(a + b for a, b in zip(table.column("prompt_tokens").to_pylist(),
                                      table.column("response_tokens").to_pylist())) <= 96
@@ -144,7 +144,7 @@ def test_held_out_examples_stay_whole_and_a_pool_that_all_drops_is_one_line(tmp_
     table = load_examples(uri)
     split = dict(zip(table.column("response").to_pylist(), table.column("split").to_pylist()))
     assert {split[a] for a in long_answers if a in split} == {"heldout"}  # long ones only where never selected
-    assert examples_meta(uri)["too_long_dropped"] == sum(1 for a in long_answers if a not in split) > 0
+    assert examples_meta(uri).too_long_dropped == sum(1 for a in long_answers if a not in split) > 0
 
 
 def test_a_cut_record_is_exported_as_cut_and_counted_as_trained(tmp_path, store_root, chat_model):
@@ -160,7 +160,7 @@ def test_a_cut_record_is_exported_as_cut_and_counted_as_trained(tmp_path, store_
         unsubscribe()
     assert ("ingest: chat template, too_long cut", 4) in events  # the rendering reports its progress, labelled
     meta, rows = examples_meta(uri), load_examples(uri).to_pylist()
-    assert (meta["too_long"], meta["too_long_cut"], meta["too_long_dropped"], meta["n_examples"]) == ("cut", 1, 0, 4)
+    assert (meta.too_long, meta.too_long_cut, meta.too_long_dropped, meta.n_examples) == ("cut", 1, 0, 4)
     (cut,) = [r for r in rows if r["response"].startswith("word0 word1")]
     assert long_answer.startswith(cut["response"]) and len(cut["response"]) < len(long_answer)
     raw = json.loads(cut["raw"])  # what the export writes: the record as it trains
@@ -177,7 +177,7 @@ def test_keep_measures_a_long_record_whole(tmp_path, store_root, chat_model):
     write_jsonl(tmp_path / "long.jsonl", [chat(0), chat(9, long_answer)])
     uri = run_ingest(str(tmp_path / "long.jsonl"), chat_model, max_length=96, too_long="keep")
     meta, rows = examples_meta(uri), load_examples(uri).to_pylist()
-    assert (meta["too_long_whole"], meta["too_long_cut"], meta["too_long_dropped"]) == (1, 0, 0)
+    assert (meta.too_long_whole, meta.too_long_cut, meta.too_long_dropped) == (1, 0, 0)
     (long,) = [r for r in rows if r["response"] == long_answer]
     assert long["prompt_tokens"] + long["response_tokens"] == len(rendered_ids(resolve_tokenizer(chat_model),
                                                                                chat(9, long_answer)["messages"]))
@@ -197,7 +197,7 @@ def test_a_format_string_renders_every_example_and_plain_is_the_old_text(tmp_pat
     assert tok.decode([t for t, m in zip(e.input_ids, e.loss_mask) if m]) == "4" + tok.eos_token
     plain = load_pool(run_ingest(str(tmp_path / "qa.jsonl"), chat_model, template="plain"))
     assert plain.column("turns").to_pylist() == [""]  # prompt ids + response ids + eos, as before templates
-    assert examples_meta(run_ingest(str(tmp_path / "qa.jsonl"), "tiny-gpt2"))["template"] == "plain"  # auto
+    assert examples_meta(run_ingest(str(tmp_path / "qa.jsonl"), "tiny-gpt2")).template == "plain"  # auto
 
 
 def test_a_template_that_cannot_be_used_is_one_line(tmp_path, store_root):
@@ -241,7 +241,7 @@ def test_a_chat_whose_later_context_does_not_fit_is_cut_after_its_last_whole_ans
                 {"role": "user", "content": long_question}, {"role": "assistant", "content": "second answer"}]
     write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}, chat(1)])
     uri = run_ingest(str(tmp_path / "chat.jsonl"), chat_model, max_length=96)
-    assert examples_meta(uri)["too_long_cut"] == 1
+    assert examples_meta(uri).too_long_cut == 1
     (row,) = [r for r in load_examples(uri).to_pylist() if r["response"] == "first answer"]
     assert json.loads(row["raw"])["messages"] == messages[:2]  # exported as it trains: up to the whole answer
 
