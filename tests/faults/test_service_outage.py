@@ -207,11 +207,12 @@ def test_a_tracking_server_lost_after_the_cli_checked_it_still_ends_in_one_line(
     from typer.testing import CliRunner
 
     import sftcurate.cli as cli
+    import sftcurate.cli_flows as cli_flows
 
     uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("SFTCURATE_SERVICE_RETRY_SECONDS", "2")
-    monkeypatch.setattr(cli, "wait_for_services", lambda: None)  # it was up when the CLI looked
+    monkeypatch.setattr(cli_flows, "wait_for_services", lambda: None)  # it was up when the CLI looked
     config = tmp_path / "tiny.yaml"
     config.write_text(CONFIG)
     result = CliRunner().invoke(cli.app, ["run", str(config)], env={"COLUMNS": "200"})
@@ -315,19 +316,19 @@ def test_a_watch_calls_on_lost_once_the_budget_is_spent_and_says_which_way_a_fai
 def test_only_a_request_to_the_prefect_api_counts_as_the_prefect_server_lost():
     import httpx
 
-    from sftcurate.cli import _prefect_api_error
+    from sftcurate.cli_flows import prefect_api_error
 
     api = "http://127.0.0.1:4200/api"
     lost = httpx.ConnectError("All connection attempts failed", request=httpx.Request("POST", f"{api}/task_runs/"))
-    assert _prefect_api_error(lost, api)
+    assert prefect_api_error(lost, api)
     try:
         try:
             raise lost
         except httpx.ConnectError as exc:
             raise RuntimeError("the engine could not set the task run's state") from exc
     except RuntimeError as wrapped:
-        assert _prefect_api_error(wrapped, api)
+        assert prefect_api_error(wrapped, api)
     judge = httpx.ConnectError("refused", request=httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions"))
-    assert not _prefect_api_error(judge, api)  # a judge's endpoint, not Prefect
-    assert not _prefect_api_error(httpx.ReadError("x", request=httpx.Request("GET", f"{api}/x")), api + "2")
-    assert not _prefect_api_error(ValueError("bad input"), api)
+    assert not prefect_api_error(judge, api)  # a judge's endpoint, not Prefect
+    assert not prefect_api_error(httpx.ReadError("x", request=httpx.Request("GET", f"{api}/x")), api + "2")
+    assert not prefect_api_error(ValueError("bad input"), api)
