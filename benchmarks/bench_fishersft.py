@@ -25,8 +25,7 @@ other and stale bounds prune little: the worst case for lazy evaluation.
                                                     # ~400 s), new alone at N=10,000, K=500, and the d_proj table
                                                     # (64/128/256, random and PCA) on the real SmolLM2 artifact
                                                     # under .sftcurate/artifacts when present and on synthetic
-    python benchmarks/bench_fishersft.py --sentence-rank   # rank-r sentence factors vs the tokens (N=2,000, mean
-                                                           # 256 tokens, d=64, K=50, r = 8/16/32)
+(rank-r sentence factors against the tokens: `benchmarks/bench_sentence_rank.py`)
 Exit status 1 when a target is missed.
 """
 from __future__ import annotations
@@ -243,45 +242,6 @@ def bench_dproj(x, off, k: int, d_projs=(64, 128, 256), lam: float = 1.0, pca_se
     return rows
 
 
-def long_sentences(n: int, mean_len: int, d: int, seed: int = 0, sigma: float = 0.8):
-    """The benchmark generator's tokens (per-sentence scale and topic, anisotropic spectrum) in sentences of
-    LogNormal lengths with mean `mean_len` (1 .. 8 x mean): real SFT responses, not L=32."""
-    rng = np.random.default_rng(seed)
-    lengths = np.clip(np.rint(rng.lognormal(np.log(mean_len) - sigma ** 2 / 2, sigma, n)), 1,
-                      8 * mean_len).astype(np.int64)
-    spec = (np.arange(1, d + 1) ** -0.5).astype(np.float32)
-    scale = rng.lognormal(0, 0.5, n).astype(np.float32)
-    topic = rng.standard_normal((n, d), dtype=np.float32) * 0.5
-    x = rng.standard_normal((int(lengths.sum()), d), dtype=np.float32)
-    owner = np.repeat(np.arange(n), lengths)
-    x = (x + topic[owner]) * spec * scale[owner, None]
-    return x, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-
-
-def bench_sentence_rank(x, off, k: int, ranks=(8, 16, 32), lam: float = 1.0) -> list[dict]:
-    """The lazy greedy on rank-r sentence factors against the greedy on the tokens: objective of the picks on
-    the TOKENS (direct log det), pick overlap, kept energy, rows stored and selection time."""
-    from sftcurate.core.fisher import LogDetObjective, direct_logdet
-    from sftcurate.core.fisher_features import sentence_factors
-    from sftcurate.core.fisher_greedy import lazy_greedy
-
-    d = x.shape[1]
-    t = time.process_time()
-    exact = lazy_greedy(LogDetObjective(x, off, lam), k=k)
-    rows = [{"rank": "tokens", "select_s": time.process_time() - t, "kept": 1.0, "objective": 1.0, "overlap": 1.0,
-             "rows": len(x)}]
-    f_exact = direct_logdet(x, off, exact.picks, lam) - d * np.log(lam)
-    for r in ranks:
-        t = time.process_time()
-        fx, foff, kept = sentence_factors(x, off, r)
-        res = lazy_greedy(LogDetObjective(fx, foff, lam), k=k)
-        rows.append({"rank": r, "select_s": time.process_time() - t, "kept": float(np.median(kept)),
-                     "kept_min": float(kept.min()), "rows": len(fx),
-                     "objective": (direct_logdet(x, off, res.picks, lam) - d * np.log(lam)) / f_exact,
-                     "overlap": len(set(res.picks) & set(exact.picks)) / k})
-    return rows
-
-
 def real_features(root: str = ".sftcurate/artifacts/token_features"):
     """The first real d=576 token-features artifact with its own shard file (SmolLM2-135M, python-tutorial)."""
     from sftcurate.core.inputs import read_features_artifact
@@ -385,11 +345,6 @@ def main(argv=None) -> int:
     ap.add_argument("--generators", default=",".join(GENERATORS),
                     help="comma list of feature generators for the old-vs-new and large rows: " + ", ".join(GENERATORS))
     ap.add_argument("--large-n", type=int, default=100000, help="N of the large rows (K = N / 100)")
-    ap.add_argument("--sentence-rank", action="store_true",
-                    help="only the rank-r sentence factor table: N=--rank-n sentences of mean 256 tokens, d=64, "
-                         "K=--rank-k, r = 8, 16, 32 against the tokens")
-    ap.add_argument("--rank-n", type=int, default=2000)
-    ap.add_argument("--rank-k", type=int, default=50)
     ap.add_argument("--wide", action="store_true",
                     help="only the d=576 (SmolLM2-shaped) rows: old vs new lazy, new lazy at N=10,000, d_proj table")
     ap.add_argument("--wide-n", type=int, default=10000, help="--wide: N for the new lazy alone")
@@ -420,16 +375,6 @@ def main(argv=None) -> int:
     print("\n".join(lines), flush=True)
     if args.wide:
         return wide(args, skip, add, lines, failures)
-    if args.sentence_rank:
-        x, off = long_sentences(args.rank_n, 256, 64)
-        print(f"\nrank-r sentence factors: N={args.rank_n}, mean length {np.diff(off).mean():.0f} (lognormal), d=64, "
-              f"K={args.rank_k}, lam=1; objective = log det gain of the picks on the tokens / the token greedy's")
-        print("| representation | rows stored | median kept energy (min) | objective kept | picks shared | CPU s |")
-        print("|---|---|---|---|---|---|")
-        for r in bench_sentence_rank(x, off, args.rank_k):
-            print(f"| {r['rank']} | {r['rows']} | {r['kept']:.4f} ({r.get('kept_min', 1.0):.4f}) | "
-                  f"{100 * r['objective']:.3f}% | {100 * r['overlap']:.0f}% | {r['select_s']:.1f} |", flush=True)
-        return 0
     if "greedy" not in skip:
         n, k = (2000, 50) if q else (20000, 200)
         r = bench_lazy_vs_naive(n, 32, 64, k)

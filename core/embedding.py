@@ -23,7 +23,9 @@ import numpy as np
 import pyarrow as pa
 from sftcurate.data_contracts import TOKEN_FEATURES, TOKEN_FEATURES_IDS, ContractError, TensorContract
 from sftcurate.core.ingest import load_pool, shard_bounds
+from sftcurate.core.fisher_features import factor_summary, stored_factors
 from sftcurate.core.inputs import SHARD_REFS, load_features_file, mean_pool, read_features_artifact  # noqa: F401  (re-exported)
+from sftcurate.core.inputs import SENTENCE_RANK
 from sftcurate.infra import progress
 from sftcurate.data_contracts.manifests import FeatureShardMeta, ProjectionMeta, TokenFeaturesMeta
 from sftcurate.infra.stages import Built, build_once, content_key, read_meta
@@ -296,8 +298,10 @@ def load_projection(projection_uri: str | None) -> np.ndarray | None:
 
 def embed_shard(examples_uri: str, shard_index: int, shard_size: int, model_spec: str, model_fp: str,
                 max_length: int, batch_tokens: int, dtype: str = "auto", projection_uri: str | None = None,
-                store_root: str | None = None) -> Built:
-    """One shard of the pool's token features (computed and committed unless it already is)."""
+                store_root: str | None = None, sentence_rank: int | None = None) -> Built:
+    """One shard of the pool's token features (computed and committed unless it already is). With
+    `sentence_rank` r it stores each sentence's rank-r factor instead of its tokens (`embedding.sentence_rank`,
+    `core.fisher_features.stored_factors`); the ids' n_tokens stay the loss tokens."""
     from sftcurate.infra.models import resolve_model
 
     def build(writer) -> None:
@@ -310,15 +314,19 @@ def embed_shard(examples_uri: str, shard_index: int, shard_size: int, model_spec
                                              shard_size=max(len(pairs), 1), projection=projection))
         ids = pa.table({"id": pool.column("id").slice(lo, hi - lo),
                         "pool_index": np.arange(lo, hi, dtype=np.int64), "n_tokens": np.diff(offsets)})
-        writer.write_tensors("features.safetensors", {"features": feats, "offsets": offsets}, TOKEN_FEATURES)
+        tensors, factors = {"features": feats, "offsets": offsets}, {}
+        if sentence_rank:
+            tensors, factors = stored_factors(feats, offsets, sentence_rank)
+        writer.write_tensors("features.safetensors", tensors, TOKEN_FEATURES,
+                             {SENTENCE_RANK: str(factors["sentence_rank"])} if factors else None)
         writer.write_table("ids.parquet", ids, TOKEN_FEATURES_IDS)
         writer.meta.update({"shard_index": shard_index, "shard_size": shard_size, "rows": int(hi - lo),
                             "tokens": int(offsets[-1]), "d": int(feats.shape[1]), "model": model_spec,
-                            "projection_uri": projection_uri})
+                            "projection_uri": projection_uri, **factors})
 
     # batch_tokens changes speed only (the batched output equals the one-by-one loop), so it stays out of the key
     params = {"shard_index": shard_index, "shard_size": shard_size, "model": model_fp, "max_length": max_length,
-              "dtype": dtype}
+              "dtype": dtype, **({"sentence_rank": int(sentence_rank)} if sentence_rank else {})}
     upstream = {"examples": examples_uri, "projection": projection_uri}
     return build_once(SHARD_KIND, __name__, params, build, upstream=upstream, store_root=store_root,
                       meta=FeatureShardMeta)
@@ -356,7 +364,8 @@ def commit_features(examples_uri: str, shard_uris: list[str], store_root: str | 
                             "layout": "shard_refs",
                             "tokens": int(sum(m.tokens for m in metas)), "d": dims.pop() if dims else None,
                             "model": metas[0].model if metas else None,
-                            "projection_uri": metas[0].projection_uri if metas else None})
+                            "projection_uri": metas[0].projection_uri if metas else None,
+                            **factor_summary([m.model_dump() for m in metas], examples_uri)})
 
     return build_once(KIND, __name__, {}, build, upstream={"examples": examples_uri, "shards": list(shard_uris)},
                       store_root=store_root, meta=TokenFeaturesMeta)

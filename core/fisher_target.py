@@ -168,9 +168,10 @@ def _key(gains: np.ndarray, costs: np.ndarray, rule: str) -> np.ndarray:
     return gains / np.maximum(costs, 1) if rule == "ratio" else gains
 
 
-def _greedy(objective: TargetVariance, k: int | None, token_budget: int | None, rule: str, lazy: bool):
+def _greedy(objective: TargetVariance, k: int | None, token_budget: int | None, rule: str, lazy: bool,
+            costs: np.ndarray | None = None):
     """One greedy run. Ties go to the lowest index. Returns (picks, gains, bound violations seen)."""
-    costs = objective.lengths
+    costs = objective.lengths if costs is None else costs
     k = objective.n if k is None else min(int(k), objective.n)
     picks, gains, used, violations = [], [], 0, 0
     available = np.ones(objective.n, dtype=bool)
@@ -226,9 +227,11 @@ def _lazy_pick(objective: TargetVariance, heap: list, available: np.ndarray, cos
 
 
 def targeted_greedy(features, offsets, target_features, lam: float = 1.0, k: int | None = None,
-                    token_budget: int | None = None, algorithm: str = "naive", rule: str = "celf") -> TargetedResult:
+                    token_budget: int | None = None, algorithm: str = "naive", rule: str = "celf",
+                    costs=None) -> TargetedResult:
     """Greedily minimise V(S) (module docstring) over the pool's sentences within k sentences and/or
-    `token_budget` loss tokens (a sentence costs its rows)."""
+    `token_budget` loss tokens (a sentence costs `costs`, its loss tokens, or without them its rows: not the
+    same when the rows are rank-r sentence factors, `embedding.sentence_rank`)."""
     if algorithm not in ("naive", "lazy"):
         raise ValueError(f"algorithm must be 'naive' or 'lazy', got '{algorithm}'")
     if rule not in ("celf", "gain", "ratio"):
@@ -242,7 +245,8 @@ def targeted_greedy(features, offsets, target_features, lam: float = 1.0, k: int
     for one in rules:
         objective = TargetVariance(features, offsets, moment, lam)
         initial = objective.value
-        picks, gains, violations = _greedy(objective, k, token_budget, one, algorithm == "lazy")
+        picks, gains, violations = _greedy(objective, k, token_budget, one, algorithm == "lazy",
+                                           None if costs is None else np.asarray(costs, dtype=np.int64))
         runs.append((objective.value, one, picks, gains, violations, objective.evaluations, initial))
     value, used_rule, picks, gains, violations, evaluations, initial = min(runs, key=lambda r: (r[0], r[1]))
     info = {"lam": float(lam), "rule": used_rule, "target_tokens": int(target_features.shape[0]),
@@ -263,7 +267,7 @@ def targeted_selection(inputs: SelectorInputs, budget: Budget, method: str, lam:
     features, offsets = pool_token_features(inputs, method)
     target, _ = target_features(inputs, features.shape[1], method)
     res = targeted_greedy(features, offsets, target, lam=lam, k=budget.examples, token_budget=budget.tokens,
-                          algorithm=algorithm, rule=rule)
+                          algorithm=algorithm, rule=rule, costs=inputs.token_counts)
     return SelectionResult(indices=res.picks, gains=res.gains, objective=res.objective,
                            info={**res.info, "algorithm": res.algorithm, "evaluations": res.evaluations,
                                  "seconds": res.seconds, "target": True})

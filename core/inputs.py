@@ -14,6 +14,7 @@ import mmap
 import os
 import re
 import struct
+from typing import NamedTuple
 
 import numpy as np
 
@@ -56,6 +57,10 @@ def mean_pool(features, offsets: np.ndarray, chunk_rows: int = 1 << 18) -> np.nd
 # this layout (`features-00000.safetensors` copies inside the folder) are read the same way.
 
 SHARD_REFS = "shards.json"
+# A shard written with `embedding.sentence_rank` r holds each sentence's rank-r factor (min(tokens, r) rows whose
+# Gram is the rank-r part of the tokens' Gram, `core.fisher_features.stored_factors`), not its tokens; its
+# safetensors metadata says r, and its ids' n_tokens stay the real loss tokens (what a token budget counts).
+SENTENCE_RANK = "sftcurate.sentence_rank"
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
            "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
@@ -152,18 +157,42 @@ def _shard_sources(uri: str) -> tuple[list[tuple[str, str, str | None]], bool]:
              files[f"features-{k:05d}.safetensors"].get("sha256")) for k in shards], True
 
 
+class StoredFeatures(NamedTuple):
+    rows: ShardedRows          # [R, d] feature rows (tokens, or factor rows with a sentence rank)
+    offsets: np.ndarray        # int64 [N+1] into rows
+    ids: list[str]
+    tokens: np.ndarray         # int64 [N] loss tokens per sentence (equal to np.diff(offsets) without a rank)
+    rank: int | None           # `embedding.sentence_rank` the rows were stored with, None for tokens
+
+
+def check_stored_rows(tokens: np.ndarray, offsets: np.ndarray, rank: int | None, where: str) -> None:
+    """Each sentence holds its tokens' rows, or min(tokens, rank) factor rows."""
+    rows = np.diff(offsets)
+    if len(tokens) != len(rows) or not np.array_equal(tokens if rank is None else np.minimum(tokens, rank), rows):
+        held = "their token rows" if rank is None else f"their rank-{rank} factor rows, min(tokens, {rank})"
+        raise ContractError(f"{where}: the sentences' loss token counts do not match {held}")
+
+
 def read_features_artifact(uri: str) -> tuple[ShardedRows, np.ndarray, list[str]]:
     """(features [T, d] as `ShardedRows` over the memory-mapped shard files, offsets int64 [N+1], ids) of a
     token-features artifact, in pool order. Nothing is concatenated: the rows stay in the shard files."""
+    return read_stored_features(uri)[:3]
+
+
+def read_stored_features(uri: str) -> StoredFeatures:
+    """`read_features_artifact` with each sentence's loss tokens and the artifact's sentence rank."""
     blocks, starts, offs, ids, d, base, next_index = [], [], [np.zeros(1, dtype=np.int64)], [], None, 0, 0
+    tokens, ranks = [], set()
     sources, whole_pool = _shard_sources(uri)
     if not whole_pool:
         next_index = None  # a single shard artifact: its rows start where the shard starts in the pool
     if not sources:
         raise ContractError(f"{uri}: token-features artifact references no features shard")
     for f_uri, i_uri, sha in sources:
-        tensors, _ = map_tensors(f_uri, TOKEN_FEATURES_CONTRACT, sha)
+        tensors, meta = map_tensors(f_uri, TOKEN_FEATURES_CONTRACT, sha)
         x, o = tensors["features"], np.asarray(tensors["offsets"], dtype=np.int64)
+        rank = int(meta[SENTENCE_RANK]) if SENTENCE_RANK in meta else None
+        ranks.add(rank)
         if d is None:
             d = x.shape[1]
         elif x.shape[1] != d:
@@ -177,8 +206,9 @@ def read_features_artifact(uri: str) -> tuple[ShardedRows, np.ndarray, list[str]
             next_index = int(pidx[0]) if len(pidx) else 0
         if len(pidx) and not np.array_equal(pidx, np.arange(next_index, next_index + len(pidx))):
             raise ContractError(f"{i_uri}: pool_index does not continue at {next_index}; shards out of order")
-        if not np.array_equal(np.asarray(table.column("n_tokens")), np.diff(o)):
-            raise ContractError(f"{i_uri}: n_tokens disagree with the offsets of {f_uri}")
+        n_tokens = np.asarray(table.column("n_tokens"), dtype=np.int64)
+        check_stored_rows(n_tokens, o, rank, f"{i_uri} (n_tokens) and {f_uri} (offsets)")
+        tokens.append(n_tokens)
         next_index += len(pidx)
         if x.shape[0]:
             # float32 is what the embedding stage writes; any other float dtype is converted (a copy, this shard)
@@ -187,9 +217,13 @@ def read_features_artifact(uri: str) -> tuple[ShardedRows, np.ndarray, list[str]
         offs.append(o[1:] + base)
         base += int(o[-1])
         ids.extend(table.column("id").to_pylist())
+    if len(ranks) > 1:
+        raise ContractError(f"{uri}: its shards were stored with different embedding.sentence_rank values "
+                            f"({sorted(ranks, key=str)}); re-run the embedding stage")
     if not blocks:  # every shard empty: one zero-row block keeps the shape [0, d]
         blocks, starts = [np.zeros((0, d), dtype=np.float32)], [0]
-    return ShardedRows(blocks, np.asarray(starts, dtype=np.int64)), np.concatenate(offs), ids
+    return StoredFeatures(ShardedRows(blocks, np.asarray(starts, dtype=np.int64)), np.concatenate(offs), ids,
+                          np.concatenate(tokens), ranks.pop())
 
 
 def load_token_features_into(uri: str, inputs) -> None:
@@ -201,9 +235,18 @@ def load_token_features_into(uri: str, inputs) -> None:
 
 def load_sentence_embeddings_into(uri: str, inputs) -> None:
     """Set inputs.sentence_embeddings = the mean token feature of every example (DensitySampling)."""
-    feats, offsets, ids = read_features_artifact(uri)
-    check_pool_alignment(uri, ids, inputs.pool, "token features")
-    inputs.sentence_embeddings = mean_pool(feats, offsets)
+    stored = read_stored_features(uri)
+    check_pool_alignment(uri, stored.ids, inputs.pool, "token features")
+    inputs.sentence_embeddings = mean_pool(*token_rows(stored, uri))
+
+
+def token_rows(stored, where: str) -> tuple:
+    """(rows, offsets) of features stored as tokens; features stored as sentence factors are refused: a mean of
+    factor rows is not the mean token feature (the curate flow embeds tokens for sentence embeddings)."""
+    if stored.rank is not None:
+        raise ContractError(f"{where}: holds rank-{stored.rank} sentence factors (embedding.sentence_rank), not "
+                            "token features; sentence embeddings need the tokens: embed without sentence_rank")
+    return stored.rows, stored.offsets
 
 
 def load_features_file(path: str, expected_d: int | None = None):
@@ -212,13 +255,25 @@ def load_features_file(path: str, expected_d: int | None = None):
     dtypes, monotone offsets, finite rows). A `features-00000.safetensors` file inside a final artifact of the
     earlier copying layout stands for the whole artifact; a shard artifact's `features.safetensors` is that
     shard's rows only."""
+    stored = read_features_file(path, expected_d)
+    return stored.rows, stored.offsets
+
+
+def read_features_file(path: str, expected_d: int | None = None) -> StoredFeatures:
+    """`load_features_file` with each sentence's loss tokens and the sentence rank (ids empty for a file)."""
     path = str(path)
     folder = path.rsplit("/", 1)[0] if "/" in path else "."
     if re.search(r"(^|/)features-\d{5}\.safetensors$", path) and exists(join(folder, "_MANIFEST.json")):
         path = folder
     if path.endswith(".safetensors"):
-        tensors, _ = map_tensors(path, TOKEN_FEATURES_CONTRACT)
+        tensors, meta = map_tensors(path, TOKEN_FEATURES_CONTRACT)
         feats, offsets = tensors["features"], tensors["offsets"]
+        rank = int(meta[SENTENCE_RANK]) if SENTENCE_RANK in meta else None
+        if rank is not None and "tokens" not in tensors:
+            raise ContractError(f"{path}: holds rank-{rank} sentence factors but no 'tokens' tensor (the loss "
+                                "tokens of each sentence); re-run the embedding stage")
+        tokens = np.asarray(tensors["tokens"] if rank is not None else np.diff(offsets), dtype=np.int64)
+        check_stored_rows(tokens, offsets, rank, path)
         name = path.rsplit("/", 1)[-1]
         ids_name = name[: -len(".safetensors")].replace("features", "ids", 1) + ".parquet"
         ids_uri = join(folder, ids_name) if "/" in path else ids_name
@@ -231,12 +286,12 @@ def load_features_file(path: str, expected_d: int | None = None):
     else:
         if not exists(join(path, "_MANIFEST.json")):
             raise ContractError(f"{path}: not a .safetensors file nor a committed token-features artifact folder")
-        feats, offsets, _ = read_features_artifact(path)
+        feats, offsets, _, tokens, rank = read_stored_features(path)
     if feats.shape[1] == 0:
         raise ContractError(f"{path}: 'features' has 0 columns; expected [tokens, d] with d >= 1")
     if expected_d is not None and feats.shape[1] != expected_d:
         raise ContractError(f"{path}: features have d={feats.shape[1]}, expected d={expected_d}")
-    return feats, np.asarray(offsets, dtype=np.int64)
+    return StoredFeatures(feats, np.asarray(offsets, dtype=np.int64), [], tokens, rank)
 
 
 # ---------------------------------------------------------------- loss trajectories

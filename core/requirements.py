@@ -21,13 +21,15 @@ This module sits above the selectors and the stages that make their inputs (`cor
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from sftcurate.core import embedding, ingest, proxy, trajectories
 from sftcurate.core.target import reads_target
 from sftcurate.core.target_records import feature_model, pool_projection  # also declares the target's inputs
-from sftcurate.core.inputs import (load_features_file, load_sentence_embeddings_into, load_token_features_into,
-                                   load_trajectories_file, load_trajectories_into, mean_pool)
+from sftcurate.core.inputs import (load_sentence_embeddings_into, load_token_features_into, load_trajectories_file,
+                                   load_trajectories_into, mean_pool, read_features_file, token_rows)
 from sftcurate.core.selectors.base import (EXAMPLES, MODEL, REQUIREMENTS, SENTENCE_EMBEDDINGS, TOKEN_FEATURES,
                                            TRAJECTORIES, FileInput, Production, Requirement, SelectorInputs,
                                            SelectorParamError, Step, Summary, declare, selector_class)
@@ -76,9 +78,22 @@ def fit_pool_projection(examples_uri: str, cfg, run_id: str | None) -> str:
 
 
 def embed_pool_shard(examples_uri: str, cfg, projection_uri: str | None, index: int) -> str:
+    """One shard of the pool's features as FisherSFT reads them: each sentence's rank-r factor with
+    `embedding.sentence_rank` r, else its tokens."""
+    return embed_pool_tokens(examples_uri, cfg, projection_uri, index, cfg.embedding.sentence_rank)
+
+
+def embed_pool_tokens(examples_uri: str, cfg, projection_uri: str | None, index: int,
+                      sentence_rank: int | None = None) -> str:
+    """One shard of the pool's token features (the sentence embeddings' step: always tokens)."""
     spec, emb = feature_model(cfg), cfg.embedding
     return embedding.embed_shard(examples_uri, index, emb.shard_size, spec, model_fingerprint(spec),
-                                 cfg.models.max_length, emb.batch_tokens, emb.dtype, projection_uri)
+                                 cfg.models.max_length, emb.batch_tokens, emb.dtype, projection_uri,
+                                 sentence_rank=sentence_rank)
+
+
+# what a pool stored as sentence factors reports (`core.fisher_features.factor_summary`)
+FACTOR_METRICS = ("sentence_rank", "feature_rows", "kept_energy_min", "kept_energy_mean")
 
 
 def commit_pool_features(examples_uri: str, cfg, projection_uri: str | None, shard_uris: list[str],
@@ -87,7 +102,9 @@ def commit_pool_features(examples_uri: str, cfg, projection_uri: str | None, sha
     if run_id:
         meta = read_meta(uri, TokenFeaturesMeta)
         tracking.log_metrics(run_id, {"embedding.tokens": meta.tokens, "embedding.d": meta.d or 0,
-                                      "embedding.shards": meta.shards})
+                                      "embedding.shards": meta.shards,
+                                      **{f"embedding.{k}": v for k in FACTOR_METRICS
+                                         if (v := getattr(meta, k)) is not None}})
     return uri
 
 
@@ -99,16 +116,22 @@ TOKEN_FEATURES_PRODUCTION = Production(
 )
 
 
+# A sentence embedding is the mean of the sentence's token features, which its rank-r factor does not keep: the
+# sentence embeddings' production embeds tokens whatever `embedding.sentence_rank` says (without a rank both
+# productions make the same shards, under the same keys, built once).
+SENTENCE_EMBEDDINGS_PRODUCTION = replace(TOKEN_FEATURES_PRODUCTION, shard=Step("embed-shard", embed_pool_tokens))
+
+
 def read_token_features(path: str, inputs: SelectorInputs):
-    features, offsets = load_features_file(path)
-    inputs.token_features = (features, offsets)
-    return None, np.diff(offsets).astype(np.int64)
+    stored = read_features_file(path)
+    inputs.token_features = (stored.rows, stored.offsets)
+    return None, stored.tokens  # a sentence stored as its factor still costs its loss tokens
 
 
 def read_sentence_embeddings(path: str, inputs: SelectorInputs):
-    features, offsets = load_features_file(path)
-    inputs.sentence_embeddings = mean_pool(features, offsets)
-    return None, np.diff(offsets).astype(np.int64)
+    stored = read_features_file(path)
+    inputs.sentence_embeddings = mean_pool(*token_rows(stored, path))
+    return None, stored.tokens
 
 
 FEATURES_HELP = ("token features: a .safetensors file with `features` and `offsets`, or a token-features "
@@ -118,7 +141,7 @@ TOKEN_FEATURES_INPUT = declare(Requirement(
     TOKEN_FEATURES, load=load_token_features_into, produce=TOKEN_FEATURES_PRODUCTION,
     from_file=FileInput("features", FEATURES_HELP, read_token_features)))
 SENTENCE_EMBEDDINGS_INPUT = declare(Requirement(
-    SENTENCE_EMBEDDINGS, load=load_sentence_embeddings_into, produce=TOKEN_FEATURES_PRODUCTION,
+    SENTENCE_EMBEDDINGS, load=load_sentence_embeddings_into, produce=SENTENCE_EMBEDDINGS_PRODUCTION,
     from_file=FileInput("features", FEATURES_HELP, read_sentence_embeddings)))
 
 
