@@ -33,6 +33,7 @@ import torch
 
 from sftcurate.core.feature_rows import ShardedRows, check_features
 from sftcurate.core.fisher_incremental import GradientBounds, kept_grams, logdets
+from sftcurate.core.greedy_base import check_lam
 
 QUANTUM = 2.0 ** -36
 EPS32 = float(np.finfo(np.float32).eps)
@@ -61,8 +62,7 @@ class LogDetObjective:
     def __init__(self, features, offsets, lam: float = 1.0, device=None, dtype: torch.dtype = torch.float64,
                  refresh_every: int = 64, batch_rows: int | None = None, trace_cache_bytes: int = 1 << 30,
                  incremental: bool = True, gradient_bytes: int = 0):
-        if lam <= 0:
-            raise ValueError(f"lam must be > 0, got {lam}")
+        lam = check_lam(lam)
         features, offsets = check_features(features, offsets)
         self.device = pick_device(device)
         self.dtype = dtype

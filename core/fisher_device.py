@@ -29,7 +29,7 @@ import torch
 from sftcurate.core.feature_rows import ShardedRows, check_features
 from sftcurate.core.fisher import QUANTUM, pick_device
 from sftcurate.core.fisher_incremental import logdets
-from sftcurate.core.greedy_base import GreedyResult, check_rule, greedy_setup, lazy_loop
+from sftcurate.core.greedy_base import GreedyResult, check_lam, check_rule, greedy_setup, lazy_loop
 
 
 def quantize_t(values: torch.Tensor) -> torch.Tensor:
@@ -42,8 +42,7 @@ class DeviceLogDet:
 
     def __init__(self, features, offsets, lam: float = 1.0, device=None, refresh_every: int = 64,
                  batch_rows: int = 1 << 17):
-        if lam <= 0:
-            raise ValueError(f"lam must be > 0, got {lam}")
+        lam = check_lam(lam)
         features, offsets = check_features(features, offsets)
         self.device = pick_device(device)
         self.X = _on_device(features, self.device)

@@ -35,6 +35,14 @@ def greedy_setup(obj, k, token_budget, costs):
     return k, costs, fits
 
 
+def check_lam(lam: float) -> float:
+    """The one library check of lam, for the host and the device objective (the selector's params model refuses
+    it before it gets here; direct library callers reach this)."""
+    if not lam > 0:
+        raise ValueError(f"lam must be > 0, got {lam}")
+    return float(lam)
+
+
 def check_rule(rule: str, token_budget) -> str:
     """The one check of a greedy's rule (`run_greedy` resolves 'celf' into these two first)."""
     if rule not in ("gain", "ratio"):
