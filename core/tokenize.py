@@ -18,9 +18,16 @@ counting rule exists to drift from it.
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
+
+# A text longer than `text_bound` characters is never tokenized whole when only its first (or last) tokens are
+# needed: a 20 MB record took GBs in the tokenizer. Its prefix is tokenized instead, and again a prefix twice as
+# long; the first tokens are used once both agree (cutting a text changes only the tokens next to the cut).
+BOUND_MARGIN_TOKENS = 16
+_LONGEST: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -38,8 +45,12 @@ def encode_example(tokenizer, prompt: str, response: str, max_length: int | None
         return encode_rendered(tokenizer, json.loads(turns), max_length)
     if turns:
         return encode_turns(tokenizer, turns, max_length)
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if max_length is None:
+        p = _ids(tokenizer, prompt)
+        r = _ids(tokenizer, response) + [tokenizer.eos_token_id]
+    else:  # a piece longer than max_length is cut below, so only its first (a prompt: last) tokens are read
+        p = tail_ids(tokenizer, prompt, max_length + 1) if prompt else []
+        r = head_ids(tokenizer, response, max_length + 1) + [tokenizer.eos_token_id]
     if max_length is not None and len(p) + len(r) > max_length:
         keep_prompt = min(len(p), max_length // 2)
         p = p[len(p) - keep_prompt:]  # keep the end of the prompt: it leads into the response
@@ -47,6 +58,18 @@ def encode_example(tokenizer, prompt: str, response: str, max_length: int | None
     mask = [0] * len(p) + [1] * len(r)
     mask[0] = 0  # the first token has nothing before it to be predicted from
     return Encoded(p + r, mask)
+
+
+def encode_head(tokenizer, prompt: str, response: str, n: int, turns: str = "") -> Encoded:
+    """The first `n` tokens of `encode_example` without a max_length (the whole example, cut at its end, not at a
+    prompt's head): whether an example fits, and its counts when it does, from no more text than that."""
+    if turns:
+        return encode_example(tokenizer, prompt, response, n, turns)  # a rendering's max_length cuts its tail
+    p = head_ids(tokenizer, prompt, n) if prompt else []
+    r = head_ids(tokenizer, response, n - len(p)) + [tokenizer.eos_token_id] if len(p) < n else []
+    mask = ([0] * len(p) + [1] * len(r))[:n]
+    mask[0] = 0
+    return Encoded((p + r)[:n], mask)
 
 
 def encode_turns(tokenizer, turns: str, max_length: int | None = None) -> Encoded:
@@ -58,11 +81,16 @@ def encode_rendered(tokenizer, rendered: dict, max_length: int | None = None) ->
     """A rendered example (`{"segments": [[text, is_loss], ...], "eos": bool}`) as ids and loss mask."""
     segments, eos = rendered["segments"], bool(rendered["eos"])
     if not eos and getattr(tokenizer, "is_fast", False):
-        ids, mask = _encode_whole(tokenizer, segments)
+        ids, mask = _encode_whole(tokenizer, segments, max_length)
     else:
         ids, mask = [], []
         for text, is_loss in segments:
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+            if max_length is not None and len(ids) > max_length:
+                break  # cut below: later segments are never read
+            if max_length is None:
+                piece = _ids(tokenizer, text)
+            else:
+                piece = head_ids(tokenizer, text, max_length + 1 - len(ids)) if text else []
             if is_loss and eos:
                 piece = piece + [tokenizer.eos_token_id]
             ids += piece
@@ -74,21 +102,82 @@ def encode_rendered(tokenizer, rendered: dict, max_length: int | None = None) ->
     return Encoded(ids, mask)
 
 
-def _encode_whole(tokenizer, segments: list) -> tuple[list[int], list[int]]:
+def _encode_whole(tokenizer, segments: list, max_length: int | None = None) -> tuple[list[int], list[int]]:
     """The concatenated text tokenized once (token boundaries exactly as a trainer tokenizing the rendered chat
-    gets them); a token is a loss token when its first character lies in a loss segment."""
+    gets them); a token is a loss token when its first character lies in a loss segment. With `max_length`, only
+    the first max_length + 1 tokens (`head_ids`)."""
     spans, at = [], 0
     for text, is_loss in segments:
         if is_loss:
             spans.append((at, at + len(text)))
         at += len(text)
-    encoded = tokenizer("".join(text for text, _ in segments), add_special_tokens=False,
-                        return_offsets_mapping=True)
-    starts = np.array([start for start, _ in encoded["offset_mapping"]], dtype=np.int64)
+    text = "".join(text for text, _ in segments)
+    ids, offsets = _tokens(tokenizer, text, True) if max_length is None else \
+        head_ids(tokenizer, text, max_length + 1, offsets=True)
+    starts = np.array([start for start, _ in offsets], dtype=np.int64)
     in_loss = np.zeros(len(starts), dtype=bool)
     for lo, hi in spans:
         in_loss |= (starts >= lo) & (starts < hi)
-    return list(encoded["input_ids"]), in_loss.astype(int).tolist()
+    return list(ids), in_loss.astype(int).tolist()
+
+
+# ---------------------------------------------------------------- the first (last) tokens of a long text
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def _tokens(tokenizer, text: str, offsets: bool) -> tuple[list[int], list | None]:
+    if not offsets:
+        return _ids(tokenizer, text), None
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+
+
+def longest_token(tokenizer) -> int:
+    """Characters of the vocabulary's longest token (its stored form: a byte-level token's bytes), so no token
+    covers more characters of a text."""
+    try:
+        return _LONGEST[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    try:
+        _LONGEST[tokenizer] = longest
+    except TypeError:  # a tokenizer that takes no weak reference: computed each time
+        pass
+    return longest
+
+
+def text_bound(tokenizer, n_tokens: int) -> int:
+    """Characters that hold a text's first `n_tokens` tokens with room to spare: a token covers at most
+    `longest_token` characters (twice that where a normalizer joins characters), plus a margin of tokens."""
+    return 2 * (n_tokens + BOUND_MARGIN_TOKENS) * longest_token(tokenizer)
+
+
+def head_ids(tokenizer, text: str, n: int, offsets: bool = False):
+    """The first `n` token ids of `text` (with `offsets`: and their character offsets), those of tokenizing it
+    whole. A text longer than `text_bound` is not tokenized whole: a prefix is, and a prefix twice as long, and
+    their first n tokens are taken once they agree (else the bound doubles)."""
+    bound = text_bound(tokenizer, n)
+    while len(text) > bound:
+        first, second = _tokens(tokenizer, text[:bound], offsets), _tokens(tokenizer, text[:2 * bound], offsets)
+        if len(first[0]) > n and first[0][:n] == second[0][:n] and (not offsets or first[1][:n] == second[1][:n]):
+            return (first[0][:n], first[1][:n]) if offsets else first[0][:n]
+        bound *= 2
+    ids, where = _tokens(tokenizer, text, offsets)
+    return (ids[:n], where[:n]) if offsets else ids[:n]
+
+
+def tail_ids(tokenizer, text: str, n: int) -> list[int]:
+    """The last `n` token ids of `text` (fewer when it has fewer), by suffixes as `head_ids` reads prefixes."""
+    bound = text_bound(tokenizer, n)
+    while len(text) > bound:
+        first, second = _ids(tokenizer, text[-bound:]), _ids(tokenizer, text[-2 * bound:])
+        if len(first) > n and first[-n:] == second[-n:]:
+            return first[-n:]
+        bound *= 2
+    return _ids(tokenizer, text)[-n:]
 
 
 def encode_pairs(tokenizer, rows, max_length: int | None = None) -> list[Encoded]:

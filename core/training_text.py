@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sftcurate.core.formats import ROLE_NAMES, RecordError, column, normalize
-from sftcurate.core.tokenize import Encoded, encode_example
+from sftcurate.core.tokenize import (BOUND_MARGIN_TOKENS, Encoded, encode_example, encode_head, head_ids,
+                                     text_bound)
 from sftcurate.data_contracts import UserError
 from sftcurate.infra import progress
 
@@ -160,6 +161,10 @@ class ExampleText:
     def encode(self, tokenizer, max_length: int | None = None) -> Encoded:
         return encode_example(tokenizer, self.prompt, self.response, max_length, self.turns)
 
+    def head(self, tokenizer, n: int) -> Encoded:
+        """The first `n` tokens of the whole encoding (`core.tokenize.encode_head`)."""
+        return encode_head(tokenizer, self.prompt, self.response, n, self.turns)
+
 
 @dataclass
 class Fitted:
@@ -184,7 +189,8 @@ def fit_examples(tokenizer, template: str, max_length: int, too_long: str, texts
                  columns: dict[str, str], where: list[str] | None = None, heldout=None) -> Fitted:
     """Render every example with `template` and apply the `too_long` rule; `where` names each row for errors.
     Rows marked `heldout` are evaluation data, never selected nor exported: they stay whole and uncounted (the
-    held-out loss reads their first max_length tokens, as the fine-tune would; generation sees them whole)."""
+    held-out loss reads their first max_length tokens, as the fine-tune would, and their token counts are of
+    those; generation sees them whole). Only a `keep` record longer than max_length is tokenized whole here."""
     if too_long not in TOO_LONG_RULES:
         raise ValueError(f"too_long must be one of {TOO_LONG_RULES}, got {too_long!r}")
     out = Fitted(template=resolve_template(tokenizer, template), too_long=too_long)
@@ -196,12 +202,15 @@ def fit_examples(tokenizer, template: str, max_length: int, too_long: str, texts
             text = text.rendered(tokenizer, out.template, columns)
         except TemplateError as exc:
             raise TemplateError(f"{where[row] if where else f'row {row + 1}'}: {exc}") from None
-        whole = text.encode(tokenizer)
-        if len(whole.input_ids) > max_length and not (heldout is not None and heldout[row]):
-            if too_long == "drop":
+        # the first max_length + 1 tokens tell whether it fits: a long record is not tokenized whole for that
+        whole = text.head(tokenizer, max_length + 1)
+        if len(whole.input_ids) > max_length:
+            if heldout is not None and heldout[row]:
+                whole = text.encode(tokenizer, max_length)  # stays whole, counted as the held-out loss reads it
+            elif too_long == "drop":
                 out.dropped += 1
                 continue
-            if too_long == "cut":
+            elif too_long == "cut":
                 text = cut_to_fit(tokenizer, out.template, text, columns, max_length)
                 if text is None:
                     out.dropped += 1
@@ -210,6 +219,7 @@ def fit_examples(tokenizer, template: str, max_length: int, too_long: str, texts
                 whole = text.encode(tokenizer)
             else:
                 out.whole += 1
+                whole = text.encode(tokenizer)  # its budget counts every token of the whole record
         out.keep.append(row)
         out.texts.append(text)
         out.context_tokens.append(len(whole.input_ids) - whole.n_loss)
@@ -227,8 +237,9 @@ def cut_to_fit(tokenizer, template: str, text: ExampleText, columns: dict[str, s
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        content_ids = tokenizer(message["content"], add_special_tokens=False)["input_ids"]
-        keep, over = len(content_ids), _overflow(tokenizer, template, text, columns, i, message["content"], max_length)
+        content, content_ids = _content_head(tokenizer, message["content"], max_length)
+        keep, over = len(content_ids), _overflow(tokenizer, template, text, columns, i, content, max_length,
+                                                 len(content_ids))
         if over <= 0:
             last_whole = i
             continue
@@ -236,7 +247,8 @@ def cut_to_fit(tokenizer, template: str, text: ExampleText, columns: dict[str, s
             keep -= over
             if keep <= 0 or not _prefix(tokenizer, content_ids, keep).strip():
                 break
-            over = _overflow(tokenizer, template, text, columns, i, _prefix(tokenizer, content_ids, keep), max_length)
+            over = _overflow(tokenizer, template, text, columns, i, _prefix(tokenizer, content_ids, keep), max_length,
+                             keep)
             if over <= 0:
                 return _cut_record(tokenizer, template, text, columns, i, _prefix(tokenizer, content_ids, keep))
             over = max(over, 1)
@@ -250,13 +262,28 @@ def _prefix(tokenizer, ids: list[int], n: int) -> str:
     return tokenizer.decode(ids[:n]).rstrip("\ufffd")  # a prefix may end inside a character
 
 
+def _content_head(tokenizer, content: str, max_length: int) -> tuple[str, list[int]]:
+    """An assistant turn's content and its ids; one longer than `text_bound` characters is first cut after its
+    first max_length + BOUND_MARGIN_TOKENS tokens (a cut keeps fewer than max_length of them), so it is never
+    tokenized whole. The ids are those of the cut text, so the first shortening step (its tokens less the
+    rendering's overflow) lands where it lands from the whole content, and the tokens it keeps are the whole
+    content's (cutting a text changes only the tokens next to the cut)."""
+    n = max_length + BOUND_MARGIN_TOKENS
+    if len(content) > text_bound(tokenizer, n) and getattr(tokenizer, "is_fast", False):  # offsets need a fast one
+        _, offsets = head_ids(tokenizer, content, n, offsets=True)
+        content = content[:offsets[-1][1]]
+    return content, tokenizer(content, add_special_tokens=False)["input_ids"]
+
+
 def _overflow(tokenizer, template: str, text: ExampleText, columns: dict[str, str], turn: int, content: str,
-              max_length: int) -> int:
-    """Tokens past `max_length` of the record cut after turn `turn` with `content` (large when it is no record)."""
+              max_length: int, keep: int) -> int:
+    """Tokens past `max_length` of the record cut after turn `turn` with `content` (large when it is no record).
+    Counted up to `keep` + 1 past max_length: an overflow that large leaves no token of the turn (the caller
+    stops), whatever its exact size, so a long context is never tokenized whole."""
     candidate = _cut_record(tokenizer, template, text, columns, turn, content)
     if candidate is None:
         return 1 << 30
-    return len(candidate.encode(tokenizer).input_ids) - max_length
+    return len(candidate.head(tokenizer, max_length + keep + 1).input_ids) - max_length
 
 
 def _cut_record(tokenizer, template: str, text: ExampleText, columns: dict[str, str], turn: int,
