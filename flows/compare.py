@@ -11,6 +11,7 @@ method runs only what is new, and a rerun that reuses every stage reuses the rep
 """
 from __future__ import annotations
 
+import gc
 import json
 
 import sftcurate.infra  # noqa: F401  (environment defaults before Prefect reads its settings)
@@ -83,6 +84,7 @@ def run_cell(cfg: CompareConfig, method: str, budget: int, replicate: int, train
                                                  method, BASELINE, cfg.judge, cfg.seed, child)
                 cell["judge"] = read_meta(cell["judgments_uri"], JudgmentsMeta).summary
         log_cell_artifacts(child, cell)
+    gc.collect()  # the cell's models go before the next cell loads its own (peft wrappers hold reference cycles)
     return cell
 
 
