@@ -127,30 +127,63 @@ def picks_table(summary: dict, pool: list[dict]) -> list[str]:
     return lines
 
 
+def _interval(r: dict, key: str, prefix: str, verdict: str, pct: bool = False) -> str:
+    """"+0.0123 [-0.0050, +0.0300] no difference" from a row's difference, its interval and its verdict."""
+    if r.get(key) is None:
+        return "-"
+    f = (lambda v: f"{100 * v:+.1f}") if pct else (lambda v: f"{v:+.4f}")
+    return f"{f(r[key])} [{f(r[prefix + '_ci_low'])}, {f(r[prefix + '_ci_high'])}] {r[verdict]}"
+
+
+def regime_row(r: dict) -> str:
+    """One table row: token-weighted, balanced-target and worst-group loss, answers right; each against uniform."""
+    answer = "-" if r.get("answer_match") is None else f"{100 * r['answer_match']:.1f}"
+    worst = "-" if r.get("worst_group_delta") is None else (
+        f"`{r['uniform_worst_group']}` "
+        + _interval(r, "worst_group_delta", "worst_group_delta", "worst_group_verdict"))
+    return " | ".join([
+        f"| {r['budget']}", r["method"], f"{r['heldout_loss']:.4f}",
+        _interval(r, "delta_vs_uniform", "delta", "verdict"),
+        f"{r['balanced_loss']:.4f}", _interval(r, "balanced_delta", "balanced_delta", "balanced_verdict"),
+        f"`{r['worst_group']}` {r['worst_group_loss']:.4f}", worst, answer,
+        _interval(r, "answer_delta", "answer_delta", "answer_verdict", pct=True)]) + " |"
+
+
+def group_losses_table(summary: dict) -> list[str]:
+    """Each held-out group's loss per method and budget (its loss tokens pooled over replicates): where a method
+    gains or loses, which the balanced and worst-group columns only summarise."""
+    import pyarrow.parquet as pq
+
+    from sftcurate.infra.store import join
+
+    sums: dict = {}
+    for cell_name, cell in summary["cells"].items():
+        for r in pq.read_table(join(cell["eval_uri"], "losses.parquet")).to_pylist():
+            acc = sums.setdefault(cell_name.split("#")[0], {}).setdefault(r["group"], [0.0, 0])
+            acc[0] += r["loss_sum"]
+            acc[1] += r["tokens"]
+    groups = sorted({g for by_group in sums.values() for g in by_group})
+    lines = ["", "Held-out loss per group (tokens pooled over replicates):", "",
+             "| budget | method | " + " | ".join(f"`{g}`" for g in groups) + " |", "|---|---|" + "---|" * len(groups)]
+    for cell_name in sorted(sums, key=lambda c: (int(c.split("@")[1]), c)):
+        method, budget = cell_name.split("@")
+        by_group = sums[cell_name]
+        lines.append(f"| {budget} | {method} | " + " | ".join(
+            f"{by_group[g][0] / by_group[g][1]:.2f}" if g in by_group else "-" for g in groups) + " |")
+    return lines
+
+
 def regime_section(name: str, pool: list[dict], summary: dict) -> str:
     rows = {(r["method"], r["budget"]): r for r in summary["rows"]}
     held = Counter(r["group"] for r in pool if r["split"] == "heldout")
-
-    def cell(r, key, lo, hi, verdict, pct=False):
-        if r.get(key) is None:
-            return "-"
-        f = (lambda v: f"{100 * v:+.1f}") if pct else (lambda v: f"{v:+.4f}")
-        return f"{f(r[key])} [{f(r[lo])}, {f(r[hi])}] {r[verdict]}"
-
     lines = [f"### `{name}`: {sum(r['split'] == 'train' for r in pool):,} training records, held out "
              f"{dict(sorted(held.items()))}", "",
-             "| budget | method | held-out loss | vs uniform | balanced-target loss | vs uniform | answers right (%) | "
-             "vs uniform (points) |", "|---|---|---|---|---|---|---|---|"]
-    for b in summary["budgets"]:
-        for m in summary["methods"]:
-            r = rows[(m, b)]
-            answer = "-" if r.get("answer_match") is None else f"{100 * r['answer_match']:.1f}"
-            lines.append(f"| {b} | {m} | {r['heldout_loss']:.4f} | "
-                         f"{cell(r, 'delta_vs_uniform', 'delta_ci_low', 'delta_ci_high', 'verdict')} | "
-                         f"{r['balanced_loss']:.4f} | "
-                         f"{cell(r, 'balanced_delta', 'balanced_delta_ci_low', 'balanced_delta_ci_high', 'balanced_verdict')}"
-                         f" | {answer} | {cell(r, 'answer_delta', 'answer_delta_ci_low', 'answer_delta_ci_high', 'answer_verdict', True)} |")
+             "| budget | method | held-out loss | vs uniform | balanced-target loss | vs uniform | worst group: loss "
+             "| on uniform's worst group, vs uniform | answers right (%) | vs uniform (points) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [regime_row(rows[(m, b)]) for b in summary["budgets"] for m in summary["methods"]]
     base = rows[("base", 0)]
+    lines += group_losses_table(summary)
     lines += picks_table(summary, pool)
     lines += ["", f"Base model: held-out loss {base['heldout_loss']:.4f}, balanced {base['balanced_loss']:.4f}. "
               f"Token compute per cell: {json.dumps(summary['train_tokens'])} loss tokens; {summary['replicates']} "
@@ -200,9 +233,10 @@ def main() -> int:
             saved.write_text(json.dumps(summary, indent=2, default=str))
             print(summary["table_markdown"], flush=True)
         parts.append(regime_section(name, pool, summary))
-        how = "--write-only from saved summaries" if args.write_only else f"this run {(time.time() - start) / 60:.0f} min"
-        generated = (f"{START}\n## Regimes: results (`python benchmarks/bench_regimes.py`, {time.strftime('%Y-%m-%d')}, "
-                     f"{how})\n\n" + "\n".join(parts) + f"\n{END}\n")
+        how = ("--write-only from saved summaries" if args.write_only
+               else f"this run {(time.time() - start) / 60:.0f} min")
+        generated = (f"{START}\n## Regimes: results (`python benchmarks/bench_regimes.py`, "
+                     f"{time.strftime('%Y-%m-%d')}, {how})\n\n" + "\n".join(parts) + f"\n{END}\n")
         out = work / "EVIDENCE-smoke.md" if args.smoke else REPO / "docs" / "EVIDENCE.md"
         replace_generated(out, generated, "# Evidence", START, END)
     return 0
