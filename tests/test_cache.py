@@ -204,8 +204,8 @@ def test_prose_edits_in_every_layer_move_no_code_key(monkeypatch):
     # the training loss reaches both trainers (the S2L proxy, the fine-tune), not the evaluation or selection
     ("sftcurate.core.training", *LOSS_EDIT, {"sftcurate.core.proxy", "sftcurate.core.finetune"}),
     # the per-example held-out loss reaches the evaluation only
-    ("sftcurate.core.training", "return loss.sum(dim=1), (target != -100).sum(dim=1)",
-     "return loss.sum(dim=1) * 2, (target != -100).sum(dim=1)", {"sftcurate.core.evaluate"}),
+    ("sftcurate.core.training", "return sums.index_add_(0, sel.nonzero()[:, 0], losses), sel.sum(dim=1)",
+     "return sums.index_add_(0, sel.nonzero()[:, 0], losses * 2), sel.sum(dim=1)", {"sftcurate.core.evaluate"}),
     # the judge's settings model reaches the judge and the report that reads its verdicts, not ingest
     ("sftcurate.core.config", "n_bootstrap: int = Field(1000, gt=0)", "n_bootstrap: int = Field(999, gt=0)",
      {"sftcurate.core.judge", "sftcurate.core.report"}),
