@@ -21,12 +21,15 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import torch
+
 from sftcurate.data_contracts import TOKEN_FEATURES, TOKEN_FEATURES_IDS, ContractError, TensorContract
 from sftcurate.core.ingest import load_pool, shard_bounds
 from sftcurate.core.fisher_features import factor_summary, stored_factors
 from sftcurate.core.inputs import SHARD_REFS, load_features_file, mean_pool, read_features_artifact  # noqa: F401  (re-exported)
 from sftcurate.core.inputs import SENTENCE_RANK
 from sftcurate.infra import progress
+from sftcurate.infra.models import resolve_device, resolve_model
 from sftcurate.data_contracts.manifests import FeatureShardMeta, ProjectionMeta, TokenFeaturesMeta
 from sftcurate.infra.stages import Built, build_once, content_key, read_meta
 from sftcurate.infra.store import join, read_tensors, root_of
@@ -46,10 +49,6 @@ PCA_SAMPLE = 256             # examples embedded to fit a PCA projection
 # ---------------------------------------------------------------- the math
 
 def resolve_device_dtype(device: str | None = None, dtype: str | None = "auto"):
-    import torch
-
-    from sftcurate.infra.models import resolve_device
-
     dev = torch.device(resolve_device(device))
     if dtype in (None, "auto"):
         tdtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -73,8 +72,6 @@ def last_hidden(model, ids, attn=None):
 def _layout(model, encoded: list[Encoded], device, projection):
     """What both feature paths start from: (device, loss rows per example, offsets, the zeroed output, the
     projection on the device or None, example lengths)."""
-    import torch
-
     device = device or next(model.parameters()).device
     counts = np.array([e.n_loss for e in encoded], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -87,8 +84,6 @@ def _layout(model, encoded: list[Encoded], device, projection):
 def embed_encoded(model, encoded: list[Encoded], batch_tokens: int, device=None, projection=None,
                   pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(features float32 [T, d'], offsets int64 [n+1]) of already-encoded examples, in input order."""
-    import torch
-
     device, counts, offsets, out, proj, lengths = _layout(model, encoded, device, projection)
     if not encoded:
         return out, offsets
@@ -120,15 +115,11 @@ class _Drain:
     so the host never waits for the device in between."""
 
     def __init__(self, out: np.ndarray, rows: int, device):
-        import torch
-
         self.out, self.on_gpu, self.turn = out, torch.device(device).type == "cuda", 0
         self.buffers = _pinned_pair(rows, out.shape[1]) if self.on_gpu else []
         self.pending: list = [None, None]
 
     def put(self, h, dest: np.ndarray) -> None:
-        import torch
-
         if not self.on_gpu:
             self.out[dest] = h.numpy()
             return
@@ -154,8 +145,6 @@ class _Drain:
 
 def _pinned_pair(rows: int, d: int) -> list:
     """Two page-locked host buffers, kept between calls: pinning hundreds of MB costs more than a forward."""
-    import torch
-
     if _PINNED.get("shape") != (rows, d):
         _PINNED.update(shape=(rows, d), buffers=[torch.empty((rows, d), dtype=torch.float32, pin_memory=True)
                                                   for _ in range(2)])
@@ -169,8 +158,6 @@ def embed_packed(model, encoded: list[Encoded], batch_tokens: int, device=None, 
                  ) -> tuple[np.ndarray, np.ndarray]:
     """`embed_encoded`'s features through packed batches (`core.packing`): no compute on padding, only the loss
     rows leave the model's body, projected on the device and drained to the host while the next batch runs."""
-    import torch
-
     device, counts, offsets, out, proj, lengths = _layout(model, encoded, device, projection)
     if not encoded:
         return out, offsets
@@ -216,8 +203,6 @@ def embed_examples(model, tokenizer, examples, max_length: int, batch_tokens: in
 def embed_one_by_one(model, tokenizer, examples, max_length: int, device: str | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Reference loop: one full forward (logits and all hidden states) per example, batch size 1."""
-    import torch
-
     dev, _ = resolve_device_dtype(device, "float32")
     feats, counts = [], []
     with torch.inference_mode():
@@ -262,8 +247,6 @@ def pool_pairs(pool: pa.Table) -> list[tuple[str, str, str]]:
 def fit_projection(examples_uri: str, model_spec: str, model_fp: str, d_proj: int, method: str, max_length: int,
                    batch_tokens: int, dtype: str, store_root: str | None = None) -> Built:
     """The [d, d_proj] projection matrix artifact (random: seeded Gaussian; pca: fitted on a pool sample)."""
-    from sftcurate.infra.models import resolve_model
-
     def build(writer) -> None:
         loaded = resolve_model(model_spec)
         d = int(loaded.model.config.hidden_size)
@@ -302,8 +285,6 @@ def embed_shard(examples_uri: str, shard_index: int, shard_size: int, model_spec
     """One shard of the pool's token features (computed and committed unless it already is). With
     `sentence_rank` r it stores each sentence's rank-r factor instead of its tokens (`embedding.sentence_rank`,
     `core.fisher_features.stored_factors`); the ids' n_tokens stay the loss tokens."""
-    from sftcurate.infra.models import resolve_model
-
     def build(writer) -> None:
         pool = load_pool(examples_uri)
         lo, hi = shard_bounds(pool.num_rows, shard_index, shard_size)

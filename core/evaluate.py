@@ -15,14 +15,19 @@ import math
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from sftcurate.data_contracts import GENERATIONS, HELDOUT_LOSSES, UserError
 from sftcurate.infra import progress, tracking
 from sftcurate.data_contracts.manifests import GenerationsMeta, HeldoutEvalMeta
 from sftcurate.infra.stages import Built, build_once, read_meta
+from sftcurate.infra.models import default_device, resolve_model
 from sftcurate.infra.store import join, read_bytes, read_table
 from sftcurate.core.config import GenerationConfig
+from sftcurate.core.finetune import load_finetuned
+from sftcurate.core.ingest import load_split
 from sftcurate.core.tokenize import encode_pairs, example_rows, length_grouped_batches
+from sftcurate.core.training import collate, row_loss_sums
 
 EVAL_KIND = "heldout_eval"
 GEN_KIND = "generations"
@@ -30,19 +35,13 @@ GEN_KIND = "generations"
 
 def _load(model_uri: str | None, target_spec: str, dtype: str | None = None):
     if model_uri:
-        from sftcurate.core.finetune import load_finetuned
-
         return load_finetuned(model_uri)
-    from sftcurate.infra.models import default_device, resolve_model
-
     loaded = resolve_model(target_spec, dtype=dtype, device=default_device())
     return loaded.model, loaded.tokenizer
 
 
 def heldout_rows(examples_uri: str, with_turns: bool = False) -> list[tuple]:
     """(id, prompt, response) of the held-out split, and its rendered text (`turns`) with `with_turns`."""
-    from sftcurate.core.ingest import load_split
-
     t = load_split(examples_uri, "heldout")
     columns = ["id", "prompt", "response"] + (["turns"] if with_turns else [])
     return list(zip(*(t.column(c).to_pylist() for c in columns)))
@@ -67,10 +66,6 @@ def rendered_context(turns: str) -> str:
 def heldout_losses(model, tokenizer, rows: list[tuple[str, str]], max_length: int,
                    batch_tokens: int = 8192) -> tuple[np.ndarray, np.ndarray]:
     """(summed token loss, loss tokens) of every (prompt, response) pair, in input order."""
-    import torch
-
-    from sftcurate.core.training import collate, row_loss_sums
-
     if not rows:
         raise UserError("held-out split is empty; raise source.heldout_fraction or add data")
     encoded = encode_pairs(tokenizer, rows, max_length)
@@ -106,8 +101,6 @@ def evaluate_heldout(examples_uri: str, model_uri: str | None, target_spec: str,
     `metrics.json`, every example's in `losses.parquet` (for intervals and per-group metrics)."""
 
     def build(writer) -> None:
-        from sftcurate.core.ingest import load_split
-
         heldout = load_split(examples_uri, "heldout")
         model, tokenizer = _load(model_uri, target_spec)
         rows = example_rows(heldout)
@@ -174,8 +167,6 @@ def generation_prompts(examples_uri: str, cfg: GenerationConfig) -> list[dict]:
 
 def generate_texts(model, tokenizer, prompts: list[str], cfg: GenerationConfig) -> list[str]:
     """Continuations of `prompts` (new text only), batched with left padding; greedy unless told otherwise."""
-    import torch
-
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     keep = max(1, cfg.max_length - cfg.max_new_tokens)
     n_positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)

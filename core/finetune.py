@@ -21,14 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors.torch import load as load_tensors, save as save_tensors
+from transformers import AutoModelForCausalLM
 
 from sftcurate.data_contracts import UserError
 from sftcurate.data_contracts.manifests import FinetunedMeta
 from sftcurate.infra import tracking
 from sftcurate.infra.stages import Built, build_once, content_key, read_meta, stage_key
-from sftcurate.infra.models import default_device
+from sftcurate.infra.models import default_device, resolve_model, resolve_tokenizer
 from sftcurate.infra.store import ArtifactStore, is_committed, join, read_bytes, read_manifest, remove_tree, write_bytes
 from sftcurate.core.config import FinetuneConfig
+from sftcurate.core.ingest import load_pool
+from sftcurate.core.selection import load_selection
 from sftcurate.core.tokenize import Encoded, encode_pairs, example_rows
 from sftcurate.core.training import (Recipe, TrainStats, restore_training_state, steps_for_tokens,
                                      training_state_bytes)
@@ -70,9 +75,6 @@ def recipe(cfg: FinetuneConfig, encoded: list[Encoded] | None = None) -> Recipe:
 
 def training_rows(examples_uri: str, selection_uri: str) -> list[tuple[str, str, str]]:
     """(prompt, response, turns) of the selected examples, in pick order (joined on example id)."""
-    from sftcurate.core.ingest import load_pool
-    from sftcurate.core.selection import load_selection
-
     pool = load_pool(examples_uri)
     by_id = {i: k for k, i in enumerate(pool.column("id").to_pylist())}
     table, _ = load_selection(selection_uri)
@@ -98,13 +100,11 @@ def default_target_modules(model) -> list[str] | str:
 
 def prepare_model(model, cfg: FinetuneConfig):
     """Attach LoRA (seeded) or unfreeze everything for full fine-tuning."""
-    import torch
-
     if cfg.full:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # deferred on purpose: peft (seconds), for LoRA only
 
     targets = cfg.target_modules or default_target_modules(model)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -133,8 +133,6 @@ class Checkpoints:
         return self.store.uri(CKPT_KIND, self.key)
 
     def save(self, step: int, model, optimizer, extra: dict) -> str:
-        from safetensors.torch import save as save_tensors
-
         writer = self.store.begin(CKPT_KIND, f"{self.key}/step-{step:07d}")
         writer.write_bytes(TRAINABLE, save_tensors(trainable_state(model)))
         writer.write_bytes(STATE, training_state_bytes(step, optimizer, extra))
@@ -154,8 +152,6 @@ class Checkpoints:
         return int(pointer["step"]) if is_committed(pointer["uri"]) else None
 
     def load(self, step: int, model, optimizer) -> dict:
-        from safetensors.torch import load as load_tensors
-
         uri = self.store.uri(CKPT_KIND, f"{self.key}/step-{step:07d}")
         weights = load_tensors(read_bytes(join(uri, TRAINABLE)))
         missing = set(trainable_state(model)) - set(weights)
@@ -199,13 +195,9 @@ def fairness_params(cfg: FinetuneConfig, target_spec: str) -> dict:
 def finetune(examples_uri: str, selection_uri: str, target_spec: str, target_fingerprint: str,
              cfg: FinetuneConfig, run_id: str | None = None, store_root: str | None = None) -> Built:
     """The target fine-tuned on the selection (trained, resuming from its checkpoints, unless committed)."""
-    from sftcurate.infra.models import resolve_model
-
     store = ArtifactStore(store_root)
 
     def build(writer) -> None:
-        import torch
-
         rows = training_rows(examples_uri, selection_uri)
         loaded = resolve_model(target_spec, dtype=cfg.dtype)
         encoded = encode_pairs(loaded.tokenizer, rows, cfg.max_length)
@@ -254,8 +246,6 @@ def _record(run_id: str | None, meta: FinetunedMeta, cfg: FinetuneConfig, target
 
 def load_finetuned(model_uri: str):
     """(model, tokenizer) of a committed fine-tune, in eval mode; LoRA weights merged into the base."""
-    from sftcurate.infra.models import resolve_model, resolve_tokenizer
-
     meta = finetune_meta(model_uri)
     files = read_manifest(model_uri)["files"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -264,14 +254,12 @@ def load_finetuned(model_uri: str):
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(read_bytes(join(model_uri, name)))
         if meta.mode == "lora":
-            from peft import PeftModel
+            from peft import PeftModel  # deferred on purpose: peft (see prepare_model)
 
             base = resolve_model(meta.target_spec, dtype=meta.config.get("dtype"))
             model = PeftModel.from_pretrained(base.model, tmp).merge_and_unload()
             tokenizer = base.tokenizer
         else:
-            from transformers import AutoModelForCausalLM
-
             model = AutoModelForCausalLM.from_pretrained(tmp)
             tokenizer = resolve_tokenizer(meta.target_spec)
     model.to(default_device()).eval()

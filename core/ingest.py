@@ -18,12 +18,15 @@ from pathlib import PurePosixPath
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.compression import compr
+from pydoc_data.topics import topics as PYTHON_DOC_TOPICS
 from sftcurate.data_contracts import EXAMPLES, UserError
 from sftcurate.data_contracts.errors import DependencyError
 from sftcurate.data_contracts.manifests import ExamplesMeta
 from sftcurate.core.config import SourceConfig
 from sftcurate.infra import progress
 from sftcurate.infra.hashing import fingerprint
+from sftcurate.infra.models import hub_unreachable, model_fingerprint, quiet_hub_retries, resolve_tokenizer
 from sftcurate.infra.stages import Built, build_once, read_meta
 from sftcurate.infra.store import (file_digest, filesystem_for, join, read_bytes, read_table,
                                    retrying)
@@ -105,9 +108,8 @@ def source_fingerprint(source: SourceConfig) -> str:
     """Fingerprint of the source's content (files hashed), cheap enough to compute before every run."""
     kind = source_kind(source.uri)
     if kind == "builtin":
-        from pydoc_data import topics
-
-        return fingerprint("builtin", sys.version_info[:2], hashlib.sha256(repr(sorted(topics.topics.items())).encode()).hexdigest())
+        return fingerprint("builtin", sys.version_info[:2],
+                           hashlib.sha256(repr(sorted(PYTHON_DOC_TOPICS.items())).encode()).hexdigest())
     if kind == "hf":
         return fingerprint("hf", source.uri, source.hf_config, source.hf_split)
     h = hashlib.sha256()
@@ -149,8 +151,6 @@ def _decode(uri: str, data: bytes) -> str:
 
 
 def decompressed(uri: str, data: bytes, codec: str) -> bytes:
-    from fsspec.compression import compr
-
     if codec not in compr:
         raise IngestError(f"{uri}: reading {codec} files needs the '{'zstandard' if codec == 'zstd' else codec}' "
                           "package; install it or decompress the file")
@@ -255,19 +255,15 @@ def refuse_lone_surrogates(raw: RawRecord) -> None:
 
 
 def read_builtin_python_docs(passage_chars: int) -> list[RawRecord]:
-    from pydoc_data.topics import topics
-
     out = []
-    for topic in sorted(topics):
-        for i, p in enumerate(split_passages(topics[topic], passage_chars)):
+    for topic in sorted(PYTHON_DOC_TOPICS):
+        for i, p in enumerate(split_passages(PYTHON_DOC_TOPICS[topic], passage_chars)):
             out.append(RawRecord(f"python-docs:{topic}", f"passage {i + 1}", {"text": p}))
     return out
 
 
 def read_hf_records(source: SourceConfig) -> list[RawRecord]:
-    import datasets
-
-    from sftcurate.infra.models import hub_unreachable, quiet_hub_retries
+    import datasets  # deferred on purpose: Hugging Face datasets (hundreds of modules), for hf: sources only
 
     name = source.uri[3:] if source.uri.startswith("hf:") else source.uri
     try:
@@ -434,8 +430,6 @@ def examples_fingerprint(table: pa.Table) -> str:
 def ingest(source: SourceConfig, source_fp: str, tokenizer_spec: str, max_length: int, template: str = "auto",
            store_root: str | None = None) -> Built:
     """The examples artifact of this source (built and committed unless it already is); returns its URI."""
-    from sftcurate.infra.models import model_fingerprint, resolve_tokenizer
-
     def build(writer) -> None:
         table, stats = build_examples(source, resolve_tokenizer(tokenizer_spec), max_length, template)
         train = np.array(table.column("split").to_pylist()) == "train"

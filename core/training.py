@@ -16,8 +16,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal, Protocol
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from sftcurate.data_contracts import UserError
+from sftcurate.infra import progress, tracking
 from sftcurate.core.packing import LOGITS_FROM_HIDDEN, causal_lm, pack, packed_token_losses, packs
 from sftcurate.core.tokenize import Encoded, pad_batch
 
@@ -129,8 +132,6 @@ def batch_width(batch: list[Encoded], recipe: Recipe, on_gpu: bool) -> int | Non
 
 def token_loss_sum(model, ids, attn, labels):
     """(sum of token losses, number of loss tokens) of a batch: the token-weighted loss every stage uses."""
-    import torch.nn.functional as F
-
     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
     target = labels[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1), ignore_index=-100,
@@ -145,9 +146,6 @@ def row_loss_sums(model, ids, attn, labels):
     the vocabulary projection runs on the loss positions only, LOSS_ROWS_PER_CHUNK rows at a time: a batch's
     full logits in float32 ([64, 127, 49,152] for SmolLM2 at 8,192 tokens: 1.6 GB, and as much again for the
     softmax) never exist. Else the model's own logits, as before."""
-    import torch
-    import torch.nn.functional as F
-
     target = labels[:, 1:]
     sel = target != -100
     lm = causal_lm(model)
@@ -217,8 +215,6 @@ def batch_loss(model, batch: list[Encoded], pad_id: int, recipe: Recipe, device,
 def optimizer_step(optimizer, params: list, loss, lr: float, max_grad_norm: float) -> None:
     """One AdamW step at `lr` on `loss`, gradients clipped to `max_grad_norm` (no read-back: the caller reads
     the loss when it needs the number)."""
-    import torch
-
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
@@ -229,8 +225,6 @@ def optimizer_step(optimizer, params: list, loss, lr: float, max_grad_norm: floa
 
 def make_optimizer(params: list, recipe: Recipe, device):
     """AdamW; on a GPU the fused kernel (one launch for every parameter instead of several per tensor)."""
-    import torch
-
     fused = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay, **fused)
 
@@ -247,10 +241,6 @@ def train(model, pad_id: int, encoded: list[Encoded], recipe: Recipe, *, checkpo
     A step's loss is read back while the next step is already queued (one step late), so a GPU never idles
     waiting for the host; checkpoints and the last step read it at once.
     """
-    import torch
-
-    from sftcurate.infra import progress, tracking
-
     device = next(model.parameters()).device
     devices = [device.index or 0] if device.type == "cuda" else []
     lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
@@ -319,8 +309,6 @@ def train(model, pad_id: int, encoded: list[Encoded], recipe: Recipe, *, checkpo
 def training_state_bytes(step: int, optimizer, extra: dict) -> bytes:
     """What a checkpoint needs beyond the weights to resume bit-exactly: the optimizer state, the torch RNG
     state (CPU, and every CUDA device when there is one), the step and the caller's `extra`."""
-    import torch
-
     state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, "extra": extra}
     buf = io.BytesIO()
@@ -330,8 +318,6 @@ def training_state_bytes(step: int, optimizer, extra: dict) -> bytes:
 
 def restore_training_state(data: bytes, optimizer) -> dict:
     """Load `training_state_bytes` back into `optimizer` and torch's RNG; returns the `extra` it was saved with."""
-    import torch
-
     state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])

@@ -16,14 +16,19 @@ import logging
 
 import numpy as np
 import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
 from sftcurate.data_contracts import TRAJECTORIES, TRAJECTORIES_IDS, ContractError
 from sftcurate.core.ingest import load_pool, shard_bounds
 from sftcurate.core.inputs import load_trajectories_file  # noqa: F401  (re-exported)
+from sftcurate.core.selectors.s2l import kmeans
 from sftcurate.core.proxy import load_checkpoint_model, load_tokenizer, proxy_checkpoints, proxy_info
-from sftcurate.infra import progress
+from sftcurate.infra import progress, tracking
+from sftcurate.infra.models import default_device
 from sftcurate.data_contracts.manifests import TrajectoriesMeta, TrajectoryShardMeta
 from sftcurate.infra.stages import Built, build_once, read_meta
-from sftcurate.infra.store import join, read_tensors
+from sftcurate.infra.store import join, read_bytes, read_tensors
 from sftcurate.core.packing import (DEVICE_BATCH_TOKENS, LOGITS_FROM_HIDDEN, pack, packed_batches,
                                     packed_token_losses, packs)
 from sftcurate.core.tokenize import Encoded, encode_pairs, example_rows, length_grouped_batches, pad_batch
@@ -59,9 +64,6 @@ def example_losses(model, encoded: list[Encoded], batch_tokens: int, device: str
 
     Batches hold at most `batch_tokens` padded tokens (at most CPU_BATCH_TOKENS on CPU) and `max_batch` rows.
     """
-    import torch
-    import torch.nn.functional as F
-
     out = np.zeros(len(encoded), dtype=np.float32)
     if not encoded:
         return out
@@ -91,8 +93,6 @@ def example_losses(model, encoded: list[Encoded], batch_tokens: int, device: str
 def packed_example_losses(model, encoded: list[Encoded], batch_tokens: int) -> np.ndarray:
     """`example_losses` through packed batches (`core.packing`): no padding, the vocabulary projection on loss
     rows only, the per-example sums kept on the device and copied back once."""
-    import torch
-
     device = next(model.parameters()).device
     lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
     sums = torch.zeros(len(encoded), dtype=torch.float64, device=device)
@@ -111,8 +111,6 @@ def packed_example_losses(model, encoded: list[Encoded], batch_tokens: int) -> n
 
 def example_losses_one_by_one(model, encoded: list[Encoded], device: str = "cpu") -> np.ndarray:
     """The reference loop of the official S2L code: one forward pass per example (batch size 1)."""
-    import torch
-
     out = np.zeros(len(encoded), dtype=np.float32)
     model.eval()
     with torch.inference_mode():
@@ -127,8 +125,6 @@ def example_losses_one_by_one(model, encoded: list[Encoded], device: str = "cpu"
 def shard_losses(proxy_uri: str, examples_uri: str, shard_index: int, shard_size: int, batch_tokens: int,
                  device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(losses float32 [n_shard, T], steps int64 [T]) of one shard of the pool, one pass per checkpoint."""
-    from sftcurate.infra.models import default_device
-
     info = proxy_info(proxy_uri)
     device = device or default_device()
     pool = load_pool(examples_uri)
@@ -201,12 +197,10 @@ def summarize(losses: np.ndarray, steps: np.ndarray, seed: int = 0) -> dict:
 
 
 def trajectory_png(losses: np.ndarray, steps: np.ndarray, seed: int = 0) -> bytes:
-    import matplotlib
+    import matplotlib  # deferred on purpose: matplotlib (seconds), for the summary plot only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from sftcurate.core.selectors.s2l import kmeans
 
     labels, _ = kmeans(losses, min(SUMMARY_CLUSTERS, losses.shape[0]), seed=seed)
     rng = np.random.default_rng(seed)
@@ -240,9 +234,6 @@ def summary_markdown(uri: str) -> str:
 
 def log_summary(run_id: str, uri: str) -> None:
     """Mean/std loss per checkpoint as MLflow metrics, the PNG and the markdown as artifacts."""
-    from sftcurate.infra import tracking
-    from sftcurate.infra.store import read_bytes
-
     meta = read_meta(uri, TrajectoriesMeta)
     for s, m, d in zip(meta.steps, meta.mean_loss, meta.std_loss):
         tracking.log_metrics(run_id, {"trajectory_mean_loss": m, "trajectory_std_loss": d}, int(s))

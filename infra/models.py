@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import pickle
 import shutil
 import threading
 from contextlib import contextmanager
@@ -24,7 +25,11 @@ from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
 
-from sftcurate.data_contracts.errors import UserError
+from pydoc_data.topics import topics as PYTHON_DOC_TOPICS
+from tokenizers import Tokenizer, decoders, models as tokenizer_models, pre_tokenizers, trainers
+
+from sftcurate.data_contracts.errors import DependencyError, UserError, chain
+from sftcurate.infra.local_cache import file_sha256, folder_key, local_copy, remote_folder_key
 from sftcurate.infra.settings import load_settings
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
@@ -58,7 +63,7 @@ def loading_lock():
 @lru_cache(maxsize=1)
 def transformers_classes() -> SimpleNamespace:
     """Call under `loading_lock`: the first call resolves the names, which also sets them on the module."""
-    import transformers
+    import transformers  # deferred on purpose: transformers (and torch) take seconds; `sftcurate ls` needs neither
 
     return SimpleNamespace(**{name: getattr(transformers, name) for name in TRANSFORMERS_NAMES})
 
@@ -87,13 +92,9 @@ def parse_tiny_spec(spec: str) -> dict:
 @lru_cache(maxsize=8)
 def train_bpe_tokenizer(vocab: int, corpus_key: str = "builtin", corpus: tuple[str, ...] | None = None):
     """Byte-level BPE trained in-process; deterministic for the same corpus and vocab size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     if corpus is None:
-        from pydoc_data.topics import topics
-
-        corpus = tuple(topics[k] for k in sorted(topics))
-    tok = Tokenizer(models.BPE())
+        corpus = tuple(PYTHON_DOC_TOPICS[k] for k in sorted(PYTHON_DOC_TOPICS))
+    tok = Tokenizer(tokenizer_models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
@@ -108,7 +109,7 @@ def train_bpe_tokenizer(vocab: int, corpus_key: str = "builtin", corpus: tuple[s
 
 def build_tiny_gpt2(spec: str = TINY, corpus: tuple[str, ...] | None = None) -> LoadedModel:
     """A small GPT-2 from config. `corpus` trains the tokenizer on the caller's text (e.g. the pool)."""
-    import torch
+    import torch  # deferred on purpose: torch takes seconds; the model cache and fingerprints need no torch
 
     p = parse_tiny_spec(spec)
     tokenizer = train_bpe_tokenizer(p["vocab"], "custom" if corpus else "builtin", corpus)
@@ -172,7 +173,7 @@ def _convert_smollm2(target: Path, tf: SimpleNamespace) -> None:
 def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path, tf: SimpleNamespace) -> None:
     """A quantized GGUF loads in transformers but is marked quantized (neither trainable nor saveable): rebuild
     a plain fp32 model from its config, load the dequantized weights, save once as safetensors."""
-    import torch
+    import torch  # deferred on purpose: torch (see build_tiny_gpt2)
 
     tokenizer = tf.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
     quantized = tf.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
@@ -193,8 +194,6 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path, tf: SimpleNamesp
 def _s3_folder(uri: str) -> Path:
     """A local copy of an s3:// model folder, named by its listing (paths, sizes, ETags): a folder overwritten by
     a new fine-tune is fetched again, never served from the copy of the old weights."""
-    from sftcurate.infra.local_cache import local_copy, remote_folder_key
-
     return local_copy(uri, load_settings().model_cache / "s3", remote_folder_key(uri))
 
 
@@ -254,12 +253,11 @@ def quiet_hub_retries():
 def hub_unreachable(exc: BaseException) -> bool:
     """Whether a hub call failed because the hub could not be reached (offline, DNS, refused) rather than refused
     the request."""
-    from sftcurate.data_contracts.errors import chain
-
     return any(isinstance(e, hub_errors()[1]) for e in chain(exc))
 
 
 def hub_errors():
+    # deferred on purpose: huggingface_hub (tens of modules), read only once a hub load has failed
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
                                         OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
 
@@ -270,10 +268,6 @@ def hub_errors():
 def load_or_explain(spec: str, what: str, load):
     """`load()` (a from_pretrained call) with its failure as one line naming the spec: an unknown hub id or an
     unloadable folder is the user's (exit 2), an unreachable hub the environment's (exit 1)."""
-    import pickle
-
-    from sftcurate.data_contracts.errors import DependencyError, chain
-
     try:
         with quiet_hub_retries():
             return load()
@@ -294,8 +288,6 @@ def load_or_explain(spec: str, what: str, load):
 def model_fingerprint(spec: str) -> str:
     """Identity of a spec's weights, for cache keys: their content for a folder, a GGUF file or an s3:// folder
     (weights overwritten in place by a new fine-tune get a new key), the spec itself where it fixes them."""
-    from sftcurate.infra.local_cache import file_sha256, folder_key, remote_folder_key
-
     if spec.startswith(TINY):
         return f"tiny-gpt2:{json.dumps(parse_tiny_spec(spec), sort_keys=True)}"
     if spec == BUILTIN_SMOLLM2:
@@ -338,14 +330,14 @@ def resolve_device(preference: str | None = "auto") -> str:
 
 def default_device() -> str:
     """`SFTCURATE_DEVICE` when set, else cuda when available, else cpu (kept out of configs and cache keys)."""
-    import torch
+    import torch  # deferred on purpose: torch (see build_tiny_gpt2)
 
     return os.environ.get("SFTCURATE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def resolve_model(spec: str, dtype: str | None = None, device: str | None = None) -> LoadedModel:
     """Load any spec the project knows. `dtype` ("float32", "bfloat16") and `device` default sensibly."""
-    import torch
+    import torch  # deferred on purpose: torch (see build_tiny_gpt2)
 
     if spec.startswith(TINY):
         loaded = build_tiny_gpt2(spec)

@@ -29,6 +29,8 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+from safetensors.numpy import load as load_safetensors, save as save_safetensors
 
 from sftcurate.data_contracts import Contract, ContractError, TensorContract, validate_table, validate_tensors
 from sftcurate.data_contracts.errors import DependencyError, chain
@@ -53,6 +55,7 @@ def storage_options_for(uri: str, left: float | None = None) -> dict:
     seconds of a retry budget; the whole budget by default), every request under a deadline (`infra.s3_session`)."""
     if not uri.startswith("s3://"):
         return {}
+    # deferred on purpose: aiobotocore and aiohttp (a few hundred modules), needed for s3:// URIs only
     from sftcurate.infra.s3_session import DeadlineSession
 
     options = load_settings().s3.storage_options(left)
@@ -74,8 +77,6 @@ def unreachable(exc: BaseException | None) -> bool:
     refused, reset, timed out, no route. A missing file, a denied request or a bad bucket name are answers, not
     outages. The implicit context counts: a client that translates a connection error inside its `except` block
     without `from` still reports an outage."""
-    from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
-
     network = (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)
     return any(isinstance(e, network) or (isinstance(e, OSError) and e.errno in NETWORK_ERRNOS) for e in chain(exc))
 
@@ -222,11 +223,9 @@ def read_table(uri: str, contract: Contract) -> pa.Table:
 
 def tensors_to_bytes(tensors: dict[str, np.ndarray], contract: TensorContract, where: str,
                      metadata: dict[str, str] | None = None) -> bytes:
-    from safetensors.numpy import save
-
     validate_tensors(tensors, contract, where)
     meta = {**(metadata or {}), **contract.metadata()}
-    return save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=meta)
+    return save_safetensors({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=meta)
 
 
 def write_tensors(uri: str, tensors: dict[str, np.ndarray], contract: TensorContract,
@@ -240,15 +239,13 @@ def safetensors_metadata(data: bytes) -> dict[str, str]:
 
 
 def read_tensors(uri: str, contract: TensorContract) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    from safetensors.numpy import load
-
     try:
         data = read_bytes(uri)
     except FileNotFoundError as exc:
         raise ContractError(f"{uri}: file not found") from exc
     try:
         meta = safetensors_metadata(data)
-        tensors = load(data)
+        tensors = load_safetensors(data)
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise ContractError(f"{uri}: not a readable safetensors file ({exc})") from exc
     validate_tensors(tensors, contract, uri, meta)
