@@ -63,7 +63,7 @@ def loading_lock():
 @lru_cache(maxsize=1)
 def transformers_classes() -> SimpleNamespace:
     """Call under `loading_lock`: the first call resolves the names, which also sets them on the module."""
-    import transformers  # deferred on purpose: transformers (and torch) take seconds; `sftcurate ls` needs neither
+    import transformers  # deferred on purpose: transformers (and torch) take seconds; only a model load needs them
 
     return SimpleNamespace(**{name: getattr(transformers, name) for name in TRANSFORMERS_NAMES})
 
@@ -109,7 +109,7 @@ def train_bpe_tokenizer(vocab: int, corpus_key: str = "builtin", corpus: tuple[s
 
 def build_tiny_gpt2(spec: str = TINY, corpus: tuple[str, ...] | None = None) -> LoadedModel:
     """A small GPT-2 from config. `corpus` trains the tokenizer on the caller's text (e.g. the pool)."""
-    import torch  # deferred on purpose: torch takes seconds; the model cache and fingerprints need no torch
+    import torch  # deferred on purpose: torch takes seconds; specs, fingerprints and the model cache need none
 
     p = parse_tiny_spec(spec)
     tokenizer = train_bpe_tokenizer(p["vocab"], "custom" if corpus else "builtin", corpus)
