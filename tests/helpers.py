@@ -53,3 +53,13 @@ def stop(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGCONT)
     proc.terminate()
     proc.wait(timeout=20)
+
+
+def examples_meta(**fields) -> dict:
+    """A complete examples manifest meta (`data_contracts.manifests.ExamplesMeta`) for a test-built pool: the
+    typed manifest refuses a partial one on read, as it would an artifact of another version."""
+    meta = {"fingerprint": "fp-test", "source": "test", "source_fingerprint": "fp-test", "records": 0,
+            "duplicates_removed": 0, "formats": {}, "n_examples": 0, "n_train": 0, "n_heldout": 0,
+            "train_tokens": 0, "tokenizer": "test", "max_length": 128, "columns": {}, "template": "plain",
+            "too_long": "cut", "too_long_dropped": 0, "too_long_cut": 0, "too_long_whole": 0, "skipped_files": {}}
+    return {**meta, **fields}

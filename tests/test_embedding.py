@@ -15,6 +15,7 @@ from sftcurate.core.inputs import (load_features_file, load_sentence_embeddings_
                                    load_token_features_into as load_into)
 from sftcurate.core.selectors import SelectorInputs
 from sftcurate.core.tokenize import encode_example
+from tests.helpers import examples_meta
 
 EXAMPLES_QA = [("What is a list?", "A mutable sequence of items."), ("", "Plain text passage without a prompt."),
                ("Explain dicts " * 6, "Dicts map keys to values " * 5), ("Q", "A"),
@@ -71,8 +72,8 @@ def _examples_artifact(root: str, pairs) -> str:
                       "split": ["heldout" if i == 2 else "train" for i in range(n)]})
     w = ArtifactStore(root).begin("examples", "test")
     w.write_table("examples.parquet", table, EXAMPLES)
-    w.meta["fingerprint"] = "fp-test"
-    w.meta["n_train"] = table.column("split").to_pylist().count("train")  # as tasks.ingest records it
+    n_train = table.column("split").to_pylist().count("train")  # as tasks.ingest records it
+    w.meta.update(examples_meta(n_train=n_train, n_examples=n, records=n, n_heldout=n - n_train))
     return w.commit()
 
 
@@ -132,7 +133,8 @@ def test_final_artifact_references_memory_mapped_shards(tmp_path):
         w.write_table("ids.parquet", pa.table({"id": [f"ex{i + (i >= 2)}" for i in range(lo, hi)],
                                                "pool_index": np.arange(lo, hi), "n_tokens": np.diff(o)}),
                       TOKEN_FEATURES_IDS)
-        w.meta.update({"rows": hi - lo, "tokens": int(o[-1]), "d": 3, "model": "m", "projection_uri": None})
+        w.meta.update({"rows": hi - lo, "tokens": int(o[-1]), "d": 3, "model": "m", "projection_uri": None,
+                       "shard_index": k, "shard_size": 8})
         shard_uris.append(w.commit())
     uri = commit_features(ex, shard_uris, root)
     assert sorted(read_manifest(uri)["files"]) == ["shards.json"]  # no feature bytes copied

@@ -12,7 +12,7 @@ from sftcurate.data_contracts import EXAMPLES, ContractError
 from sftcurate.infra.hashing import fingerprint
 from sftcurate.infra.store import ArtifactStore, is_committed, join, read_bytes, read_manifest
 from sftcurate.core.config import ProxyConfig
-from tests.helpers import progress_steps
+from tests.helpers import examples_meta, progress_steps
 
 TINY = "tiny-gpt2:n_layer=1,n_embd=32,n_head=2,vocab=300"
 
@@ -48,9 +48,9 @@ def make_examples(rows, store_root: str | None = None) -> str:
     })
     writer = ArtifactStore(store_root).begin("examples", fingerprint(ids))
     writer.write_table("examples.parquet", table, EXAMPLES)
-    writer.meta.update({"fingerprint": fingerprint(ids), "n_train": len(rows), "n_heldout": 0,
-                        "train_tokens": int(np.asarray(table.column("response_tokens")).sum()),
-                        "duplicates_removed": 0})
+    writer.meta.update(examples_meta(fingerprint=fingerprint(ids), n_train=len(rows), n_examples=len(rows),
+                                     records=len(rows),
+                                     train_tokens=int(np.asarray(table.column("response_tokens")).sum())))
     return writer.commit()
 
 
