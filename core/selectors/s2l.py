@@ -203,6 +203,21 @@ def proportional_quotas(sizes: dict[str, int], total: int) -> dict[str, int]:
     return quotas
 
 
+def _fill_inputs(labels, budget, seed: int, token_counts):
+    """(budget, labels, token counts, rng) of a fill, the budget checked against the pool."""
+    budget = _as_budget(budget)
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    token_counts = np.ones(n, dtype=np.int64) if token_counts is None else np.asarray(token_counts, dtype=np.int64)
+    budget.check(n, int(token_counts.sum()))
+    return budget, labels, token_counts, np.random.default_rng(seed)
+
+
+def _spent(budget: Budget) -> bool:
+    """Nothing left to fill: a set bound at or below zero."""
+    return (budget.examples is not None and budget.examples <= 0) or (budget.tokens is not None and budget.tokens <= 0)
+
+
 def fill_budget_by_clusters(labels: np.ndarray, budget, seed: int, token_counts: np.ndarray | None = None,
                             strata: np.ndarray | list | None = None) -> list[int]:
     """S2L's budget filling (see the module docstring). `budget`: a Budget or a number of examples.
@@ -210,12 +225,8 @@ def fill_budget_by_clusters(labels: np.ndarray, budget, seed: int, token_counts:
     Returns pool indices in pick order (cluster by cluster, smallest cluster first; per stratum when
     `strata` is given). Deterministic for a seed.
     """
-    budget = _as_budget(budget)
-    labels = np.asarray(labels, dtype=np.int64)
+    budget, labels, token_counts, rng = _fill_inputs(labels, budget, seed, token_counts)
     n = len(labels)
-    token_counts = np.ones(n, dtype=np.int64) if token_counts is None else np.asarray(token_counts, dtype=np.int64)
-    budget.check(n, int(token_counts.sum()))
-    rng = np.random.default_rng(seed)
 
     def clusters_of(idx: np.ndarray) -> list[np.ndarray]:
         return [idx[labels[idx] == c] for c in np.unique(labels[idx])]
@@ -232,7 +243,7 @@ def fill_budget_by_clusters(labels: np.ndarray, budget, seed: int, token_counts:
     picked: list[int] = []
     for g in groups:
         sub = Budget(examples=ex_q[g] if ex_q else None, tokens=tok_q[g] if tok_q else None)
-        if (sub.examples is not None and sub.examples <= 0) or (sub.tokens is not None and sub.tokens <= 0):
+        if _spent(sub):
             continue
         picked.extend(_s2l_fill(clusters_of(members[g]), sub, rng, token_counts))
     return picked
@@ -243,22 +254,18 @@ def fill_toward_target(labels: np.ndarray, weights: np.ndarray, budget, seed: in
     """S2L's filling aimed at a target (module docstring): `share` of the budget over the clusters with weight
     > 0 (`weights[c]`: target examples nearest centre c), each in proportion to its weight; what is left of the
     budget by Algorithm 1 over every cluster's unpicked examples. Returns pool indices in pick order."""
-    budget = _as_budget(budget)
-    labels = np.asarray(labels, dtype=np.int64)
+    budget, labels, token_counts, rng = _fill_inputs(labels, budget, seed, token_counts)
     n = len(labels)
-    token_counts = np.ones(n, dtype=np.int64) if token_counts is None else np.asarray(token_counts, dtype=np.int64)
-    budget.check(n, int(token_counts.sum()))
-    rng = np.random.default_rng(seed)
     aimed = [int(c) for c in np.unique(labels) if c < len(weights) and weights[c] > 0]
     part = Budget(examples=None if budget.examples is None else int(round(budget.examples * share)),
                   tokens=None if budget.tokens is None else int(budget.tokens * share))
     picked: list[int] = []
-    if aimed and (part.examples is None or part.examples > 0) and (part.tokens is None or part.tokens > 0):
+    if aimed and not _spent(part):
         picked = _s2l_fill([np.flatnonzero(labels == c) for c in aimed], part, rng, token_counts,
                            weights=[int(weights[c]) for c in aimed])
     rest = Budget(examples=None if budget.examples is None else budget.examples - len(picked),
                   tokens=None if budget.tokens is None else budget.tokens - int(token_counts[picked].sum()))
-    if (rest.examples is not None and rest.examples <= 0) or (rest.tokens is not None and rest.tokens <= 0):
+    if _spent(rest):
         return picked
     unpicked = np.setdiff1d(np.arange(n), np.asarray(picked, dtype=np.int64))
     clusters = [unpicked[labels[unpicked] == c] for c in np.unique(labels[unpicked])]
