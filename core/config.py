@@ -5,9 +5,12 @@ into one line that names the file and the field.
 """
 from __future__ import annotations
 
+import numbers
 import os
 import re
 import textwrap
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -25,9 +28,6 @@ from sftcurate.data_contracts.errors import UserError
 
 def _int_shape(annotation) -> str | None:
     """"int" for a field holding one integer (optional or not), "list" for a list of integers, else None."""
-    import types
-    import typing
-
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if annotation is int or (typing.get_origin(annotation) in (typing.Union, types.UnionType) and args == [int]):
         return "int"
@@ -37,8 +37,6 @@ def _int_shape(annotation) -> str | None:
 
 
 def _whole(value) -> bool:
-    import numbers
-
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy integers count
 
 

@@ -117,7 +117,7 @@ def report_markdown(data: dict, name: str) -> str:
 
 
 def report_png(data: dict) -> bytes:
-    import matplotlib
+    import matplotlib  # deferred on purpose: matplotlib (seconds), for the report's figure only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

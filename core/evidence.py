@@ -66,7 +66,7 @@ def bootstrap(loss: np.ndarray, tokens: np.ndarray, n_boot: int = 2000, seed: in
 def _interval(per_rep: np.ndarray, boots: np.ndarray, level: float) -> Interval:
     """The mean of the replicate values `per_rep` with a `level` interval adding the bootstrap's variance over
     held-out examples (`boots`) and the seeds' (their spread, Student's t at R-1 degrees of freedom)."""
-    from scipy import stats
+    from scipy import stats  # deferred on purpose: scipy.stats (hundreds of modules), for an interval only
 
     n_rep, mean = len(per_rep), float(per_rep.mean())
     variance = float(boots.var(ddof=1)) + (float(per_rep.var(ddof=1)) / n_rep if n_rep > 1 else 0.0)

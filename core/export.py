@@ -204,7 +204,7 @@ def push(dataset, repo: str) -> None:
 
 
 def hf_dataset(rows: list[dict], out: str):
-    import datasets
+    import datasets  # deferred on purpose: Hugging Face datasets (hundreds of modules), for --format hf only
 
     arrow_table(rows, out)  # a field of mixed types is one line naming it, not datasets' ArrowTypeError
     return datasets.Dataset.from_list(rows)

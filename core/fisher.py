@@ -34,6 +34,7 @@ import torch
 from sftcurate.core.feature_rows import ShardedRows, check_features
 from sftcurate.core.fisher_incremental import GradientBounds, kept_grams, logdets
 from sftcurate.core.greedy_base import check_lam
+from sftcurate.infra.models import resolve_device
 
 QUANTUM = 2.0 ** -36
 EPS32 = float(np.finfo(np.float32).eps)
@@ -45,8 +46,6 @@ DEVICE_BATCH_ROWS = 1 << 16
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    from sftcurate.infra.models import resolve_device
-
     return device if isinstance(device, torch.device) else torch.device(resolve_device(device))
 
 

@@ -17,6 +17,9 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+import httpx
+import torch
+
 from sftcurate.core.config import ENV_BASE_URL, ENV_KEYS, ENV_MODEL, JudgeConfig
 from sftcurate.data_contracts import UserError
 from sftcurate.infra.models import default_device, resolve_model
@@ -107,8 +110,6 @@ class HFJudge:
         return tok(prompt_text + "\nAnswer:", add_special_tokens=False)["input_ids"]
 
     def judge(self, prompt_text: str) -> Verdict:
-        import torch
-
         ids = self._encode(prompt_text)
         limit = getattr(self.model.config, "n_positions", None) or getattr(self.model.config,
                                                                            "max_position_embeddings", None)
@@ -139,8 +140,6 @@ class OpenAIJudge:
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout_s: float = 60.0,
                  max_retries: int = 5, backoff_s: float = 1.0, concurrency: int = 4, max_tokens: int = 4,
                  logprobs: bool = True):
-        import httpx
-
         if not base_url:
             raise UserError(f"judge.base_url: not set; set it in the config or ${ENV_BASE_URL} "
                             "(e.g. http://localhost:8000/v1)")
@@ -171,8 +170,6 @@ class OpenAIJudge:
         return f"OpenAIJudge(base_url={self.base_url!r}, model={self.model!r})"
 
     def _post(self, body: dict) -> dict:
-        import httpx
-
         url = f"{self.base_url}/chat/completions"
         last = "no attempt"
         for attempt in range(self.max_retries + 1):

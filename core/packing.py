@@ -93,6 +93,7 @@ def packed_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
 
 def _varlen():
     try:
+        # deferred on purpose: optional: varlen_attn exists only in newer torch releases
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
@@ -192,6 +193,7 @@ def _no_mask(*args, **kwargs):
 def _register() -> None:
     """The attention function, and a mask function that builds nothing (the attention masks itself): with it,
     transformers releases that would otherwise build a default mask for an unknown name build none either."""
+    # deferred on purpose: transformers (seconds), registered on first packed fine-tune
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 

@@ -27,6 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
 from sftcurate.data_contracts import UserError
 from sftcurate.data_contracts.manifests import ProxyMeta
 from sftcurate.infra.local_cache import local_copy
@@ -57,8 +60,6 @@ class ProxyError(UserError):
 def disable_dropout(model) -> None:
     """Training draws no random numbers (the official S2L proxy, Pythia, has no dropout either), so the run is
     deterministic even when other threads use torch's global RNG at the same time."""
-    import torch
-
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -97,8 +98,6 @@ def upload_folder(writer: ArtifactWriter, folder: Path, prefix: str = "") -> Non
 def local_dir(uri: str) -> Path:
     """A local folder holding a committed store folder: the folder itself when local, else a cached copy named
     by its URI and manifest (a re-committed folder gets a new copy)."""
-    from fsspec.implementations.local import LocalFileSystem
-
     fs, path = filesystem_for(uri)
     if isinstance(fs, LocalFileSystem):
         return Path(path)
@@ -123,15 +122,13 @@ def save_pretrained_folder(obj, store_uri: str, kind: str, meta: dict, extra: di
 # ---------------------------------------------------------------- model construction
 
 def _wrap_lora(model):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # deferred on purpose: peft (seconds), for a LoRA proxy only
 
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA_DEFAULTS))
 
 
 def build_fresh(proxy_spec: str, cfg: ProxyConfig, corpus: tuple[str, ...], proxy_uri: str):
     """(model, tokenizer) at step 0; the tokenizer (and a tiny LoRA base) are committed to the artifact."""
-    import torch
-
     if proxy_spec.startswith(TINY):
         loaded = build_tiny_gpt2(proxy_spec, corpus=corpus)
     else:
@@ -182,7 +179,7 @@ def load_checkpoint_model(proxy_uri: str, ckpt_uri: str, proxy_spec: str, lora: 
     with loading_lock() as tf:
         if not lora:
             return tf.AutoModelForCausalLM.from_pretrained(folder)
-        from peft import PeftModel
+        from peft import PeftModel  # deferred on purpose: peft (see _wrap_lora)
 
         model = PeftModel.from_pretrained(load_base(proxy_uri, proxy_spec), folder, is_trainable=trainable)
         return model if trainable else model.merge_and_unload()

@@ -297,7 +297,7 @@ def csv_bytes(rows: list[dict]) -> bytes:
 
 def plot_png(cfg: CompareConfig, rows: list[dict], methods: list[str]) -> bytes:
     fig = plot_figure(cfg, rows, methods)  # selects the Agg backend before pyplot is imported here
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred on purpose: matplotlib (see plot_figure)
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -308,7 +308,7 @@ def plot_png(cfg: CompareConfig, rows: list[dict], methods: list[str]) -> bytes:
 def plot_figure(cfg: CompareConfig, rows: list[dict], methods: list[str]):
     """Held-out loss and the difference to uniform by budget. A method keeps its colour in both panels, and the
     methods are spread a little along x so intervals at one budget do not hide each other."""
-    import matplotlib
+    import matplotlib  # deferred on purpose: matplotlib (seconds), for the report's figure only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from sftcurate.core.fisher_greedy import run_greedy
 from sftcurate.core.inputs import mean_pool
@@ -62,8 +63,6 @@ def make_problem(rng: np.random.Generator, d: int, L: int, n_classes: int, n_sen
 
 def fit_mle(x: np.ndarray, y: np.ndarray, n_classes: int, ridge: float = 1e-4, max_iter: int = 200) -> np.ndarray:
     """Multinomial logistic regression by maximum likelihood (mean NLL + ridge), torch L-BFGS, float64."""
-    import torch
-
     X = torch.as_tensor(x, dtype=torch.float64)
     Y = torch.as_tensor(y)
     theta = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
@@ -133,7 +132,7 @@ def summarize(all_runs: list[dict], n_grid) -> list[dict]:
 
 
 def write_outputs(out_dir: Path, rows: list[dict], n_grid, params: dict, runs: int) -> dict[str, Path]:
-    import matplotlib  # heavy, deferred: only the reproduction's plot needs it
+    import matplotlib  # deferred on purpose: matplotlib (seconds), for the reproduction's plot only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -187,8 +186,6 @@ def run_synthetic(out_dir, runs: int = 20, seed: int = 0, n_grid=N_GRID, log_to_
     n_grid = tuple(int(n) for n in n_grid)
     if max(n_grid) > params["n_sentences"]:
         raise ValueError(f"n_grid: {max(n_grid)} sentences is more than the pool ({params['n_sentences']})")
-    import torch
-
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny problems: one thread is faster and does not fight other processes

@@ -213,7 +213,7 @@ def length_grouped_batches(lengths: np.ndarray, batch_tokens: int, max_batch: in
 
 def pad_batch(encoded: list[Encoded], pad_id: int, pad_to: int | None = None):
     """(input_ids, attention_mask, loss_mask) as torch tensors, right-padded to the longest (or `pad_to`)."""
-    import torch
+    import torch  # deferred on purpose: torch (seconds): tokenizing for the store needs none
 
     width = max([len(e.input_ids) for e in encoded] + [pad_to or 0])
     ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)

@@ -32,20 +32,20 @@ class ServiceUnavailable(DependencyError):
 def _network_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [ConnectionError, TimeoutError]
     try:
-        import requests
+        import requests  # deferred on purpose: optional: whichever HTTP clients are installed (requests ~0.1 s)
 
         types += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
     except ImportError:  # pragma: no cover
         pass
     try:
-        import urllib3
+        import urllib3  # deferred on purpose: optional (see requests above)
 
         types += [urllib3.exceptions.NewConnectionError, urllib3.exceptions.MaxRetryError,
                   urllib3.exceptions.ProtocolError, urllib3.exceptions.TimeoutError]
     except ImportError:  # pragma: no cover
         pass
     try:
-        import httpx
+        import httpx  # deferred on purpose: optional (see requests above)
 
         types += [httpx.TransportError]
     except ImportError:  # pragma: no cover

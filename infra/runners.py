@@ -42,6 +42,7 @@ class TaskRunnerError(UserError):
 
 
 def dask_task_runner(address: str | None = None, workers: int | None = None, processes: bool | None = None):
+    # deferred on purpose: optional extra: prefect-dask, for SFTCURATE_TASK_RUNNER=dask only
     from prefect_dask import DaskTaskRunner
 
     if address:
@@ -58,6 +59,7 @@ def task_runner_from_settings(kind: str | None = None):
     settings = load_settings()
     kind = (kind or settings.task_runner or "threads").lower()
     if kind in ("threads", "thread", "default", ""):
+        # deferred on purpose: Prefect (seconds): infra stays importable without it
         from prefect.task_runners import ThreadPoolTaskRunner
 
         return ThreadPoolTaskRunner(max_workers=cpu_threads())
@@ -65,6 +67,7 @@ def task_runner_from_settings(kind: str | None = None):
         return dask_task_runner(settings.dask_address)
     if kind == "ray":
         try:
+            # deferred on purpose: optional extra: prefect-ray, for SFTCURATE_TASK_RUNNER=ray only
             from prefect_ray import RayTaskRunner
         except ImportError as exc:
             raise TaskRunnerError("SFTCURATE_TASK_RUNNER=ray needs prefect-ray: pip install prefect-ray") from exc

@@ -214,7 +214,7 @@ def launch(name: str, ports: Ports, root: Path) -> subprocess.Popen:
 
 
 def make_buckets(ports: Ports) -> None:
-    import boto3
+    import boto3  # deferred on purpose: boto3 (hundreds of modules), for the local stack's buckets only
 
     s3 = boto3.client("s3", endpoint_url=urls(ports)["s3"], region_name=MOTO_KEYS["AWS_REGION"],
                       aws_access_key_id=MOTO_KEYS["AWS_ACCESS_KEY_ID"],

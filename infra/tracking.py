@@ -17,8 +17,11 @@ import os
 import socket
 import tempfile
 import threading
+import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+
+from filelock import FileLock
 
 from sftcurate.infra import reachability
 from sftcurate.infra.reachability import ServiceUnavailable
@@ -55,7 +58,7 @@ def check_reachable(uri: str | None = None) -> None:
 
 
 def configure() -> str:
-    import mlflow
+    import mlflow  # deferred on purpose: MLflow (seconds to import), on the first tracked call only
 
     uri = load_settings().tracking_uri
     mlflow.set_tracking_uri(uri)
@@ -68,7 +71,7 @@ def _open_store_once(uri: str) -> None:
     """Open the tracking store once per process, a new SQLite file under a lock file: MLflow creates and migrates
     the tables on first open without locking, so two runs started together in a fresh SFTCURATE_HOME both ran
     the migrations and one died ("table ... already exists", "Online migration expected to match one row")."""
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # deferred on purpose: MLflow (see configure)
 
     with _opening:
         if uri in _opened:
@@ -85,8 +88,6 @@ def store_lock(uri: str):
     """A cross-process lock beside a SQLite tracking database (a server needs none: it serialises itself)."""
     if not uri.startswith("sqlite:///"):
         return nullcontext()
-    from filelock import FileLock
-
     db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(db) + ".lock")
@@ -138,7 +139,7 @@ class _Patient:
 
 
 def client():
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # deferred on purpose: MLflow (see configure)
 
     uri = configure()
     inner = MlflowClient(uri)
@@ -235,7 +236,7 @@ def end_orphans(exp_id: str) -> list[str]:
 
 
 def log_params(run_id: str, params: dict) -> None:
-    from mlflow.entities import Param
+    from mlflow.entities import Param  # deferred on purpose: MLflow (see configure)
 
     flat = {k: v for k, v in flatten(params).items() if not _is_secret(k)}
     items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
@@ -244,9 +245,7 @@ def log_params(run_id: str, params: dict) -> None:
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
-    import time
-
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric  # deferred on purpose: MLflow (see configure)
 
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
@@ -267,7 +266,7 @@ def log_file(run_id: str, path: str, artifact_path: str | None = None) -> None:
 
 
 def set_tags(run_id: str, tags: dict) -> None:
-    from mlflow.entities import RunTag
+    from mlflow.entities import RunTag  # deferred on purpose: MLflow (see configure)
 
     items = [RunTag(k, str(v)) for k, v in tags.items() if v not in (None, "")]
     if items:
@@ -287,7 +286,7 @@ def log_dataset(run_id: str, name: str, uri: str, digest: str, context: str, row
                 tokens: int | None = None) -> None:
     """Fill the run's Datasets column: the artifact (not its bytes) by URI and content key, so the MLflow UI shows
     which pool and which selection a run used and two runs on the same data show the same digest."""
-    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.entities import Dataset, DatasetInput, InputTag  # deferred on purpose: MLflow (see configure)
 
     profile = json.dumps({k: v for k, v in {"num_rows": rows, "loss_tokens": tokens}.items() if v is not None})
     dataset = Dataset(name=name, digest=digest[:36], source_type="sftcurate-artifact",

@@ -38,6 +38,7 @@ def quiet_prefect_console() -> None:
     """Prefect's console handlers show errors only; its API handler (the UI's run log) keeps every line. A log
     handler that fails (Prefect's API log worker while its server is down) stays silent instead of writing
     "--- Error logging to API ---" to stderr for every batch: the run's one error line says what went wrong."""
+    # deferred on purpose: Prefect (seconds), for commands that run a flow only
     import prefect.logging  # noqa: F401  (makes sure Prefect's handlers exist)
     from prefect.logging.handlers import PrefectConsoleHandler
 

@@ -9,6 +9,7 @@ index) while they fit the budget.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from pydantic import Field
 
 from sftcurate.core.selectors.base import (DEVICE_HELP, EXAMPLES, MODEL, Budget, Selector, SelectionResult,
@@ -60,8 +61,6 @@ def encode_prompt(tokenizer, example: str, max_length: int) -> list[int]:
 def askllm_scores(model, tokenizer, texts: list[str], batch_tokens: int = 4096, max_length: int = 512,
                   device=None) -> np.ndarray:
     """P(yes | Ask-LLM prompt) normalised over yes/no, float64 [len(texts)]."""
-    import torch  # heavy, deferred: importing the selectors (every config does) must not load torch
-
     device = device or next(model.parameters()).device
     yes, no = answer_token_ids(tokenizer)
     n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)

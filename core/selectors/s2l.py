@@ -35,6 +35,7 @@ import math
 from typing import Literal
 
 import numpy as np
+import torch
 from pydantic import Field
 
 from sftcurate.core.selectors.base import (
@@ -54,8 +55,6 @@ def kmeans(x, k: int, seed: int = 0, iters: int = 100, n_init: int = 3,
     number of rows; empty clusters keep their centre and are dropped at the end, so the labels are 0..k'-1
     (k' <= k) with every label used. Returns (labels int64 [N], centres float32 [k', d]).
     """
-    import torch
-
     xt = torch.as_tensor(np.asarray(x), dtype=torch.float64)
     if xt.ndim == 1:
         xt = xt[:, None]
