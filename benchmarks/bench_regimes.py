@@ -11,11 +11,16 @@ benchmarks/regimes.py and registered in docs/EVIDENCE.md ("Regimes: protocol") b
 - `iso-targeted`: iso-qa with a 50-record target file from two small groups (currency, script), the held-out set
   those groups, the pool everything else; budgets of 150 and 300 examples. Headline: held-out loss (the target's
   groups); targeted selectors where they exist, and uniform over the target's groups as a reference row.
+- `faq-noisy-gated` (issue 24's gate, registered 2026-12-05): the `faq-noisy` pool with `selection.gate`
+  (target_loss, drop 0.3) in front of every method, 3,000 loss tokens. Readings: the damaged share of what the
+  gate dropped; gated uniform against the ungated uniform of `faq-noisy` (same held-out examples and seeds,
+  paired); each gated method against gated uniform.
 
 Every regime runs the `compare` flow (SmolLM2-135M-Instruct with LoRA, 3 replicates, selectors at their shipped
 defaults) and writes its table into docs/EVIDENCE.md between its own markers, whatever it shows.
 
     python benchmarks/bench_regimes.py --regimes iso-skewed     # one regime (about 40 minutes on 2 cores)
+    python benchmarks/bench_regimes.py --regimes faq-noisy-gated  # the gate row (after faq-noisy: it reads its summary)
     python benchmarks/bench_regimes.py --write-only             # the tables again from the saved summaries
 """
 from __future__ import annotations
@@ -27,6 +32,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import regimes  # noqa: E402
@@ -35,7 +42,9 @@ from bench_evidence import REPO, doc_sources, faq_records, replace_generated  # 
 START, END = "<!-- regimes:start -->", "<!-- regimes:end -->"
 CPU = {"iso-skewed": {"budgets": [150, 300], "unit": "examples"},
        "faq-noisy": {"budgets": [3000, 6000], "unit": "tokens"},
-       "iso-targeted": {"budgets": [150, 300], "unit": "examples"}}
+       "iso-targeted": {"budgets": [150, 300], "unit": "examples"},
+       "faq-noisy-gated": {"budgets": [3000], "unit": "tokens"}}
+GATE = {"score": "target_loss", "drop": 0.3}   # registered: the shipped score, the pool's known damaged share
 GPU_SCALE = 4          # on a GPU: budgets x 4 and a pool of 24,000 records where the corpus has them
 
 
@@ -45,7 +54,7 @@ def build(name: str, work: Path, gpu: bool, smoke: bool = False) -> tuple[list[d
     if name == "iso-skewed":
         pool_size = 120 if smoke else 6000 * (GPU_SCALE if gpu else 1)
         return regimes.skewed(regimes.iso_qa_records(), pool_size=pool_size, heldout_per_group=held, seed=0), []
-    if name == "faq-noisy":
+    if name in ("faq-noisy", "faq-noisy-gated"):
         records = faq_records(doc_sources(work))
         return regimes.noisy(records[::4] if smoke else records, share=0.3, heldout_fraction=0.15, seed=0), []
     if name == "iso-targeted":
@@ -69,7 +78,8 @@ def compare_config(name: str, data: Path, target: Path | None, budgets: list[int
         "models": {"target": "builtin:smollm2-135m-instruct", "proxy": "tiny-gpt2", "max_length": 256},
         "proxy": {"steps": 200, "checkpoints": 8, "batch_size": 16},
         "methods": methods, "params": {"s2l": {"clusters": 16}}, "target": str(target) if target else None,
-        "budget_unit": unit, "budgets": budgets, "epochs": 3, "replicates": 3, "reference_full": True,
+        "budget_unit": unit, "budgets": budgets, "epochs": 3, "replicates": 3,
+        "reference_full": not name.endswith("gated"), "gate": GATE if name.endswith("gated") else None,
         "finetune": {"batch_size": 8, "learning_rate": 1e-3, "checkpoint_every": 50},
         "judge": {"backend": "hf", "model": "builtin:smollm2-135m-instruct", "max_prompts": 48 if short else 12,
                   "max_new_tokens": 8 if short else 48, "check": "normalized",
@@ -173,7 +183,62 @@ def group_losses_table(summary: dict) -> list[str]:
     return lines
 
 
-def regime_section(name: str, pool: list[dict], summary: dict) -> str:
+def _heldout_losses(cells: list[dict]) -> tuple[list, np.ndarray, np.ndarray]:
+    """(held-out ids, loss sums [replicate, example], tokens) of one method's replicates."""
+    import pyarrow.parquet as pq
+
+    from sftcurate.infra.store import join
+
+    tables = [pq.read_table(join(c["eval_uri"], "losses.parquet")).to_pylist() for c in cells]
+    ids = [r["id"] for r in tables[0]]
+    assert all([r["id"] for r in t] == ids for t in tables), "replicates evaluated on different examples"
+    return ids, np.array([[r["loss_sum"] for r in t] for t in tables]), np.array([r["tokens"] for r in tables[0]])
+
+
+def _cells(summary: dict, method: str, budget: int) -> list[dict]:
+    return [c for n, c in sorted(summary["cells"].items()) if n.split("#")[0] == f"{method}@{budget}"]
+
+
+def gate_lines(summary: dict, pool: list[dict], ungated: dict | None) -> list[str]:
+    """What the gate dropped (its damage kinds against the pool's), and gated uniform against the ungated
+    uniform of the same pool, held-out examples and seeds (paired per example and replicate)."""
+    import pyarrow.parquet as pq
+
+    from sftcurate.core import evidence
+    from sftcurate.infra.store import join
+
+    gated_uri = next(iter(summary["cells"].values()))["examples_uri"]
+    kept = {int(o.rsplit("line ", 1)[1]) for o in
+            pq.read_table(join(gated_uri, "examples.parquet"), columns=["origin"]).column("origin").to_pylist()}
+    train = [(i + 1, r) for i, r in enumerate(pool) if r["split"] == "train"]
+    dropped = [r for line, r in train if line not in kept]
+    kinds = sorted({r["damage"] for _, r in train})
+    share = {k: (sum(r["damage"] == k for r in dropped) / max(len(dropped), 1),
+                 sum(r["damage"] == k for _, r in train) / len(train)) for k in kinds}
+    damaged = 1 - share.get("clean", (0.0, 0.0))[0], 1 - share.get("clean", (0.0, 0.0))[1]
+    lines = ["", f"The gate ({json.dumps(GATE)}) dropped {len(dropped)} of {len(train)} training records, "
+             f"{damaged[0]:.0%} of them damaged (the pool: {damaged[1]:.0%}). Share of each kind among the dropped "
+             "(the pool's own share in brackets): "
+             + ", ".join(f"{k} {a:.0%} ({b:.0%})" for k, (a, b) in share.items()) + "."]
+    if ungated is None:
+        return lines + ["", "Gated against ungated uniform: the `faq-noisy` summary is not here, not computed."]
+    lines += ["", "Gated uniform against the ungated uniform of `faq-noisy` (held-out loss, paired per held-out "
+              "example and replicate):", "", "| budget | ungated uniform | gated uniform | gated - ungated |",
+              "|---|---|---|---|"]
+    for budget in summary["budgets"]:
+        if not _cells(ungated, "uniform", budget):
+            continue
+        ids_g, gated, tokens = _heldout_losses(_cells(summary, "uniform", budget))
+        ids_u, plain, _ = _heldout_losses(_cells(ungated, "uniform", budget))
+        assert ids_g == ids_u, "the two runs were evaluated on different held-out examples"
+        diff = evidence.paired_difference(gated, plain, tokens)
+        lines.append(f"| {budget} | {evidence.token_mean(plain, tokens):.4f} | {evidence.token_mean(gated, tokens):.4f}"
+                     f" | {diff.mean:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}] "
+                     f"{evidence.verdict(diff, len(gated))} |")
+    return lines
+
+
+def regime_section(name: str, pool: list[dict], summary: dict, ungated: dict | None = None) -> str:
     rows = {(r["method"], r["budget"]): r for r in summary["rows"]}
     held = Counter(r["group"] for r in pool if r["split"] == "heldout")
     lines = [f"### `{name}`: {sum(r['split'] == 'train' for r in pool):,} training records, held out "
@@ -185,6 +250,8 @@ def regime_section(name: str, pool: list[dict], summary: dict) -> str:
     base = rows[("base", 0)]
     lines += group_losses_table(summary)
     lines += picks_table(summary, pool)
+    if name.endswith("gated"):
+        lines += gate_lines(summary, pool, ungated)
     lines += ["", f"Base model: held-out loss {base['heldout_loss']:.4f}, balanced {base['balanced_loss']:.4f}. "
               f"Token compute per cell: {json.dumps(summary['train_tokens'])} loss tokens; {summary['replicates']} "
               "replicates.", ""]
@@ -245,7 +312,9 @@ def main() -> int:
             summary = compare(cfg)
             saved.write_text(json.dumps(summary, indent=2, default=str))
             print(summary["table_markdown"], flush=True)
-        parts.append(regime_section(name, pool, summary))
+        ungated = work / f"regime-{name.removesuffix('-gated')}-summary.json"
+        parts.append(regime_section(name, pool, summary, json.loads(ungated.read_text())
+                                    if name.endswith("gated") and ungated.exists() else None))
         how = ("--write-only from saved summaries" if args.write_only
                else f"this run {(time.time() - start) / 60:.0f} min")
         generated = (f"{START}\n## Regimes: results (`python benchmarks/bench_regimes.py`, "
