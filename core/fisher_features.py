@@ -126,8 +126,8 @@ def sentence_factors(features, offsets, rank: int, batch_rows: int = 1 << 16) ->
     short = np.flatnonzero((lengths <= rank) & (lengths > 0))
     for lo in range(0, len(short), max(1, batch_rows // max(rank, 1))):
         part = short[lo:lo + max(1, batch_rows // max(rank, 1))]
-        src = _row_index(offsets, part, lengths[part])
-        out[_row_index(out_offsets, part, lengths[part])] = rows.take(src)
+        src = row_index(offsets, part, lengths[part])
+        out[row_index(out_offsets, part, lengths[part])] = rows.take(src)
     long = np.flatnonzero(lengths > rank)
     long = long[np.argsort(lengths[long], kind="stable")]
     start = 0
@@ -162,7 +162,7 @@ def _top_factor(X: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     return values.sqrt().unsqueeze(-1) * vectors.transpose(1, 2), values.sum(1)
 
 
-def _row_index(offsets: np.ndarray, sentences: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def row_index(offsets: np.ndarray, sentences: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Row positions of `sentences`' first `lengths` rows, concatenated."""
     starts = np.repeat(offsets[sentences], lengths)
     within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
