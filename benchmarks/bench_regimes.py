@@ -11,6 +11,9 @@ benchmarks/regimes.py and registered in docs/EVIDENCE.md ("Regimes: protocol") b
 - `iso-targeted`: iso-qa with a 50-record target file from two small groups (currency, script), the held-out set
   those groups, the pool everything else; budgets of 150 and 300 examples. Headline: held-out loss (the target's
   groups); targeted selectors where they exist, and uniform over the target's groups as a reference row.
+- `iso-targeted-oracle` (the reference row the issue asks for, registered 2026-12-05): uniform over the pool's
+  records of the target's groups, at the loss tokens `iso-targeted`'s uniform used at 150 examples (equal tokens),
+  against `iso-targeted`'s uniform and each of its methods, paired per held-out example and replicate.
 - `faq-noisy-gated` (issue 24's gate, registered 2026-12-05): the `faq-noisy` pool with `selection.gate`
   (target_loss, drop 0.3) in front of every method, 3,000 loss tokens. Readings: the damaged share of what the
   gate dropped; gated uniform against the ungated uniform of `faq-noisy` (same held-out examples and seeds,
@@ -43,7 +46,10 @@ START, END = "<!-- regimes:start -->", "<!-- regimes:end -->"
 CPU = {"iso-skewed": {"budgets": [150, 300], "unit": "examples"},
        "faq-noisy": {"budgets": [3000, 6000], "unit": "tokens"},
        "iso-targeted": {"budgets": [150, 300], "unit": "examples"},
-       "faq-noisy-gated": {"budgets": [3000], "unit": "tokens"}}
+       "faq-noisy-gated": {"budgets": [3000], "unit": "tokens"},
+       "iso-targeted-oracle": {"budgets": [150], "unit": "tokens"}}   # iso-targeted's, as loss tokens
+TARGET_GROUPS = ["currency", "script"]
+AFTER = {"faq-noisy-gated": "faq-noisy", "iso-targeted-oracle": "iso-targeted"}   # the run a row is read against
 GATE = {"score": "target_loss", "drop": 0.3}   # registered: the shipped score, the pool's known damaged share
 GPU_SCALE = 4          # on a GPU: budgets x 4 and a pool of 24,000 records where the corpus has them
 
@@ -57,10 +63,14 @@ def build(name: str, work: Path, gpu: bool, smoke: bool = False) -> tuple[list[d
     if name in ("faq-noisy", "faq-noisy-gated"):
         records = faq_records(doc_sources(work))
         return regimes.noisy(records[::4] if smoke else records, share=0.3, heldout_fraction=0.15, seed=0), []
-    if name == "iso-targeted":
+    if name in ("iso-targeted", "iso-targeted-oracle"):
         records = regimes.iso_qa_records()
-        pool, target = regimes.targeted(records[::40] if smoke else records, ["currency", "script"],
+        if smoke:   # a few records of every group, enough of the target's groups to leave some in the pool
+            records = [r for i, r in enumerate(records) if i % (8 if r["group"] in TARGET_GROUPS else 40) == 0]
+        pool, target = regimes.targeted(records, TARGET_GROUPS,
                                         n_target=6 if smoke else 50, heldout_per_group=held, seed=0)
+        if name.endswith("oracle"):   # the same held-out set; the training pool cut to the target's groups
+            return [r for r in pool if r["split"] == "heldout" or r["group"] in TARGET_GROUPS], []
         return pool, target
     raise ValueError(name)
 
@@ -70,7 +80,7 @@ def compare_config(name: str, data: Path, target: Path | None, budgets: list[int
     from sftcurate.core.config import CompareConfig
 
     short = name.startswith("iso")
-    if smoke:   # the code paths at tiny sizes: a tiny model, one budget, 2 replicates, a few prompts
+    if smoke and not name.endswith("oracle"):   # tiny sizes: a tiny model, one budget, 2 replicates, few prompts
         budgets = [20] if unit == "examples" else [400]
     cfg = CompareConfig.model_validate({
         "name": f"regime-{name}",
@@ -79,7 +89,7 @@ def compare_config(name: str, data: Path, target: Path | None, budgets: list[int
         "proxy": {"steps": 200, "checkpoints": 8, "batch_size": 16},
         "methods": methods, "params": {"s2l": {"clusters": 16}}, "target": str(target) if target else None,
         "budget_unit": unit, "budgets": budgets, "epochs": 3, "replicates": 3,
-        "reference_full": not name.endswith("gated"), "gate": GATE if name.endswith("gated") else None,
+        "reference_full": name not in AFTER, "gate": GATE if name.endswith("gated") else None,
         "finetune": {"batch_size": 8, "learning_rate": 1e-3, "checkpoint_every": 50},
         "judge": {"backend": "hf", "model": "builtin:smollm2-135m-instruct", "max_prompts": 48 if short else 12,
                   "max_new_tokens": 8 if short else 48, "check": "normalized",
@@ -99,6 +109,8 @@ def compare_config(name: str, data: Path, target: Path | None, budgets: list[int
 def methods_for(name: str) -> list[str]:
     from sftcurate.core.selectors import REGISTRY
 
+    if name.endswith("oracle"):
+        return ["uniform"]
     wanted = ["fishersft", "s2l"] + (["similarity", "fishersft_target"] if name.endswith("targeted") else [])
     return [m for m in wanted if m in REGISTRY]
 
@@ -222,23 +234,43 @@ def gate_lines(summary: dict, pool: list[dict], ungated: dict | None) -> list[st
              + ", ".join(f"{k} {a:.0%} ({b:.0%})" for k, (a, b) in share.items()) + "."]
     if ungated is None:
         return lines + ["", "Gated against ungated uniform: the `faq-noisy` summary is not here, not computed."]
-    lines += ["", "Gated uniform against the ungated uniform of `faq-noisy` (held-out loss, paired per held-out "
-              "example and replicate):", "", "| budget | ungated uniform | gated uniform | gated - ungated |",
-              "|---|---|---|---|"]
-    for budget in summary["budgets"]:
-        if not _cells(ungated, "uniform", budget):
-            continue
-        ids_g, gated, tokens = _heldout_losses(_cells(summary, "uniform", budget))
-        ids_u, plain, _ = _heldout_losses(_cells(ungated, "uniform", budget))
-        assert ids_g == ids_u, "the two runs were evaluated on different held-out examples"
-        diff = evidence.paired_difference(gated, plain, tokens)
-        lines.append(f"| {budget} | {evidence.token_mean(plain, tokens):.4f} | {evidence.token_mean(gated, tokens):.4f}"
-                     f" | {diff.mean:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}] "
-                     f"{evidence.verdict(diff, len(gated))} |")
+    return lines + ["", "Gated uniform against the ungated uniform of `faq-noisy` (held-out loss, paired per "
+                    "held-out example and replicate):", ""] + paired_table(
+        [(b, "gated uniform", _cells(summary, "uniform", b), "ungated uniform", _cells(ungated, "uniform", b))
+         for b in summary["budgets"] if _cells(ungated, "uniform", b)])
+
+
+def paired_table(pairs: list[tuple]) -> list[str]:
+    """Rows of (budget, name a, cells a, name b, cells b) from two runs with the same held-out examples and
+    seeds: each side's held-out loss and a - b, paired per held-out example and replicate."""
+    from sftcurate.core import evidence
+
+    lines = ["| budget | a | held-out loss | b | held-out loss | a - b |", "|---|---|---|---|---|---|"]
+    for budget, name_a, cells_a, name_b, cells_b in pairs:
+        ids_a, loss_a, tokens = _heldout_losses(cells_a)
+        ids_b, loss_b, _ = _heldout_losses(cells_b)
+        assert ids_a == ids_b, "the two runs were evaluated on different held-out examples"
+        diff = evidence.paired_difference(loss_a, loss_b, tokens)
+        lines.append(f"| {budget} | {name_a} | {evidence.token_mean(loss_a, tokens):.4f} | {name_b} | "
+                     f"{evidence.token_mean(loss_b, tokens):.4f} | {diff.mean:+.4f} [{diff.low:+.4f}, "
+                     f"{diff.high:+.4f}] {evidence.verdict(diff, min(len(cells_a), len(cells_b)))} |")
     return lines
 
 
-def regime_section(name: str, pool: list[dict], summary: dict, ungated: dict | None = None) -> str:
+def oracle_lines(summary: dict, targeted: dict | None) -> list[str]:
+    """Uniform over the target's groups against every method of `iso-targeted` at the same loss tokens."""
+    if targeted is None:
+        return ["", "Against `iso-targeted`: its summary is not here, not computed."]
+    pairs = [(f"{b} ({t:,} tokens)", "uniform over the target's groups", _cells(summary, "uniform", t), m,
+              _cells(targeted, m, b))
+             for b, t in zip(targeted["budgets"], summary["budgets"]) for m in targeted["methods"]]
+    return ["", "Uniform over the target's groups (this run) against each method of `iso-targeted` at the same "
+            "loss tokens (held-out loss, paired per held-out example and replicate; below 0: the reference is "
+            "better):", ""] + paired_table(pairs)
+
+
+def regime_section(name: str, pool: list[dict], summary: dict, before: dict | None = None) -> str:
+    """`before`: the summary of the run this regime is read against (AFTER), when it has one."""
     rows = {(r["method"], r["budget"]): r for r in summary["rows"]}
     held = Counter(r["group"] for r in pool if r["split"] == "heldout")
     lines = [f"### `{name}`: {sum(r['split'] == 'train' for r in pool):,} training records, held out "
@@ -251,7 +283,9 @@ def regime_section(name: str, pool: list[dict], summary: dict, ungated: dict | N
     lines += group_losses_table(summary)
     lines += picks_table(summary, pool)
     if name.endswith("gated"):
-        lines += gate_lines(summary, pool, ungated)
+        lines += gate_lines(summary, pool, before)
+    if name.endswith("oracle"):
+        lines += oracle_lines(summary, before)
     lines += ["", f"Base model: held-out loss {base['heldout_loss']:.4f}, balanced {base['balanced_loss']:.4f}. "
               f"Token compute per cell: {json.dumps(summary['train_tokens'])} loss tokens; {summary['replicates']} "
               "replicates.", ""]
@@ -305,6 +339,9 @@ def main() -> int:
             target_file.write_text("".join(json.dumps(r) + "\n" for r in target))
             s = CPU[name]
             budgets = [b * (GPU_SCALE if gpu else 1) for b in s["budgets"]]
+            if name.endswith("oracle"):   # the loss tokens iso-targeted's uniform trained on, once per epoch
+                targeted = json.loads((work / "regime-iso-targeted-summary.json").read_text())
+                budgets = [round(targeted["train_tokens"][str(b)] / 3) for b in targeted["budgets"][:len(budgets)]]
             methods = methods_for(name)
             cfg = compare_config(name, data, target_file if target and "similarity" in methods else None, budgets,
                                  s["unit"], methods, args.smoke)
@@ -312,9 +349,9 @@ def main() -> int:
             summary = compare(cfg)
             saved.write_text(json.dumps(summary, indent=2, default=str))
             print(summary["table_markdown"], flush=True)
-        ungated = work / f"regime-{name.removesuffix('-gated')}-summary.json"
-        parts.append(regime_section(name, pool, summary, json.loads(ungated.read_text())
-                                    if name.endswith("gated") and ungated.exists() else None))
+        before = work / f"regime-{AFTER.get(name)}-summary.json"
+        parts.append(regime_section(name, pool, summary,
+                                    json.loads(before.read_text()) if name in AFTER and before.exists() else None))
         how = ("--write-only from saved summaries" if args.write_only
                else f"this run {(time.time() - start) / 60:.0f} min")
         generated = (f"{START}\n## Regimes: results (`python benchmarks/bench_regimes.py`, "
