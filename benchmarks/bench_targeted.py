@@ -66,7 +66,9 @@ def one_pool(n: int, d: int, target_spread: float) -> bool:
     k = int(group.sum())
     inputs = SelectorInputs(pool=pa.table({"id": [str(i) for i in range(n)]}), token_counts=np.diff(offsets),
                             token_features=(features, offsets), sentence_embeddings=mean_pool(features, offsets))
-    inputs.extra[TARGET_FEATURES] = (target, target_offsets)
+    untargeted = SelectorInputs(pool=inputs.pool, token_counts=inputs.token_counts,
+                                token_features=inputs.token_features, sentence_embeddings=inputs.sentence_embeddings)
+    inputs.extra[TARGET_FEATURES] = (target, target_offsets)   # fishersft with a target aims at it: not here
     moment = target_second_moment(target)
     print(f"\npool N={n:,} ({int(offsets[-1]):,} tokens, d={d}), target's group {k} sentences (5%), K={k}, target "
           f"spread outside the group's directions {target_spread}")
@@ -77,7 +79,8 @@ def one_pool(n: int, d: int, target_spread: float) -> bool:
                                   ("similarity round_robin", "similarity", {"aggregate": "round_robin"}),
                                   ("uniform", "uniform", {}), ("fishersft (untargeted)", "fishersft", {})):
         start = time.perf_counter()
-        result = get_selector(method, params).select(inputs, Budget(examples=k), seed=0)
+        result = get_selector(method, params).select(untargeted if label.endswith("(untargeted)") else inputs,
+                                                     Budget(examples=k), seed=0)
         seconds = time.perf_counter() - start
         share = float(group[result.indices].mean())
         rows[label] = result

@@ -79,7 +79,7 @@ def target_second_moment(target_features, chunk_rows: int = 1 << 16) -> np.ndarr
 class TargetVariance:
     """V(S) = trace((lam I + sum_{i in S} X_i^T X_i)^-1 C) with its exact Woodbury gains and updates."""
 
-    def __init__(self, features, offsets, target_moment: np.ndarray, lam: float):
+    def __init__(self, features, offsets, target_moment: np.ndarray, lam: float, cache: bool = True):
         if lam <= 0:
             raise ValueError(f"lam must be > 0, got {lam}")
         self.features, self.offsets = check_features(features, offsets, "pool features")
@@ -94,7 +94,7 @@ class TargetVariance:
         self.weighted = self.moment / (lam * lam)                # G = B C B
         self.value = float(np.trace(self.moment)) / lam         # V(empty)
         self.evaluations = 0
-        self.cached = 3 * int(self.offsets[-1]) * d * 8 <= CACHE_BYTES
+        self.cached = cache and 3 * int(self.offsets[-1]) * d * 8 <= CACHE_BYTES
         if self.cached:
             self._cache_rows()
             self._refresh()
@@ -314,7 +314,8 @@ def targeted_greedy(features, offsets, target_features, lam: float = 1.0, k: int
     rules = ["gain"] if token_budget is None else (["ratio", "gain"] if rule == "celf" else [rule])
     runs = []
     for one in rules:
-        objective = TargetVariance(features, offsets, moment, lam)
+        # the cache pays when every gain is evaluated at every pick; the lazy greedy evaluates a few
+        objective = TargetVariance(features, offsets, moment, lam, cache=algorithm == "naive")
         initial = objective.value
         picks, gains, violations = _greedy(objective, k, token_budget, one, algorithm == "lazy",
                                            None if costs is None else np.asarray(costs, dtype=np.int64))

@@ -61,7 +61,8 @@ def test_targeted_greedy_equals_brute_force_and_gains_equal_the_direct_formula(s
 @pytest.mark.parametrize("seed", [0, 1])
 def test_the_cached_rows_pick_what_the_per_pick_evaluation_picks(seed, monkeypatch):
     """X B and X G kept for every row and followed by Woodbury terms (refreshed every few picks) give the
-    per-pick evaluation's picks and objective: naive, lazy and under a token budget, with empty sentences."""
+    per-pick evaluation's picks and objective: naive and under a token budget, with empty sentences (the lazy
+    greedy keeps the per-pick path: it evaluates a few gains a pick)."""
     import sftcurate.core.fisher_target as fisher_target
 
     rng = np.random.default_rng(seed)

@@ -21,7 +21,9 @@ from sftcurate.core.fisher_greedy import select_from_features
 from sftcurate.core.selectors.base import (DEVICE_HELP, EXAMPLES, TOKEN_FEATURES, Budget, SelectionResult, Selector,
                                            SelectorInputs, SelectorParamError, SelectorParams, pool_token_features,
                                            register)
-from sftcurate.core.fisher_target import targeted_selection
+# the module, not its function: fisher_target imports the selectors' base, whose package imports this
+# selector, so importing fisher_target first would find its function not defined yet
+from sftcurate.core import fisher_target
 from sftcurate.core.target import TARGET_FEATURES
 
 
@@ -65,7 +67,7 @@ class FisherSFTSelector(Selector):
                 if name in p.model_fields_set and getattr(p, name) != type(p).model_fields[name].default:
                     raise SelectorParamError(f"params.fishersft.{name}: transforms the pool's features only; with "
                                              "a target leave it at its default")
-            return targeted_selection(inputs, budget, self.name, p.lam, p.target_algorithm, p.rule)
+            return fisher_target.targeted_selection(inputs, budget, self.name, p.lam, p.target_algorithm, p.rule)
         features, offsets = pool_token_features(inputs, self.name)
         features, lam = prepare_features(features, p.lam, unit_tokens=p.token_norm == "unit",
                                          relative_lam=p.lam_mode == "relative", whiten=p.whiten)

@@ -11,7 +11,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from sftcurate.core.fisher_target import targeted_selection
+# the module, not its function: fisher_target imports the selectors' base, whose package imports this
+# selector, so importing fisher_target first would find its function not defined yet
+from sftcurate.core import fisher_target
 from sftcurate.core.selectors.base import (EXAMPLES, TOKEN_FEATURES, Budget, SelectionResult, Selector,
                                            SelectorInputs, SelectorParams, register)
 from sftcurate.core.target import TARGET_FEATURES
@@ -38,5 +40,5 @@ class FisherSFTTargetSelector(Selector):
 
     def select(self, inputs: SelectorInputs, budget: Budget, seed: int) -> SelectionResult:
         p = self.params
-        return targeted_selection(inputs, budget, self.name, p.lam, p.algorithm, p.rule)
+        return fisher_target.targeted_selection(inputs, budget, self.name, p.lam, p.algorithm, p.rule)
 
