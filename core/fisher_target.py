@@ -11,13 +11,14 @@ sentence i changes A^-1 by an exact rank-L_i Woodbury update, so its gain (the v
 
     gain_i(S) = V(S) - V(S + i) = trace(M_i^-1 X_i G X_i^T),  M_i = I + X_i B X_i^T,  B = A^-1,  G = B C B,
 
-which costs O(L d^2) per sentence given B and G (kept current, d x d, in float64). For the naive greedy (every
-gain at every pick), when the pool's rows fit in `CACHE_BYTES` (three float64 copies), X B and X G are kept
-for every row instead and follow each pick by the same rank-L_s Woodbury terms (O(L_s d) per row, against
-O(d^2) to form them again), recomputed exactly every `REFRESH_PICKS` picks so rounding cannot build up, and the sentences of one length sit next to each other
-so that their gains need no gather or padding. Measured (one thread, N = 4,000 sentences of 2-8 tokens, a
-250-token target, K = 40): 65.5 s of CPU per run without the cache, 7.1 s with it at d = 576 (11.0 s and 2.7 s
-at d = 256), with the same picks; `tests/test_targeted.py` holds both paths to the same picks and objective.
+which costs O(L d^2) per sentence given B and G (kept current, d x d, in float64). For the naive greedy (every gain
+at every pick), when the pool's rows fit in `CACHE_BYTES` (three float64 copies), X B and X G are kept for every
+row instead and follow each pick by the same rank-L_s Woodbury terms (O(L_s d) per row, against O(d^2) to form them
+again), recomputed exactly every `REFRESH_PICKS` picks so rounding cannot build up, and the sentences of one length
+sit next to each other so that their gains need no gather or padding. Measured (one thread, N = 4,000 sentences of
+2-8 tokens, a 250-token target, K = 40): 65.5 s of CPU per run without the cache, 7.1 s with it at d = 576 (11.0 s
+and 2.7 s at d = 256), with the same picks; `tests/test_targeted.py` holds both paths to the same picks and
+objective.
 
 Submodularity: V(empty) - V(S) is monotone but NOT submodular in general: variance reduction is submodular only
 when no feature "suppresses" another (Das & Kempe 2008; Krause, Singh & Guestrin 2008), and a sentence can make
