@@ -197,14 +197,10 @@ def group_losses_table(summary: dict) -> list[str]:
 
 def _heldout_losses(cells: list[dict]) -> tuple[list, np.ndarray, np.ndarray]:
     """(held-out ids, loss sums [replicate, example], tokens) of one method's replicates."""
-    import pyarrow.parquet as pq
+    from sftcurate.core.evaluate import replicate_losses
 
-    from sftcurate.infra.store import join
-
-    tables = [pq.read_table(join(c["eval_uri"], "losses.parquet")).to_pylist() for c in cells]
-    ids = [r["id"] for r in tables[0]]
-    assert all([r["id"] for r in t] == ids for t in tables), "replicates evaluated on different examples"
-    return ids, np.array([[r["loss_sum"] for r in t] for t in tables]), np.array([r["tokens"] for r in tables[0]])
+    ids, loss, tokens, _ = replicate_losses([c["eval_uri"] for c in cells])
+    return ids, loss, tokens
 
 
 def _cells(summary: dict, method: str, budget: int) -> list[dict]:

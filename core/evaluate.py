@@ -127,6 +127,17 @@ def read_heldout_losses(eval_uri: str) -> pa.Table:
     return read_table(join(eval_uri, "losses.parquet"), HELDOUT_LOSSES)
 
 
+def replicate_losses(eval_uris: list[str]) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """(held-out ids, loss sums [replicate, example], tokens [example], groups [example]) of replicates that were
+    evaluated on the same held-out examples, from their eval artifacts."""
+    tables = [read_heldout_losses(uri) for uri in eval_uris]
+    ids = tables[0].column("id").to_pylist()
+    if any(t.column("id").to_pylist() != ids for t in tables[1:]):
+        raise ValueError("replicates were evaluated on different held-out examples")
+    loss = np.stack([np.asarray(t.column("loss_sum"), dtype=np.float64) for t in tables])
+    return ids, loss, np.asarray(tables[0].column("tokens"), dtype=np.float64), tables[0].column("group").to_pylist()
+
+
 def read_eval(eval_uri: str) -> dict:
     return json.loads(read_bytes(join(eval_uri, "metrics.json")))
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 from sftcurate.core import evidence
 from sftcurate.core.config import BASELINE, CompareConfig
 from sftcurate.core.answers import answer_check
-from sftcurate.core.evaluate import load_generations, read_eval, read_heldout_losses
+from sftcurate.core.evaluate import load_generations, read_eval, replicate_losses
 from sftcurate.core.finetune import finetune_meta
 from sftcurate.core.ingest import load_pool
 from sftcurate.core.selection import load_selection
@@ -44,12 +44,8 @@ def _pct(x) -> str:
 
 def _losses(replicates: list[dict]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """loss[r, i], tokens[i] and groups[i] of the held-out examples, from each replicate's eval artifact."""
-    tables = [read_heldout_losses(r["eval_uri"]) for r in replicates]
-    ids = tables[0].column("id").to_pylist()
-    if any(t.column("id").to_pylist() != ids for t in tables[1:]):
-        raise ValueError("replicates were evaluated on different held-out examples")
-    loss = np.stack([np.asarray(t.column("loss_sum"), dtype=np.float64) for t in tables])
-    return loss, np.asarray(tables[0].column("tokens"), dtype=np.float64), tables[0].column("group").to_pylist()
+    _, loss, tokens, groups = replicate_losses([r["eval_uri"] for r in replicates])
+    return loss, tokens, groups
 
 
 def result_rows(cfg: CompareConfig, cells: dict, base_uri: str, examples_uri: str, methods: list[str],

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 
 from sftcurate.data_contracts import UserError
 from sftcurate.infra import progress, tracking
-from sftcurate.core.packing import LOGITS_FROM_HIDDEN, causal_lm, pack, packed_token_losses, packs
+from sftcurate.core import head_loss
+from sftcurate.core.head_loss import frozen_head_loss_sum, loss_rows, split_head
+from sftcurate.core.packing import pack, packed_token_losses, packs
 from sftcurate.core.tokenize import Encoded, pad_batch
 
 Batching = Literal["length_grouped", "random", "pad_to_max"]
@@ -29,8 +31,6 @@ Batching = Literal["length_grouped", "random", "pad_to_max"]
 # SmolLM2-135M, benchmarks/bench_gpu.py): rounding widths up to a multiple of 64 leaves a few shapes. On a CPU
 # padding is compute, so widths stay exact there.
 GPU_PAD_MULTIPLE = 64
-# Loss positions whose vocabulary logits exist at once in `row_loss_sums`: 1,024 x 49,152 float32 is 200 MB.
-LOSS_ROWS_PER_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,15 @@ def batch_width(batch: list[Encoded], recipe: Recipe, on_gpu: bool) -> int | Non
 
 
 def token_loss_sum(model, ids, attn, labels):
-    """(sum of token losses, number of loss tokens) of a batch: the token-weighted loss every stage uses."""
+    """(sum of token losses, number of loss tokens) of a batch: the token-weighted loss every stage uses.
+
+    Where `head_loss.split_head` applies, the output projection runs on the loss positions only, a chunk at a
+    time (`head_loss.frozen_head_loss_sum`): a batch's vocabulary logits never exist whole. Else the model's own
+    logits."""
+    rows = loss_rows(model, ids, attn, labels)
+    if rows is not None:
+        hidden, goal, sel = rows
+        return frozen_head_loss_sum(hidden, split_head(model)[0], goal), int(sel.sum())
     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
     target = labels[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1), ignore_index=-100,
@@ -142,23 +150,20 @@ def token_loss_sum(model, ids, attn, labels):
 def row_loss_sums(model, ids, attn, labels):
     """(sum of token losses, number of loss tokens) of every row of a batch: per-example held-out losses.
 
-    Where the architecture's logits are the output embedding of the last hidden state (`LOGITS_FROM_HIDDEN`),
-    the vocabulary projection runs on the loss positions only, LOSS_ROWS_PER_CHUNK rows at a time: a batch's
-    full logits in float32 ([64, 127, 49,152] for SmolLM2 at 8,192 tokens: 1.6 GB, and as much again for the
-    softmax) never exist. Else the model's own logits, as before."""
-    target = labels[:, 1:]
-    sel = target != -100
-    lm = causal_lm(model)
-    head, body = lm.get_output_embeddings(), getattr(lm, getattr(lm, "base_model_prefix", ""), None)
-    if head is None or body is None or getattr(lm.config, "model_type", None) not in LOGITS_FROM_HIDDEN:
+    Where `head_loss.split_head` applies, the vocabulary projection runs on the loss positions only,
+    LOSS_ROWS_PER_CHUNK rows at a time: a batch's full logits in float32 ([64, 127, 49,152] for SmolLM2 at 8,192
+    tokens: 1.6 GB, and as much again for the softmax) never exist. Else the model's own logits, as before."""
+    rows = loss_rows(model, ids, attn, labels)
+    if rows is None:
+        target = labels[:, 1:]
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
         loss = F.cross_entropy(logits.transpose(1, 2).float(), target, ignore_index=-100, reduction="none")
-        return loss.sum(dim=1), sel.sum(dim=1)
-    hidden = body(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1][sel]
-    goal = target[sel]
-    losses = torch.cat([F.cross_entropy(head(hidden[i:i + LOSS_ROWS_PER_CHUNK]).float(),
-                                        goal[i:i + LOSS_ROWS_PER_CHUNK], reduction="none")
-                        for i in range(0, len(goal), LOSS_ROWS_PER_CHUNK)] or [hidden.new_zeros(0).float()])
+        return loss.sum(dim=1), (target != -100).sum(dim=1)
+    hidden, goal, sel = rows
+    head = split_head(model)[0]
+    chunk = head_loss.LOSS_ROWS_PER_CHUNK
+    losses = torch.cat([F.cross_entropy(head(hidden[i:i + chunk]).float(), goal[i:i + chunk], reduction="none")
+                        for i in range(0, len(goal), chunk)] or [hidden.new_zeros(0).float()])
     sums = torch.zeros(ids.shape[0], dtype=losses.dtype, device=losses.device)
     return sums.index_add_(0, sel.nonzero()[:, 0], losses), sel.sum(dim=1)
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sftcurate.core import tokenize, training
+from sftcurate.core import head_loss, tokenize
 from sftcurate.core.tokenize import encode_example, encode_pairs, head_ids, tail_ids, text_bound
-from sftcurate.core.training import collate, row_loss_sums
+from sftcurate.core.training import collate, row_loss_sums, token_loss_sum
 from sftcurate.core.formats import normalize
 from sftcurate.core.training_text import CHAT, PLAIN, ExampleText, fit_examples
 from sftcurate.infra.models import build_tiny_gpt2, resolve_tokenizer
@@ -142,8 +142,40 @@ def test_per_example_losses_on_loss_rows_in_chunks_equal_the_full_logits(monkeyp
         logits = tiny.model(input_ids=ids, attention_mask=attn).logits[:, :-1]
         target = labels[:, 1:]
         full = F.cross_entropy(logits.transpose(1, 2).float(), target, ignore_index=-100, reduction="none")
-        monkeypatch.setattr(training, "LOSS_ROWS_PER_CHUNK", 7)  # several chunks, one of them short
+        monkeypatch.setattr(head_loss, "LOSS_ROWS_PER_CHUNK", 7)  # several chunks, one of them short
         sums, counts = row_loss_sums(tiny.model, ids, attn, labels)
     assert torch.equal(counts, (target != -100).sum(dim=1))
     assert torch.allclose(sums, full.sum(dim=1), rtol=1e-5, atol=1e-5)
     assert counts.tolist() == [e.n_loss for e in encoded]
+
+
+def _full_logits_loss(model, ids, attn, labels):
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=-100,
+                           reduction="sum")
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_training_loss_on_loss_rows_has_the_full_logits_loss_and_gradients(monkeypatch, mode):
+    """LoRA freezes the head: the fused chunked pass (several chunks, one short) gives the loss and every
+    trainable gradient of autograd over the whole batch's logits; a trained head takes the plain path, same loss."""
+    from peft import LoraConfig, get_peft_model
+
+    tiny = build_tiny_gpt2("tiny-gpt2")
+    model = tiny.model if mode == "full" else get_peft_model(
+        tiny.model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"], init_lora_weights=False))
+    rows = [("Explain lists.", "Lists keep their order and grow."), ("", docs(400)), ("Why?", "Because.")]
+    ids, attn, labels = collate(encode_pairs(tiny.tokenizer, rows, 64), tiny.tokenizer.pad_token_id)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert head_loss.split_head(model)[0].weight.requires_grad == (mode == "full")
+
+    expected = _full_logits_loss(model, ids, attn, labels)
+    want = torch.autograd.grad(expected, params)
+    monkeypatch.setattr(head_loss, "TRAIN_ROWS_PER_CHUNK", 7)
+    got, n_tok = token_loss_sum(model, ids, attn, labels)
+    grads = torch.autograd.grad(got, params)
+
+    assert n_tok == int((labels[:, 1:] != -100).sum())
+    assert torch.allclose(got, expected, rtol=1e-5)
+    for g, w in zip(grads, want):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-6)

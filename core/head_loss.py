@@ -1,0 +1,76 @@
+"""The training loss without a batch's vocabulary logits: the output projection on the loss rows only, a chunk
+at a time, its gradient taken in the same pass.
+
+A LoRA fine-tune freezes the output embedding, so the only gradient the loss sends back is the one to the last
+hidden state: (softmax - onehot) W per loss row. Autograd would keep the logits, their log-softmax and its
+gradient alive at once (at SmolLM2's 49,152 tokens and batch 8 x 127 positions that is 200 MB each, and the
+slice before the loss copies them once more); here one chunk's logits exist at a time, and the backward pass
+only scales the saved [rows, hidden] gradient. Where the head trains too (a full fine-tune) or has a bias, the
+plain autograd path runs instead.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sftcurate.core.packing import LOGITS_FROM_HIDDEN, causal_lm
+
+# Loss rows whose vocabulary logits exist at once: 1,024 x 49,152 float32 is 200 MB (the held-out loss);
+# training keeps the softmax too, so it takes a quarter of that.
+LOSS_ROWS_PER_CHUNK = 1024
+TRAIN_ROWS_PER_CHUNK = 256
+
+
+def split_head(model):
+    """(output embedding, body) where the architecture's logits are the output embedding of the body's last hidden
+    state (`LOGITS_FROM_HIDDEN`), else None."""
+    lm = causal_lm(model)
+    head, body = lm.get_output_embeddings(), getattr(lm, getattr(lm, "base_model_prefix", ""), None)
+    if head is None or body is None or getattr(lm.config, "model_type", None) not in LOGITS_FROM_HIDDEN:
+        return None
+    return head, body
+
+
+def loss_rows(model, ids, attn, labels):
+    """(hidden states of the loss positions [M, d], their targets [M], the mask [B, T-1]), or None where
+    `split_head` does not apply."""
+    split = split_head(model)
+    if split is None:
+        return None
+    target = labels[:, 1:]
+    sel = target != -100
+    hidden = split[1](input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1][sel]
+    return hidden, target[sel], sel
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Sum of cross-entropies of `hidden @ weight.T` against `targets`; the gradient to `hidden` only."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad = torch.empty_like(hidden)
+        for i in range(0, hidden.shape[0], chunk):
+            logits = (hidden[i:i + chunk] @ weight.T).float()
+            goal = targets[i:i + chunk]
+            rows = torch.arange(len(goal), device=logits.device)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits[rows, goal]).sum()
+            probs = logits.sub_(lse[:, None]).exp_()     # in place: one chunk of [rows, vocabulary] at a time
+            probs[rows, goal] -= 1
+            grad[i:i + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None
+
+
+def frozen_head_loss_sum(hidden, head, targets):
+    """Sum of the loss rows' cross-entropies (float32), differentiable in `hidden`; the fused chunked pass when
+    the head is frozen and has no bias, else autograd over the rows' logits."""
+    if head.weight.requires_grad or getattr(head, "bias", None) is not None:
+        return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    return _FrozenHeadCrossEntropy.apply(hidden, head.weight, targets, TRAIN_ROWS_PER_CHUNK)
