@@ -69,8 +69,11 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
 
 
 def frozen_head_loss_sum(hidden, head, targets):
-    """Sum of the loss rows' cross-entropies (float32), differentiable in `hidden`; the fused chunked pass when
-    the head is frozen and has no bias, else autograd over the rows' logits."""
-    if head.weight.requires_grad or getattr(head, "bias", None) is not None:
-        return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
-    return _FrozenHeadCrossEntropy.apply(hidden, head.weight, targets, TRAIN_ROWS_PER_CHUNK)
+    """Sum of the loss rows' cross-entropies (float32), differentiable in `hidden`: the fused chunked pass when
+    the head is frozen and has no bias and a gradient is wanted, else autograd over the rows' logits, a chunk at a
+    time (without a gradient only one chunk's logits exist at once; with one, autograd keeps them all)."""
+    chunk = TRAIN_ROWS_PER_CHUNK
+    if head.weight.requires_grad or getattr(head, "bias", None) is not None or not hidden.requires_grad:
+        return sum((F.cross_entropy(head(hidden[i:i + chunk]).float(), targets[i:i + chunk], reduction="sum")
+                    for i in range(0, len(targets), chunk)), hidden.new_zeros((), dtype=torch.float32))
+    return _FrozenHeadCrossEntropy.apply(hidden, head.weight, targets, chunk)

@@ -175,7 +175,10 @@ def test_training_loss_on_loss_rows_has_the_full_logits_loss_and_gradients(monke
     got, n_tok = token_loss_sum(model, ids, attn, labels)
     grads = torch.autograd.grad(got, params)
 
+    with torch.no_grad():
+        unwatched, _ = token_loss_sum(model, ids, attn, labels)
+
     assert n_tok == int((labels[:, 1:] != -100).sum())
-    assert torch.allclose(got, expected, rtol=1e-5)
+    assert torch.allclose(got, expected, rtol=1e-5) and torch.allclose(unwatched, expected, rtol=1e-5)
     for g, w in zip(grads, want):
         assert torch.allclose(g, w, rtol=1e-4, atol=1e-6)
