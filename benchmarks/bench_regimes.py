@@ -50,6 +50,7 @@ CPU = {"iso-skewed": {"budgets": [150, 300], "unit": "examples"},
        "iso-targeted-oracle": {"budgets": [150], "unit": "tokens"}}   # iso-targeted's, as loss tokens
 TARGET_GROUPS = ["currency", "script"]
 AFTER = {"faq-noisy-gated": "faq-noisy", "iso-targeted-oracle": "iso-targeted"}   # the run a row is read against
+EPOCHS = 3             # registered: every cell trains on 3 x its budget's loss tokens
 GATE = {"score": "target_loss", "drop": 0.3}   # registered: the shipped score, the pool's known damaged share
 GPU_SCALE = 4          # on a GPU: budgets x 4 and a pool of 24,000 records where the corpus has them
 
@@ -88,7 +89,7 @@ def compare_config(name: str, data: Path, target: Path | None, budgets: list[int
         "models": {"target": "builtin:smollm2-135m-instruct", "proxy": "tiny-gpt2", "max_length": 256},
         "proxy": {"steps": 200, "checkpoints": 8, "batch_size": 16},
         "methods": methods, "params": {"s2l": {"clusters": 16}}, "target": str(target) if target else None,
-        "budget_unit": unit, "budgets": budgets, "epochs": 3, "replicates": 3,
+        "budget_unit": unit, "budgets": budgets, "epochs": EPOCHS, "replicates": 3,
         "reference_full": name not in AFTER, "gate": GATE if name.endswith("gated") else None,
         "finetune": {"batch_size": 8, "learning_rate": 1e-3, "checkpoint_every": 50},
         "judge": {"backend": "hf", "model": "builtin:smollm2-135m-instruct", "max_prompts": 48 if short else 12,
@@ -337,7 +338,7 @@ def main() -> int:
             budgets = [b * (GPU_SCALE if gpu else 1) for b in s["budgets"]]
             if name.endswith("oracle"):   # the loss tokens iso-targeted's uniform trained on, once per epoch
                 targeted = json.loads((work / "regime-iso-targeted-summary.json").read_text())
-                budgets = [round(targeted["train_tokens"][str(b)] / 3) for b in targeted["budgets"][:len(budgets)]]
+                budgets = [round(targeted["train_tokens"][str(b)] / EPOCHS) for b in targeted["budgets"][:len(budgets)]]
             methods = methods_for(name)
             cfg = compare_config(name, data, target_file if target and "similarity" in methods else None, budgets,
                                  s["unit"], methods, args.smoke)

@@ -32,15 +32,24 @@ def split_head(model):
 
 
 def loss_rows(model, ids, attn, labels):
-    """(hidden states of the loss positions [M, d], their targets [M], the mask [B, T-1]), or None where
-    `split_head` does not apply."""
+    """(output embedding, hidden states of the loss positions [M, d], their targets [M], the mask [B, T-1]), or
+    None where `split_head` does not apply."""
     split = split_head(model)
     if split is None:
         return None
+    head, body = split
     target = labels[:, 1:]
     sel = target != -100
-    hidden = split[1](input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1][sel]
-    return hidden, target[sel], sel
+    hidden = body(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1][sel]
+    return head, hidden, target[sel], sel
+
+
+def chunked_losses(head, hidden, targets, chunk: int | None = None):
+    """Cross-entropy (float32) of every loss row, [M], the vocabulary projection `chunk` rows at a time (default
+    LOSS_ROWS_PER_CHUNK). Under autograd every chunk's logits are kept for the backward pass."""
+    chunk = chunk or LOSS_ROWS_PER_CHUNK
+    return torch.cat([F.cross_entropy(head(hidden[i:i + chunk]).float(), targets[i:i + chunk], reduction="none")
+                      for i in range(0, len(targets), chunk)] or [hidden.new_zeros(0, dtype=torch.float32)])
 
 
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
@@ -72,8 +81,6 @@ def frozen_head_loss_sum(hidden, head, targets):
     """Sum of the loss rows' cross-entropies (float32), differentiable in `hidden`: the fused chunked pass when
     the head is frozen and has no bias and a gradient is wanted, else autograd over the rows' logits, a chunk at a
     time (without a gradient only one chunk's logits exist at once; with one, autograd keeps them all)."""
-    chunk = TRAIN_ROWS_PER_CHUNK
     if head.weight.requires_grad or getattr(head, "bias", None) is not None or not hidden.requires_grad:
-        return sum((F.cross_entropy(head(hidden[i:i + chunk]).float(), targets[i:i + chunk], reduction="sum")
-                    for i in range(0, len(targets), chunk)), hidden.new_zeros((), dtype=torch.float32))
-    return _FrozenHeadCrossEntropy.apply(hidden, head.weight, targets, chunk)
+        return chunked_losses(head, hidden, targets, TRAIN_ROWS_PER_CHUNK).sum()
+    return _FrozenHeadCrossEntropy.apply(hidden, head.weight, targets, TRAIN_ROWS_PER_CHUNK)

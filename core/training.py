@@ -21,8 +21,7 @@ import torch.nn.functional as F
 
 from sftcurate.data_contracts import UserError
 from sftcurate.infra import progress, tracking
-from sftcurate.core import head_loss
-from sftcurate.core.head_loss import frozen_head_loss_sum, loss_rows, split_head
+from sftcurate.core.head_loss import chunked_losses, frozen_head_loss_sum, loss_rows
 from sftcurate.core.packing import pack, packed_token_losses, packs
 from sftcurate.core.tokenize import Encoded, pad_batch
 
@@ -138,8 +137,8 @@ def token_loss_sum(model, ids, attn, labels):
     logits."""
     rows = loss_rows(model, ids, attn, labels)
     if rows is not None:
-        hidden, goal, sel = rows
-        return frozen_head_loss_sum(hidden, split_head(model)[0], goal), int(sel.sum())
+        head, hidden, goal, sel = rows
+        return frozen_head_loss_sum(hidden, head, goal), int(sel.sum())
     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
     target = labels[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1), ignore_index=-100,
@@ -151,19 +150,17 @@ def row_loss_sums(model, ids, attn, labels):
     """(sum of token losses, number of loss tokens) of every row of a batch: per-example held-out losses.
 
     Where `head_loss.split_head` applies, the vocabulary projection runs on the loss positions only,
-    LOSS_ROWS_PER_CHUNK rows at a time: a batch's full logits in float32 ([64, 127, 49,152] for SmolLM2 at 8,192
-    tokens: 1.6 GB, and as much again for the softmax) never exist. Else the model's own logits, as before."""
+    `head_loss.LOSS_ROWS_PER_CHUNK` rows at a time: a batch's full logits in float32 ([64, 127, 49,152] for
+    SmolLM2 at 8,192 tokens: 1.6 GB, and as much again for the softmax) never exist. Else the model's own
+    logits, as before."""
     rows = loss_rows(model, ids, attn, labels)
     if rows is None:
         target = labels[:, 1:]
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
         loss = F.cross_entropy(logits.transpose(1, 2).float(), target, ignore_index=-100, reduction="none")
         return loss.sum(dim=1), (target != -100).sum(dim=1)
-    hidden, goal, sel = rows
-    head = split_head(model)[0]
-    chunk = head_loss.LOSS_ROWS_PER_CHUNK
-    losses = torch.cat([F.cross_entropy(head(hidden[i:i + chunk]).float(), goal[i:i + chunk], reduction="none")
-                        for i in range(0, len(goal), chunk)] or [hidden.new_zeros(0).float()])
+    head, hidden, goal, sel = rows
+    losses = chunked_losses(head, hidden, goal)
     sums = torch.zeros(ids.shape[0], dtype=losses.dtype, device=losses.device)
     return sums.index_add_(0, sel.nonzero()[:, 0], losses), sel.sum(dim=1)
 
