@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sftcurate.core.packing import LOGITS_FROM_HIDDEN, causal_lm
+from sftcurate.core.packing import LOGITS_FROM_HIDDEN, PackedBatch, causal_lm, packed_hidden
 
 # Loss rows whose vocabulary logits exist at once: 1,024 x 49,152 float32 is 200 MB (the held-out loss);
 # training keeps the softmax too, so it takes a quarter of that.
@@ -84,3 +84,16 @@ def frozen_head_loss_sum(hidden, head, targets):
     if head.weight.requires_grad or getattr(head, "bias", None) is not None or not hidden.requires_grad:
         return chunked_losses(head, hidden, targets, TRAIN_ROWS_PER_CHUNK).sum()
     return _FrozenHeadCrossEntropy.apply(hidden, head.weight, targets, TRAIN_ROWS_PER_CHUNK)
+
+
+def packed_token_losses(model, batch: PackedBatch) -> torch.Tensor:
+    """Cross-entropy (float32) of every loss token of a packed batch, in row order: [M], a chunk of rows'
+    logits at a time (the per-example losses, without a gradient)."""
+    return chunked_losses(causal_lm(model).get_output_embeddings(), packed_hidden(model, batch), batch.loss_targets)
+
+
+def packed_loss_sum(model, batch: PackedBatch) -> torch.Tensor:
+    """Sum of a packed batch's loss-token cross-entropies (float32), for training: `frozen_head_loss_sum` over the
+    loss rows' hidden states, so a LoRA step on a GPU never holds the batch's vocabulary logits either."""
+    return frozen_head_loss_sum(packed_hidden(model, batch), causal_lm(model).get_output_embeddings(),
+                                batch.loss_targets)

@@ -12,7 +12,8 @@ The attention function is registered with transformers under `PACKED_ATTENTION` 
 function builds no mask: the attention function masks itself.
 
 Only the rows a caller needs leave the model's body: the hidden state at position t-1 of every loss token t
-(`PackedBatch.loss_rows`), so features, per-token losses and the training loss never touch the others.
+(`PackedBatch.loss_rows`), so features, per-token losses and the training loss never touch the others (the
+losses over those rows: `core.head_loss`).
 """
 from __future__ import annotations
 
@@ -231,10 +232,3 @@ def packed_hidden(model, batch: PackedBatch) -> torch.Tensor:
         h = body(input_ids=batch.ids, position_ids=batch.positions, **batch.attention_kwargs()).last_hidden_state
     return h[0, batch.loss_rows]
 
-
-def packed_token_losses(model, batch: PackedBatch) -> torch.Tensor:
-    """Cross-entropy (float32) of every loss token of the batch, in row order: [M]. The vocabulary projection
-    runs on the loss rows only."""
-    lm = causal_lm(model)
-    logits = lm.get_output_embeddings()(packed_hidden(model, batch))
-    return F.cross_entropy(logits.float(), batch.loss_targets, reduction="none")

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from sftcurate.data_contracts import UserError
 from sftcurate.infra import progress, tracking
-from sftcurate.core.head_loss import chunked_losses, frozen_head_loss_sum, loss_rows
-from sftcurate.core.packing import pack, packed_token_losses, packs
+from sftcurate.core.head_loss import chunked_losses, frozen_head_loss_sum, loss_rows, packed_loss_sum
+from sftcurate.core.packing import pack, packs
 from sftcurate.core.tokenize import Encoded, pad_batch
 
 Batching = Literal["length_grouped", "random", "pad_to_max"]
@@ -201,13 +201,13 @@ class TrainStats:
 def batch_loss(model, batch: list[Encoded], pad_id: int, recipe: Recipe, device, packed: bool):
     """(mean loss over the batch's loss tokens, a tensor; loss tokens; real tokens; padded tokens).
 
-    Packed (a GPU in half precision, `core.packing`): one row, no padding, the vocabulary projection on the loss
-    rows only, and every count from the host's lengths, so the step never waits for the device. Else the padded
-    batch `batch_width` says, as on a CPU."""
+    Packed (a GPU in half precision, `core.packing`): one row, no padding, the loss over the loss rows as
+    `token_loss_sum` computes it (`head_loss.packed_loss_sum`), and every count from the host's lengths, so the
+    step never waits for the device. Else the padded batch `batch_width` says, as on a CPU."""
     if packed:
         pb = pack(batch, device)
         n_tok = int(pb.loss_targets.shape[0])
-        return packed_token_losses(model, pb).sum() / max(n_tok, 1), n_tok, pb.tokens, pb.tokens
+        return packed_loss_sum(model, pb) / max(n_tok, 1), n_tok, pb.tokens, pb.tokens
     width = batch_width(batch, recipe, on_gpu=device.type == "cuda")
     ids, attn, labels = (t.to(device) for t in collate(batch, pad_id, width))
     loss_sum, n_tok = token_loss_sum(model, ids, attn, labels)

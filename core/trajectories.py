@@ -29,8 +29,8 @@ from sftcurate.infra.models import default_device
 from sftcurate.data_contracts.manifests import TrajectoriesMeta, TrajectoryShardMeta
 from sftcurate.infra.stages import Built, build_once, read_meta
 from sftcurate.infra.store import join, read_bytes, read_tensors
-from sftcurate.core.packing import (DEVICE_BATCH_TOKENS, LOGITS_FROM_HIDDEN, pack, packed_batches,
-                                    packed_token_losses, packs)
+from sftcurate.core.head_loss import packed_token_losses
+from sftcurate.core.packing import DEVICE_BATCH_TOKENS, LOGITS_FROM_HIDDEN, pack, packed_batches, packs
 from sftcurate.core.tokenize import Encoded, encode_pairs, example_rows, length_grouped_batches, pad_batch
 
 log = logging.getLogger("sftcurate.trajectories")

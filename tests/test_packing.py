@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from sftcurate.core import head_loss
 from sftcurate.core.embedding import embed_encoded, embed_packed
 from sftcurate.core.packing import pack, packed_batches, packs
 from sftcurate.core.tokenize import Encoded
@@ -54,7 +55,14 @@ def test_packed_example_losses_equal_padded(model):
                                atol=1e-5, rtol=1e-5)
 
 
-def test_packed_training_loss_and_gradients_equal_padded(model):
+@pytest.mark.parametrize("head", ["trained", "frozen"])
+def test_packed_training_loss_and_gradients_equal_padded(model, head, monkeypatch):
+    """A trained head takes autograd; a frozen one (LoRA's case) the fused chunked loss (`head_loss`), on both
+    the padded and the packed batch."""
+    model.get_output_embeddings().weight.requires_grad_(head == "trained")
+    fused = []
+    apply = head_loss._FrozenHeadCrossEntropy.apply
+    monkeypatch.setattr(head_loss._FrozenHeadCrossEntropy, "apply", lambda *a: fused.append(1) or apply(*a))
     enc = examples(3, n=6)
     recipe = Recipe(steps=1, learning_rate=1e-3, batch_size=6)
     results = []
@@ -66,6 +74,7 @@ def test_packed_training_loss_and_gradients_equal_padded(model):
         results.append((float(loss), n_tok, real, padded, grads))
     (l0, n0, r0, p0, g0), (l1, n1, r1, p1, g1) = results
     assert n1 == n0 and r1 == r0 == sum(len(e.input_ids) for e in enc) and p1 == r1 <= p0
+    assert len(fused) == (2 if head == "frozen" else 0)
     assert l1 == pytest.approx(l0, rel=1e-5)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
