@@ -57,6 +57,7 @@ def doc_sources(cache: Path) -> Path:
         work = Path(tempfile.mkdtemp())
         subprocess.run(["apt-get", "download", "python3.11-doc"], cwd=work, check=True, capture_output=True)
         deb = next(work.glob("python3.11-doc_*.deb"))
+        (cache / "python3.11-doc").mkdir(parents=True, exist_ok=True)   # dpkg-deb -x makes no parent folders
         subprocess.run(["dpkg-deb", "-x", str(deb), str(cache / "python3.11-doc")], check=True)
         shutil.rmtree(work, ignore_errors=True)
     return unpacked

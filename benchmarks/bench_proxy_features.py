@@ -7,8 +7,9 @@ lazy greedy) picks K sentences on each model's features. For every pick set this
 - overlap: the share of its picks that the target-feature picks also hold;
 - the target-feature objective it reaches: log det(I + sum of the picked sentences' X^T X) on the TARGET's
   features, and where that sits between random picks (0%, mean of 5 seeds) and the target-feature greedy (100%);
-- the feature extraction cost per 1,000 records: CPU seconds of this process (`time.process_time`, torch on one
-  thread, model load excluded), since wall time on a shared machine measures the other jobs too.
+- the feature extraction cost per 1,000 records: CPU seconds of the forward passes (`time.process_time`, torch on
+  one thread, model load excluded), and their wall seconds (on a shared machine wall time measures the other jobs
+  too). The benchmark exits non-zero when a smaller model's features cost no less CPU than the target's.
 
 The smaller models: `tiny-gpt2` (the default S2L proxy spec, a randomly initialised 2-layer GPT-2 with its own
 BPE: what `embedding.model: proxy` reads with the default `models.proxy`) and SmolLM2 cut to its first L layers
@@ -60,8 +61,9 @@ def truncated_smollm2(layers: int, folder: Path) -> str:
     return str(folder)
 
 
-def embed_slice(spec: str, pairs, max_length: int, batch_tokens: int) -> tuple[np.ndarray, np.ndarray, float, int]:
-    """(features, offsets, CPU seconds of the forward passes, parameters) of `spec` on `pairs`, torch on one thread."""
+def embed_slice(spec: str, pairs, max_length: int, batch_tokens: int):
+    """(features, offsets, CPU seconds and wall seconds of the forward passes, parameters) of `spec` on `pairs`,
+    torch on one thread."""
     import torch
 
     from sftcurate.core.embedding import embed_examples
@@ -70,18 +72,20 @@ def embed_slice(spec: str, pairs, max_length: int, batch_tokens: int) -> tuple[n
     torch.set_num_threads(1)
     loaded = resolve_model(spec)
     params = sum(p.numel() for p in loaded.model.parameters())
-    start = time.process_time()
+    start, wall = time.process_time(), time.perf_counter()
     x, off = next(embed_examples(loaded.model, loaded.tokenizer, pairs, max_length, batch_tokens, "float32", "cpu",
                                  shard_size=len(pairs)))
-    return np.asarray(x), np.asarray(off, dtype=np.int64), time.process_time() - start, params
+    return (np.asarray(x), np.asarray(off, dtype=np.int64), time.process_time() - start, time.perf_counter() - wall,
+            params)
 
 
 def features_of(spec: str, n: int, chunk: int, max_length: int, batch_tokens: int, work: Path):
     """`spec`'s features of the first `n` records, embedded `chunk` records per child process (a process that
-    runs long on this shared machine loses its CPU share), and the children's summed forward CPU seconds."""
+    runs long on this shared machine loses its CPU share), and the children's summed forward CPU and wall
+    seconds."""
     from safetensors.numpy import load_file
 
-    xs, offs, cpu, params = [], [np.zeros(1, np.int64)], 0.0, 0
+    xs, offs, cpu, wall, params = [], [np.zeros(1, np.int64)], 0.0, 0.0, 0
     for lo in range(0, n, chunk):
         name = hashlib.sha256(f"{spec}|{max_length}".encode()).hexdigest()[:12]
         out = work / f"features-{name}-{lo}-{min(n, lo + chunk)}.safetensors"
@@ -93,16 +97,17 @@ def features_of(spec: str, n: int, chunk: int, max_length: int, batch_tokens: in
         xs.append(part["features"])
         offs.append(part["offsets"][1:] + offs[-1][-1])
         cpu += float(part["cpu_seconds"][0])
+        wall += float(part["wall_seconds"][0])
         params = int(part["parameters"][0])
-    return np.concatenate(xs), np.concatenate(offs), cpu, params
+    return np.concatenate(xs), np.concatenate(offs), cpu, wall, params
 
 
 def child(spec: str, lo: int, hi: int, out: str, max_length: int, batch_tokens: int) -> None:
     from safetensors.numpy import save_file
 
-    x, off, cpu, params = embed_slice(spec, pool_pairs(hi)[lo:hi], max_length, batch_tokens)
+    x, off, cpu, wall, params = embed_slice(spec, pool_pairs(hi)[lo:hi], max_length, batch_tokens)
     save_file({"features": x.astype(np.float32), "offsets": off, "cpu_seconds": np.array([cpu]),
-               "parameters": np.array([params], dtype=np.int64)}, out)
+               "wall_seconds": np.array([wall]), "parameters": np.array([params], dtype=np.int64)}, out)
 
 
 def logdet(x: np.ndarray, off: np.ndarray, picks, lam: float = 1.0) -> float:
@@ -125,12 +130,13 @@ def run(n: int, ks: list[int], layers: list[int], max_length: int, batch_tokens:
         chunk: int) -> None:
     models = [("target: SmolLM2-135M (30 layers)", TARGET), ("tiny-gpt2 (default proxy spec)", "tiny-gpt2")]
     models += [(f"SmolLM2, first {L} layers", truncated_smollm2(L, work / f"smollm2-{L}-layers")) for L in layers]
-    feats = {}
+    feats, cpus = {}, {}
     for name, spec in models:
-        x, off, cpu, params = features_of(spec, n, chunk, max_length, batch_tokens, work)
-        feats[name] = (x, off)
-        print(f"{name}: {params / 1e6:.1f}M parameters, d={x.shape[1]}, {len(x):,} loss-token rows, "
-              f"{cpu:.1f} CPU s for {n} records = {1000 * cpu / n:.1f} CPU s per 1,000 records", flush=True)
+        x, off, cpu, wall, params = features_of(spec, n, chunk, max_length, batch_tokens, work)
+        feats[name], cpus[name] = (x, off), cpu
+        ratio = "" if name == models[0][0] else f" ({cpus[models[0][0]] / cpu:.1f}x less than the target's)"
+        print(f"{name}: {params / 1e6:.1f}M parameters, d={x.shape[1]}, {len(x):,} loss-token rows; per 1,000 "
+              f"records {1000 * cpu / n:.1f} CPU s{ratio}, {1000 * wall / n:.1f} wall s", flush=True)
     tx, toff = feats[models[0][0]]
     rng = np.random.default_rng(0)
     print(f"\nN={n} records, max_length={max_length}; objective on the target's features (log det, lam 1)")
@@ -148,6 +154,9 @@ def run(n: int, ks: list[int], layers: list[int], max_length: int, batch_tokens:
             print(f"| {name} | {k} | {len(set(picks) & set(target_picks)) / k:.0%} | {value:.1f} | "
                   f"{(value - base) / (best - base):.0%} |", flush=True)
         print(f"| uniform random (5 seeds) | {k} | - | {base:.1f} (sd {np.std(randoms):.1f}) | 0% |", flush=True)
+    dearer = [name for name in cpus if name != models[0][0] and cpus[name] >= cpus[models[0][0]]]
+    if dearer:  # the point of a smaller model's features is their cost
+        raise SystemExit(f"FAIL: features no cheaper than the target's: {', '.join(dearer)}")
 
 
 def main() -> None:
