@@ -101,7 +101,8 @@ def main() -> int:
     ap.add_argument("after", nargs="?", default="HEAD", help="a commit (default HEAD)")
     ap.add_argument("--work", default=None, help="keep each commit's outputs here (default: a temporary folder)")
     args = ap.parse_args()
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="demo-unchanged-"))
+    # absolute: the runs start in a temporary folder, and SFTCURATE_HOME and --json are paths under `work`
+    work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="demo-unchanged-"))
     sides = []
     for ref in (args.before, args.after):
         commit = git("rev-parse", "--short=12", f"{ref}^{{commit}}")
