@@ -33,6 +33,7 @@ import torch
 
 from sftcurate.core.feature_rows import ShardedRows, check_features
 from sftcurate.core.fisher_incremental import GradientBounds, kept_grams, logdets
+from sftcurate.core.fisher_traces import TraceCache
 from sftcurate.core.greedy_base import check_lam
 from sftcurate.infra.models import resolve_device
 
@@ -98,7 +99,7 @@ class LogDetObjective:
         self._U32: torch.Tensor | None = None
         self._sq_norms: np.ndarray | None = None
         self.trace_cache_bytes = trace_cache_bytes
-        self._C: np.ndarray | None = None
+        self._traces_kept: TraceCache | None = None
         self.incremental = kept_grams(self) if incremental else None
         self.gradient = GradientBounds(self) if self.incremental is None and GradientBounds.suits(
             self, gradient_bytes) else None
@@ -226,7 +227,7 @@ class LogDetObjective:
         # overhead does not dominate where the trace prunes almost everything (the benchmark generator)
         for form, chunk in self.chunks(cand, max(self.batch_rows, DEVICE_BATCH_ROWS)):
             g[chunk], ub[chunk], eps[chunk] = self._screen_chunk(
-                cand[chunk], form, eps[chunk], tau, div[chunk], None if t is None else t[chunk])
+                cand[chunk], form, eps[chunk], tau, div[chunk], None if t is None else (t[0][chunk], t[1][chunk]))
         self.n_screens += len(cand)
         self.n_evals += int(np.isfinite(g).sum())
         return g, ub, eps
@@ -252,28 +253,24 @@ class LogDetObjective:
             g[bad] = self.batch_gains(cand[bad], form).cpu().numpy()
         return g, chol, ~bad
 
-    def _traces(self, cand: np.ndarray) -> np.ndarray | None:
-        """With the trace cache: t = <A^-1, X_i^T X_i> of every candidate (one float32 product with the packed
-        A^-1); else None and each chunk computes t from X_i U."""
-        C = self.trace_cache()
-        if C is None or not len(cand):
+    def _traces(self, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """With the trace cache: (t, its rounding bound) of every candidate, t = <A^-1, X_i^T X_i>; else None
+        and each chunk computes t from X_i U."""
+        kept = self.kept_traces()
+        if kept is None or not len(cand):
             return None
-        return (C[cand] @ self._packed_ainv().astype(np.float32)).astype(np.float64)
+        return kept.traces(cand)
 
     def _screen_chunk(self, cand, form, eps, tau, div, t=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(gains32, upper bounds, gain margins) of one chunk; `eps` is the margin without the trace; `t` the
-        chunk's traces when `_traces` had them."""
+        chunk's (traces, their rounding bounds) when `_traces` had them."""
         lens = self.lengths[cand]
         if not len(cand) or int(lens.max()) == 0:
             return np.zeros(len(cand)), eps.copy(), eps
-        C = self.trace_cache()
+        kept = self.kept_traces()
         Y = None
-        if C is not None:  # t = <A^-1, X_i^T X_i> from the cached packed Grams: d^2/2 work, not L d^2
-            t = C[cand] @ self._packed_ainv().astype(np.float32) if t is None else t
-            # float32 storage (built from float32 products) and a float32 dot over p = d(d+1)/2 terms: each
-            # perturbs t by at most (L resp. p/8 blocked partial sums) * u * ||A^-1||_Gershgorin * ||X_i||_F^2
-            p = C.shape[1]
-            t_err = eps + EPS32 * (p / 8 + lens) * self.sq_norms[cand] * self.ainv_bound
+        if kept is not None:  # t = <A^-1, X_i^T X_i> from the kept packed Grams: d^2/2 work, not L d^2
+            t, t_err = kept.traces(cand) if t is None else t
         else:
             Y = self._Y32(cand)
             t = Y.square().sum((1, 2)).double().cpu().numpy()
@@ -285,7 +282,8 @@ class LogDetObjective:
         need = quantize(ub / div) >= tau
         if self.gradient is not None and need.any():  # only where Jensen's bound did not already drop them
             pos = np.flatnonzero(need)
-            ub[pos] = np.minimum(ub[pos], self.gradient.bound(cand[pos], t[pos] if C is not None else None))
+            ub[pos] = np.minimum(ub[pos], self.gradient.bound(
+                cand[pos], None if kept is None else (t[pos], t_err[pos])))
             need = quantize(ub / div) >= tau
         g = np.full(len(cand), np.nan)
         if need.any():
@@ -299,29 +297,17 @@ class LogDetObjective:
                 self.gradient.keep(cand[pos], chol, ok, g[pos] + gain_eps[pos], gain_eps[pos])
         return g, ub, gain_eps
 
-    def _packed_ainv(self) -> np.ndarray:
-        iu = np.triu_indices(self.d)
-        return self.Ainv.cpu().numpy()[iu]
+    def kept_traces(self) -> TraceCache | None:
+        """Every sentence's packed Gram (`core.fisher_traces`), built once when it fits in `trace_cache_bytes`."""
+        if self._traces_kept is None and TraceCache.suits(self, self.trace_cache_bytes):
+            self._traces_kept = TraceCache(self)
+        return self._traces_kept
 
     def trace_cache(self) -> np.ndarray | None:
-        """Packed upper triangles of every X_i^T X_i (off-diagonals doubled), float32 [N, d(d+1)/2], built once
-        when they fit in `trace_cache_bytes`: then a trace screen reads d(d+1)/2 numbers instead of computing
-        X_i U. Storing C in float32 perturbs t by at most u ||A^-1||_2-Gershgorin ||X_i||_F^2, inside `margin`."""
-        p = self.d * (self.d + 1) // 2
-        if self._C is not None or self.n * p * 4 > self.trace_cache_bytes or self.device.type != "cpu":
-            return self._C
-        iu = np.triu_indices(self.d)
-        weight = torch.from_numpy(np.where(iu[0] == iu[1], 1.0, 2.0)).to(torch.float32)
-        C = np.empty((self.n, p), dtype=np.float32)
-        for form, chunk in self.chunks(np.arange(self.n)):
-            cand = np.arange(self.n)[chunk]
-            if int(self.lengths[cand].max()) == 0:
-                C[cand] = 0.0
-                continue
-            X = self.gather(cand, int(self.lengths[cand].max()), torch.float32)
-            C[cand] = ((X.transpose(1, 2) @ X)[:, iu[0], iu[1]] * weight).numpy()
-        self._C = C
-        return C
+        """Packed upper triangles of every X_i^T X_i (off-diagonals doubled), float32 [N, d(d+1)/2], when they
+        fit in `trace_cache_bytes`."""
+        kept = self.kept_traces()
+        return None if kept is None else kept.C
 
     def gain(self, i: int) -> float:
         return float(self.gains([i])[0])

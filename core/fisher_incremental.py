@@ -359,10 +359,10 @@ class GradientBounds:
         self.gain_hi[idx], self.eps[idx] = gain_hi[pos], eps[pos]
         self.h_then[idx], self.c_then[idx] = self._with(idx, self.packed[-1])
 
-    def bound(self, cand: np.ndarray, traces: np.ndarray | None = None) -> np.ndarray:
+    def bound(self, cand: np.ndarray, traces: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """Upper bounds of the current float64 gains of `cand` (inf where no H_i is kept); `traces`: their
-        <C_i, P_now> from the float32 trace screen when the caller has them (their rounding, as the screen
-        bounds it, is added to the energy term)."""
+        <C_i, P_now> from the float32 trace screen and its rounding bounds (`TraceCache.traces`), when the caller
+        has them (the rounding is added to the energy term)."""
         out = np.full(len(cand), np.inf)
         pos = np.flatnonzero(self.at[cand] >= 0)
         if not len(pos):
@@ -371,10 +371,8 @@ class GradientBounds:
         if traces is None:
             h_now, c_now = self._with(idx, self.packed[-1])
         else:
-            p = len(self.iu[0])
-            c_err = float(np.finfo(np.float32).eps) * (p / 8 + self.obj.lengths[idx]) * self.obj.sq_norms[idx] \
-                * self.obj.ainv_bound
-            h_now, c_now = self.H[idx].astype(np.float64) @ self.packed[-1], traces[pos] - c_err
+            t, t_err = traces
+            h_now, c_now = self.H[idx].astype(np.float64) @ self.packed[-1], t[pos] - t_err[pos]
         drop = self.h_then[idx] - h_now
         tr_D = np.maximum(np.asarray(self.traces)[self.at[idx]] - self.traces[-1], 0.0)
         u = float(np.finfo(np.float32).eps)
