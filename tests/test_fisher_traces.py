@@ -1,0 +1,63 @@
+"""The trace screen's kept Grams (core.fisher_traces): traces and their rounding bounds against float64."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sftcurate.core.fisher import LogDetObjective
+
+
+def generators():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from bench_fishersft import GENERATORS
+    finally:
+        sys.path.pop(0)
+    return GENERATORS
+
+
+def exact_traces(x, off, ainv: np.ndarray) -> np.ndarray:
+    X = torch.from_numpy(x.astype(np.float64))
+    P = torch.from_numpy(ainv)
+    return np.array([float(torch.einsum("ld,de,le->", X[a:b], P, X[a:b]))
+                     for a, b in zip(off[:-1], off[1:])])
+
+
+@pytest.mark.parametrize("name", ["random-scales", "heavy-tailed", "uneven-lengths", "duplicated", "bench"])
+def test_kept_traces_within_their_rounding_bound(name):
+    """Every float32 trace from the kept Grams is within its bound of the float64 trace <X_i^T X_i, A^-1>, before
+    and after picks; the cache equals the packed Grams built directly."""
+    x, off = generators()[name](400, 12, 16, seed=5)
+    obj = LogDetObjective(x, off, 1.0)
+    kept = obj.kept_traces()
+    i = 7
+    X = x[off[i]:off[i + 1]].astype(np.float64)
+    iu = np.triu_indices(16)
+    packed = (X.T @ X)[iu] * np.where(iu[0] == iu[1], 1.0, 2.0)
+    assert np.allclose(kept.C[i], packed, rtol=1e-5, atol=1e-4)
+    cand = np.random.default_rng(0).permutation(400)[:300]    # any order: rows are read sorted, returned in place
+    for picks in (0, 40, 120):
+        while len(obj.picked) < picks:
+            obj.add(len(obj.picked) * 3)
+        t, err = kept.traces(cand)
+        exact = exact_traces(x, off, obj.Ainv.numpy())[cand]
+        assert (np.abs(t - exact) <= err).all()
+        assert (err > 0).all()
+
+
+def test_trace_bound_is_far_narrower_than_gershgorin_on_random_scales():
+    """Issue 25's pool: a few weak directions keep ||A^-1|| near 1/lam while the traces shrink, so the Gershgorin
+    bound u ||X_i||^2 ||A^-1|| is as large as the gains; the diagonal-scaled bound stays near u t."""
+    x, off = generators()["random-scales"](600, 32, 64, seed=1)
+    obj = LogDetObjective(x, off, 1.0)
+    for i in range(0, 200, 2):
+        obj.add(i)
+    cand = np.arange(200, 600)
+    t, err = obj.kept_traces().traces(cand)
+    gershgorin = 1.2e-7 * (32 + 2080 / 8 + obj.kappa) * obj.sq_norms[cand] * obj.ainv_bound
+    assert np.median(gershgorin / err) > 20
+    assert np.median(err / t) < 1e-3
