@@ -184,7 +184,8 @@ class LogDetObjective:
             self._sq_norms = cs[self.offsets[1:]] - cs[self.offsets[:-1]]
         return self._sq_norms
 
-    def margin(self, cand: np.ndarray, trace: np.ndarray | None = None) -> np.ndarray:
+    def margin(self, cand: np.ndarray, trace: np.ndarray | None = None,
+               scaled: np.ndarray | None = None) -> np.ndarray:
         """A bound on |float32 gain - float64 gain| (and on the float32 trace's error) of each candidate.
 
         Rounding U and X to float32 perturbs Y = X U by about u * ||X||_F * ||A^-1||_2^1/2 (entrywise relative
@@ -193,10 +194,17 @@ class LogDetObjective:
         t <= ||X||_F^2 ||A^-1||_2 gives u * ||X||_F^2 * ||A^-1||_2. With it the margin is narrower wherever
         A^-1 is far from isotropic (A grown along the pool's strong directions, a few weak ones left near lam):
         on issue 25's random per-dimension scales some 40 times, late in a run.
+        `scaled` (`TraceCache.traces`) replaces ||X_i||_F^2 ||A^-1|| where it is smaller: the rounding of X and of U
+        moves Y by at most u (rho_P w)^1/2 and u (rho_U w)^1/2, with w = sum_k (A^-1)_kk (X_i^T X_i)_kk and rho the
+        largest eigenvalue of D^-1/2 |A^-1| D^-1/2 and of D^-1/2 |U| |U|^T D^-1/2 (D = diag(A^-1) = diag(|U||U|^T)):
+        about t itself where A^-1 is near diagonal, against ||X||^2 ||A^-1|| where a few weak directions keep
+        ||A^-1|| near 1/lam (issue 25's random scales: some 60 times narrower late in a run).
         `kappa` (4 sqrt(d) + 16) is far above the errors measured (tests and benchmarks check the ratio) and is
         widened 4x for the rest of a run if a float64 re-check ever exceeds half of it."""
         L = self.lengths[cand]
         worst = self.sq_norms[cand] * self.ainv_bound
+        if scaled is not None:
+            worst = np.minimum(worst, scaled)
         t = worst if trace is None else np.minimum(np.maximum(trace, 0.0), worst)
         return self.kappa * EPS32 * (np.sqrt(worst * t) + np.sqrt(L) + 1.0)
 
@@ -227,7 +235,7 @@ class LogDetObjective:
         # overhead does not dominate where the trace prunes almost everything (the benchmark generator)
         for form, chunk in self.chunks(cand, max(self.batch_rows, DEVICE_BATCH_ROWS)):
             g[chunk], ub[chunk], eps[chunk] = self._screen_chunk(
-                cand[chunk], form, eps[chunk], tau, div[chunk], None if t is None else (t[0][chunk], t[1][chunk]))
+                cand[chunk], form, eps[chunk], tau, div[chunk], None if t is None else tuple(v[chunk] for v in t))
         self.n_screens += len(cand)
         self.n_evals += int(np.isfinite(g).sum())
         return g, ub, eps
@@ -253,8 +261,9 @@ class LogDetObjective:
             g[bad] = self.batch_gains(cand[bad], form).cpu().numpy()
         return g, chol, ~bad
 
-    def _traces(self, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """With the trace cache: (t, its rounding bound) of every candidate, t = <A^-1, X_i^T X_i>; else None
+    def _traces(self, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """With the trace cache: (t, its rounding bound, the scaled norm for `margin`) of every candidate,
+        t = <A^-1, X_i^T X_i>; else None
         and each chunk computes t from X_i U."""
         kept = self.kept_traces()
         if kept is None or not len(cand):
@@ -263,20 +272,21 @@ class LogDetObjective:
 
     def _screen_chunk(self, cand, form, eps, tau, div, t=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(gains32, upper bounds, gain margins) of one chunk; `eps` is the margin without the trace; `t` the
-        chunk's (traces, their rounding bounds) when `_traces` had them."""
+        chunk's (traces, their rounding bounds, scaled norms) when `_traces` had them."""
         lens = self.lengths[cand]
         if not len(cand) or int(lens.max()) == 0:
             return np.zeros(len(cand)), eps.copy(), eps
         kept = self.kept_traces()
         Y = None
+        scaled = None
         if kept is not None:  # t = <A^-1, X_i^T X_i> from the kept packed Grams: d^2/2 work, not L d^2
-            t, t_err = kept.traces(cand) if t is None else t
+            t, t_err, scaled = kept.traces(cand) if t is None else t
         else:
             Y = self._Y32(cand)
             t = Y.square().sum((1, 2)).double().cpu().numpy()
             t_err = eps  # t = ||Y||_F^2 is perturbed like M's trace: within the trace-free margin
         t_hi = np.maximum(t, 0.0) + t_err                 # an upper bound of the exact trace
-        gain_eps = self.margin(cand, t_hi)
+        gain_eps = self.margin(cand, t_hi, scaled)
         r = np.maximum(np.minimum(lens, self.d), 1)
         ub = r * np.log1p(t_hi / r) + gain_eps
         need = quantize(ub / div) >= tau

@@ -371,7 +371,7 @@ class GradientBounds:
         if traces is None:
             h_now, c_now = self._with(idx, self.packed[-1])
         else:
-            t, t_err = traces
+            t, t_err = traces[0], traces[1]
             h_now, c_now = self.H[idx].astype(np.float64) @ self.packed[-1], t[pos] - t_err[pos]
         drop = self.h_then[idx] - h_now
         tr_D = np.maximum(np.asarray(self.traces)[self.at[idx]] - self.traces[-1], 0.0)

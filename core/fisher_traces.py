@@ -51,7 +51,7 @@ class TraceCache:
         self._diagonal_at = np.flatnonzero(self.iu[0] == self.iu[1])   # the diagonal's places in a packed row
         self._packed = np.zeros(self.p, dtype=np.float32)
         self._diag = np.zeros(obj.d, dtype=np.float32)
-        self._rho = 1.0
+        self._rho = self._rho_u = 1.0
         self._screened = self._screened_before = 0   # rows screened at this pick and at the one before
         self._every: np.ndarray | None = None         # [N, 2] products of every row, at this pick
 
@@ -102,12 +102,18 @@ class TraceCache:
         S = np.abs(P) * scale[:, None] * scale[None, :]
         # eigvalsh is backward stable (error ~ d u ||S||); the pad keeps rho an upper bound
         self._rho = float(np.linalg.eigvalsh(S)[-1]) * (1.0 + 1e-9) + 1e-12
+        if self.obj.U is None:       # A = lam I: U = I / sqrt(lam), |U||U|^T = A^-1
+            self._rho_u = self._rho
+        else:
+            U = np.abs(self.obj.U.cpu().numpy())
+            self._rho_u = float(np.linalg.eigvalsh((U @ U.T) * scale[:, None] * scale[None, :])[-1]) * (1.0 + 1e-9) \
+                + 1e-12
         self._at = at
         self._screened_before, self._screened, self._every = self._screened, 0, None
 
-    def traces(self, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(t, err): float32 traces <X_i^T X_i, A^-1> of `cand` in float64 and bounds of their rounding error
-        (module docstring), both from the same rows, so a row is read from memory once: gathered in index order,
+    def traces(self, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(t, err, scaled): float32 traces <X_i^T X_i, A^-1> of `cand` in float64, bounds of their rounding error
+        (module docstring) and the scaled norms `LogDetObjective.margin` uses, both from the same rows, so a row is read from memory once: gathered in index order,
         or every row in one streamed pass where this pick screens much of the pool."""
         self._refresh()
         obj = self.obj
@@ -130,10 +136,12 @@ class TraceCache:
         gershgorin = obj.sq_norms[cand] * obj.ainv_bound
         # a float32 sum of positive terms (the diagonals and diag(A^-1) each rounded once): relative error
         # below (d + 3) u
-        weighted = self._rho * np.maximum(both[:, 1], 0.0) * (1.0 + (obj.d + 3) * EPS32)
+        w = np.maximum(both[:, 1], 0.0) * (1.0 + (obj.d + 3) * EPS32)
         accumulation = obj.lengths[cand] + self.p / 8 + obj.kappa
-        return both[:, 0], EPS32 * accumulation * np.minimum(gershgorin, weighted)
-
+        # the margin's ||X_i||^2 ||A^-1|| scaled likewise (`LogDetObjective.margin`): (sqrt(rho_P w) +
+        # sqrt(rho_U w))^2 <= 4 max(rho) w
+        scaled = 4.0 * max(self._rho, self._rho_u) * w
+        return both[:, 0], EPS32 * accumulation * np.minimum(gershgorin, self._rho * w), scaled
 
     def _products(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """[rows, 2]: each packed Gram times the packed A^-1, and its diagonal times diag(A^-1)."""
