@@ -263,8 +263,7 @@ class LogDetObjective:
 
     def _traces(self, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """With the trace cache: (t, its rounding bound, the scaled norm for `margin`) of every candidate,
-        t = <A^-1, X_i^T X_i>; else None
-        and each chunk computes t from X_i U."""
+        t = <A^-1, X_i^T X_i>; else None and each chunk computes t from X_i U."""
         kept = self.kept_traces()
         if kept is None or not len(cand):
             return None

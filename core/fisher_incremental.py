@@ -26,6 +26,8 @@ import math
 import numpy as np
 import torch
 
+from sftcurate.core.fisher_traces import PackedUpper
+
 EPS64 = float(np.finfo(np.float64).eps)
 WIDE_RATIO = 4               # d / mean L from which keeping Grams beats recomputing them
 HOT_BYTES = 2 << 30          # HotGrams: every sentence's float64 features and Gram
@@ -321,11 +323,8 @@ class GradientBounds:
 
     def __init__(self, obj):
         self.obj = obj
-        self.iu = np.triu_indices(obj.d)
-        p = len(self.iu[0])
-        self.weight = torch.from_numpy(np.where(self.iu[0] == self.iu[1], 1.0, 2.0)).to(torch.float32)
-        self.flat = torch.from_numpy(self.iu[0] * obj.d + self.iu[1])
-        self.H = np.zeros((obj.n, p), dtype=np.float32)   # zero pages until written
+        self.layout = PackedUpper(obj.d)
+        self.H = np.zeros((obj.n, self.layout.p), dtype=np.float32)   # zero pages until written
         self.at = np.full(obj.n, -1, dtype=np.int64)        # the pick count of each H_i (-1: none)
         self.gain_hi = np.zeros(obj.n)                      # an upper bound of the exact gain at that count
         self.eps = np.zeros(obj.n)                          # the float32 margin then
@@ -340,7 +339,7 @@ class GradientBounds:
     def record(self) -> None:
         """After a pick (and at the start): the new A^-1."""
         P = self.obj.Ainv.cpu().numpy()
-        self.packed.append(P[self.iu].copy())
+        self.packed.append(self.layout.upper(P))
         self.traces.append(float(np.trace(P)))
 
     def keep(self, cand: np.ndarray, chol: torch.Tensor, ok: np.ndarray, gain_hi: np.ndarray,
@@ -352,7 +351,7 @@ class GradientBounds:
         sel = torch.from_numpy(pos)
         X = self.obj.gather(cand[pos], chol.shape[-1], torch.float32)
         Z = torch.linalg.solve_triangular(chol[sel], X, upper=False)          # chol^-1 X_i
-        H = torch.index_select((Z.transpose(1, 2) @ Z).reshape(len(pos), -1), 1, self.flat) * self.weight
+        H = self.layout.pack(Z.transpose(1, 2) @ Z)
         idx = cand[pos]
         self.H[idx] = H.numpy()
         self.at[idx] = len(self.packed) - 1

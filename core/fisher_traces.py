@@ -10,7 +10,8 @@ pools the lazy greedy screens thousands of sentences per pick, so two costs deci
   here in index order, 256 at a time, into one reused buffer that stays in the cache.
 * The rounding bound. t must be an upper bound of the exact trace, so its float32 error is added. The error of
   the stored Gram, of A^-1 rounded to float32 and of the dot over p = d(d+1)/2 terms is at most
-  (L + p/8 + 1) u sum_t |x_t|^T |A^-1| |x_t| (p/8: blocked partial sums). Bounding |A^-1| by its Gershgorin
+  (L + p/8 + kappa) u sum_t |x_t|^T |A^-1| |x_t| (p/8: blocked partial sums; kappa, the objective's margin
+  factor, as headroom). Bounding |A^-1| by its Gershgorin
   norm gives u ||X_i||_F^2 ||A^-1||, which is as large as the gains themselves where a few weak directions keep
   ||A^-1|| near 1/lam while the trace is ~1e-4 of it (issue 25's random per-dimension scales: every screen
   was wasted there and the greedy ran unscreened). With D = diag(A^-1) and rho = lambda_max(D^-1/2 |A^-1|
@@ -31,6 +32,33 @@ FULL_PASS_SHARE = 0.4
 ROWS_PER_PASS = 4096
 
 
+class PackedUpper:
+    """Symmetric d x d matrices as their upper triangles, off-diagonals doubled: <A, B> is the dot of
+    `pack(A)` with `upper(B)`, d(d+1)/2 multiply-adds (the kept Grams here, `GradientBounds`' H_i)."""
+
+    def __init__(self, d: int):
+        self.iu = np.triu_indices(d)
+        self.p = len(self.iu[0])
+        self.weight = torch.from_numpy(np.where(self.iu[0] == self.iu[1], 1.0, 2.0)).to(torch.float32)
+        self.flat = torch.from_numpy(self.iu[0] * d + self.iu[1])
+        self.diagonal_at = np.flatnonzero(self.iu[0] == self.iu[1])   # the diagonal's places in a packed row
+
+    def pack(self, G: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, p] float32 packed, off-diagonals doubled, of a batch G of [B, d, d] float32 matrices."""
+        out = torch.index_select(G.reshape(len(G), -1), 1, self.flat, out=out)
+        return out.mul_(self.weight)
+
+    def upper(self, P: np.ndarray) -> np.ndarray:
+        """P's upper triangle, in the packed order (a copy)."""
+        return P[self.iu]
+
+
+def largest_eigenvalue(S: np.ndarray) -> float:
+    """An upper bound of the largest eigenvalue of the symmetric S: eigvalsh is backward stable (error about
+    d u ||S||), and the pad covers that."""
+    return float(np.linalg.eigvalsh(S)[-1]) * (1.0 + 1e-9) + 1e-12
+
+
 class TraceCache:
     """Packed float32 Grams of every sentence, with traces against the current A^-1 and their rounding bounds."""
 
@@ -40,15 +68,11 @@ class TraceCache:
 
     def __init__(self, obj):
         self.obj = obj
-        d = obj.d
-        self.iu = np.triu_indices(d)
-        self.p = len(self.iu[0])
-        self.weight = torch.from_numpy(np.where(self.iu[0] == self.iu[1], 1.0, 2.0)).to(torch.float32)
-        self.flat = torch.from_numpy(self.iu[0] * d + self.iu[1])
+        self.layout = PackedUpper(obj.d)
+        self.p = self.layout.p
         self.C = self._build()
         self._buffer = np.empty((ROWS_PER_READ, self.p), dtype=np.float32)
         self._at: int | None = None     # the pick count the packed A^-1 below belongs to
-        self._diagonal_at = np.flatnonzero(self.iu[0] == self.iu[1])   # the diagonal's places in a packed row
         self._packed = np.zeros(self.p, dtype=np.float32)
         self._diag = np.zeros(obj.d, dtype=np.float32)
         self._rho = self._rho_u = 1.0
@@ -86,8 +110,7 @@ class TraceCache:
 
     def _pack(self, X: torch.Tensor, out: np.ndarray) -> None:
         """out = the packed X_b^T X_b of every [L, d] matrix of the batch X."""
-        G = torch.bmm(X.transpose(1, 2), X).reshape(len(X), -1)
-        torch.index_select(G, 1, self.flat, out=torch.from_numpy(out)).mul_(self.weight)
+        self.layout.pack(torch.bmm(X.transpose(1, 2), X), out=torch.from_numpy(out))
 
     def _refresh(self) -> None:
         """The packed float32 A^-1, its diagonal and rho, once per pick."""
@@ -96,25 +119,23 @@ class TraceCache:
             return
         P = self.obj.Ainv.cpu().numpy()
         diag = np.diagonal(P)
-        self._packed = P[self.iu].astype(np.float32)
+        self._packed = self.layout.upper(P).astype(np.float32)
         self._diag = diag.astype(np.float32)
         scale = 1.0 / np.sqrt(diag)
-        S = np.abs(P) * scale[:, None] * scale[None, :]
-        # eigvalsh is backward stable (error ~ d u ||S||); the pad keeps rho an upper bound
-        self._rho = float(np.linalg.eigvalsh(S)[-1]) * (1.0 + 1e-9) + 1e-12
+        self._rho = largest_eigenvalue(np.abs(P) * scale[:, None] * scale[None, :])
         if self.obj.U is None:       # A = lam I: U = I / sqrt(lam), |U||U|^T = A^-1
             self._rho_u = self._rho
         else:
             U = np.abs(self.obj.U.cpu().numpy())
-            self._rho_u = float(np.linalg.eigvalsh((U @ U.T) * scale[:, None] * scale[None, :])[-1]) * (1.0 + 1e-9) \
-                + 1e-12
+            self._rho_u = largest_eigenvalue((U @ U.T) * scale[:, None] * scale[None, :])
         self._at = at
         self._screened_before, self._screened, self._every = self._screened, 0, None
 
     def traces(self, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(t, err, scaled): float32 traces <X_i^T X_i, A^-1> of `cand` in float64, bounds of their rounding error
-        (module docstring) and the scaled norms `LogDetObjective.margin` uses, both from the same rows, so a row is read from memory once: gathered in index order,
-        or every row in one streamed pass where this pick screens much of the pool."""
+        (module docstring) and the scaled norms `LogDetObjective.margin` uses, all from the same rows, so a row is
+        read from memory once: gathered in index order, or every row in one streamed pass where this pick screens
+        much of the pool."""
         self._refresh()
         obj = self.obj
         cand = np.asarray(cand, dtype=np.int64)
@@ -147,5 +168,5 @@ class TraceCache:
         """[rows, 2]: each packed Gram times the packed A^-1, and its diagonal times diag(A^-1)."""
         out = np.empty((len(rows), 2), dtype=np.float64) if out is None else out
         out[:, 0] = rows @ self._packed
-        out[:, 1] = rows[:, self._diagonal_at] @ self._diag
+        out[:, 1] = rows[:, self.layout.diagonal_at] @ self._diag
         return out

@@ -1,23 +1,12 @@
 """The trace screen's kept Grams (core.fisher_traces): traces and their rounding bounds against float64."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from sftcurate.core.fisher import LogDetObjective
-
-
-def generators():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        from bench_fishersft import GENERATORS
-    finally:
-        sys.path.pop(0)
-    return GENERATORS
+from tests.test_fisher import feature_generators as generators
 
 
 def exact_traces(x, off, ainv: np.ndarray) -> np.ndarray:
