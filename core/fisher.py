@@ -303,7 +303,7 @@ class LogDetObjective:
             # H_i only once the greedy has picked: the first pass (A = lam I) screens the whole pool, most of
             # which never contends again (on the benchmark generator keeping every H_i cost more than it saved)
             if self.gradient is not None and form == "L" and self.picked:
-                self.gradient.keep(cand[pos], chol, ok, g[pos] + gain_eps[pos], gain_eps[pos])
+                self.gradient.keep(cand[pos], chol, ok, g[pos] + gain_eps[pos], gain_eps[pos], t_hi[pos])
         return g, ub, gain_eps
 
     def kept_traces(self) -> TraceCache | None:
@@ -311,12 +311,6 @@ class LogDetObjective:
         if self._traces_kept is None and TraceCache.suits(self, self.trace_cache_bytes):
             self._traces_kept = TraceCache(self)
         return self._traces_kept
-
-    def trace_cache(self) -> np.ndarray | None:
-        """Packed upper triangles of every X_i^T X_i (off-diagonals doubled), float32 [N, d(d+1)/2], when they
-        fit in `trace_cache_bytes`."""
-        kept = self.kept_traces()
-        return None if kept is None else kept.C
 
     def gain(self, i: int) -> float:
         return float(self.gains([i])[0])

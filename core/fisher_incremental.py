@@ -314,8 +314,8 @@ class GradientBounds:
     off by X_i^T E X_i with ||E||_2 <= ||dM||_2 <= margin_i (E = (I + M~)^-1 - (I + M)^-1), which moves the
     bound by at most margin_i <X_i^T X_i, D> (D = P_s - P_now positive semidefinite, so |<F, D>| <= ||F||_2
     tr D), plus its own float32 rounding, 2 kappa u ||X_i||_F^2 tr D: both are added. <X_i^T X_i, D> comes
-    from the trace cache when there is one (the drop of the sentence's trace, usually far below
-    ||X_i||_F^2 tr D), else that product."""
+    from the trace screen when the objective keeps traces (the screen's upper bound of the sentence's trace at s
+    less its lower bound now, usually far below ||X_i||_F^2 tr D), else that product."""
 
     @staticmethod
     def suits(obj, max_bytes: int = 1 << 30) -> bool:
@@ -343,8 +343,9 @@ class GradientBounds:
         self.traces.append(float(np.trace(P)))
 
     def keep(self, cand: np.ndarray, chol: torch.Tensor, ok: np.ndarray, gain_hi: np.ndarray,
-             eps: np.ndarray) -> None:
-        """H_i of float32-screened sentences (L form: chol = chol(I + M_i), L x L) whose Cholesky succeeded."""
+             eps: np.ndarray, trace_hi: np.ndarray) -> None:
+        """H_i of float32-screened sentences (L form: chol = chol(I + M_i), L x L) whose Cholesky succeeded;
+        `trace_hi`: upper bounds of their traces <C_i, P_s> from the screen."""
         pos = np.flatnonzero(ok)
         if not len(pos):
             return
@@ -356,7 +357,8 @@ class GradientBounds:
         self.H[idx] = H.numpy()
         self.at[idx] = len(self.packed) - 1
         self.gain_hi[idx], self.eps[idx] = gain_hi[pos], eps[pos]
-        self.h_then[idx], self.c_then[idx] = self._with(idx, self.packed[-1])
+        self.h_then[idx] = self.H[idx].astype(np.float64) @ self.packed[-1]
+        self.c_then[idx] = trace_hi[pos]
 
     def bound(self, cand: np.ndarray, traces: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """Upper bounds of the current float64 gains of `cand` (inf where no H_i is kept); `traces`: their
@@ -367,25 +369,14 @@ class GradientBounds:
         if not len(pos):
             return out
         idx = cand[pos]
-        if traces is None:
-            h_now, c_now = self._with(idx, self.packed[-1])
-        else:
-            t, t_err = traces[0], traces[1]
-            h_now, c_now = self.H[idx].astype(np.float64) @ self.packed[-1], t[pos] - t_err[pos]
-        drop = self.h_then[idx] - h_now
+        drop = self.h_then[idx] - self.H[idx].astype(np.float64) @ self.packed[-1]
         tr_D = np.maximum(np.asarray(self.traces)[self.at[idx]] - self.traces[-1], 0.0)
         u = float(np.finfo(np.float32).eps)
-        # <C_i, D> from the float32 C_i: its rounding is within u ||X_i||_F^2 tr D, counted once more below
-        energy = np.maximum(self.c_then[idx] - c_now, 0.0) if self.obj.trace_cache() is not None \
-            else self.obj.sq_norms[idx] * tr_D
+        # <C_i, D>: an upper bound of the trace then less a lower bound of it now, else ||X_i||_F^2 tr D
+        energy = self.obj.sq_norms[idx] * tr_D if traces is None else \
+            np.maximum(self.c_then[idx] - (traces[0][pos] - traces[1][pos]), 0.0)
         slack = energy * self.eps[idx] + (2.0 * self.obj.kappa + 1.0) * u * self.obj.sq_norms[idx] * tr_D
         # float64 products of size d(d+1)/2 over values up to ||X_i||_F^2 ||A^-1||: their rounding, generously
         slack += 1e-12 * self.obj.sq_norms[idx] * self.obj.ainv_bound
         out[pos] = self.gain_hi[idx] - drop + slack
         return out
-
-    def _with(self, idx: np.ndarray, P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(<H_i, P>, <C_i, P>) in float64 for packed P (C: the objective's trace cache; zeros without one)."""
-        h = self.H[idx].astype(np.float64) @ P
-        C = self.obj.trace_cache()
-        return h, (C[idx].astype(np.float64) @ P if C is not None else np.zeros(len(idx)))

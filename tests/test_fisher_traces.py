@@ -18,8 +18,8 @@ def exact_traces(x, off, ainv: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("name", ["random-scales", "heavy-tailed", "uneven-lengths", "duplicated", "bench"])
 def test_kept_traces_within_their_rounding_bound(name):
-    """Every float32 trace from the kept Grams is within its bound of the float64 trace <X_i^T X_i, A^-1>, before
-    and after picks; the cache equals the packed Grams built directly."""
+    """Every trace from the kept float16 Grams is within its bound of the float64 trace <X_i^T X_i, A^-1>, before
+    and after picks; the cache holds the packed Grams built directly, to float16's rounding."""
     x, off = generators()[name](400, 12, 16, seed=5)
     obj = LogDetObjective(x, off, 1.0)
     kept = obj.kept_traces()
@@ -27,7 +27,11 @@ def test_kept_traces_within_their_rounding_bound(name):
     X = x[off[i]:off[i + 1]].astype(np.float64)
     iu = np.triu_indices(16)
     packed = (X.T @ X)[iu] * np.where(iu[0] == iu[1], 1.0, 2.0)
-    assert np.allclose(kept.C[i], packed, rtol=1e-5, atol=1e-4)
+    # float16 over a power of two at least the row's largest entry: within u16 of each entry, 2^-25 s below 2^-14 s
+    s = kept.scale[i]
+    assert s >= np.abs(packed).max() > s / 2
+    assert (np.abs(kept.C[i].astype(np.float64) * s - packed) <= 2.0 ** -11 * np.abs(packed) * 1.001
+            + 2.0 ** -25 * s + 1e-5 * np.abs(packed)).all()
     cand = np.random.default_rng(0).permutation(400)[:300]    # any order: rows are read sorted, returned in place
     for picks in (0, 40, 120):
         while len(obj.picked) < picks:
@@ -40,7 +44,7 @@ def test_kept_traces_within_their_rounding_bound(name):
 
 def test_trace_bound_is_far_narrower_than_gershgorin_on_random_scales():
     """Issue 25's pool: a few weak directions keep ||A^-1|| near 1/lam while the traces shrink, so the Gershgorin
-    bound u ||X_i||^2 ||A^-1|| is as large as the gains; the diagonal-scaled bound stays near u t."""
+    bound u ||X_i||^2 ||A^-1|| is as large as the gains; the diagonal-scaled bound stays near u16 t."""
     x, off = generators()["random-scales"](600, 32, 64, seed=1)
     obj = LogDetObjective(x, off, 1.0)
     for i in range(0, 200, 2):
@@ -49,7 +53,8 @@ def test_trace_bound_is_far_narrower_than_gershgorin_on_random_scales():
     t, err, _ = obj.kept_traces().traces(cand)
     gershgorin = 1.2e-7 * (32 + 2080 / 8 + obj.kappa) * obj.sq_norms[cand] * obj.ainv_bound
     assert np.median(gershgorin / err) > 20
-    assert np.median(err / t) < 1e-3
+    # float16's rounding, u16 rho w (rho = 2 here, after 100 picks of 32 tokens), is the bound's main term
+    assert np.median(err / t) < 2.5e-3
 
 
 @pytest.mark.parametrize("name", ["random-scales", "heavy-tailed", "bench"])
