@@ -13,6 +13,7 @@ from sftcurate.core.fisher import LogDetObjective, pick_device, quantize
 from sftcurate.core.fisher_device import DeviceLogDet, device_lazy_greedy
 from sftcurate.core.greedy_base import (GreedyResult, check_rule, greedy_setup, greedy_section,  # noqa: F401
                                        lazy_loop, report_pick)  # GreedyResult re-exported
+from sftcurate.infra.runners import one_thread
 
 
 def _keys(gains: np.ndarray, cand: np.ndarray, costs: np.ndarray, rule: str) -> np.ndarray:
@@ -363,10 +364,12 @@ def run_greedy(features, offsets, lam: float = 1.0, algorithm: str = "lazy", k: 
     kwargs = {"k": k, "token_budget": token_budget, "costs": costs, "rule": "ratio" if rule == "celf" else rule}
     if algorithm == "lazy" and pick_device(device).type == "cuda":
         return device_lazy_greedy(DeviceLogDet(features, offsets, lam=lam, device=device), **kwargs)
-    obj = LogDetObjective(features, offsets, lam=lam, device=device)
     if algorithm == "stochastic":
         kwargs.update(epsilon=epsilon, seed=seed)
-    return ALGORITHMS[algorithm](obj, **kwargs)
+    if pick_device(device).type != "cpu":
+        return ALGORITHMS[algorithm](LogDetObjective(features, offsets, lam=lam, device=device), **kwargs)
+    with one_thread():  # blocks of 256 rows: a second thread gains nothing and its pools contend (one_thread)
+        return ALGORITHMS[algorithm](LogDetObjective(features, offsets, lam=lam, device=device), **kwargs)
 
 
 def select_from_features(features, offsets, budget, lam: float = 1.0, algorithm: str = "lazy", seed: int = 0,

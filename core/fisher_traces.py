@@ -34,6 +34,9 @@ import torch
 EPS32 = float(np.finfo(np.float32).eps)
 EPS16 = 2.0 ** -11 * (1.0 + 2.0 ** -10)  # float16's unit roundoff (round to nearest), padded for the float32
 TINY16 = 2.0 ** -25                       # products it multiplies; TINY16: the absolute error below 2^-14
+# The screen works in the pool's principal axes when the pool's token second moment S is this far from diagonal
+# in the stored basis (lambda_max(D^-1/2 |S| D^-1/2), 1 for a diagonal S): axis-aligned pools skip the rotation
+ROTATE_ABOVE = 1.5
 ROWS_PER_READ = 256      # gathered rows per product: 2 MB at d=64, cache-resident
 # A pick whose screens reach this share of the pool reads every row once, in order, instead: a streamed row
 # costs about a third of a gathered one (0.45 against 1.45 us at d=64, with the product), so past a third of
@@ -68,6 +71,12 @@ def largest_eigenvalue(S: np.ndarray) -> float:
     return float(np.linalg.eigvalsh(S)[-1]) * (1.0 + 1e-9) + 1e-12
 
 
+def diagonal_scaled_norm(M: np.ndarray, diag: np.ndarray | None = None) -> float:
+    """rho = lambda_max(D^-1/2 |M| D^-1/2), D = diag(M) unless given: sum |a| |M| |a| <= rho sum_k D_k a_k^2."""
+    scale = 1.0 / np.sqrt(np.diagonal(M) if diag is None else diag)
+    return largest_eigenvalue(np.abs(M) * scale[:, None] * scale[None, :])
+
+
 class TraceCache:
     """Packed float32 Grams of every sentence, with traces against the current A^-1 and their rounding bounds."""
 
@@ -79,21 +88,43 @@ class TraceCache:
         self.obj = obj
         self.layout = PackedUpper(obj.d)
         self.p = self.layout.p
-        self.C = np.empty((obj.n, self.p), dtype=np.float16)   # packed Gram_i / scale_i
+        self.C = np.empty((obj.n, self.p), dtype=np.float16)   # packed Q^T Gram_i Q / scale_i
         self.scale = np.ones(obj.n, dtype=np.float64)          # powers of two
+        self.Q = self._principal_axes()                          # None: the stored basis
+        self._Q_t = None if self.Q is None else torch.from_numpy(self.Q)
+        # diag(Gram_i) in the stored basis, for `scaled`, when C is rotated (else C's own diagonal)
+        self.diag = None if self.Q is None else np.empty((obj.n, obj.d), dtype=np.float32)
         self._grams = torch.empty(0)
         self._build()
         self._half = np.empty((ROWS_PER_READ, self.p), dtype=np.float16)
         self._buffer = np.empty((ROWS_PER_READ, self.p), dtype=np.float32)
         # torch views of the buffers: torch converts float16 to float32 vectorized, numpy ~25x slower
         self._half_t, self._buffer_t = torch.from_numpy(self._half), torch.from_numpy(self._buffer)
-        self._abs_packed = self._diag_sum = 0.0   # sum |P| over the packed places and sum diag(P): TINY16's terms
-        self._at: int | None = None     # the pick count the packed A^-1 below belongs to
+        self._abs_packed = self._diag_sum = 0.0   # sum |P'| over the packed places and sum diag(P'): TINY16's
+        self._at: int | None = None     # the pick count the packed rotated A^-1 (P' = Q^T A^-1 Q) belongs to
         self._packed = np.zeros(self.p, dtype=np.float32)
-        self._diag = np.zeros(obj.d, dtype=np.float32)
-        self._rho = self._rho_u = 1.0
+        self._diag_rotated = np.zeros(obj.d, dtype=np.float32)
+        self._diag = np.zeros(obj.d, dtype=np.float64)    # diag(A^-1), stored basis
+        self._rho = self._rho_u = self._rho_rotated = 1.0
         self._screened = self._screened_before = 0   # rows screened at this pick and at the one before
         self._every: np.ndarray | None = None         # [N, 2] products of every row, at this pick
+
+    def _principal_axes(self, max_rows: int = 1 << 20) -> np.ndarray | None:
+        """Q: the eigenvectors of the pool's token second moment S (float64, orthogonal to ~1e-15; from up to
+        `max_rows` rows in evenly spread slices: any orthogonal Q keeps the traces, a rough one aligns A^-1), or
+        None where S is near diagonal already (`ROTATE_ABOVE`)."""
+        total = int(self.obj.offsets[-1])
+        step = 1 << 14
+        starts = np.arange(0, total, step)
+        starts = starts[np.linspace(0, len(starts) - 1, min(len(starts), max_rows // step)).astype(np.int64)] \
+            if len(starts) else starts
+        S = np.zeros((self.obj.d, self.obj.d))
+        for lo in starts:
+            b = self._rows(int(lo), min(total, int(lo) + step))
+            S += (b.T @ b).double().numpy()
+        if not S.diagonal().all() or diagonal_scaled_norm(S) <= ROTATE_ABOVE:
+            return None
+        return np.linalg.eigh(S)[1]
 
     def _build(self) -> None:
         """One pass in index order. A block of equal-length sentences is a slice of the rows (no index arrays);
@@ -115,6 +146,8 @@ class TraceCache:
                     self._keep(obj.gather(cand, width, torch.float32), cand)
                 else:
                     self.C[cand] = 0.0
+                    if self.diag is not None:
+                        self.diag[cand] = 0.0
 
     def _rows(self, start: int, stop: int) -> torch.Tensor:
         obj = self.obj
@@ -123,12 +156,20 @@ class TraceCache:
         return obj.X[start:stop].to(torch.float32)
 
     def _keep(self, X: torch.Tensor, rows) -> None:
-        """C[rows] = the packed X_b^T X_b of every [L, d] matrix of the batch X, over its power-of-two scale. The
-        Grams go to one reused buffer (a fresh 2 MB tensor a block is mapped and unmapped every time)."""
+        """C[rows] = the packed Y_b^T Y_b of every [L, d] matrix of the batch X, over its power-of-two scale, with
+        Y = X or, rotated, X Q in float64 rounded once to float32 (within u |y|: two more u in the bound's
+        accumulation factor) and diag[rows] = diag(X_b^T X_b). The Grams go to one reused buffer (a fresh 2 MB
+        tensor a block is mapped and unmapped every time)."""
         if self._grams.shape[0] < len(X):
             self._grams = torch.empty((len(X), X.shape[2], X.shape[2]), dtype=torch.float32)
         grams = self._grams[:len(X)]
-        torch.bmm(X.transpose(1, 2), X, out=grams)
+        if self.Q is None:
+            Y = X
+        else:
+            X64 = X.double()
+            self.diag[rows] = X64.square().sum(1).numpy()
+            Y = (X64 @ self._Q_t).float()
+        torch.bmm(Y.transpose(1, 2), Y, out=grams)
         packed = self.layout.pack(grams).numpy()
         _, exponent = np.frexp(np.abs(packed).max(1))         # max = m 2^e, 1/2 <= m < 1 (0: e = 0)
         scale = np.ldexp(1.0, exponent)
@@ -136,23 +177,25 @@ class TraceCache:
         self.C[rows] = torch.from_numpy(packed / scale[:, None].astype(np.float32)).to(torch.float16).numpy()
 
     def _refresh(self) -> None:
-        """The packed float32 A^-1, its diagonal and rho, once per pick."""
+        """Once per pick: the packed float32 P' = Q^T A^-1 Q, its diagonal and rho (rotated basis, for the
+        traces), diag(A^-1) and rho of A^-1 and of |U| |U|^T (stored basis, for the margin's scaled norm)."""
         at = len(self.obj.picked)
         if self._at == at:
             return
         P = self.obj.Ainv.cpu().numpy()
-        diag = np.diagonal(P)
-        self._packed = self.layout.upper(P).astype(np.float32)
-        self._diag = diag.astype(np.float32)
+        rotated = P if self.Q is None else self.Q.T @ P @ self.Q
+        self._packed = self.layout.upper(rotated).astype(np.float32)
+        self._diag_rotated = np.diagonal(rotated).astype(np.float32)
         self._abs_packed = float(np.abs(self._packed).sum(dtype=np.float64)) * (1.0 + 1e-6)
-        self._diag_sum = float(self._diag.sum(dtype=np.float64)) * (1.0 + 1e-6)
-        scale = 1.0 / np.sqrt(diag)
-        self._rho = largest_eigenvalue(np.abs(P) * scale[:, None] * scale[None, :])
+        self._diag_sum = float(self._diag_rotated.sum(dtype=np.float64)) * (1.0 + 1e-6)
+        self._rho_rotated = diagonal_scaled_norm(rotated)
+        self._diag = np.diagonal(P).copy()
+        self._rho = diagonal_scaled_norm(P)
         if self.obj.U is None:       # A = lam I: U = I / sqrt(lam), |U||U|^T = A^-1
             self._rho_u = self._rho
         else:
             U = np.abs(self.obj.U.cpu().numpy())
-            self._rho_u = largest_eigenvalue((U @ U.T) * scale[:, None] * scale[None, :])
+            self._rho_u = diagonal_scaled_norm(U @ U.T, np.diagonal(P))
         self._at = at
         self._screened_before, self._screened, self._every = self._screened, 0, None
 
@@ -185,21 +228,26 @@ class TraceCache:
                 both[pos] = self._products(self._buffer[:m])
             both *= self.scale[cand][:, None]
         scale = self.scale[cand]
-        gershgorin = obj.sq_norms[cand] * obj.ainv_bound
-        # a float32 sum of positive terms (the diagonals and diag(A^-1) each rounded once): relative error
-        # below (d + 3) u; the float16 diagonals are below the true ones by at most u16 and TINY16
-        w = (np.maximum(both[:, 1], 0.0) + TINY16 * scale * self._diag_sum) * (
+        gershgorin = obj.sq_norms[cand] * obj.ainv_bound      # ||X_i||_F and ||A^-1||: the same in any basis
+        # sum_k P'_kk C'_kk: a float32 sum of positive terms (each factor rounded once), relative error below
+        # (d + 3) u; the float16 diagonals are below the true ones by at most u16 and TINY16
+        w_rotated = (np.maximum(both[:, 1], 0.0) + TINY16 * scale * self._diag_sum) * (
             (1.0 + (obj.d + 3) * EPS32) / (1.0 - EPS16))
-        accumulation = obj.lengths[cand] + self.p / 8 + obj.kappa
-        # the margin's ||X_i||^2 ||A^-1|| scaled likewise (`LogDetObjective.margin`): (sqrt(rho_P w) +
-        # sqrt(rho_U w))^2 <= 4 max(rho) w
-        scaled = 4.0 * max(self._rho, self._rho_u) * w
-        bound = np.minimum(gershgorin, self._rho * w)
-        return both[:, 0], (EPS32 * accumulation + EPS16) * bound + TINY16 * scale * self._abs_packed, scaled
+        accumulation = obj.lengths[cand] + self.p / 8 + obj.kappa + 2
+        bound = np.minimum(gershgorin, self._rho_rotated * w_rotated)
+        err = (EPS32 * accumulation + EPS16) * bound + TINY16 * scale * self._abs_packed
+        if self.Q is None:
+            w = w_rotated
+        else:  # X Q in float64 (error ~ d u64 ||X_i||^2 per Gram entry): 1e-11 of Gershgorin's covers it
+            err += 1e-11 * gershgorin
+            w = (self.diag[cand].astype(np.float64) @ self._diag) * (1.0 + (obj.d + 3) * EPS32)
+        # the margin's ||X_i||^2 ||A^-1|| scaled in the stored basis, where X U is rounded
+        # (`LogDetObjective.margin`): (sqrt(rho_P w) + sqrt(rho_U w))^2 <= 4 max(rho) w
+        return both[:, 0], err, 4.0 * max(self._rho, self._rho_u) * w
 
     def _products(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """[rows, 2]: each packed Gram times the packed A^-1, and its diagonal times diag(A^-1)."""
+        """[rows, 2]: each packed rotated Gram times the packed P', and its diagonal times diag(P')."""
         out = np.empty((len(rows), 2), dtype=np.float64) if out is None else out
         out[:, 0] = rows @ self._packed
-        out[:, 1] = rows[:, self.layout.diagonal_at] @ self._diag
+        out[:, 1] = rows[:, self.layout.diagonal_at] @ self._diag_rotated
         return out

@@ -337,7 +337,7 @@ def feature_generators():
 
 
 @pytest.mark.parametrize("name", ["random-scales", "heavy-tailed", "duplicated", "uneven-lengths",
-                                  "near-isotropic", "bench"])
+                                  "near-isotropic", "bench", "rotated-laplace"])
 def test_lazy_screened_plain_and_switching_pick_what_naive_picks_on_every_generator(name):
     x, off = feature_generators()[name](300, 6, 8, seed=2)
     naive = naive_greedy(LogDetObjective(x, off, 1.0), k=40)
