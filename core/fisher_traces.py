@@ -25,6 +25,11 @@ pools the lazy greedy screens thousands of sentences per pick, so two costs deci
   the first bounded as above: the error bound grows by u16 / u32 = 4,096 times the Gershgorin-or-rho term,
   about 5e-4 of t. On random-scales and near-isotropic that let 4-5% more sentences through to the float32
   gain; the rows cost 0.84 instead of 1.14 us each.
+* The basis. Both bounds are entrywise, so they hold only where the traces' terms do not cancel: in a random
+  basis (issue 25's rotated-laplace) sum |C||A^-1| was 2,330 t and the bound 6.5 t. A trace is the same in any
+  orthonormal basis, so where the pool's token second moment S is far from diagonal (`ROTATE_ABOVE`) the Grams
+  are kept in S's eigenvectors Q (X Q in float64, rounded once to float32: two more u in the accumulation
+  factor) against Q^T A^-1 Q, which is near diagonal there; the bound fell to 9e-4 t.
 """
 from __future__ import annotations
 
@@ -78,7 +83,8 @@ def diagonal_scaled_norm(M: np.ndarray, diag: np.ndarray | None = None) -> float
 
 
 class TraceCache:
-    """Packed float32 Grams of every sentence, with traces against the current A^-1 and their rounding bounds."""
+    """Packed float16 Grams of every sentence (in the pool's principal axes where its second moment is far from
+    diagonal), with traces against the current A^-1 and their rounding bounds."""
 
     @staticmethod
     def suits(obj, max_bytes: int) -> bool:
