@@ -191,18 +191,23 @@ def _no_mask(*args, **kwargs):
     return None
 
 
+_registered: list[bool] = []
+
+
 def _register() -> None:
     """The attention function, and a mask function that builds nothing (the attention masks itself): with it,
-    transformers releases that would otherwise build a default mask for an unknown name build none either."""
-    # deferred on purpose: transformers (seconds), registered on first packed fine-tune
+    transformers releases that would otherwise build a default mask for an unknown name build none either. Once,
+    on first use: importing transformers' modeling code takes ~3 s, which every CLI command paid at import
+    (`sftcurate select` imports this module through the embedding code)."""
+    if _registered:
+        return
+    # deferred on purpose: transformers (seconds), registered on first packed use
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(PACKED_ATTENTION, packed_attention)
     AttentionMaskInterface.register(PACKED_ATTENTION, _no_mask)
-
-
-_register()
+    _registered.append(True)
 
 
 def causal_lm(model):
@@ -213,6 +218,7 @@ def causal_lm(model):
 @contextlib.contextmanager
 def packed_mode(model):
     """Inside: every attention layer of `model` runs `packed_attention`."""
+    _register()
     lm = causal_lm(model)
     configs = [m.config for m in lm.modules() if getattr(m, "config", None) is not None]
     before = [c._attn_implementation for c in configs]
