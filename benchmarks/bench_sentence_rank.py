@@ -24,6 +24,7 @@ and kept energy float32), the lengths drawn as `long_sentences` draws them.
     python benchmarks/bench_sentence_rank.py                        # synthetic, N=10,000, K=100..500
     python benchmarks/bench_sentence_rank.py --n 2000 --ks 50       # the earlier reduced size
     python benchmarks/bench_sentence_rank.py --real 1000 --skip-synthetic   # real SmolLM2 features
+    python benchmarks/bench_sentence_rank.py --real 4000 --skip-synthetic   # all 3,617 sections (~40 min)
     python benchmarks/bench_sentence_rank.py --store --skip-synthetic       # sizes at N=10^6, d=128
 """
 from __future__ import annotations
@@ -135,8 +136,11 @@ def doc_records(n: int, max_chars: int = 1500) -> list[tuple[str, str]]:
     return out
 
 
-def real_features(n: int, d_proj: int = 64, batch_tokens: int = 4096):
-    """SmolLM2-135M's token features of `n` documentation sections, randomly projected to `d_proj`."""
+def real_features(n: int, d_proj: int = 64, batch_tokens: int = 4096, threads: int | None = None):
+    """SmolLM2-135M's token features of `n` documentation sections, randomly projected to `d_proj`, embedded on
+    `threads` torch threads (default: every core; the greedies after run on one)."""
+    import torch
+
     from sftcurate.core.embedding import embed_examples, random_projection
     from sftcurate.infra.models import resolve_model
 
@@ -144,8 +148,13 @@ def real_features(n: int, d_proj: int = 64, batch_tokens: int = 4096):
     pairs = doc_records(n)
     proj = random_projection(int(loaded.model.config.hidden_size), d_proj)
     t = time.time()
-    x, off = next(embed_examples(loaded.model, loaded.tokenizer, pairs, 1024, batch_tokens, "float32", "cpu",
-                                 shard_size=len(pairs), projection=proj))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    try:
+        x, off = next(embed_examples(loaded.model, loaded.tokenizer, pairs, 1024, batch_tokens, "float32", "cpu",
+                                     shard_size=len(pairs), projection=proj))
+    finally:
+        torch.set_num_threads(before)
     print(f"embedded {len(pairs)} sections, {len(x):,} loss tokens (mean {np.diff(off).mean():.0f}, median "
           f"{np.median(np.diff(off)):.0f}) in {time.time() - t:.0f} s wall", flush=True)
     return x, off
