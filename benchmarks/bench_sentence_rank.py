@@ -180,6 +180,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ranks", default="8,16,32")
     ap.add_argument("--skip-synthetic", action="store_true")
     ap.add_argument("--real", type=int, default=0, help="also real SmolLM2 features of this many doc sections")
+    ap.add_argument("--save-real", default="", help="write the real features here (.safetensors)")
     ap.add_argument("--store", action="store_true", help="store sizes from the format")
     ap.add_argument("--store-n", type=int, default=1_000_000)
     ap.add_argument("--store-d", type=int, default=128)
@@ -197,6 +198,11 @@ def main(argv=None) -> int:
         del x, off
     if args.real:
         x, off = real_features(args.real)
+        if args.save_real:  # for bench_fishersft.py --real-features (its old-vs-new row on real features)
+            from safetensors.numpy import save_file
+
+            Path(args.save_real).parent.mkdir(parents=True, exist_ok=True)
+            save_file({"features": x, "offsets": off}, args.save_real)
         ks_real = [k for k in ks if k <= len(off) // 4] or [max(1, (len(off) - 1) // 10)]
         print(f"\nsmollm2 (doc sections): N={len(off) - 1:,}, {len(x):,} tokens, d={x.shape[1]} (random projection "
               f"of 576), lam=1, lazy greedy", flush=True)
