@@ -415,3 +415,24 @@ def test_gradient_bounds_hold_and_are_tighter_than_stale_gains(name):
     assert LogDetObjective(x, off, 1.0).gradient is None            # opt-in (see docs/fishersft.md)
     on = lazy_greedy(LogDetObjective(x, off, 1.0, gradient_bytes=1 << 30), k=30)
     assert on.picks == naive_greedy(LogDetObjective(x, off, 1.0), k=30).picks
+
+
+@pytest.mark.parametrize("speedup, identical, status", [(1.2, True, 0), (0.9, True, 1), (1.2, False, 1)])
+def test_benchmark_fails_on_a_ratio_below_one_or_different_picks(monkeypatch, tmp_path, speedup, identical, status):
+    """bench_fishersft.py's old-vs-new rows gate the run: a new lazy slower than the old one on any generator, or
+    one that picks differently, exits 1 (issue 25's never-slower check)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_fishersft
+    finally:
+        sys.path.pop(0)
+    row = {"old_s": 1.0, "new_s": 1.0 / speedup, "old_wall_s": 1.0, "new_wall_s": 1.0, "speedup": speedup,
+           "identical": identical, "old_evals": 10, "new_evals": 5, "screens": 20, "plain_steps": 0}
+    monkeypatch.setattr(bench_fishersft, "bench_old_vs_new", lambda *a, **k: row)
+    monkeypatch.setitem(bench_fishersft.GENERATORS, "bench", lambda n, L, d, seed=0: (None, None))
+    args = ["--skip", "greedy,iso,large,embed,gpu", "--generators", "bench",
+            "--real-features", str(tmp_path / "none.safetensors")]
+    assert bench_fishersft.main(args) == status
