@@ -3,6 +3,7 @@ gains are upper bounds, so it picks exactly what the naive greedy picks) and sto
 count or a token budget, ties broken by the lowest index after `quantize`."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -362,13 +363,13 @@ def run_greedy(features, offsets, lam: float = 1.0, algorithm: str = "lazy", k: 
         best.seconds = sum(r.seconds for r in runs)
         return best
     kwargs = {"k": k, "token_budget": token_budget, "costs": costs, "rule": "ratio" if rule == "celf" else rule}
-    if algorithm == "lazy" and pick_device(device).type == "cuda":
+    kind = pick_device(device).type
+    if algorithm == "lazy" and kind == "cuda":
         return device_lazy_greedy(DeviceLogDet(features, offsets, lam=lam, device=device), **kwargs)
     if algorithm == "stochastic":
         kwargs.update(epsilon=epsilon, seed=seed)
-    if pick_device(device).type != "cpu":
-        return ALGORITHMS[algorithm](LogDetObjective(features, offsets, lam=lam, device=device), **kwargs)
-    with one_thread():  # blocks of 256 rows: a second thread gains nothing and its pools contend (one_thread)
+    # on the CPU, blocks of 256 rows: a second thread gains nothing and its pools contend (`one_thread`)
+    with one_thread() if kind == "cpu" else contextlib.nullcontext():
         return ALGORITHMS[algorithm](LogDetObjective(features, offsets, lam=lam, device=device), **kwargs)
 
 

@@ -214,6 +214,7 @@ class TraceCache:
         obj = self.obj
         cand = np.asarray(cand, dtype=np.int64)
         self._screened += len(cand)
+        scale = self.scale[cand]
         if self._every is None and max(self._screened, self._screened_before) > FULL_PASS_SHARE * obj.n:
             self._every = np.empty((obj.n, 2), dtype=np.float64)
             for lo in range(0, obj.n, ROWS_PER_READ):
@@ -232,8 +233,7 @@ class TraceCache:
                 np.take(self.C, cand[pos], axis=0, out=self._half[:m])
                 self._buffer_t[:m].copy_(self._half_t[:m])
                 both[pos] = self._products(self._buffer[:m])
-            both *= self.scale[cand][:, None]
-        scale = self.scale[cand]
+            both *= scale[:, None]
         gershgorin = obj.sq_norms[cand] * obj.ainv_bound      # ||X_i||_F and ||A^-1||: the same in any basis
         # sum_k P'_kk C'_kk: a float32 sum of positive terms (each factor rounded once), relative error below
         # (d + 3) u; the float16 diagonals are below the true ones by at most u16 and TINY16

@@ -18,6 +18,7 @@ losses over those rows: `core.head_loss`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 from dataclasses import dataclass
@@ -191,23 +192,18 @@ def _no_mask(*args, **kwargs):
     return None
 
 
-_registered: list[bool] = []
-
-
+@functools.cache
 def _register() -> None:
     """The attention function, and a mask function that builds nothing (the attention masks itself): with it,
     transformers releases that would otherwise build a default mask for an unknown name build none either. Once,
     on first use: importing transformers' modeling code takes ~3 s, which every CLI command paid at import
     (`sftcurate select` imports this module through the embedding code)."""
-    if _registered:
-        return
     # deferred on purpose: transformers (seconds), registered on first packed use
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(PACKED_ATTENTION, packed_attention)
     AttentionMaskInterface.register(PACKED_ATTENTION, _no_mask)
-    _registered.append(True)
 
 
 def causal_lm(model):

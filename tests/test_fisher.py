@@ -376,6 +376,18 @@ def test_lazy_rejects_an_unknown_screen_mode():
         lazy_greedy(LogDetObjective(x, off, 1.0), k=3, screen="sometimes")
 
 
+def screened_after_picks(obj, picked_below: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pick every second sentence below `picked_below`, screen the rest in float32 and check that every float32
+    gain is within half its margin of the float64 gain and every upper bound above it: (candidates, margins)."""
+    for i in range(0, picked_below, 2):
+        obj.add(i)
+    cand = np.arange(picked_below, obj.n)
+    g32, ub, eps = obj.screen32(cand)
+    g64 = obj.gains(cand)
+    assert (np.abs(g32 - g64) <= 0.5 * eps).all() and (ub >= g64).all()
+    return cand, eps
+
+
 @pytest.mark.parametrize("cache", [1 << 30, 0])
 def test_trace_aware_margin_is_narrow_on_random_scales_and_still_holds(cache):
     """Issue 25's pool (per-dimension scales from U[0, 2)): once A has grown along the strong directions, the
@@ -384,12 +396,7 @@ def test_trace_aware_margin_is_narrow_on_random_scales_and_still_holds(cache):
     within half of it of the float64 gain."""
     x, off = feature_generators()["random-scales"](600, 16, 24, seed=4)
     obj = LogDetObjective(x, off, 1.0, trace_cache_bytes=cache)
-    for i in range(0, 160, 2):
-        obj.add(i)
-    cand = np.arange(160, 600)
-    g32, ub, eps = obj.screen32(cand)
-    g64 = obj.gains(cand)
-    assert (np.abs(g32 - g64) <= 0.5 * eps).all() and (ub >= g64).all()
+    cand, eps = screened_after_picks(obj, 160)
     assert np.median(obj.margin(cand) / eps) > 3
 
 

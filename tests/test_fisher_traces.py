@@ -7,6 +7,7 @@ import torch
 
 from sftcurate.core.fisher import LogDetObjective
 from tests.test_fisher import feature_generators as generators
+from tests.test_fisher import screened_after_picks
 
 
 def exact_traces(x, off, ainv: np.ndarray) -> np.ndarray:
@@ -73,12 +74,7 @@ def test_float32_gains_within_the_scaled_margin(name):
     float32 gain within half of it of the float64 gain; on random scales it is narrower."""
     x, off = generators()[name](600, 32, 64, seed=2)
     obj = LogDetObjective(x, off, 1.0)
-    for i in range(0, 240, 2):
-        obj.add(i)
-    cand = np.arange(240, 600)
-    g32, ub, eps = obj.screen32(cand)
-    g64 = obj.gains(cand)
-    assert (np.abs(g32 - g64) <= 0.5 * eps).all() and (ub >= g64).all()
+    cand, eps = screened_after_picks(obj, 240)
     t, err, _ = obj.kept_traces().traces(cand)
     unscaled = obj.margin(cand, t + err)
     assert (eps <= unscaled * (1 + 1e-12)).all()
