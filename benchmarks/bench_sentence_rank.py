@@ -136,22 +136,80 @@ def doc_records(n: int, max_chars: int = 1500) -> list[tuple[str, str]]:
     return out
 
 
-def real_features(n: int, d_proj: int = 64, batch_tokens: int = 4096, threads: int | None = None):
-    """SmolLM2-135M's token features of `n` documentation sections, randomly projected to `d_proj`, embedded on
-    `threads` torch threads (default: every core; the greedies after run on one)."""
+def text_streams():
+    """(source, [(title, text), ...]) in a fixed order: every page of Python's documentation (its titled
+    sections), then every module of the installed numpy and pandas (its docstrings of at least 300 characters,
+    read with `ast`, nothing imported or run). The pinned versions make the stream the same on every machine."""
+    import ast
+
+    import numpy
+    import pandas
+    from bench_evidence import doc_sources, sections
+
+    src = doc_sources(Path(os.environ.get("SFTCURATE_DOCS_CACHE", ".sftcurate/evidence")))
+    for page in sorted(src.rglob("*.rst.txt")):
+        yield page.stem.split(".")[0], [(t, b) for t, b in sections(page) if b]
+    for package in (numpy, pandas):
+        root = Path(package.__file__).parent
+        for module in sorted(root.rglob("*.py")):
+            if "tests" in module.relative_to(root).parts:
+                continue
+            try:
+                tree = ast.parse(module.read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError):
+                continue
+            docs = [(getattr(node, "name", module.stem), ast.get_docstring(node) or "") for node in ast.walk(tree)
+                    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+            yield f"{package.__name__}/{module.relative_to(root)}", [(t, d) for t, d in docs if len(d) >= 300]
+
+
+def piece_records(n: int, mean_len: int, tokenizer, seed: int = 0) -> list[tuple[str, str]]:
+    """(prompt, response) of `n` consecutive pieces of `text_streams`, each response `draw_lengths` tokens long
+    (LogNormal, sigma 0.8, the mean `mean_len`, as `long_sentences` draws them): a source's text is cut in order,
+    and a source's tail shorter than the next draw is dropped, so every piece has its drawn length (up to the
+    re-tokenisation of the piece's text). The prompt names the source and the section the piece starts in."""
+    import bisect
+
+    lengths = draw_lengths(n, mean_len, np.random.default_rng(seed))
+    out: list[tuple[str, str]] = []
+    for source, segments in text_streams():
+        starts, parts, at = [], [], 0
+        for title, text in segments:
+            starts.append(at)
+            parts.append(text)
+            at += len(text) + 2
+        text = "\n\n".join(parts)
+        spans = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        a = 0
+        while len(out) < n and a + lengths[len(out)] <= len(spans):
+            b = a + int(lengths[len(out)])
+            title = segments[bisect.bisect_right(starts, spans[a][0]) - 1][0]
+            out.append((f"{source}: {title}", text[spans[a][0]:spans[b - 1][1]]))
+            a = b
+        if len(out) >= n:
+            return out
+    return out
+
+
+def real_features(n: int, d_proj: int = 64, batch_tokens: int = 4096, threads: int | None = None,
+                  mean_len: int = 0):
+    """SmolLM2-135M's token features of `n` documentation sections (`doc_records`), or with `mean_len` of `n`
+    LogNormal-length pieces (`piece_records`), randomly projected to `d_proj`, embedded on `threads` torch
+    threads (default: every core; the greedies after run on one)."""
     import torch
 
     from sftcurate.core.embedding import embed_examples, random_projection
     from sftcurate.infra.models import resolve_model
 
     loaded = resolve_model("builtin:smollm2-135m-instruct")
-    pairs = doc_records(n)
+    pairs = piece_records(n, mean_len, loaded.tokenizer) if mean_len else doc_records(n)
+    max_length = 8 * mean_len + 128 if mean_len else 1024
     proj = random_projection(int(loaded.model.config.hidden_size), d_proj)
     t = time.time()
     before = torch.get_num_threads()
     torch.set_num_threads(threads or os.cpu_count() or 1)
     try:
-        x, off = next(embed_examples(loaded.model, loaded.tokenizer, pairs, 1024, batch_tokens, "float32", "cpu",
+        x, off = next(embed_examples(loaded.model, loaded.tokenizer, pairs, max_length, batch_tokens, "float32", "cpu",
                                      shard_size=len(pairs), projection=proj))
     finally:
         torch.set_num_threads(before)
@@ -180,7 +238,11 @@ def main(argv=None) -> int:
     ap.add_argument("--ranks", default="8,16,32")
     ap.add_argument("--skip-synthetic", action="store_true")
     ap.add_argument("--real", type=int, default=0, help="also real SmolLM2 features of this many doc sections")
+    ap.add_argument("--real-mean-len", type=int, default=0,
+                    help="real records are LogNormal-length pieces of this mean (tokens) of the docs, numpy and "
+                         "pandas docstrings, not the sections cut at 1,500 characters")
     ap.add_argument("--save-real", default="", help="write the real features here (.safetensors)")
+    ap.add_argument("--load-real", default="", help="read real features saved by --save-real instead of embedding")
     ap.add_argument("--store", action="store_true", help="store sizes from the format")
     ap.add_argument("--store-n", type=int, default=1_000_000)
     ap.add_argument("--store-d", type=int, default=128)
@@ -197,14 +259,22 @@ def main(argv=None) -> int:
         print_rows(compare_ranks(x, off, ks, ranks))
         del x, off
     if args.real:
-        x, off = real_features(args.real)
+        if args.load_real:
+            from safetensors.numpy import load_file
+
+            saved = load_file(args.load_real)
+            x, off = saved["features"], saved["offsets"]
+        else:
+            x, off = real_features(args.real, mean_len=args.real_mean_len)
         if args.save_real:  # for bench_fishersft.py --real-features (its old-vs-new row on real features)
             from safetensors.numpy import save_file
 
             Path(args.save_real).parent.mkdir(parents=True, exist_ok=True)
             save_file({"features": x, "offsets": off}, args.save_real)
         ks_real = [k for k in ks if k <= len(off) // 4] or [max(1, (len(off) - 1) // 10)]
-        print(f"\nsmollm2 (doc sections): N={len(off) - 1:,}, {len(x):,} tokens, d={x.shape[1]} (random projection "
+        kind = f"LogNormal pieces, mean {args.real_mean_len}" if args.real_mean_len else "doc sections"
+        print(f"\nsmollm2 ({kind}): N={len(off) - 1:,}, {len(x):,} tokens (mean {np.diff(off).mean():.1f}, median "
+              f"{np.median(np.diff(off)):.0f}), d={x.shape[1]} (random projection "
               f"of 576), lam=1, lazy greedy", flush=True)
         print_rows(compare_ranks(x, off, ks_real, ranks))
     if args.store:
