@@ -15,7 +15,11 @@ Generators:
   of N sections of Python's own documentation (`bench_evidence.doc_sources`: every .rst page cut into titled
   sections, the prompt the page and title, the response the section text cut at 1,500 characters), projected
   to d = 64 by the seeded random projection `embedding.d_proj` uses (the exact greedy at d = 576 and ~250 tokens
-  per sentence would take hours here).
+  per sentence would take hours here). With `--real-mean-len M` the records are not sections but consecutive
+  pieces of a text stream of LogNormal token lengths drawn as `long_sentences` draws them (mean M, sigma 0.8,
+  1 .. 8 x M): the Python documentation page by page, then the docstrings of the installed numpy and pandas
+  module by module (`text_streams`), so N = 10,000 real records of mean 256 exist (the docs alone hold 2.33 M
+  tokens).
 
 `--store` prints the store size of the token features and of the factors for `--store-n` records of mean
 `--mean-len` tokens at d = `--store-d`, from the format (float32 rows, int64 offsets, per-sentence tokens int64
@@ -25,6 +29,8 @@ and kept energy float32), the lengths drawn as `long_sentences` draws them.
     python benchmarks/bench_sentence_rank.py --n 2000 --ks 50       # the earlier reduced size
     python benchmarks/bench_sentence_rank.py --real 1000 --skip-synthetic   # real SmolLM2 features
     python benchmarks/bench_sentence_rank.py --real 4000 --skip-synthetic   # all 3,617 sections (~40 min)
+    python benchmarks/bench_sentence_rank.py --real 10000 --real-mean-len 256 --skip-synthetic \
+        --save-real .sftcurate/evidence/smollm2-pieces-256.safetensors       # N=10,000 real, mean 256 (~75 min)
     python benchmarks/bench_sentence_rank.py --store --skip-synthetic       # sizes at N=10^6, d=128
 """
 from __future__ import annotations
@@ -213,7 +219,7 @@ def real_features(n: int, d_proj: int = 64, batch_tokens: int = 4096, threads: i
                                      shard_size=len(pairs), projection=proj))
     finally:
         torch.set_num_threads(before)
-    print(f"embedded {len(pairs)} sections, {len(x):,} loss tokens (mean {np.diff(off).mean():.0f}, median "
+    print(f"embedded {len(pairs)} records, {len(x):,} loss tokens (mean {np.diff(off).mean():.0f}, median "
           f"{np.median(np.diff(off)):.0f}) in {time.time() - t:.0f} s wall", flush=True)
     return x, off
 

@@ -35,6 +35,7 @@ from sftcurate.core.inputs import mean_pool
 from sftcurate.core.selectors.base import Budget, SelectorInputs
 from sftcurate.core.selectors.density import DensitySelector
 from sftcurate.infra import tracking
+from sftcurate.infra.runners import one_thread
 
 DEFAULTS = {"d": 10, "L": 20, "n_classes": 10, "n_sentences": 1000, "scale_sigma": 0.5, "scale_mode": "sentence",
             "theta_scale": None, "lam": 1.0,
@@ -187,12 +188,8 @@ def run_synthetic(out_dir, runs: int = 20, seed: int = 0, n_grid=N_GRID, log_to_
     if max(n_grid) > params["n_sentences"]:
         raise ValueError(f"n_grid: {max(n_grid)} sentences is more than the pool ({params['n_sentences']})")
     t0 = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny problems: one thread is faster and does not fight other processes
-    try:
+    with one_thread():  # tiny problems: one thread is faster and does not fight other processes
         all_runs = [run_once(seed + r, n_grid, params) for r in range(runs)]
-    finally:
-        torch.set_num_threads(threads)
     rows = summarize(all_runs, n_grid)
     files = write_outputs(Path(out_dir), rows, n_grid, params, runs)
     by = {(r["method"], r["n"]): r for r in rows}
