@@ -226,6 +226,16 @@ def bench_old_vs_new(n, L, d, k, features=None, repeats: int = 1, **gen):
             "screens": new.info["screens"], "plain_steps": new.info.get("plain_steps", 0)}
 
 
+def add_old_vs_new(add, name: str, setting: str, r: dict, k: int, quick: bool) -> None:
+    """One old-vs-new row: it fails on different picks, or (not --quick) on a CPU-time ratio below 1.0."""
+    add(f"new lazy vs old lazy, {name}", setting,
+        f"old {r['old_s']:.2f} s CPU ({r['old_wall_s']:.2f} s wall, {r['old_evals']} float64 evals), "
+        f"new {r['new_s']:.2f} s CPU ({r['new_wall_s']:.2f} s wall, {r['screens']} float32 screens, "
+        f"{r['new_evals']} full evals, {r['plain_steps']} of {k} steps unscreened), "
+        f"speedup {r['speedup']:.2f}x, identical picks {r['identical']}", "identical, >= 1.0x",
+        r["identical"] and (quick or r["speedup"] >= 1.0))
+
+
 def bench_dproj(x, off, k: int, d_projs=(64, 128, 256), lam: float = 1.0, pca_sentences: int = 256) -> list[dict]:
     """Select K on projected features (the project's `random_projection` / `pca_projection`, the latter fitted on
     the uncentred tokens of the first `pca_sentences` sentences, as `fit_projection` uses a 256-example sample),
@@ -418,13 +428,8 @@ def main(argv=None) -> int:
         for n, k, repeats in sizes:
             for name in generators:
                 r = bench_old_vs_new(n, 32, 64, k, features=GENERATORS[name](n, 32, 64), repeats=repeats)
-                add(f"new lazy vs old lazy, {name}", f"N={n}, L=32 (mean), d=64, K={k}"
-                    + (f", fastest of {repeats}" if repeats > 1 else ""),
-                    f"old {r['old_s']:.2f} s CPU ({r['old_wall_s']:.2f} s wall, {r['old_evals']} float64 evals), "
-                    f"new {r['new_s']:.2f} s CPU ({r['new_wall_s']:.2f} s wall, {r['screens']} float32 screens, "
-                    f"{r['new_evals']} full evals, {r['plain_steps']} of {k} steps unscreened), "
-                    f"speedup {r['speedup']:.2f}x, identical picks {r['identical']}", "identical, >= 1.0x",
-                    r["identical"] and (q or r["speedup"] >= 1.0))
+                add_old_vs_new(add, name, f"N={n}, L=32 (mean), d=64, K={k}"
+                               + (f", fastest of {repeats}" if repeats > 1 else ""), r, k, q)
         real = Path(args.real_features)
         if real.is_file():  # real SmolLM2 features (~300 loss tokens a sentence): all of them, K = N / 20
             from safetensors.numpy import load_file
@@ -434,12 +439,8 @@ def main(argv=None) -> int:
             n_real = len(off) - 1
             k_real = max(1, n_real // 20) if not q else 20
             r = bench_old_vs_new(n_real, 0, x.shape[1], k_real, features=(x, off))
-            add("new lazy vs old lazy, smollm2 (real)", f"N={n_real}, L={np.diff(off).mean():.0f} (mean), "
-                f"d={x.shape[1]}, K={k_real}",
-                f"old {r['old_s']:.1f} s CPU ({r['old_evals']} float64 evals), new {r['new_s']:.2f} s CPU "
-                f"({r['screens']} float32 screens, {r['new_evals']} full evals, {r['plain_steps']} of {k_real} steps "
-                f"unscreened), speedup {r['speedup']:.2f}x, identical picks {r['identical']}", "identical, >= 1.0x",
-                r["identical"] and (q or r["speedup"] >= 1.0))
+            add_old_vs_new(add, "smollm2 (real)", f"N={n_real}, L={np.diff(off).mean():.0f} (mean), "
+                           f"d={x.shape[1]}, K={k_real}", r, k_real, q)
         else:
             print(f"(no real SmolLM2 features at {real}: the smollm2 row needs `python benchmarks/"
                   f"bench_sentence_rank.py --real 4000 --skip-synthetic --save-real {real}`, ~40 min here)")
